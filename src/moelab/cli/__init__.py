@@ -1,0 +1,1 @@
+"""The `moelab` command line: a thin layer over the library, one module per subcommand."""
