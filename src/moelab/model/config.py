@@ -1,0 +1,123 @@
+"""`ModelConfig`: a Mixtral-style decoder (dense, MoE, or mixed per layer)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+from moelab.errors import ConfigError
+from moelab.moe.config import MoEConfig
+
+QK_NORMS = (None, "head", "full")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Decoder-only transformer: embeddings, pre-norm blocks (RMSNorm, RoPE, GQA attention,
+    dense SwiGLU or MoE FFN), final norm, LM head.
+
+    Which layers are MoE (DeepSeek-V3 / Llama 4 / Qwen2-MoE patterns): the first
+    ``first_dense_layers`` are dense; after them, layer i is MoE when
+    ``(i - first_dense_layers) % moe_layer_freq == moe_layer_freq - 1`` — so freq 1 means
+    every layer, freq 2 every other layer (the 2nd, 4th, ... as in Llama 4 Maverick).
+    ``moe=None`` makes every layer dense (the baseline).
+
+    ``qk_norm``: RMSNorm on queries and keys, per head (``"head"``, Qwen3) or over all heads
+    (``"full"``, OLMoE). ``attn_bias``: biases on q/k/v projections (Qwen2).
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None -> n_heads (MHA)
+    head_dim: int | None = None  # None -> d_model // n_heads
+    d_ff: int = 1024  # hidden size of the dense SwiGLU FFN layers
+    moe: MoEConfig | None = None
+    moe_layer_freq: int = 1
+    first_dense_layers: int = 0
+    tie_embeddings: bool = False
+    max_seq_len: int = 512
+    sliding_window: int | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qk_norm: str | None = None
+    attn_bias: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_layer_freq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("n_kv_heads", "head_dim", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer or None, got {value!r}")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads} "
+                "(grouped-query attention shares each K/V head among n_heads/n_kv_heads query heads)"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim"
+            )
+        if self.dim_head % 2:
+            raise ConfigError(f"ModelConfig head_dim={self.dim_head} must be even for RoPE")
+        if not isinstance(self.first_dense_layers, int) or not 0 <= self.first_dense_layers <= self.n_layers:
+            raise ConfigError(
+                f"ModelConfig.first_dense_layers must be in [0, n_layers={self.n_layers}], got {self.first_dense_layers!r}"
+            )
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"ModelConfig.qk_norm={self.qk_norm!r} is unknown; choose one of {QK_NORMS}")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ConfigError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not (self.norm_eps > 0 and self.init_std > 0):
+            raise ConfigError("ModelConfig.norm_eps and init_std must be > 0")
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                raise ConfigError(f"ModelConfig.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
+            if self.moe.d_model != self.d_model:
+                raise ConfigError(
+                    f"ModelConfig.moe.d_model={self.moe.d_model} must equal ModelConfig.d_model={self.d_model}"
+                )
+            if not self.moe.causal:
+                raise ConfigError("ModelConfig.moe.causal must be True: this is a causal decoder")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        if self.moe is None or i < self.first_dense_layers:
+            return False
+        return (i - self.first_dense_layers) % self.moe_layer_freq == self.moe_layer_freq - 1
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    def with_(self, **changes) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["moe"] = self.moe.to_dict() if self.moe is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"ModelConfig: unknown field(s) {sorted(unknown)}; known fields are {sorted(known)}")
+        d = dict(d)
+        if d.get("moe") is not None:
+            d["moe"] = MoEConfig.from_dict(d["moe"])
+        return cls(**d)

@@ -1,0 +1,166 @@
+"""`Transformer`: the Mixtral-style decoder, dense or MoE per layer.
+
+Legend: B batch, T tokens, S key positions, D model dim, V vocab.
+
+`forward` returns a `ModelOutput` with logits, the MoE losses summed over layers (each
+layer's loss computed on its own routing; see `load_balancing_loss`), per-layer routing
+stats and, on request, per-token routing decisions for analysis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.infer.kv_cache import KVCache
+from moelab.model.config import ModelConfig
+from moelab.model.layers import Block, RMSNorm, rope_cos_sin
+from moelab.moe import FeedForward, MoE, RoutingDecision, RoutingStats
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V]
+    aux_loss: torch.Tensor  # sum over MoE layers of the unweighted balance loss
+    z_loss: torch.Tensor  # sum over MoE layers of the unweighted router z-loss
+    moe_loss: torch.Tensor  # sum over MoE layers of aux_coef * aux + z_coef * z
+    layer_stats: dict[int, RoutingStats] = field(default_factory=dict)  # layer index -> stats
+    routing: dict[int, RoutingDecision] | None = None  # layer index -> decisions
+    lm_loss: torch.Tensor | None = None  # mean next-token cross-entropy, when targets given
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """What training minimises: LM loss plus the weighted MoE losses."""
+        if self.lm_loss is None:
+            raise ValueError("ModelOutput.loss needs targets: call model(input_ids, targets=...)")
+        return self.lm_loss + self.moe_loss
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2/nanoGPT init: N(0, std); residual output projections scaled by 1/sqrt(2L)
+        so the residual stream's variance does not grow with depth."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.layers:
+            attn = block.self_attn
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+                nn.init.normal_(lin.weight, std=std)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            nn.init.normal_(attn.o_proj.weight, std=out_std)
+            if isinstance(block.mlp, MoE | FeedForward):
+                block.mlp.reset_parameters(std, out_std)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.layers if b.is_moe]
+
+    def num_params(self) -> int:
+        """Unique parameters (a tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_routing: bool = False,
+        last_only: bool = False,
+    ) -> ModelOutput:
+        """Run the decoder.
+
+        input_ids ``[B, T]``; targets ``[B, T]`` (next tokens, -100 ignored) for ``lm_loss``;
+        positions ``[B, T]`` (default: cache offset + 0..T-1); attention_mask ``[B, S]`` with
+        1 for real tokens over cached + new positions (left padding); cache: a `KVCache`
+        that this call appends to; last_only: compute logits for the last position only.
+        """
+        cfg = self.cfg
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        if offset + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+        if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"input_ids must be in [0, vocab_size={cfg.vocab_size})")
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=input_ids.device).unsqueeze(0).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, cfg.dim_head, cfg.rope_theta, x.dtype)
+        mask = self._attention_mask(B, T, offset, attention_mask, input_ids.device)
+
+        zero = x.new_zeros((), dtype=torch.float32)
+        aux, z, moe_loss = zero, zero, zero
+        stats: dict[int, RoutingStats] = {}
+        routing: dict[int, RoutingDecision] | None = {} if return_routing else None
+        for i, block in enumerate(self.layers):
+            x, moe_out = block(x, cos, sin, mask, cache, return_routing)
+            if moe_out is not None:
+                aux = aux + moe_out.aux_loss
+                z = z + moe_out.z_loss
+                moe_loss = moe_loss + moe_out.loss
+                stats[i] = moe_out.stats
+                if routing is not None and moe_out.routing is not None:
+                    routing[i] = moe_out.routing
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        lm_loss = None
+        if targets is not None:
+            lm_loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            )
+        return ModelOutput(logits, aux, z, moe_loss, stats, routing, lm_loss)
+
+    def _attention_mask(
+        self, B: int, T: int, offset: int, attention_mask: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor | None:
+        """Boolean ``[B, 1, T, S]`` mask (True = may attend), or None for plain causal.
+
+        Plain causal (`is_causal=True`, the fastest SDPA path) applies when there is no
+        cache offset, no padding and no sliding window cutting in.
+        """
+        window = self.cfg.sliding_window
+        S = offset + T
+        needs_window = window is not None and S > window
+        if attention_mask is None and offset == 0 and not needs_window:
+            return None
+        q_pos = torch.arange(offset, S, device=device).unsqueeze(1)  # [T, 1]
+        k_pos = torch.arange(S, device=device).unsqueeze(0)  # [1, S]
+        allowed = k_pos <= q_pos
+        if needs_window:
+            allowed = allowed & (q_pos - k_pos < window)
+        allowed = allowed.unsqueeze(0).unsqueeze(0).expand(B, 1, T, S)
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask must be [batch, cached+new]=({B}, {S}), got {tuple(attention_mask.shape)}")
+            allowed = allowed & attention_mask.bool().view(B, 1, 1, S)
+            # A fully masked row (a padding query) would give NaN; let it see itself.
+            diag = (k_pos == q_pos).view(1, 1, T, S)
+            allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
+        return allowed
