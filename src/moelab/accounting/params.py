@@ -216,8 +216,10 @@ def _group_moe_layers(spec: ArchSpec) -> tuple[MoELayerGroup, ...]:
 
 
 def _count_explicit(spec: ExplicitSpec) -> ParamCount:
+    # The textbook picture: an "expert" is a whole network spanning every layer,
+    # so the one group covers all layers and params_per_expert is the full 7B.
     group = MoELayerGroup(
-        layers=(0,),
+        layers=tuple(range(spec.n_layers)),
         num_experts=spec.num_experts,
         top_k=spec.top_k,
         num_shared=0,

@@ -1,0 +1,269 @@
+"""`moelab size` results: one dict per model (the stable JSON schema) and a text table.
+
+The table is rendered from the same dicts as the JSON, so the two never
+disagree. The schema is documented in docs/size.md; add keys, never rename.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moelab.accounting.flops import attention_flops_per_token, forward_flops_per_token
+from moelab.accounting.hf_config import load_hf_config, spec_from_hf_config
+from moelab.accounting.memory import (
+    USABLE_FRACTION,
+    WEIGHT_DTYPES,
+    bytes_per_param,
+    kv_cache_bytes,
+    min_gpus,
+    weight_bytes,
+)
+from moelab.accounting.params import ParamCount, count_params
+from moelab.accounting.published import PRESETS, Preset
+from moelab.accounting.spec import ArchSpec, Spec
+from moelab.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+CONVENTIONS = {
+    "active_params": "parameters one token uses: all but the unselected routed experts; "
+    "includes the whole input embedding table and the LM head",
+    "no_embed": "excludes the input embedding table and the LM head (once if tied)",
+    "flops_per_token": "forward FLOPs = 2 x active matmul params (LM head in, embedding lookup "
+    "and norms out) + attention QK^T and AV at the causal average over `context` tokens",
+    "training_flops_per_token": "3 x forward FLOPs",
+    "bytes": "GB = 1e9 bytes; weights hold every expert; int4/fp8 exclude quantisation scales",
+    "min_gpus": f"ceil((weights at dtype + KV cache) / ({USABLE_FRACTION:g} x gpu memory))",
+    "dense_equivalents": "dense models with the same attention and embeddings and N params, "
+    "N = the MoE's active (same compute) or total (same memory) params",
+}
+
+
+def resolve(name_or_path: str) -> tuple[Spec, str, Preset | None]:
+    """A preset name or a path to a Hugging Face config.json (file or folder)."""
+    if name_or_path in PRESETS:
+        preset = PRESETS[name_or_path]
+        return preset.build(), f"preset {preset.name} ({preset.source})", preset
+    path = Path(name_or_path)
+    if path.exists():
+        cfg, source = load_hf_config(path)
+        return spec_from_hf_config(cfg, source=source), source, None
+    raise ConfigError(
+        f"{name_or_path!r} is neither a preset nor an existing path; presets: "
+        f"{', '.join(PRESETS)} (or give a config.json / model folder)"
+    )
+
+
+def _dense_equivalent(
+    params: int, counts: ParamCount, attn_flops: float, kv: float, dtype: str, gpu: float
+) -> dict[str, Any]:
+    # Same embedding and norms as the MoE: only the matmul part changes with N.
+    flops = 2 * (params - counts.embedding - counts.norms) + attn_flops
+    weights = params * bytes_per_param(dtype)
+    return {
+        "params": params,
+        "flops_per_token": flops,
+        "weight_bytes": weights,
+        "min_gpus": min_gpus(weights + kv, gpu),
+    }
+
+
+def size_report(
+    spec: Spec,
+    *,
+    source: str = "",
+    preset: Preset | None = None,
+    dtype: str = "bf16",
+    context: int = 4096,
+    batch: int = 1,
+    gpu_memory_gb: float = 80.0,
+) -> dict[str, Any]:
+    """Everything `moelab size` reports about one model, as a JSON-ready dict."""
+    if context <= 0 or batch <= 0:
+        raise ConfigError(f"context and batch must be > 0, got context={context}, batch={batch}")
+    counts = count_params(spec)
+    attn = attention_flops_per_token(spec, context)
+    forward = forward_flops_per_token(spec, counts, context)
+    kv = kv_cache_bytes(spec, context=context, batch=batch, dtype=dtype)
+    weights = {d: weight_bytes(counts, d) for d in WEIGHT_DTYPES}
+    serving = weight_bytes(counts, dtype) + kv
+    components = {
+        "embedding": counts.embedding,
+        "lm_head": counts.lm_head,
+        "attention": counts.attention,
+        "norms": counts.norms,
+        "dense_ffn": counts.dense_ffn,
+        "shared_experts": counts.shared_experts,
+        "router": counts.router,
+        "routed_experts": counts.routed_experts,
+        "other": counts.other,
+    }
+    moe_layers = [
+        {
+            "layers": list(g.layers),
+            "count": len(g.layers),
+            "experts": g.num_experts,
+            "active_experts": g.top_k,
+            "skipped_experts": g.skipped,
+            "shared_experts": g.num_shared,
+            "params_per_expert": g.params_per_expert,
+            "ffn_compute_saved": g.ffn_compute_saved,
+        }
+        for g in counts.moe_groups
+    ]
+    n_layers = spec.n_layers
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": spec.name,
+        "source": source,
+        "settings": {
+            "dtype": dtype,
+            "context": context,
+            "batch": batch,
+            "gpu_memory_gb": gpu_memory_gb,
+            "usable_fraction": USABLE_FRACTION,
+        },
+        "total_params": counts.total,
+        "active_params": counts.active,
+        "total_params_no_embed": counts.total_no_embed,
+        "active_params_no_embed": counts.active_no_embed,
+        "tied_embeddings": spec.tie_embeddings if isinstance(spec, ArchSpec) else False,
+        "params_by_component": components,
+        "n_layers": n_layers,
+        "moe_layers": moe_layers,
+        "flops_per_token": forward,
+        "attention_flops_per_token": attn,
+        "training_flops_per_token": 3 * forward,
+        "weight_bytes": weights,
+        "kv_cache_bytes": kv,
+        "serving_bytes": serving,
+        "min_gpus": min_gpus(serving, gpu_memory_gb),
+        "dense_equivalents": {
+            "same_active": _dense_equivalent(counts.active, counts, attn, kv, dtype, gpu_memory_gb),
+            "same_total": _dense_equivalent(counts.total, counts, attn, kv, dtype, gpu_memory_gb),
+        },
+        "published": None
+        if preset is None
+        else {
+            "total_params": preset.published_total,
+            "active_params": preset.published_active,
+            "source": preset.source,
+            "includes_unsized_params": preset.published_extra,
+        },
+        "conventions": CONVENTIONS,
+        "notes": list(spec.notes),
+    }
+
+
+def fmt_params(n: float) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_bytes(n: float) -> str:
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_flops(n: float) -> str:
+    for scale, unit in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def _moe_cell(r: dict[str, Any], key: str) -> str:
+    groups = r["moe_layers"]
+    if not groups:
+        return "-"
+    cells = []
+    for g in groups:
+        cells.append(
+            {
+                "layers": f"{g['count']} of {r['n_layers']}",
+                "experts": f"{g['experts']} routed + {g['shared_experts']} shared",
+                "active": f"{g['active_experts']} of {g['experts']}",
+                "skipped": f"{g['skipped_experts']} of {g['experts']}",
+                "saved": f"{100 * g['ffn_compute_saved']:.0f}%",
+            }[key]
+        )
+    return "; ".join(cells)
+
+
+def _dense_cell(d: dict[str, Any]) -> str:
+    gpus = f"{d['min_gpus']} GPU" + ("s" if d["min_gpus"] > 1 else "")
+    return f"{fmt_params(d['params'])}, {fmt_flops(d['flops_per_token'])}, {fmt_bytes(d['weight_bytes'])}, {gpus}"
+
+
+def render_table(reports: list[dict[str, Any]]) -> str:
+    """A plain-text table, one column per model, rows grouped by question."""
+    s = reports[0]["settings"]
+    dt, ctx, batch, gpu = s["dtype"], s["context"], s["batch"], s["gpu_memory_gb"]
+    rows: list[tuple[str, list[str]] | str] = [
+        "parameters",
+        ("total", [fmt_params(r["total_params"]) for r in reports]),
+        ("active per token", [fmt_params(r["active_params"]) for r in reports]),
+        ("total, no embeddings", [fmt_params(r["total_params_no_embed"]) for r in reports]),
+        ("active, no embeddings", [fmt_params(r["active_params_no_embed"]) for r in reports]),
+        ("embedding + LM head", [
+            f"{fmt_params(r['params_by_component']['embedding'])} + "
+            + ("tied" if r["tied_embeddings"] else fmt_params(r["params_by_component"]["lm_head"]))
+            for r in reports
+        ]),
+        ("published total/active", [
+            f"{fmt_params(r['published']['total_params'])} / {fmt_params(r['published']['active_params'])}"
+            if r["published"] else "-" for r in reports
+        ]),
+        "MoE layers",
+        ("MoE layers", [_moe_cell(r, "layers") for r in reports]),
+        ("experts", [_moe_cell(r, "experts") for r in reports]),
+        ("routed experts active", [_moe_cell(r, "active") for r in reports]),
+        ("routed experts skipped", [_moe_cell(r, "skipped") for r in reports]),
+        ("FFN compute saved", [_moe_cell(r, "saved") for r in reports]),
+        f"compute per token (context {ctx}, causal average)",
+        ("forward FLOPs", [fmt_flops(r["flops_per_token"]) for r in reports]),
+        ("  of which attention", [fmt_flops(r["attention_flops_per_token"]) for r in reports]),
+        ("training FLOPs (3x)", [fmt_flops(r["training_flops_per_token"]) for r in reports]),
+        "memory",
+        *[(f"weights {d}", [fmt_bytes(r["weight_bytes"][d]) for r in reports]) for d in WEIGHT_DTYPES],
+        (f"KV cache {dt}, {ctx} x {batch}", [fmt_bytes(r["kv_cache_bytes"]) for r in reports]),
+        (f"min GPUs ({gpu:g} GB, {USABLE_FRACTION:.0%} usable)", [str(r["min_gpus"]) for r in reports]),
+        f"dense equivalents (params, forward FLOPs, {dt} weights, GPUs)",
+        ("same active compute", [_dense_cell(r["dense_equivalents"]["same_active"]) for r in reports]),
+        ("same total params", [_dense_cell(r["dense_equivalents"]["same_total"]) for r in reports]),
+    ]
+    header = [r["name"] for r in reports]
+    label_w = max(len(row[0]) for row in rows if isinstance(row, tuple))
+    col_w = [
+        max([len(header[i])] + [len(row[1][i]) for row in rows if isinstance(row, tuple)])
+        for i in range(len(reports))
+    ]
+    out = [" ".join([" " * label_w] + [h.rjust(w) for h, w in zip(header, col_w, strict=True)])]
+    for row in rows:
+        if isinstance(row, str):
+            out.append(f"-- {row} --")
+            continue
+        label, cells = row
+        out.append(" ".join([label.ljust(label_w)] + [c.rjust(w) for c, w in zip(cells, col_w, strict=True)]))
+    out.append("")
+    out.append("conventions:")
+    out.extend(f"  {k}: {v}" for k, v in CONVENTIONS.items())
+    for r in reports:
+        for note in r["notes"]:
+            out.append(f"  note ({r['name']}): {note}")
+    return "\n".join(out)
+
+
+def preset_lines() -> list[str]:
+    """One line per preset: name, published total/active, description."""
+    width = max(len(name) for name in PRESETS)
+    return [
+        f"{p.name.ljust(width)}  {fmt_params(p.published_total):>6} / "
+        f"{fmt_params(p.published_active):<6} {p.description}"
+        for p in PRESETS.values()
+    ]
