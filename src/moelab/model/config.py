@@ -22,8 +22,13 @@ class ModelConfig:
     every layer, freq 2 every other layer (the 2nd, 4th, ... as in Llama 4 Maverick).
     ``moe=None`` makes every layer dense (the baseline).
 
+    ``dense_layers`` lists further layers forced dense whatever the rule above says
+    (Qwen-MoE ``mlp_only_layers``).
+
     ``qk_norm``: RMSNorm on queries and keys, per head (``"head"``, Qwen3) or over all heads
     (``"full"``, OLMoE). ``attn_bias``: biases on q/k/v projections (Qwen2).
+    ``clip_qkv``: clamp q, k, v to [-c, c] after projection (and the "full" QK-norm), as
+    OLMoE does for stability.
     """
 
     vocab_size: int = 8192
@@ -36,6 +41,7 @@ class ModelConfig:
     moe: MoEConfig | None = None
     moe_layer_freq: int = 1
     first_dense_layers: int = 0
+    dense_layers: tuple[int, ...] = ()
     tie_embeddings: bool = False
     max_seq_len: int = 512
     sliding_window: int | None = None
@@ -43,6 +49,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     qk_norm: str | None = None
     attn_bias: bool = False
+    clip_qkv: float | None = None
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -69,6 +76,18 @@ class ModelConfig:
             raise ConfigError(
                 f"ModelConfig.first_dense_layers must be in [0, n_layers={self.n_layers}], got {self.first_dense_layers!r}"
             )
+        if isinstance(self.dense_layers, list):  # from JSON; frozen configs hold tuples
+            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if not isinstance(self.dense_layers, tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in self.dense_layers
+        ):
+            raise ConfigError(
+                f"ModelConfig.dense_layers must be layer indices in [0, n_layers={self.n_layers}), got {self.dense_layers!r}"
+            )
+        if self.clip_qkv is not None and not (
+            isinstance(self.clip_qkv, int | float) and math.isfinite(self.clip_qkv) and self.clip_qkv > 0
+        ):
+            raise ConfigError(f"ModelConfig.clip_qkv must be a number > 0 or None, got {self.clip_qkv!r}")
         if self.qk_norm not in QK_NORMS:
             raise ConfigError(f"ModelConfig.qk_norm={self.qk_norm!r} is unknown; choose one of {QK_NORMS}")
         if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
@@ -94,7 +113,7 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     def is_moe_layer(self, i: int) -> bool:
-        if self.moe is None or i < self.first_dense_layers:
+        if self.moe is None or i < self.first_dense_layers or i in self.dense_layers:
             return False
         return (i - self.first_dense_layers) % self.moe_layer_freq == self.moe_layer_freq - 1
 
@@ -109,6 +128,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["moe"] = self.moe.to_dict() if self.moe is not None else None
+        d["dense_layers"] = list(self.dense_layers)
         return d
 
     @classmethod

@@ -79,6 +79,9 @@ class Attention(nn.Module):
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            c = cfg.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         q_BHTD = q.view(B, T, H, Dh).transpose(1, 2)
         k_BHTD = k.view(B, T, Hkv, Dh).transpose(1, 2)
         v_BHTD = v.view(B, T, Hkv, Dh).transpose(1, 2)
