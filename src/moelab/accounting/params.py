@@ -67,15 +67,16 @@ def attention_norm_params(att: AttentionSpec, d_model: int) -> int:
     """Norm vectors inside an attention block.
 
     - qk_norm="head" (Qwen3): one d_h vector each for q and k, shared by heads: 2 d_h.
-    - qk_norm="full" (OLMoE): q norm over the whole query, D, and k norm over
-      (D / H) G; OLMoE sizes both from hidden_size, not head_dim.
+    - qk_norm="full" (OLMoE, moelab): one norm over all query heads, H d_h, and
+      one over all key heads, G d_h (OLMoE writes these as hidden_size and
+      (hidden_size / H) G, the same numbers whenever its forward pass runs).
     - MLA: RMSNorm on the query latent (r_q, when present) and on the KV latent (r_kv).
     """
     n = 0
     if att.qk_norm == "head":
         n += 2 * att.head_dim
     elif att.qk_norm == "full":
-        n += d_model + (d_model // att.n_heads) * att.n_kv_heads
+        n += (att.n_heads + att.n_kv_heads) * att.head_dim
     if att.kind == "mla":
         n += (att.q_lora_rank or 0) + att.kv_lora_rank
     return n
@@ -92,9 +93,11 @@ def mlp_params(mlp: MLPSpec, d_model: int) -> int:
 
 def router_params(moe: MoESpec, d_model: int) -> int:
     """The router is a D x E linear map (+ E biases in gpt-oss); a sigmoid gate
-    on the shared expert (Qwen2-MoE) adds a D x 1 map. DeepSeek-V3's
+    on the shared expert (Qwen2-MoE) adds a D x 1 map, and noisy top-k gating
+    (Shazeer et al. 2017) a second D x E map for the noise scale. DeepSeek-V3's
     `e_score_correction_bias` is a buffer, not a parameter, so it is not counted."""
-    n = d_model * moe.num_experts + (moe.num_experts if moe.router_bias else 0)
+    n = d_model * moe.num_experts * (2 if moe.router_noise else 1)
+    n += moe.num_experts if moe.router_bias else 0
     return n + (d_model if moe.shared_gate else 0)
 
 

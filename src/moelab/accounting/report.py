@@ -19,6 +19,12 @@ from moelab.accounting.memory import (
     min_gpus,
     weight_bytes,
 )
+from moelab.accounting.moelab_config import (
+    is_moelab_config,
+    moelab_presets,
+    spec_from_moelab_config,
+    spec_from_moelab_json,
+)
 from moelab.accounting.params import ParamCount, count_params
 from moelab.accounting.published import PRESETS, Preset
 from moelab.accounting.spec import ArchSpec, Spec
@@ -41,17 +47,26 @@ CONVENTIONS = {
 
 
 def resolve(name_or_path: str) -> tuple[Spec, str, Preset | None]:
-    """A preset name or a path to a Hugging Face config.json (file or folder)."""
+    """A size preset, a moelab model preset (`moelab.model.presets`), or a path to a
+    config.json (file or folder): Hugging Face, or moelab's own when it carries
+    the "moelab" marker."""
     if name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
         return preset.build(), f"preset {preset.name} ({preset.source})", preset
+    ours = moelab_presets()
+    if name_or_path in ours:
+        spec = spec_from_moelab_config(ours[name_or_path], name=name_or_path)
+        return spec, f"moelab model preset {name_or_path}", None
     path = Path(name_or_path)
     if path.exists():
         cfg, source = load_hf_config(path)
+        if is_moelab_config(cfg):
+            return spec_from_moelab_json(cfg, source=source), source, None
         return spec_from_hf_config(cfg, source=source), source, None
     raise ConfigError(
         f"{name_or_path!r} is neither a preset nor an existing path; presets: "
-        f"{', '.join(PRESETS)} (or give a config.json / model folder)"
+        f"{', '.join(PRESETS)}; moelab model presets: {', '.join(ours) or 'none'} "
+        "(or give a config.json / model folder)"
     )
 
 

@@ -111,6 +111,7 @@ class MoESpec:
     num_shared: int = 0
     shared_gate: bool = False
     router_bias: bool = False
+    router_noise: bool = False
 
     def __post_init__(self) -> None:
         _positive("MoESpec", num_experts=self.num_experts, top_k=self.top_k)
