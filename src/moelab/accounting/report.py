@@ -167,8 +167,17 @@ def size_report(
             "includes_unsized_params": preset.published_extra,
         },
         "conventions": CONVENTIONS,
-        "notes": list(spec.notes),
+        "notes": list(spec.notes) + _preset_notes(preset),
     }
+
+
+def _preset_notes(preset: Preset | None) -> list[str]:
+    if preset is None or not preset.published_extra:
+        return []
+    return [
+        f"text model only: the published {fmt_params(preset.published_total)} total also counts "
+        f"{fmt_params(preset.published_extra)} of vision encoder + projector"
+    ]
 
 
 def fmt_params(n: float) -> str:
