@@ -1,0 +1,354 @@
+"""The Hugging Face <-> moelab mapping: configs (both ways) and tensor names (one table).
+
+Families: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE (MoE) and Llama / Mistral (dense).
+
+Tensor names. moelab's names are HF's without the ``model.`` prefix, except the MoE
+block, which `_TEMPLATES` rewrites. Expert weights come in two on-disk layouts:
+  - stacked (HF transformers 5 in memory, and ours): ``experts.gate_up_proj [E, 2F, D]``
+    (gate rows then up rows), ``experts.down_proj [E, D, F]``;
+  - per expert (what ``save_pretrained`` writes, and every published checkpoint):
+    Mixtral ``block_sparse_moe.experts.N.w1`` (gate), ``w3`` (up), ``w2`` (down);
+    Qwen / OLMoE ``mlp.experts.N.gate_proj``, ``up_proj``, ``down_proj``.
+Both are read on import; export writes the per-expert layout, which transformers 4.x
+and 5.x both load.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from moelab.errors import ConfigError
+from moelab.model.config import ModelConfig
+from moelab.moe import MoEConfig
+
+MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+DENSE_FAMILIES = ("llama", "mistral")
+FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
+
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+# moelab key -> HF key. `{moe}` is the family's MoE module name; first match wins.
+_TEMPLATES: tuple[tuple[str, str], ...] = (
+    (r"layers\.(\d+)\.mlp\.router\.weight", r"model.layers.\1.{moe}.gate.weight"),
+    (r"layers\.(\d+)\.mlp\.shared_experts\.(\w+)\.weight", r"model.layers.\1.mlp.shared_expert.\2.weight"),
+    (r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", r"model.layers.\1.{moe}.experts.\2"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+    (r"(.+)", r"model.\1"),
+)
+# Per-expert legacy names: (gate, up, down).
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
+_DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+# Checkpoint tensors that carry no weights (old checkpoints stored RoPE tables).
+IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+_STACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def moe_prefixes(family: str) -> tuple[str, ...]:
+    """Names the MoE module goes by on disk, the export name first."""
+    return ("block_sparse_moe", "mlp") if family == "mixtral" else ("mlp",)
+
+
+def hf_key(moelab_key: str, family: str, moe: str | None = None) -> str:
+    """The HF name of a moelab tensor (stacked layout for experts)."""
+    moe = moe or moe_prefixes(family)[0]
+    for pattern, template in _TEMPLATES:
+        m = re.fullmatch(pattern, moelab_key)
+        if m:
+            return m.expand(template.replace("{moe}", moe))
+    raise AssertionError("the last template matches everything")
+
+
+def per_expert_keys(layer: int, expert: int, family: str, moe: str | None = None) -> tuple[str, str, str]:
+    """HF names of one expert's (gate, up, down) weights in the per-expert layout."""
+    moe = moe or moe_prefixes(family)[0]
+    names = _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
+    return tuple(f"model.layers.{layer}.{moe}.experts.{expert}.{n}.weight" for n in names)  # type: ignore[return-value]
+
+
+def stacked_expert_param(moelab_key: str) -> tuple[int, str] | None:
+    """(layer, "gate_up_proj" | "down_proj") for a stacked expert tensor, else None."""
+    m = _STACKED.search(moelab_key)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+# ---------------------------------------------------------------------------------------
+# HF config.json -> ModelConfig
+
+
+@dataclass(frozen=True)
+class ImportedConfig:
+    config: ModelConfig
+    family: str
+
+
+class _Reader:
+    """Typed access to one config dict; every error names the file and the field."""
+
+    def __init__(self, d: dict[str, Any], source: str, family: str):
+        self.d, self.source, self.family = d, source, family
+
+    def error(self, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {msg} (model_type {self.family!r})")
+
+    def int(self, *names: str, default: int | None = None) -> int:
+        for name in names:
+            value = self.d.get(name)
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise self.error(f"field {name!r} must be an integer >= 0, got {value!r}")
+                return value
+        if default is None:
+            raise self.error(f"field {names[0]!r} is missing, expected an integer")
+        return default
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = self.d.get(name)
+        return default if value is None else value
+
+    def require_false(self, name: str, why: str) -> None:
+        if self.d.get(name):
+            raise self.error(f"field {name!r}={self.d[name]!r} is not supported: {why}")
+
+
+def _rope_theta(r: _Reader) -> float:
+    params = r.get("rope_parameters") or r.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise r.error(f"field 'rope_parameters' must be an object, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise r.error(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE, rope_type 'default')")
+    theta = params.get("rope_theta", r.get("rope_theta", 10000.0))
+    if not isinstance(theta, int | float) or theta <= 0:
+        raise r.error(f"rope_theta must be a positive number, got {theta!r}")
+    return float(theta)
+
+
+def _qwen_window(r: _Reader, n_layers: int) -> int | None:
+    """Qwen2-MoE: one window for every layer, or none (mixed layers are not supported)."""
+    window = r.get("sliding_window")
+    types = r.get("layer_types")
+    if types is None:
+        first = r.int("max_window_layers", default=28)
+        use = bool(r.get("use_sliding_window", False))
+        types = [
+            "sliding_attention" if use and (i + 1) % 2 and i < first else "full_attention"
+            for i in range(n_layers)
+        ]
+    kinds = set(types)
+    if kinds <= {"full_attention"} or not window:
+        return None
+    if kinds == {"sliding_attention"}:
+        return int(window)
+    raise r.error(f"layer_types mixes sliding and full attention ({types}); moelab uses one window for all layers")
+
+
+def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ImportedConfig:
+    """Translate a transformers ``config.json`` dict into a `ModelConfig`.
+
+    Raises `ConfigError` naming `source`, the field, and the supported families.
+    """
+    family = d.get("model_type")
+    if family not in FAMILIES:
+        raise ConfigError(
+            f"{source}: model_type {family!r} is not supported for import; supported families: "
+            f"{', '.join(FAMILIES)}"
+        )
+    r = _Reader(d, source, family)
+    act = r.get("hidden_act", "silu")
+    if act != "silu":
+        raise r.error(f"hidden_act {act!r} is not supported (moelab experts are SwiGLU: silu)")
+    n_layers = r.int("num_hidden_layers")
+    d_model = r.int("hidden_size")
+    n_heads = r.int("num_attention_heads")
+    common: dict[str, Any] = dict(
+        vocab_size=r.int("vocab_size"),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=r.int("num_key_value_heads", default=n_heads),
+        head_dim=r.int("head_dim", default=d_model // max(n_heads, 1)),
+        max_seq_len=r.int("max_position_embeddings", default=4096),
+        rope_theta=_rope_theta(r),
+        norm_eps=float(r.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(r.get("tie_word_embeddings", False)),
+        d_ff=r.int("intermediate_size"),
+    )
+    if family in ("llama", "mistral", "mixtral"):
+        r.require_false("attention_bias", "moelab has no bias on attention projections for this family")
+        r.require_false("mlp_bias", "moelab FFNs have no bias")
+        window = r.get("sliding_window") if family != "llama" else None
+        common["sliding_window"] = int(window) if window else None
+    if family in DENSE_FAMILIES:
+        return ImportedConfig(ModelConfig(**common), family)
+
+    num_experts = r.int("num_local_experts", "num_experts")
+    top_k = r.int("num_experts_per_tok")
+    moe: dict[str, Any] = dict(d_model=d_model, num_experts=num_experts, top_k=top_k, aux_loss_coef=0.0)
+    if family == "mixtral":
+        moe.update(d_expert=common["d_ff"], norm_topk_prob=True)
+    elif family == "olmoe":
+        r.require_false("attention_bias", "OLMoE's attention bias covers o_proj, which moelab does not have")
+        moe.update(d_expert=common["d_ff"], norm_topk_prob=bool(r.get("norm_topk_prob", False)))
+        clip = r.get("clip_qkv")
+        common.update(qk_norm="full", clip_qkv=float(clip) if clip is not None else None)
+    else:  # qwen2_moe, qwen3_moe
+        moe.update(d_expert=r.int("moe_intermediate_size"), norm_topk_prob=bool(r.get("norm_topk_prob", False)))
+        step = r.int("decoder_sparse_step", default=1)
+        if step < 1:
+            raise r.error(f"field 'decoder_sparse_step' must be >= 1, got {step}")
+        dense = r.get("mlp_only_layers", [])
+        if not isinstance(dense, list) or not all(isinstance(i, int) for i in dense):
+            raise r.error(f"field 'mlp_only_layers' must be a list of layer indices, got {dense!r}")
+        common.update(moe_layer_freq=step, dense_layers=tuple(i for i in sorted(set(dense)) if i < n_layers))
+        if family == "qwen2_moe":
+            common["attn_bias"] = bool(r.get("qkv_bias", True))
+            common["sliding_window"] = _qwen_window(r, n_layers)
+            moe.update(
+                num_shared_experts=1,
+                d_shared_expert=r.int("shared_expert_intermediate_size"),
+                shared_expert_gate=True,
+            )
+        else:
+            r.require_false("attention_bias", "Qwen3-MoE's attention bias covers o_proj, which moelab does not have")
+            common["qk_norm"] = "head"
+            # transformers' Qwen3MoeConfig drops the window unless use_sliding_window.
+            window = r.get("sliding_window") if r.get("use_sliding_window", False) else None
+            common["sliding_window"] = int(window) if window else None
+    try:
+        cfg = ModelConfig(**common, moe=MoEConfig(**moe))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    return ImportedConfig(cfg, family)
+
+
+# ---------------------------------------------------------------------------------------
+# ModelConfig -> HF config.json
+
+
+def hf_family_for(cfg: ModelConfig) -> str:
+    """The HF family that expresses `cfg` exactly, or a `ConfigError` naming the feature."""
+
+    def no(feature: str) -> ConfigError:
+        return ConfigError(f"cannot export to Hugging Face format: {feature} has no equivalent in the supported families ({', '.join(FAMILIES)})")
+
+    if cfg.clip_qkv is not None and cfg.qk_norm != "full":
+        raise no(f"clip_qkv={cfg.clip_qkv} without qk_norm='full' (only OLMoE clips q/k/v)")
+    if cfg.moe is None:
+        if cfg.qk_norm is not None or cfg.attn_bias:
+            raise no(f"a dense model with qk_norm={cfg.qk_norm!r} / attn_bias={cfg.attn_bias}")
+        return "mistral" if cfg.sliding_window else "llama"
+    m = cfg.moe
+    if m.router != "softmax":
+        raise no(f"MoEConfig.router={m.router!r} (HF MoE families route with softmax top-k)")
+    if m.activation != "swiglu":
+        raise no(f"MoEConfig.activation={m.activation!r} (HF MoE experts are SwiGLU)")
+    if m.routed_scaling_factor != 1.0:
+        raise no(f"MoEConfig.routed_scaling_factor={m.routed_scaling_factor}")
+    if m.num_shared_experts:
+        if not m.shared_expert_gate or cfg.qk_norm is not None:
+            raise no("shared experts without a sigmoid gate, or with QK-norm (Qwen2-MoE has a gate and no QK-norm)")
+        return "qwen2_moe"
+    if cfg.attn_bias:
+        raise no("attn_bias without shared experts (only Qwen2-MoE has q/k/v biases)")
+    every_layer = cfg.moe_layers == list(range(cfg.n_layers))
+    if cfg.qk_norm == "full":
+        if not every_layer:
+            raise no("dense layers in an OLMoE-style (qk_norm='full') model")
+        if cfg.sliding_window:
+            raise no("a sliding window in an OLMoE-style (qk_norm='full') model")
+        return "olmoe"
+    if cfg.qk_norm == "head":
+        return "qwen3_moe"
+    if not every_layer:
+        raise no("dense layers in a Mixtral-style model (set qk_norm='head' for Qwen3-MoE)")
+    if not m.norm_topk_prob:
+        raise no("norm_topk_prob=False in a Mixtral-style model (Mixtral always renormalises the top-k)")
+    return "mixtral"
+
+
+def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A transformers ``config.json`` dict for `cfg` (family from `hf_family_for`)."""
+    family = hf_family_for(cfg)
+    d: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.dim_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 5 reads rope_parameters, 4.x reads rope_theta: write both.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+    m = cfg.moe
+    if family in ("llama", "mistral"):
+        d.update(attention_bias=False, mlp_bias=False)
+        if family == "mistral":
+            d["sliding_window"] = cfg.sliding_window
+    elif family == "mixtral":
+        assert m is not None
+        d.update(
+            intermediate_size=m.d_expert,
+            num_local_experts=m.num_experts,
+            num_experts_per_tok=m.top_k,
+            sliding_window=cfg.sliding_window,
+            router_aux_loss_coef=m.aux_loss_coef,
+        )
+    elif family == "olmoe":
+        assert m is not None
+        d.update(
+            intermediate_size=m.d_expert,
+            num_experts=m.num_experts,
+            num_experts_per_tok=m.top_k,
+            norm_topk_prob=m.norm_topk_prob,
+            clip_qkv=cfg.clip_qkv,
+            attention_bias=False,
+            router_aux_loss_coef=m.aux_loss_coef,
+        )
+    else:  # qwen2_moe, qwen3_moe
+        assert m is not None
+        dense = [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)]
+        d.update(
+            num_experts=m.num_experts,
+            num_local_experts=m.num_experts,
+            num_experts_per_tok=m.top_k,
+            moe_intermediate_size=m.d_expert,
+            norm_topk_prob=m.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=dense,
+            use_sliding_window=cfg.sliding_window is not None,
+            sliding_window=cfg.sliding_window,
+            router_aux_loss_coef=m.aux_loss_coef,
+        )
+        if family == "qwen2_moe":
+            kind = "sliding_attention" if cfg.sliding_window else "full_attention"
+            d.update(
+                qkv_bias=cfg.attn_bias,
+                shared_expert_intermediate_size=m.shared_hidden,
+                max_window_layers=cfg.n_layers,
+                layer_types=[kind] * cfg.n_layers,
+            )
+        else:
+            d["attention_bias"] = False
+    d.update(extra or {})
+    return d

@@ -1,0 +1,142 @@
+"""Export a moelab model as a Hugging Face folder that `AutoModelForCausalLM` loads.
+
+Writes ``config.json`` (family from `adapter.hf_family_for`), ``generation_config.json``,
+safetensors in the per-expert layout (sharded above ``max_shard_size``, with
+``model.safetensors.index.json``) and, when a tokenizer is given, ``tokenizer.json`` and a
+``tokenizer_config.json`` that makes `AutoTokenizer` build a fast tokenizer. The folder is
+assembled under a temporary name and renamed into place, so a crash leaves no half export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelab.errors import CheckpointError
+from moelab.hf import adapter
+from moelab.hf.weights import write_sharded
+from moelab.io import atomic_path, atomic_write_json
+from moelab.model import Transformer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+
+
+@dataclass
+class HFExport:
+    out_dir: Path
+    family: str
+    files: list[Path]
+
+
+def hf_tensors(model: Transformer, family: str, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs in layer order, experts split into the per-expert layout."""
+    cfg = model.cfg
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # HF re-ties from tie_word_embeddings
+        t = t.detach() if dtype is None else t.detach().to(dtype)
+        stacked = adapter.stacked_expert_param(key)
+        if stacked is None:
+            yield adapter.hf_key(key, family), t
+            continue
+        layer, which = stacked
+        for e in range(t.shape[0]):
+            gate, up, down = adapter.per_expert_keys(layer, e, family)
+            if which == "gate_up_proj":
+                g, u = t[e].chunk(2, dim=0)
+                yield gate, g.contiguous()
+                yield up, u.contiguous()
+            else:
+                yield down, t[e].contiguous()
+
+
+def _tokenizer_config(tokenizer_path: Path, max_len: int) -> dict:
+    """A tokenizer_config.json for a bare tokenizer.json: the fast tokenizer class and the
+    special tokens we can recognise by name (transformers needs them as strings)."""
+    d: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    try:
+        added = json.loads(tokenizer_path.read_text(encoding="utf-8")).get("added_tokens") or []
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{tokenizer_path}: not a valid tokenizer.json ({e})") from e
+    for tok in added:
+        content = tok.get("content", "")
+        low = content.lower()
+        if "eos" in low or low in ("</s>", "<|endoftext|>"):
+            d.setdefault("eos_token", content)
+        elif "bos" in low or low == "<s>":
+            d.setdefault("bos_token", content)
+        elif "pad" in low:
+            d.setdefault("pad_token", content)
+        elif "unk" in low:
+            d.setdefault("unk_token", content)
+    return d
+
+
+def export_hf(
+    model: Transformer,
+    out_dir: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> HFExport:
+    """Write `model` to `out_dir` in Hugging Face format (see module docstring)."""
+    cfg = model.cfg
+    family = adapter.hf_family_for(cfg)  # raises naming the unexpressible feature
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
+    if max_shard_size <= 0:
+        raise CheckpointError(f"max_shard_size must be > 0 bytes, got {max_shard_size}")
+    weight_dtype = dtype or next(model.parameters()).dtype
+    dtype_name = str(weight_dtype).removeprefix("torch.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        files = write_sharded(hf_tensors(model, family, dtype), tmp, max_shard_size=max_shard_size)
+        hf_cfg = adapter.config_to_hf(cfg, dtype=dtype_name)
+        gen_cfg: dict = {"do_sample": False}
+        if tokenizer_path is not None:
+            tokenizer_path = Path(tokenizer_path)
+            if not tokenizer_path.is_file():
+                raise CheckpointError(f"{tokenizer_path}: tokenizer file not found")
+            with atomic_path(tmp / "tokenizer.json") as t:
+                shutil.copyfile(tokenizer_path, t)
+            tok_cfg = _tokenizer_config(tokenizer_path, cfg.max_seq_len)
+            atomic_write_json(tmp / "tokenizer_config.json", tok_cfg)
+            ids = _special_ids(tokenizer_path, tok_cfg)
+            hf_cfg.update(ids)
+            gen_cfg.update(ids)
+        else:
+            log.warning("no tokenizer given: %s will have weights and config only", out)
+        atomic_write_json(tmp / "config.json", hf_cfg)
+        atomic_write_json(tmp / "generation_config.json", gen_cfg)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return HFExport(out, family, [out / f.name for f in files])
+
+
+def _special_ids(tokenizer_path: Path, tok_cfg: dict) -> dict:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    ids = {}
+    for name in ("bos", "eos", "pad"):
+        content = tok_cfg.get(f"{name}_token")
+        if content is not None and tok.token_to_id(content) is not None:
+            ids[f"{name}_token_id"] = tok.token_to_id(content)
+    return ids
