@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moelab.data import load_user_data, prepare_data
@@ -170,3 +171,17 @@ def test_prepare_data_on_user_data_only(tmp_path: Path) -> None:
         vocab_size=300,
     )
     assert not changed.from_cache and changed.fingerprint != data.fingerprint
+
+
+def test_literal_special_token_in_user_text_is_not_a_boundary(tmp_path: Path) -> None:
+    _jsonl(
+        tmp_path / "gpt2.jsonl",
+        [{"text": f"story {i} <|endoftext|> continues <|pad|>"} for i in range(40)],
+    )
+    data = prepare_data(tmp_path / "cache", data_paths=[tmp_path / "gpt2.jsonl"], vocab_size=300)
+    for split in ("train", "val"):
+        tokens = getattr(data, split)["gpt2"]
+        assert int((tokens == 0).sum()) == data.stats[split]["gpt2"]["docs"]  # only separators
+        assert 1 not in tokens
+    first = data.val["gpt2"][: int(np.argmax(data.val["gpt2"] == 0))]
+    assert "<|endoftext|> continues <|pad|>" in data.tokenizer.decode(first.tolist())

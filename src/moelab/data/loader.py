@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("runs/cache/data")
 # Bump when the corpus recipe, split or encoding changes, so old caches are not reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 Stats = dict[str, dict[str, dict[str, int]]]  # split -> domain -> {"docs", "chars", "tokens"}
 
@@ -202,7 +202,14 @@ def _encode(tokenizer: Tokenizer, docs: list[Document], dtype: np.dtype) -> np.n
     """Token ids of `docs`, each document followed by EOS, as one flat array."""
     if not docs:
         return np.zeros(0, dtype=dtype)
-    encodings = tokenizer.encode_batch_fast([d.text for d in docs], add_special_tokens=False)
+    # A literal "<|endoftext|>" in a document is text, not a document boundary:
+    # without this flag the tokenizer would turn it into EOS (id 0).
+    previous = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        encodings = tokenizer.encode_batch_fast([d.text for d in docs], add_special_tokens=False)
+    finally:
+        tokenizer.encode_special_tokens = previous
     parts: list[np.ndarray] = []
     eos = np.array([EOS_ID], dtype=dtype)
     for enc in encodings:
