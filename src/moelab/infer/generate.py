@@ -146,6 +146,7 @@ def generate(
     out_ids: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     done = [False] * B
+    streamed = [0] * B  # characters of each row's text already passed to `stream`
     texts = ["" for _ in range(B)] if tokenizer is not None else None
     routing: list[list[TokenRouting]] | None = [[] for _ in range(B)] if record_routing else None
     result = GenerationResult(out_ids, reasons, texts, routing, prompt_tokens=sum(len(p) for p in prompts_ids))
@@ -179,7 +180,7 @@ def generate(
                 for b in range(B):
                     if done[b]:
                         continue
-                    _accept(b, tokens[b], result, tokenizer, stop_ids, stop_strings, stream, done)
+                    _accept(b, tokens[b], result, tokenizer, stop_ids, stop_strings, stream, done, streamed)
                     if step_routing is not None:
                         routing[b].append(step_routing[b])  # type: ignore[index]
                 step += 1
@@ -198,6 +199,10 @@ def generate(
                 token_B = sample_next(out.logits[:, -1], sampling, generator)
             result.decode_s = time.perf_counter() - t0
             result.decode_steps = step - 1  # the first token came from prefill
+            if stream is not None and texts is not None:
+                for b in range(B):  # flush what was held back for a stop string that never came
+                    if len(texts[b]) > streamed[b]:
+                        stream(b, out_ids[b][-1], texts[b][streamed[b] :])
     finally:
         model.train(was_training)
     return result
@@ -212,6 +217,7 @@ def _accept(
     stop_strings: Sequence[str] | None,
     stream: StreamCallback | None,
     done: list[bool],
+    streamed: list[int],
 ) -> None:
     """Append one token to row b, update its text, and decide whether the row is finished."""
     ids = result.token_ids[b]
@@ -219,14 +225,10 @@ def _accept(
     if token in stop_ids:
         done[b] = True
         result.finish_reasons[b] = "stop_token"
-        if stream is not None:
-            stream(b, token, "")
-        return
     delta = ""
-    if tokenizer is not None and result.texts is not None:
+    if tokenizer is not None and result.texts is not None and not done[b]:
         # Decode the whole continuation: BPE pieces of one character may span tokens.
         text = tokenizer.decode([t for t in ids if t not in stop_ids])
-        old = result.texts[b]
         for s in stop_strings or ():
             cut = text.find(s)
             if cut >= 0:
@@ -234,10 +236,26 @@ def _accept(
                 done[b] = True
                 result.finish_reasons[b] = "stop_string"
                 break
-        delta = text[len(old) :] if text.startswith(old) else text
         result.texts[b] = text
+        delta = _stream_delta(text, streamed[b], stop_strings, final=done[b])
+        streamed[b] += len(delta)
     if stream is not None:
         stream(b, token, delta)
+
+
+def _stream_delta(text: str, already: int, stop_strings: Sequence[str] | None, *, final: bool) -> str:
+    """The text that is safe to show now: hold back a tail that may still become a stop
+    string, or an incomplete UTF-8 character (decoded as U+FFFD), until it resolves."""
+    end = len(text)
+    if not final:
+        if text.endswith("\ufffd"):
+            end -= 1
+        for s in stop_strings or ():
+            for n in range(min(len(s) - 1, end), 0, -1):
+                if text[:end].endswith(s[:n]):
+                    end = min(end, len(text[:end]) - n)
+                    break
+    return text[already:end] if end > already else ""
 
 
 def _routing_rows(routing: dict | None, B: int, T: int) -> list[TokenRouting]:
