@@ -1,0 +1,166 @@
+"""`moelab train`: train a preset (or a saved config) on the default corpus or user data.
+
+Thin layer over `moelab.data.prepare_data` and `moelab.train.train`. The helpers here
+(training options, model resolution) are shared with `moelab compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from moelab.data import DataConfig, PreparedData, prepare_data, prepare_data_from_config
+from moelab.errors import ConfigError, DataError
+from moelab.model import ModelConfig, get_preset
+from moelab.train import TrainConfig, read_run_config, train
+
+logger = logging.getLogger(__name__)
+
+# CLI flag -> TrainConfig field, for the options that map one to one.
+TRAIN_FLAGS = {
+    "steps": int,
+    "batch_size": int,
+    "seq_len": int,
+    "lr": float,
+    "min_lr_ratio": float,
+    "warmup_steps": int,
+    "weight_decay": float,
+    "grad_clip": float,
+    "seed": int,
+    "eval_interval": int,
+    "eval_batches": int,
+    "log_interval": int,
+    "checkpoint_interval": int,
+}
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by `train` and `compare` (defaults None: unset keeps the config's value)."""
+    g = p.add_argument_group("training")
+    for name, typ in TRAIN_FLAGS.items():
+        default = getattr(TrainConfig(), name)
+        g.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, metavar="N" if typ is int else "X",
+                       help=f"(default {default})")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="(default auto)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--aux-loss-coef", type=float, default=None, metavar="X",
+                   help="MoE load-balancing loss coefficient (default: the model config's)")
+    g.add_argument("--z-loss-coef", type=float, default=None, metavar="X",
+                   help="MoE router z-loss coefficient (default: the model config's)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text files, folders or .jsonl files (default: the built-in multi-domain corpus)")
+    d.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-data cache (default runs/cache/data)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    changes = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    if args.device is not None:
+        changes["device"] = args.device
+    if args.compile:
+        changes["compile"] = True
+    if args.threads is not None:
+        changes["num_threads"] = args.threads
+    return dataclasses.replace(base or TrainConfig(), **changes)
+
+
+def resolve_model(name_or_path: str) -> ModelConfig:
+    """A preset name, a JSON file with a `ModelConfig.to_dict()`, or a run's config.json / run dir."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"model config file {path} does not exist")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"model config file {path} is not valid JSON: {e}") from None
+        body = raw.get("model", raw) if isinstance(raw, dict) else raw
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: expected a JSON object with the ModelConfig fields")
+        return ModelConfig.from_dict(body)
+    return get_preset(name_or_path)
+
+
+def with_loss_coefs(cfg: ModelConfig, args: argparse.Namespace) -> ModelConfig:
+    changes = {}
+    if args.aux_loss_coef is not None:
+        changes["aux_loss_coef"] = args.aux_loss_coef
+    if args.z_loss_coef is not None:
+        changes["z_loss_coef"] = args.z_loss_coef
+    if not changes:
+        return cfg
+    if cfg.moe is None:
+        logger.info("--aux-loss-coef/--z-loss-coef ignored for a dense model")
+        return cfg
+    return cfg.with_(moe=dataclasses.replace(cfg.moe, **changes))
+
+
+def load_data(args: argparse.Namespace, vocab_size: int, *, seed: int = 0) -> PreparedData:
+    """Prepared data for `--data` (or the default corpus) with the model's vocabulary size."""
+    if args.data:
+        for p in args.data:
+            if not Path(p).exists():
+                raise DataError(f"--data path {p} does not exist (expected a text file, a folder or a .jsonl file)")
+    return prepare_data(args.cache_dir, data_paths=args.data, vocab_size=vocab_size, seed=seed)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (a preset or a config) and write a run directory",
+        description="Train a Mixtral-style MoE or dense model. Writes OUT/config.json, model.safetensors, "
+        "trainer_state.json, metrics.jsonl and tb/. --resume continues an interrupted run exactly. "
+        "See docs/train.md.",
+    )
+    p.add_argument("--model", default=None, metavar="PRESET_OR_JSON",
+                   help="preset name (e.g. tiny-moe, tiny-dense) or a JSON model config (default tiny-moe)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<model>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    add_training_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out DIR, the run directory to continue")
+        saved = read_run_config(args.out)
+        model_cfg = resolve_model(args.model) if args.model else ModelConfig.from_dict(saved["model"])
+        train_cfg = train_config_from_args(args, TrainConfig.from_dict(saved["train"]))
+        saved_data = (saved.get("data") or {}).get("config")
+        if args.data or not saved_data:
+            data = load_data(args, model_cfg.vocab_size)
+        else:
+            data = prepare_data_from_config(DataConfig(**saved_data), args.cache_dir)
+    else:
+        model_cfg = resolve_model(args.model or "tiny-moe")
+        train_cfg = train_config_from_args(args)
+        data = load_data(args, model_cfg.vocab_size)
+    model_cfg = with_loss_coefs(model_cfg, args)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.model or "tiny-moe").stem
+    result = train(model_cfg, train_cfg, data, out, resume=args.resume, progress=not args.no_progress,
+                   tensorboard=not args.no_tensorboard, overwrite=args.overwrite)
+    if args.json:
+        d = dataclasses.asdict(result)
+        d["out_dir"] = str(result.out_dir)
+        print(json.dumps(d, indent=2))
+    else:
+        print(f"run: {result.out_dir}  steps: {result.steps_done}  params: {result.num_params / 1e6:.2f}M")
+        if result.val_loss is not None:
+            by_domain = "  ".join(f"{d} {v:.4f}" for d, v in result.val_loss_by_domain.items())
+            print(f"val loss {result.val_loss:.4f}  ({by_domain})")
+        print(f"{result.tokens_per_s:.0f} tokens/s, {result.step_time_s:.3f} s/step (median)")
+        if result.stopped_reason:
+            print(f"stopped early: {result.stopped_reason}")
+    return 1 if result.stopped_reason else 0

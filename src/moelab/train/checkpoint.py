@@ -1,0 +1,362 @@
+"""Run directories and checkpoints: save, verify, resume, load for inference.
+
+A run directory (the contract shared by trainer, lab, analysis and HF interop):
+
+    config.json            {"format": "moelab-run", "version": 1, "model", "train", "data"}
+    model.safetensors      weights of the latest checkpoint (a tied head stored once)
+    optimizer.safetensors  optimizer tensors (AdamW moments and step counts) by parameter name
+    trainer_state.json     step, optimizer scalars, RNG states, sha256 of the two files above
+    tokenizer.json         the tokenizer the run used
+    metrics.jsonl, tb/     telemetry (`moelab.train.metrics`)
+
+Atomicity: each file goes through `moelab.io.atomic_path`. A checkpoint is three files, so
+all three are first written and fsynced under temporary names and only then renamed, with
+`trainer_state.json` last; it records the sha256 of the other two, so a resume that finds
+files from different checkpoints (a kill in the rename window) or damaged bytes refuses
+with `CheckpointError` instead of silently continuing from a mix.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from moelab.errors import CheckpointError, ConfigError
+from moelab.io import atomic_path, atomic_write_json
+from moelab.model import ModelConfig, Transformer
+
+RUN_FORMAT = "moelab-run"
+RUN_VERSION = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+# ---------------------------------------------------------------------------- config.json
+
+
+def write_run_config(run_dir: Path, model_cfg: ModelConfig, train: dict, data: dict) -> None:
+    atomic_write_json(
+        Path(run_dir) / CONFIG_FILE,
+        {"format": RUN_FORMAT, "version": RUN_VERSION, "model": model_cfg.to_dict(), "train": train, "data": data},
+    )
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The parsed `config.json` of a run, checked for format and version."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: {Path(run_dir)} is not a moelab run directory")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the run config is corrupt") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{path}: expected an object with \"format\": \"{RUN_FORMAT}\"")
+    if cfg.get("version") != RUN_VERSION:
+        raise CheckpointError(f"{path}: run format version {cfg.get('version')!r} is not supported (expected {RUN_VERSION})")
+    if not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{path}: the \"model\" entry is missing")
+    return cfg
+
+
+def model_config_from_run(run_dir: str | Path) -> ModelConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        return ModelConfig.from_dict(read_run_config(run_dir)["model"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: the model config is invalid: {e}") from None
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Human-readable `field: a != b` lines for two nested config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} != {vb!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each storage once: a tied LM head shares the embedding's tensor
+    and is left out (safetensors refuses shared tensors); `load_weights` re-ties it."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _open(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; damage raises `CheckpointError`."""
+    with _open(path) as f:
+        try:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor data (corrupt or truncated?): {e}") from None
+
+
+def load_weights(model: nn.Module, path: Path) -> dict[str, str]:
+    """Copy the tensors of `path` into `model`, checking names and shapes first.
+
+    Every parameter and persistent buffer must be present with its shape (a tied head may
+    be absent); any difference raises `CheckpointError` naming the file and tensor.
+    Returns the file's metadata.
+    """
+    tensors, meta = read_tensors(path)
+    expected = model.state_dict()
+    tied = _tied_names(model)
+    for name, t in expected.items():
+        if name not in tensors:
+            if name in tied:
+                continue
+            raise CheckpointError(f"{path}: tensor {name!r} is missing (shape {tuple(t.shape)} expected)")
+        got = tensors[name]
+        if tuple(got.shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(got.shape)}, the model expects {tuple(t.shape)} "
+                "(the checkpoint was saved from a different model config)"
+            )
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]} for this model config")
+    with torch.no_grad():
+        for name, t in expected.items():
+            if name in tensors:
+                t.copy_(tensors[name].to(t.dtype))
+    return meta
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """State-dict names whose storage another, earlier name already holds."""
+    seen: set[int] = set()
+    tied = set()
+    for name, t in model.state_dict().items():
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            tied.add(name)
+        seen.add(key)
+    return tied
+
+
+# ---------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states as JSON-able values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]]
+        )
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def _optimizer_payload(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state keyed by parameter *name* (not position), tensors and scalars apart."""
+    names = _param_names(model)
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        groups.append({"params": group_names, **{k: v for k, v in group.items() if k != "params"}})
+        for p, name in zip(group["params"], group_names, strict=True):
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{name}::{key}"] = value.detach().to("cpu").contiguous()
+                else:
+                    scalars.setdefault(name, {})[key] = value
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    state: dict,
+) -> None:
+    """Write model, optimizer and trainer state for `step` (see the module docstring)."""
+    run_dir = Path(run_dir)
+    meta = {"format": "pt", "moelab_step": str(step)}
+    opt_tensors, opt_json = _optimizer_payload(model, optimizer)
+    with contextlib.ExitStack() as stack:
+        # Entered state-first so it is renamed last (ExitStack unwinds in reverse).
+        state_tmp = stack.enter_context(atomic_path(run_dir / STATE_FILE))
+        model_tmp = stack.enter_context(atomic_path(run_dir / MODEL_FILE))
+        opt_tmp = stack.enter_context(atomic_path(run_dir / OPTIMIZER_FILE))
+        save_file(model_state(model), str(model_tmp), metadata=meta)
+        save_file(opt_tensors, str(opt_tmp), metadata=meta)
+        full = {
+            "step": step,
+            "optimizer": opt_json,
+            "rng": capture_rng_state(),
+            "sha256": {MODEL_FILE: _sha256(model_tmp), OPTIMIZER_FILE: _sha256(opt_tmp)},
+            **state,
+        }
+        state_tmp.write_text(json.dumps(full) + "\n", encoding="utf-8")
+
+
+def read_trainer_state(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: there is no checkpoint to resume from in {Path(run_dir)}")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+    for key in ("step", "optimizer", "rng", "sha256"):
+        if not isinstance(state, dict) or key not in state:
+            raise CheckpointError(f"{path}: the field {key!r} is missing; the checkpoint is corrupt")
+    return state
+
+
+def load_checkpoint(run_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model weights, optimizer state and RNG states; return the trainer state.
+
+    Verifies the sha256 of both safetensors files against `trainer_state.json` first, so a
+    damaged file or files from different checkpoints raise `CheckpointError`.
+    """
+    run_dir = Path(run_dir)
+    state = read_trainer_state(run_dir)
+    for name, digest in state["sha256"].items():
+        path = run_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} does not exist")
+        if _sha256(path) != digest:
+            raise CheckpointError(
+                f"{path} does not match {run_dir / STATE_FILE} (sha256 differs): the file is corrupt "
+                "or from another checkpoint; delete the run directory or restore the file"
+            )
+    load_weights(model, run_dir / MODEL_FILE)
+    opt_tensors, _ = read_tensors(run_dir / OPTIMIZER_FILE)
+    _load_optimizer(run_dir, model, optimizer, opt_tensors, state["optimizer"])
+    restore_rng_state(state["rng"])
+    return state
+
+
+def _load_optimizer(
+    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict
+) -> None:
+    names = _param_names(model)
+    current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    saved_groups = saved["param_groups"]
+    if [g["params"] for g in saved_groups] != current:
+        raise CheckpointError(
+            f"{run_dir / STATE_FILE}: the optimizer's parameter groups do not match this model "
+            "(the checkpoint was saved from a different model or optimizer setup)"
+        )
+    index = {name: i for i, name in enumerate(n for g in current for n in g)}
+    by_param: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        name, _, field = key.rpartition("::")
+        if name not in index:
+            raise CheckpointError(f"{run_dir / OPTIMIZER_FILE}: state for unknown parameter {name!r}")
+        by_param.setdefault(index[name], {})[field] = t
+    for name, values in saved.get("scalars", {}).items():
+        by_param.setdefault(index[name], {}).update(values)
+    groups = []
+    for g, names_in_group in zip(saved_groups, current, strict=True):
+        g = {k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
+        g["params"] = [index[n] for n in names_in_group]
+        groups.append(g)
+    try:
+        optimizer.load_state_dict({"state": by_param, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{run_dir / OPTIMIZER_FILE}: optimizer state does not fit: {e}") from None
+
+
+# ---------------------------------------------------------------------------- inference
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Transformer  # in eval mode
+    config: ModelConfig
+    tokenizer_path: Path | None
+    run_dir: Path
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """A trained model from a run directory (or its `model.safetensors`), in eval mode.
+
+    The model is built from the run's `config.json`; a missing, corrupt or mismatched file
+    raises `CheckpointError` naming the file (and the tensor).
+    """
+    path = Path(path)
+    run_dir = path.parent if path.suffix == ".safetensors" else path
+    weights = path if path.suffix == ".safetensors" else run_dir / MODEL_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    cfg = model_config_from_run(run_dir)
+    model = Transformer(cfg)
+    load_weights(model, weights)
+    model.to(device).eval()
+    tok = run_dir / TOKENIZER_FILE
+    return LoadedModel(model=model, config=cfg, tokenizer_path=tok if tok.is_file() else None, run_dir=run_dir)

@@ -1,0 +1,200 @@
+"""MoE vs dense: train matched models on the same token stream and compare.
+
+Three models: the MoE, the dense model with the MoE's *active* FFN width (same FLOPs per
+token: the fair compute baseline) and, optionally, the dense model with the MoE's *total*
+FFN width (same parameters, E/K times the FFN compute: the other side of the trade). All
+train with the same `TrainConfig` (so the same seed and the same step-indexed batches).
+
+Steps to reach a loss: the first point where the MoE's validation curve (evaluated every
+``eval_interval`` steps, plus step 0) falls to the dense model's *final* validation loss,
+linearly interpolated between the two eval points that bracket it. ``None`` when the MoE
+never gets there within the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moelab.accounting import count_params, spec_from_moelab_config
+from moelab.accounting.flops import forward_flops_per_token, training_flops_per_token
+from moelab.data import PreparedData
+from moelab.model import ModelConfig
+from moelab.train.trainer import TrainConfig, TrainResult, train
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("moe", "dense", "dense_total")
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    name: str  # preset name (or what the caller called it)
+    role: str  # "moe", "dense" (matched active) or "dense_total" (matched total)
+    total_params: int
+    active_params: int  # per token: total minus the routed experts a token does not use
+    forward_flops_per_token: float  # at context = seq_len (moelab.accounting.flops)
+    train_flops_per_token: float  # 3x forward
+    tokens_per_s: float
+    step_time_s: float
+    val_loss: float | None
+    val_loss_by_domain: dict[str, float]
+    steps_done: int
+    history: list[dict] = field(default_factory=list)  # {"step", "val_loss"}
+    stopped_reason: str | None = None
+    run_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    models: dict[str, ModelSummary]  # by role
+    moe_steps_to_dense_loss: float | None
+    moe_steps_to_dense_loss_ratio: float | None  # / dense steps; < 1: the MoE learns faster per step
+    time_per_step_ratio: float | None  # MoE step time / dense step time
+    train_config: dict
+
+    def to_dict(self) -> dict:
+        """JSON form: ``models`` keyed by model name, ``roles`` mapping role -> name."""
+        models = {}
+        for m in self.models.values():
+            d = asdict(m)
+            d["history"] = [{"step": r["step"], "val_loss": r["val_loss"]} for r in m.history]
+            models[m.name] = d
+        return {
+            "models": models,
+            "roles": {role: m.name for role, m in self.models.items()},
+            "moe_steps_to_dense_loss": self.moe_steps_to_dense_loss,
+            "moe_steps_to_dense_loss_ratio": self.moe_steps_to_dense_loss_ratio,
+            "time_per_step_ratio": self.time_per_step_ratio,
+            "train_config": self.train_config,
+            "conventions": {
+                "moe_steps_to_dense_loss": "first crossing of the dense model's final val loss on the MoE's "
+                "eval curve, linearly interpolated between eval points; ratio = that / dense steps",
+                "val_loss": "next-token cross-entropy (nats), token-weighted over all validation tokens",
+                "active_params": "parameters used per token (routed experts: top_k of num_experts)",
+                "flops_per_token": "2 * active matmul params + attention scores at context seq_len; train = 3x",
+                "tokens_per_s": "median over steady-state training steps (data + forward + backward + AdamW)",
+            },
+        }
+
+
+def steps_to_reach(history: list[dict], target: float) -> float | None:
+    """First (interpolated) step at which an eval curve reaches `target` (see module doc)."""
+    points = sorted((r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None)
+    for i, (step, loss) in enumerate(points):
+        if loss <= target:
+            if i == 0:
+                return float(step)
+            s0, l0 = points[i - 1]
+            return s0 + (l0 - target) / (l0 - loss) * (step - s0)
+    return None
+
+
+def summarize(name: str, role: str, cfg: ModelConfig, train_cfg: TrainConfig, result: TrainResult) -> ModelSummary:
+    spec = spec_from_moelab_config(cfg, name=name)
+    counts = count_params(spec)
+    return ModelSummary(
+        name=name,
+        role=role,
+        total_params=counts.total,
+        active_params=counts.active,
+        forward_flops_per_token=forward_flops_per_token(spec, counts, train_cfg.seq_len),
+        train_flops_per_token=training_flops_per_token(spec, counts, train_cfg.seq_len),
+        tokens_per_s=result.tokens_per_s,
+        step_time_s=result.step_time_s,
+        val_loss=result.val_loss,
+        val_loss_by_domain=result.val_loss_by_domain,
+        steps_done=result.steps_done,
+        history=result.history,
+        stopped_reason=result.stopped_reason,
+        run_dir=str(result.out_dir) if result.out_dir else None,
+    )
+
+
+def compare(
+    models: dict[str, tuple[str, ModelConfig]],
+    train_cfg: TrainConfig,
+    data: PreparedData,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    tensorboard: bool = True,
+) -> ComparisonResult:
+    """Train each model (``{role: (name, config)}``, roles from `ROLES`; "moe" and "dense"
+    required) under ``out_dir/<name>`` and compare them."""
+    missing = {"moe", "dense"} - set(models)
+    if missing:
+        raise ValueError(f"compare needs the roles 'moe' and 'dense'; missing {sorted(missing)}")
+    unknown = set(models) - set(ROLES)
+    if unknown:
+        raise ValueError(f"compare: unknown role(s) {sorted(unknown)}; roles are {ROLES}")
+    names = [name for name, _ in models.values()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare: model names must differ (each gets its own run directory), got {names}")
+    out_dir = Path(out_dir)
+    summaries: dict[str, ModelSummary] = {}
+    for role in ROLES:
+        if role not in models:
+            continue
+        name, cfg = models[role]
+        logger.info("training %s (%s) for %d steps", name, role, train_cfg.steps)
+        result = train(cfg, train_cfg, data, out_dir / name, progress=progress, overwrite=overwrite,
+                       tensorboard=tensorboard)
+        summaries[role] = summarize(name, role, cfg, train_cfg, result)
+        logger.info("%s: val_loss %s, %.0f tokens/s", name, result.val_loss, result.tokens_per_s)
+
+    moe, dense = summaries["moe"], summaries["dense"]
+    steps = ratio = None
+    if dense.val_loss is not None and dense.stopped_reason is None:
+        steps = steps_to_reach(moe.history, dense.val_loss)
+        if steps is not None:
+            ratio = steps / dense.steps_done
+    time_ratio = moe.step_time_s / dense.step_time_s if dense.step_time_s > 0 else None
+    return ComparisonResult(
+        models=summaries,
+        moe_steps_to_dense_loss=steps,
+        moe_steps_to_dense_loss_ratio=ratio,
+        time_per_step_ratio=time_ratio,
+        train_config=train_cfg.to_dict(),
+    )
+
+
+def render_table(result: ComparisonResult) -> str:
+    """A plain-text table of the comparison (for the CLI)."""
+    rows = list(result.models.values())
+    domains = sorted({d for m in rows for d in m.val_loss_by_domain})
+    header = ["model", "role", "total params", "active params", "train GFLOP/tok", "tokens/s", "s/step",
+              "val loss", *[f"val {d}" for d in domains]]
+    table = [header]
+    for m in rows:
+        table.append([
+            m.name,
+            m.role,
+            f"{m.total_params / 1e6:.2f}M",
+            f"{m.active_params / 1e6:.2f}M",
+            f"{m.train_flops_per_token / 1e9:.4f}",
+            f"{m.tokens_per_s:.0f}",
+            f"{m.step_time_s:.3f}",
+            "-" if m.val_loss is None else f"{m.val_loss:.4f}",
+            *[f"{m.val_loss_by_domain[d]:.4f}" if d in m.val_loss_by_domain else "-" for d in domains],
+        ])
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    moe, dense = result.models["moe"], result.models["dense"]
+    if result.moe_steps_to_dense_loss is not None:
+        lines.append(
+            f"\n{moe.name} reaches {dense.name}'s final val loss ({dense.val_loss:.4f}) at step "
+            f"{result.moe_steps_to_dense_loss:.0f} of {dense.steps_done}: "
+            f"{result.moe_steps_to_dense_loss_ratio:.2f}x the steps"
+        )
+    else:
+        lines.append(f"\n{moe.name} did not reach {dense.name}'s final val loss within {moe.steps_done} steps")
+    if result.time_per_step_ratio is not None:
+        lines.append(f"time per step, {moe.name} / {dense.name}: {result.time_per_step_ratio:.2f}x")
+    for m in rows:
+        if m.stopped_reason:
+            lines.append(f"{m.name} stopped early: {m.stopped_reason}")
+    return "\n".join(lines)

@@ -1,0 +1,453 @@
+"""The training loop: AdamW, warmup + cosine, clipping, MoE losses, eval, checkpoints.
+
+`train(model_cfg, train_cfg, data, out_dir)` trains a `Transformer` on a `PreparedData`
+and writes a run directory (see `moelab.train.checkpoint`). Design points:
+
+* Exact resume. Training batches are a pure function of ``(seed, step)``
+  (`moelab.data.TokenBatcher`), the learning rate a pure function of the step, and the
+  checkpoint holds the model, the AdamW state and every RNG state; so a run resumed from
+  step s retraces the uninterrupted run's losses and, on CPU, its parameters bit for bit.
+* Non-finite losses never crash: a NaN/Inf loss or gradient norm, or a router that sees
+  NaN/Inf logits (`NonFiniteRouterError`), stops the run before the optimizer step, with
+  ``stopped_reason`` set, the metrics written and the last good checkpoint untouched.
+* Validation loss is the next-token cross-entropy (without the MoE losses) over fixed,
+  deterministic windows of each domain's validation split. Per domain it is the mean over
+  that domain's tokens; overall it is token-weighted: the mean over all validation tokens
+  of all domains (equal to the mean of the domains when they have equal token counts,
+  which `val_batches` gives unless a domain is shorter than ``eval_batches`` batches).
+* Precision: fp32 on CPU (bf16 matmuls are two orders of magnitude slower on CPUs without
+  AMX), bf16 autocast on CUDA (no loss scaling needed: bf16 has fp32's exponent range).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moelab.data import PreparedData, TokenBatcher, val_batches
+from moelab.errors import CheckpointError, ConfigError
+from moelab.io import atomic_write_text
+from moelab.model import ModelConfig, Transformer
+from moelab.moe import NonFiniteRouterError
+from moelab.train import checkpoint as ckpt
+from moelab.train.metrics import METRICS_FILE, TB_DIR, MetricsWriter, read_metrics, truncate_metrics
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+# Fields that may differ between a run and its resumption without changing the maths.
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "compile", "num_threads"}
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train. The MoE loss coefficients live in `MoEConfig` (they are part of the
+    model's objective); everything about the optimisation lives here.
+
+    ``warmup_steps`` of linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio``
+    at ``steps``. ``weight_decay`` applies to matrices only (not norms, biases, or the
+    router's expert bias, which is a buffer). ``grad_clip=0`` disables clipping.
+    ``eval_interval``/``checkpoint_interval`` of 0 mean only at the end. ``eval_batches`` is
+    per domain. ``num_threads=None`` leaves torch's thread count alone.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_interval: int = 50
+    eval_batches: int = 4
+    log_interval: int = 10
+    checkpoint_interval: int = 100
+    device: str = "auto"
+    compile: bool = False
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_interval"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "seed", "eval_interval", "checkpoint_interval"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.num_threads is not None:
+            _check_int("num_threads", self.num_threads, minimum=1)
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.min_lr_ratio, int | float) and 0 <= self.min_lr_ratio <= 1):
+            raise ConfigError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value < 1):
+                raise ConfigError(f"TrainConfig.{name} must be in [0, 1), got {value!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"TrainConfig.device={self.device!r} is unknown; choose one of {DEVICES}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"TrainConfig: unknown field(s) {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**d)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    val_loss: float | None  # at the last evaluation (None if the run stopped before any)
+    val_loss_by_domain: dict[str, float]
+    tokens_per_s: float  # median over steady-state steps (the first few are warm-up)
+    step_time_s: float  # median seconds per optimizer step (data + forward + backward + update)
+    history: list[dict] = field(default_factory=list)  # eval rows: {"step", "val_loss", "val_loss_by_domain"}
+    stopped_reason: str | None = None
+    nan_steps: int = 0
+    out_dir: Path | None = None
+    num_params: int = 0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr
+    over `warmup_steps`, then half a cosine from lr down to lr * min_lr_ratio at `steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, *, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with two groups: matrices (decayed) and vectors (norm weights, biases: not
+    decayed; shrinking a norm gain towards 0 only fights the loss)."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # `parameters()` yields a tied weight once
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kwargs)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("TrainConfig.device='cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def describe_data(data: PreparedData) -> dict:
+    return {
+        "fingerprint": data.fingerprint,
+        "domains": list(data.domains),
+        "vocab_size": data.vocab_size,
+        "train_tokens": {d: int(len(a)) for d, a in data.train.items()},
+        "val_tokens": {d: int(len(a)) for d, a in data.val.items()},
+        "config": data.meta.get("config"),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches_by_domain: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[float, dict[str, float]]:
+    """(overall, per-domain) validation LM loss; overall is token-weighted (module docstring)."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    by_domain: dict[str, float] = {}
+    try:
+        for domain, batches in batches_by_domain.items():
+            d_loss, d_tokens = 0.0, 0
+            for x, y in batches:
+                x, y = x.to(device), y.to(device)
+                with autocast():
+                    out = model(x, targets=y)
+                n = int((y != -100).sum())
+                d_loss += float(out.lm_loss) * n
+                d_tokens += n
+            by_domain[domain] = d_loss / max(1, d_tokens)
+            total_loss += d_loss
+            total_tokens += d_tokens
+    finally:
+        model.train(was_training)
+    return total_loss / max(1, total_tokens), by_domain
+
+
+def _check_resume(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData) -> dict:
+    saved = ckpt.read_run_config(run_dir)
+    diffs = ckpt.config_differences(saved["model"], model_cfg.to_dict())
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume {run_dir}: the model config differs from the checkpoint's "
+            f"({'; '.join(diffs[:5])}; checkpoint value first)"
+        )
+    saved_train = {k: v for k, v in saved.get("train", {}).items() if k not in RESUMABLE_CHANGES}
+    now_train = {k: v for k, v in train_cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    diffs = ckpt.config_differences(saved_train, now_train)
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume {run_dir} exactly: training settings differ from the checkpoint's "
+            f"({'; '.join(diffs[:5])}; checkpoint value first)"
+        )
+    saved_fp = saved.get("data", {}).get("fingerprint")
+    if saved_fp is not None and saved_fp != data.fingerprint:
+        raise CheckpointError(
+            f"cannot resume {run_dir}: it was trained on different data (fingerprint {saved_fp[:16]}, "
+            f"now {data.fingerprint[:16]})"
+        )
+    return saved
+
+
+def _copy_tokenizer(data: PreparedData, run_dir: Path) -> None:
+    src = Path(data.tokenizer_path)
+    if src.is_file():
+        atomic_write_text(run_dir / ckpt.TOKENIZER_FILE, src.read_text(encoding="utf-8"))
+
+
+def train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data: PreparedData,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    model: Transformer | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    tensorboard: bool = True,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train and write a run directory at `out_dir`; see the module docstring.
+
+    ``model`` lets a caller pass a pre-built (e.g. specially initialised) model for
+    `model_cfg`; otherwise one is built after seeding. ``on_step(step, row)`` is called
+    with every training row. ``resume=True`` continues from the checkpoint in `out_dir`.
+    """
+    run_dir = Path(out_dir)
+    if data.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(
+            f"ModelConfig.vocab_size={model_cfg.vocab_size} is smaller than the data's tokenizer "
+            f"vocabulary ({data.vocab_size}); use a model with vocab_size >= {data.vocab_size}"
+        )
+    if model is not None and model.cfg != model_cfg:
+        raise ConfigError("train(model=...) was built from a different ModelConfig than model_cfg")
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(
+            f"TrainConfig.seq_len={train_cfg.seq_len} exceeds ModelConfig.max_seq_len={model_cfg.max_seq_len}"
+        )
+    if resume:
+        _check_resume(run_dir, model_cfg, train_cfg, data)
+    elif (run_dir / ckpt.STATE_FILE).exists() or (run_dir / METRICS_FILE).exists():
+        if not overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
+                "overwrite=True (--overwrite) to replace it, or choose a new output directory"
+            )
+        _clear_run(run_dir)
+
+    if train_cfg.num_threads is not None:
+        torch.set_num_threads(train_cfg.num_threads)
+    device = resolve_device(train_cfg.device)
+    seed_everything(train_cfg.seed)
+    if model is None:
+        model = Transformer(model_cfg)
+    model.to(device).train()
+    optimizer = build_optimizer(model, train_cfg, fused=device.type == "cuda")
+
+    start_step = 0
+    if resume:
+        state = ckpt.load_checkpoint(run_dir, model=model, optimizer=optimizer)
+        start_step = int(state["step"])
+        truncate_metrics(run_dir / METRICS_FILE, start_step)
+        logger.info("resumed %s at step %d", run_dir, start_step)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
+        _copy_tokenizer(data, run_dir)
+    if resume:  # a longer --steps is allowed: record the config that is now in force
+        ckpt.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    forward = torch.compile(model) if train_cfg.compile else model
+    batcher = TokenBatcher(data.train, train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed)
+    val = val_batches(data.val, train_cfg.batch_size, train_cfg.seq_len, max_batches_per_domain=train_cfg.eval_batches)
+    moe_layers = [m for m in model.moe_layers if m.cfg.bias_update_rate > 0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+
+    # On resume the eval rows before the checkpoint come from the log, so the result's
+    # history covers the whole run.
+    history: list[dict] = read_metrics(run_dir, kind="eval") if resume and (run_dir / METRICS_FILE).is_file() else []
+    step_times: list[float] = []
+    stopped_reason: str | None = None
+    nan_steps = 0
+    step = start_step
+    writer = MetricsWriter(run_dir, tensorboard=tensorboard, purge_step=start_step if resume else None)
+
+    def run_eval(at_step: int) -> None:
+        val_loss, by_domain = evaluate(forward, val, device, autocast)
+        row = {"kind": "eval", "step": at_step, "val_loss": val_loss, "val_loss_by_domain": by_domain}
+        writer.write(row)
+        history.append(row)
+        logger.debug("step %d: val_loss %.4f %s", at_step, val_loss, by_domain)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not progress, desc=run_dir.name, unit="step",
+               dynamic_ncols=True, leave=False)
+    try:
+        if start_step == 0:
+            run_eval(0)  # the starting point of every loss curve (ln V at init)
+        while step < train_cfg.steps:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, train_cfg)
+            x, y = batcher.get_batch(step)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            try:
+                with autocast():
+                    out = forward(x, targets=y)
+                loss = out.loss
+                if not bool(torch.isfinite(loss)):
+                    raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}")
+                loss.backward()
+                max_norm = train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                if not bool(torch.isfinite(grad_norm)):
+                    raise FloatingPointError(f"gradient norm became {float(grad_norm)} at step {step + 1}")
+            except NonFiniteRouterError as e:
+                stopped_reason = f"router logits became non-finite at step {step + 1}: {e}"
+            except FloatingPointError as e:
+                stopped_reason = str(e)
+            if stopped_reason is not None:
+                nan_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                logger.warning("%s: stopping; the last checkpoint is kept", stopped_reason)
+                writer.write({"kind": "stop", "step": step, "reason": stopped_reason})
+                break
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            layer_stats = out.layer_stats
+            for layer in moe_layers:  # aux-loss-free balancing: nudge biases by this step's load
+                layer.update_bias(layer_stats[_layer_index(model, layer)].tokens_per_expert)
+            step += 1
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+
+            row = {
+                "kind": "train",
+                "step": step,
+                "loss": float(loss.detach()),
+                "lm_loss": float(out.lm_loss.detach()),
+                "aux_loss": float(out.aux_loss.detach()),
+                "z_loss": float(out.z_loss.detach()),
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens_per_step / dt,
+                "step_time_s": dt,
+                "layers": {str(i): s.to_dict() for i, s in layer_stats.items()},
+            }
+            writer.write(row)
+            if on_step is not None:
+                on_step(step, row)
+            bar.update(1)
+            if step % train_cfg.log_interval == 0 or step == train_cfg.steps:
+                postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+                if layer_stats:
+                    share = max(s["busiest_expert_share"] for s in row["layers"].values())
+                    postfix["max_share"] = f"{share:.2f}"
+                if history:
+                    postfix["val"] = f"{history[-1]['val_loss']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                logger.debug("step %d: %s", step, postfix)
+            last = step == train_cfg.steps
+            if last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0):
+                run_eval(step)
+            if last or (train_cfg.checkpoint_interval and step % train_cfg.checkpoint_interval == 0):
+                ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
+                                     state={"train_config": train_cfg.to_dict()})
+    finally:
+        bar.close()
+        writer.close()
+
+    # Steady state: drop the first steps (allocator and thread-pool warm-up, compilation).
+    skip = min(len(step_times) // 5, 10)
+    steady = step_times[skip:] or step_times
+    step_time = statistics.median(steady) if steady else float("nan")
+    final = history[-1] if history else None
+    return TrainResult(
+        steps_done=step,
+        val_loss=final["val_loss"] if final else None,
+        val_loss_by_domain=dict(final["val_loss_by_domain"]) if final else {},
+        tokens_per_s=tokens_per_step / step_time if steady else float("nan"),
+        step_time_s=step_time,
+        history=[{"step": r["step"], "val_loss": r["val_loss"], "val_loss_by_domain": r["val_loss_by_domain"]}
+                 for r in history],
+        stopped_reason=stopped_reason,
+        nan_steps=nan_steps,
+        out_dir=run_dir,
+        num_params=model.num_params(),
+    )
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove the files a previous run wrote (only those: never a user's other files)."""
+    for name in (ckpt.CONFIG_FILE, ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, ckpt.TOKENIZER_FILE,
+                 METRICS_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+
+
+def _layer_index(model: Transformer, layer: nn.Module) -> int:
+    for i, block in enumerate(model.layers):
+        if block.mlp is layer:
+            return i
+    raise ValueError("MoE layer not found in model")
