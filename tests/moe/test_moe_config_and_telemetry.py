@@ -73,8 +73,15 @@ def test_stats_present_and_consistent():
     out = layer(torch.randn(2, 16, 8), return_routing=True)
     d = out.stats.to_dict()
     expected = {
-        "tokens_per_expert", "num_tokens", "dropped", "dropped_fraction", "busiest_expert_share",
-        "load_cv", "dead_experts", "router_entropy", "max_router_logit",
+        "tokens_per_expert",
+        "num_tokens",
+        "dropped",
+        "dropped_fraction",
+        "busiest_expert_share",
+        "load_cv",
+        "dead_experts",
+        "router_entropy",
+        "max_router_logit",
     }
     assert set(d) == expected
     assert d["num_tokens"] == 32 and len(d["tokens_per_expert"]) == 4
@@ -87,16 +94,24 @@ def test_stats_present_and_consistent():
 
 def test_stats_dead_experts_busiest_share_and_load_cv():
     s = RoutingStats(
-        tokens_per_expert=torch.tensor([6, 2, 0, 0]), num_tokens=4, top_k=2,
-        dropped=torch.tensor(0), router_entropy=torch.tensor(0.0), max_router_logit=torch.tensor(0.0),
+        tokens_per_expert=torch.tensor([6, 2, 0, 0]),
+        num_tokens=4,
+        top_k=2,
+        dropped=torch.tensor(0),
+        router_entropy=torch.tensor(0.0),
+        max_router_logit=torch.tensor(0.0),
     )
     assert int(s.dead_experts) == 2
     assert float(s.busiest_expert_share) == pytest.approx(6 / 8)
     load = torch.tensor([6.0, 2, 0, 0])
     assert float(s.load_cv) == pytest.approx(float(load.std(unbiased=False) / load.mean()))
     balanced = RoutingStats(
-        tokens_per_expert=torch.tensor([2, 2, 2, 2]), num_tokens=4, top_k=2,
-        dropped=torch.tensor(0), router_entropy=torch.tensor(0.0), max_router_logit=torch.tensor(0.0),
+        tokens_per_expert=torch.tensor([2, 2, 2, 2]),
+        num_tokens=4,
+        top_k=2,
+        dropped=torch.tensor(0),
+        router_entropy=torch.tensor(0.0),
+        max_router_logit=torch.tensor(0.0),
     )
     assert float(balanced.load_cv) == 0 and int(balanced.dead_experts) == 0
     assert float(balanced.busiest_expert_share) == pytest.approx(1 / 4)
@@ -118,7 +133,15 @@ def test_layer_counts_dead_experts_when_router_collapses():
 
 def test_expert_choice_dropped_counts_unpicked_tokens():
     torch.manual_seed(0)
-    cfg = MoEConfig(d_model=8, d_expert=4, num_experts=2, top_k=1, router="expert_choice", causal=False, capacity_factor=0.5)
+    cfg = MoEConfig(
+        d_model=8,
+        d_expert=4,
+        num_experts=2,
+        top_k=1,
+        router="expert_choice",
+        causal=False,
+        capacity_factor=0.5,
+    )
     out = MoE(cfg)(torch.randn(16, 8), return_routing=True)
     picked = out.routing.kept.any(-1)
     assert int(out.stats.dropped) == int((~picked).sum())

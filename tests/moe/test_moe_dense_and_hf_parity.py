@@ -49,7 +49,11 @@ def _mixtral_block(D=32, F=16, E=8, K=2):
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     cfg = MixtralConfig(
-        hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K, router_jitter_noise=0.0
+        hidden_size=D,
+        intermediate_size=F,
+        num_local_experts=E,
+        num_experts_per_tok=K,
+        router_jitter_noise=0.0,
     )
     block = MixtralSparseMoeBlock(cfg).eval()
     _init(block)
@@ -60,8 +64,13 @@ def _ours_from_mixtral(block, impl: str) -> MoE:
     e = block.experts
     ours = MoE(
         MoEConfig(
-            d_model=e.hidden_dim, d_expert=e.intermediate_dim, num_experts=e.num_experts,
-            top_k=block.top_k, router="softmax", norm_topk_prob=True, impl=impl,
+            d_model=e.hidden_dim,
+            d_expert=e.intermediate_dim,
+            num_experts=e.num_experts,
+            top_k=block.top_k,
+            router="softmax",
+            norm_topk_prob=True,
+            impl=impl,
         )
     )
     with torch.no_grad():
@@ -92,9 +101,15 @@ def test_mixtral_parity_of_gradients():
     (ours(xo).output * g).sum().backward()
     (block(xh) * g).sum().backward()
     torch.testing.assert_close(xo.grad, xh.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ours.experts.gate_up_proj.grad, block.experts.gate_up_proj.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ours.experts.down_proj.grad, block.experts.down_proj.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ours.router.weight.grad, block.gate.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        ours.experts.gate_up_proj.grad, block.experts.gate_up_proj.grad, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        ours.experts.down_proj.grad, block.experts.down_proj.grad, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        ours.router.weight.grad, block.gate.weight.grad, rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("impl", ["grouped", "loop"])
@@ -105,15 +120,26 @@ def test_qwen2_moe_sparse_block_parity(impl):
 
     D, F, Fs, E, K = 32, 16, 40, 8, 2
     cfg = Qwen2MoeConfig(
-        hidden_size=D, moe_intermediate_size=F, shared_expert_intermediate_size=Fs,
-        num_experts=E, num_experts_per_tok=K, norm_topk_prob=False,
+        hidden_size=D,
+        moe_intermediate_size=F,
+        shared_expert_intermediate_size=Fs,
+        num_experts=E,
+        num_experts_per_tok=K,
+        norm_topk_prob=False,
     )
     block = Qwen2MoeSparseMoeBlock(cfg).eval()
     _init(block)
     ours = MoE(
         MoEConfig(
-            d_model=D, d_expert=F, num_experts=E, top_k=K, norm_topk_prob=False, impl=impl,
-            num_shared_experts=1, d_shared_expert=Fs, shared_expert_gate=True,
+            d_model=D,
+            d_expert=F,
+            num_experts=E,
+            top_k=K,
+            norm_topk_prob=False,
+            impl=impl,
+            num_shared_experts=1,
+            d_shared_expert=Fs,
+            shared_expert_gate=True,
         )
     ).eval()
     with torch.no_grad():
@@ -121,11 +147,15 @@ def test_qwen2_moe_sparse_block_parity(impl):
         ours.experts.gate_up_proj.copy_(block.experts.gate_up_proj)
         ours.experts.down_proj.copy_(block.experts.down_proj)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(ours.shared_experts, name).weight.copy_(getattr(block.shared_expert, name).weight)
+            getattr(ours.shared_experts, name).weight.copy_(
+                getattr(block.shared_expert, name).weight
+            )
         ours.shared_expert_gate.weight.copy_(block.shared_expert_gate.weight)
         x = torch.randn(2, 11, D)
         torch.testing.assert_close(ours(x).output, block(x), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ours.double()(x.double()).output, block.double()(x.double()), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            ours.double()(x.double()).output, block.double()(x.double()), rtol=1e-6, atol=1e-7
+        )
 
 
 @pytest.mark.parametrize("impl", ["grouped", "loop"])
@@ -143,8 +173,15 @@ def test_deepseek_v3_moe_parity_group_limited_sigmoid(impl):
 
     D, F, E, K = 32, 16, 16, 4
     cfg = DeepseekV3Config(
-        hidden_size=D, moe_intermediate_size=F, n_routed_experts=E, num_experts_per_tok=K,
-        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        hidden_size=D,
+        moe_intermediate_size=F,
+        n_routed_experts=E,
+        num_experts_per_tok=K,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
     )
     block = DeepseekV3MoE(cfg).eval()
     _init(block)
@@ -152,8 +189,17 @@ def test_deepseek_v3_moe_parity_group_limited_sigmoid(impl):
         block.gate.e_score_correction_bias.copy_(0.05 + 0.05 * torch.rand(E))
     ours = MoE(
         MoEConfig(
-            d_model=D, d_expert=F, num_experts=E, top_k=K, router="sigmoid", n_group=4, topk_group=2,
-            routed_scaling_factor=2.5, norm_topk_prob=True, num_shared_experts=1, impl=impl,
+            d_model=D,
+            d_expert=F,
+            num_experts=E,
+            top_k=K,
+            router="sigmoid",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            num_shared_experts=1,
+            impl=impl,
         )
     ).eval()
     with torch.no_grad():
@@ -162,6 +208,8 @@ def test_deepseek_v3_moe_parity_group_limited_sigmoid(impl):
         ours.experts.gate_up_proj.copy_(block.experts.gate_up_proj)
         ours.experts.down_proj.copy_(block.experts.down_proj)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(ours.shared_experts, name).weight.copy_(getattr(block.shared_experts, name).weight)
+            getattr(ours.shared_experts, name).weight.copy_(
+                getattr(block.shared_experts, name).weight
+            )
         x = torch.randn(2, 15, D)
         torch.testing.assert_close(ours(x).output, block(x), rtol=1e-5, atol=1e-6)

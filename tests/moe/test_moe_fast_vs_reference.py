@@ -17,7 +17,9 @@ SHAPES = [(1, 8, 4, 2), (3, 8, 8, 2), (17, 16, 1, 1), (33, 16, 6, 3), (64, 32, 1
 ROUTERS = {
     "softmax_renorm": dict(router="softmax", norm_topk_prob=True),
     "softmax_raw": dict(router="softmax", norm_topk_prob=False),
-    "sigmoid_bias_groups": dict(router="sigmoid", n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    "sigmoid_bias_groups": dict(
+        router="sigmoid", n_group=2, topk_group=1, routed_scaling_factor=2.5
+    ),
     "switch": dict(router="switch"),
     "expert_choice": dict(router="expert_choice", causal=False),
 }
@@ -65,8 +67,13 @@ def test_fast_equals_reference_across_shapes_and_routers(make_pair, T, D, E, K, 
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
 def test_fast_equals_reference_with_capacity(make_pair, capacity_factor, drop_policy, router):
     cfg = MoEConfig(
-        d_model=16, d_expert=8, num_experts=8, top_k=2, router=router,
-        capacity_factor=capacity_factor, drop_policy=drop_policy,
+        d_model=16,
+        d_expert=8,
+        num_experts=8,
+        top_k=2,
+        router=router,
+        capacity_factor=capacity_factor,
+        drop_policy=drop_policy,
     )
     fast, ref = make_pair(cfg)
     x = torch.randn(2, 20, 16, dtype=torch.float64)
@@ -78,8 +85,13 @@ def test_fast_equals_reference_with_capacity(make_pair, capacity_factor, drop_po
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 2.0])
 def test_fast_equals_reference_expert_choice_capacity(make_pair, capacity_factor):
     cfg = MoEConfig(
-        d_model=16, d_expert=8, num_experts=4, top_k=2, router="expert_choice",
-        causal=False, capacity_factor=capacity_factor,
+        d_model=16,
+        d_expert=8,
+        num_experts=4,
+        top_k=2,
+        router="expert_choice",
+        causal=False,
+        capacity_factor=capacity_factor,
     )
     fast, ref = make_pair(cfg)
     _assert_same(fast, ref, torch.randn(3, 7, 16, dtype=torch.float64))
@@ -89,8 +101,13 @@ def test_fast_equals_reference_expert_choice_capacity(make_pair, capacity_factor
 @pytest.mark.parametrize("num_shared", [1, 2])
 def test_fast_equals_reference_with_shared_experts(make_pair, gate, num_shared):
     cfg = MoEConfig(
-        d_model=16, d_expert=8, num_experts=6, top_k=2,
-        num_shared_experts=num_shared, d_shared_expert=12, shared_expert_gate=gate,
+        d_model=16,
+        d_expert=8,
+        num_experts=6,
+        top_k=2,
+        num_shared_experts=num_shared,
+        d_shared_expert=12,
+        shared_expert_gate=gate,
     )
     fast, ref = make_pair(cfg)
     _assert_same(fast, ref, torch.randn(2, 9, 16, dtype=torch.float64))
@@ -98,7 +115,9 @@ def test_fast_equals_reference_with_shared_experts(make_pair, gate, num_shared):
 
 @pytest.mark.parametrize(("T", "E", "K"), [(1, 4, 2), (25, 8, 2), (40, 32, 4)])
 def test_fast_equals_reference_gelu(make_pair, T, E, K):
-    cfg = MoEConfig(d_model=16, d_expert=24, num_experts=E, top_k=K, activation="gelu", num_shared_experts=1)
+    cfg = MoEConfig(
+        d_model=16, d_expert=24, num_experts=E, top_k=K, activation="gelu", num_shared_experts=1
+    )
     fast, ref = make_pair(cfg)
     _assert_same(fast, ref, torch.randn(T, 16, dtype=torch.float64))
 

@@ -53,12 +53,18 @@ def test_gradcheck_wrt_router_and_expert_weights(case):
 @pytest.mark.parametrize("impl", ["grouped", "loop"])
 @pytest.mark.parametrize(
     "kw",
-    [dict(router="softmax", top_k=2, norm_topk_prob=True), dict(router="switch", top_k=1), dict(router="sigmoid", top_k=2)],
+    [
+        dict(router="softmax", top_k=2, norm_topk_prob=True),
+        dict(router="switch", top_k=1),
+        dict(router="sigmoid", top_k=2),
+    ],
     ids=["softmax_renorm_k2", "switch", "sigmoid"],
 )
 def test_router_gets_gradient_through_combine_weights_without_aux_loss(kw, impl):
     torch.manual_seed(0)
-    layer = MoE(MoEConfig(d_model=8, d_expert=4, num_experts=4, aux_loss_coef=0.0, impl=impl, **kw)).double()
+    layer = MoE(
+        MoEConfig(d_model=8, d_expert=4, num_experts=4, aux_loss_coef=0.0, impl=impl, **kw)
+    ).double()
     out = layer(torch.randn(10, 8, dtype=torch.float64))
     assert float(out.loss.detach()) == 0.0
     out.output.square().sum().backward()  # task loss only, no aux/z term
@@ -69,7 +75,9 @@ def test_router_gets_gradient_through_combine_weights_without_aux_loss(kw, impl)
 def test_single_expert_renormalised_router_gets_no_output_gradient():
     """The flip side: with K=1 and renormalisation the weight is exactly 1, so only the aux
     loss can train the router (why Switch does not renormalise)."""
-    layer = MoE(MoEConfig(d_model=8, d_expert=4, num_experts=4, top_k=1, aux_loss_coef=0.0)).double()
+    layer = MoE(
+        MoEConfig(d_model=8, d_expert=4, num_experts=4, top_k=1, aux_loss_coef=0.0)
+    ).double()
     layer(torch.randn(10, 8, dtype=torch.float64)).output.square().sum().backward()
     # w / w is 1 up to rounding, so the gradient is zero up to rounding (~1e-24).
     assert float(layer.router.weight.grad.abs().max()) < 1e-12

@@ -10,9 +10,9 @@ from moelab.moe.losses import load_balancing_loss, router_z_loss, update_expert_
 
 
 def test_load_balancing_loss_is_one_for_uniform_routing():
-    T, E, K = 8, 4, 2
+    T, E = 8, 4
     probs = torch.full((T, E), 1.0 / E)
-    idx = torch.tensor([[t % E, (t + 1) % E] for t in range(T)])  # every expert gets T*K/E
+    idx = torch.tensor([[t % E, (t + 1) % E] for t in range(T)])  # K=2: every expert gets T*K/E
     torch.testing.assert_close(load_balancing_loss(probs, idx, E), torch.tensor(1.0))
 
 
@@ -28,7 +28,9 @@ def test_load_balancing_loss_above_one_when_collapsed():
 def test_sequence_wise_loss_differs_from_batch_wise():
     """Two sequences each collapsed on a different expert: balanced as a batch, not per sequence."""
     S, E = 4, 2
-    probs = torch.cat([torch.tensor([[1.0, 0.0]]).expand(S, E), torch.tensor([[0.0, 1.0]]).expand(S, E)])
+    probs = torch.cat(
+        [torch.tensor([[1.0, 0.0]]).expand(S, E), torch.tensor([[0.0, 1.0]]).expand(S, E)]
+    )
     idx = torch.cat([torch.zeros(S, 1), torch.ones(S, 1)]).long()
     batch = load_balancing_loss(probs, idx, E)
     seq = load_balancing_loss(probs, idx, E, seq_len=S)
@@ -78,7 +80,9 @@ def test_router_z_loss_formula():
 
 def test_update_expert_bias_direction():
     bias = torch.zeros(4)
-    load = torch.tensor([10, 2, 6, 6])  # mean 6: expert 0 over, 1 under, 2 and 3 exactly at the mean
+    load = torch.tensor(
+        [10, 2, 6, 6]
+    )  # mean 6: expert 0 over, 1 under, 2 and 3 exactly at the mean
     new = update_expert_bias(bias, load, rate=0.01)
     torch.testing.assert_close(new, torch.tensor([-0.01, 0.01, 0.0, 0.0]))
     assert torch.equal(bias, torch.zeros(4))  # input not modified
@@ -86,7 +90,11 @@ def test_update_expert_bias_direction():
 
 def test_layer_update_bias_moves_load_toward_balance():
     torch.manual_seed(0)
-    layer = MoE(MoEConfig(d_model=8, d_expert=4, num_experts=4, top_k=1, router="sigmoid", bias_update_rate=0.002))
+    layer = MoE(
+        MoEConfig(
+            d_model=8, d_expert=4, num_experts=4, top_k=1, router="sigmoid", bias_update_rate=0.002
+        )
+    )
     layer.reset_parameters(std=0.5)
     x = torch.randn(256, 8)
     with torch.no_grad():

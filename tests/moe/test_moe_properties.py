@@ -58,7 +58,9 @@ def test_sigmoid_topk_distinct_experts_in_kept_groups(case, n_group):
 def test_capacity_is_never_exceeded_and_kept_plus_dropped_is_TK(case, factor, policy):
     T, E, K, seed = case
     torch.manual_seed(seed)
-    cfg = MoEConfig(d_model=8, d_expert=4, num_experts=E, top_k=K, capacity_factor=factor, drop_policy=policy)
+    cfg = MoEConfig(
+        d_model=8, d_expert=4, num_experts=E, top_k=K, capacity_factor=factor, drop_policy=policy
+    )
     layer = MoE(cfg)
     layer.reset_parameters(std=0.5)
     with torch.no_grad():
@@ -89,7 +91,15 @@ def test_dropless_tokens_per_expert_sums_to_TK(case):
 def test_expert_choice_every_expert_takes_exactly_C(case, factor):
     T, E, K, seed = case
     torch.manual_seed(seed)
-    cfg = MoEConfig(d_model=8, d_expert=4, num_experts=E, top_k=K, router="expert_choice", causal=False, capacity_factor=factor)
+    cfg = MoEConfig(
+        d_model=8,
+        d_expert=4,
+        num_experts=E,
+        top_k=K,
+        router="expert_choice",
+        causal=False,
+        capacity_factor=factor,
+    )
     with torch.no_grad():
         out = MoE(cfg)(torch.randn(T, 8))
     C = min(T, routing.expert_capacity(T, E, K, factor))
