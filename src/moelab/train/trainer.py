@@ -357,7 +357,7 @@ def train(
                     out = forward(x, targets=y)
                 loss = out.loss
                 if not bool(torch.isfinite(loss)):
-                    raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}")
+                    raise FloatingPointError(f"loss became {float(loss.detach())} at step {step + 1}")
                 loss.backward()
                 max_norm = train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -1,0 +1,134 @@
+"""MoE-vs-dense comparison, parameter accounting, and the train/compare CLIs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moelab.accounting import count_params, spec_from_moelab_config
+from moelab.cli.main import main
+from moelab.model import PRESETS, Transformer
+from moelab.train.compare import compare, render_table, steps_to_reach
+
+from .conftest import tiny_dense, tiny_moe, tiny_train
+
+
+def test_steps_to_reach_interpolates():
+    hist = [{"step": 0, "val_loss": 6.0}, {"step": 10, "val_loss": 5.0}, {"step": 20, "val_loss": 4.0}]
+    assert steps_to_reach(hist, 4.5) == pytest.approx(15.0)
+    assert steps_to_reach(hist, 5.0) == pytest.approx(10.0)
+    assert steps_to_reach(hist, 6.5) == 0.0
+    assert steps_to_reach(hist, 3.9) is None
+    # The first crossing counts, even if the curve goes back up later.
+    bumpy = [*hist, {"step": 30, "val_loss": 4.6}]
+    assert steps_to_reach(bumpy, 4.5) == pytest.approx(15.0)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_num_params_equals_accounting(name):
+    cfg = PRESETS[name]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    counts = count_params(spec_from_moelab_config(cfg))
+    assert model.num_params() == counts.total
+    if cfg.moe is not None:
+        per_expert = sum(p.numel() for p in model.moe_layers[0].experts.parameters()) // cfg.moe.num_experts
+        unused = len(cfg.moe_layers) * (cfg.moe.num_experts - cfg.moe.top_k) * per_expert
+        assert counts.active == counts.total - unused
+
+
+def test_tiny_presets_are_matched():
+    moe, dense, total = PRESETS["tiny-moe"], PRESETS["tiny-dense"], PRESETS["tiny-dense-total"]
+    assert dense.d_ff == moe.moe.top_k * moe.moe.d_expert
+    assert total.d_ff == moe.moe.num_experts * moe.moe.d_expert
+    assert dense.vocab_size == moe.vocab_size == total.vocab_size
+
+
+def test_compare_trains_all_on_same_stream(data, tmp_path):
+    models = {"moe": ("m", tiny_moe()), "dense": ("d", tiny_dense(64)), "dense_total": ("t", tiny_dense(128))}
+    result = compare(models, tiny_train(steps=6, eval_interval=3), data, tmp_path, progress=False, tensorboard=False)
+    d = result.to_dict()
+    assert set(d["models"]) == {"m", "d", "t"} and d["roles"] == {"moe": "m", "dense": "d", "dense_total": "t"}
+    for entry in d["models"].values():
+        for key in ("total_params", "active_params", "val_loss", "val_loss_by_domain", "tokens_per_s"):
+            assert key in entry
+        assert set(entry["val_loss_by_domain"]) == set(data.domains)
+    m, dn = d["models"]["m"], d["models"]["d"]
+    assert m["active_params"] < m["total_params"] and dn["active_params"] == dn["total_params"]
+    # Same active FFN width: the MoE adds only the router to the dense model's FLOPs.
+    router_flops = 2 * 2 * 4 * 32 * 3  # 2 FLOPs * layers * E * D, x3 for training
+    assert m["train_flops_per_token"] == pytest.approx(dn["train_flops_per_token"] + router_flops)
+    assert d["moe_steps_to_dense_loss"] == steps_to_reach(result.models["moe"].history, dn["val_loss"])
+    if d["moe_steps_to_dense_loss"] is not None:
+        assert d["moe_steps_to_dense_loss_ratio"] == pytest.approx(d["moe_steps_to_dense_loss"] / 6)
+    json.dumps(d)  # JSON-serialisable
+    assert "m" in render_table(result)
+    # Same token stream: identical training batches means identical step-1 token counts.
+    from moelab.train import read_metrics
+
+    assert [r["step"] for r in read_metrics(tmp_path / "m", kind="train")] == list(range(1, 7))
+
+
+def _write_cfg(path, cfg):
+    path.write_text(json.dumps(cfg.to_dict()))
+    return str(path)
+
+
+def _jsonl(data, tmp_path):
+    docs = [{"text": data.tokenizer.decode(data.val[d][i : i + 300].tolist()), "domain": d}
+            for d in data.domains for i in range(0, min(6000, len(data.val[d]) - 300), 300)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in docs))
+    return str(path)
+
+
+def test_cli_compare_json(data, tmp_path, capsys):
+    argv = ["compare", "--moe", _write_cfg(tmp_path / "m.json", tiny_moe()), "--dense",
+            _write_cfg(tmp_path / "d.json", tiny_dense()), "--data", _jsonl(data, tmp_path), "--steps", "4",
+            "--batch-size", "2", "--seq-len", "16", "--eval-interval", "2", "--eval-batches", "1",
+            "--out", str(tmp_path / "cmp"), "--cache-dir", str(tmp_path / "cache"), "--json", "--no-progress",
+            "--no-tensorboard", "--aux-loss-coef", "0.02"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["models"]) == {"m", "d"} and "moe_steps_to_dense_loss_ratio" in out
+    saved = json.loads((tmp_path / "cmp" / "m" / "config.json").read_text())
+    assert saved["model"]["moe"]["aux_loss_coef"] == 0.02
+
+
+def test_cli_train_and_resume(data, tmp_path, capsys):
+    common = ["--model", _write_cfg(tmp_path / "m.json", tiny_moe()), "--data", _jsonl(data, tmp_path),
+              "--batch-size", "2", "--seq-len", "16", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+              "--no-tensorboard", "--out", str(tmp_path / "run")]
+    assert main(["train", *common, "--steps", "3", "--lr", "0.005"]) == 0
+    assert "val loss" in capsys.readouterr().out
+    # Resume reads the saved settings (lr=0.005); only --steps changes.
+    assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--steps", "5", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps_done"] == 5
+
+
+def test_cli_bad_data_path_is_one_line(tmp_path, capsys):
+    assert main(["train", "--model", "tiny-dense", "--data", str(tmp_path / "missing.txt"), "--out",
+                 str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.txt" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_cli_corrupt_checkpoint_is_one_line(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--no-progress", "--no-tensorboard", "--cache-dir", str(tmp_path / "cache"), "--out", str(run)]
+    assert main(["train", "--model", _write_cfg(tmp_path / "m.json", tiny_moe()), "--data", _jsonl(data, tmp_path),
+                 "--steps", "2", "--batch-size", "2", "--seq-len", "16", *common]) == 0
+    (run / "model.safetensors").write_bytes(b"\x00" * 64)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--steps", "3", *common]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "Traceback" not in err
+
+
+def test_cli_unknown_model_is_clear(tmp_path, capsys):
+    assert main(["train", "--model", "huge-moe", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown model preset 'huge-moe'" in capsys.readouterr().err
