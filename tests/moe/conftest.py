@@ -28,6 +28,16 @@ def _make_pair(cfg: MoEConfig, *, seed: int = 0, std: float = 0.3) -> tuple[MoE,
     return fast, ref
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine
+    OpenMP barriers make every small op wait for a descheduled thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def make_pair() -> Callable[..., tuple[MoE, MoE]]:
     return _make_pair

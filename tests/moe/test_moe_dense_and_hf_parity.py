@@ -2,7 +2,8 @@
 
 HF routers compute softmax/sigmoid in float32 even when the block runs in float64, so
 float64 comparisons with HF are limited to ~1e-7 relative; in float32 both sides agree
-to ~1e-6.
+to ~1e-6. HF blocks are compared with the fast path only; the loop path equals it
+(test_moe_fast_vs_reference).
 """
 
 from __future__ import annotations
@@ -80,8 +81,7 @@ def _ours_from_mixtral(block, impl: str) -> MoE:
     return ours.eval()
 
 
-@pytest.mark.parametrize("impl", ["grouped", "loop"])
-def test_mixtral_sparse_moe_block_parity(impl):
+def test_mixtral_sparse_moe_block_parity(impl="grouped"):
     block = _mixtral_block()
     ours = _ours_from_mixtral(block, impl)
     x = torch.randn(2, 13, 32)
@@ -112,8 +112,7 @@ def test_mixtral_parity_of_gradients():
     )
 
 
-@pytest.mark.parametrize("impl", ["grouped", "loop"])
-def test_qwen2_moe_sparse_block_parity(impl):
+def test_qwen2_moe_sparse_block_parity(impl="grouped"):
     """Qwen2-MoE: raw (not renormalised) top-k softmax weights + a sigmoid-gated shared expert."""
     from transformers import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
@@ -158,8 +157,7 @@ def test_qwen2_moe_sparse_block_parity(impl):
         )
 
 
-@pytest.mark.parametrize("impl", ["grouped", "loop"])
-def test_deepseek_v3_moe_parity_group_limited_sigmoid(impl):
+def test_deepseek_v3_moe_parity_group_limited_sigmoid(impl="grouped"):
     """DeepSeek-V3: sigmoid affinities, selection bias, n_group=4 / topk_group=2, scaling 2.5.
 
     Masking of non-selected groups: this transformers version masks them with -inf, as we
