@@ -1,0 +1,1 @@
+"""Benchmarks: one script per measured claim; results are recorded in BENCHMARKS.md."""
