@@ -9,7 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.moe import MoEConfig
+from moelab.moe import MoEConfig, experts
+
+
+@pytest.fixture(
+    autouse=True, params=[0, 300, 1 << 40], ids=["chunk_per_expert", "chunk_mixed", "one_chunk"]
+)
+def chunking(request, monkeypatch):
+    """Run every comparison with each way the fast path can cut rows into chunks."""
+    monkeypatch.setattr(experts, "CHUNK_BYTES", request.param)
+    return request.param
+
 
 # (T, D, E, K): one token; fewer tokens than experts; one expert; fine-grained.
 SHAPES = [(1, 8, 4, 2), (3, 8, 8, 2), (17, 16, 1, 1), (33, 16, 6, 3), (64, 32, 128, 8)]
@@ -135,6 +145,24 @@ def test_fast_path_input_without_grad_and_frozen_weights(make_pair):
     assert fast.experts.gate_up_proj.grad is None
     torch.testing.assert_close(fast.experts.down_proj.grad, ref.experts.down_proj.grad)
     torch.testing.assert_close(fast.router.weight.grad, ref.router.weight.grad)
+
+
+def test_chunks_cover_every_row_once():
+    counts = [3, 0, 5, 1, 0, 0, 7]
+    for chunk_bytes in (0, 10, 40, 1 << 30):
+        rows = []
+        for b0, b1, segs in experts._chunks(counts, row_bytes=8, chunk_bytes=chunk_bytes):
+            assert segs[0][1] == 0 and segs[-1][2] == b1 - b0
+            rows += [(e, b0 + r) for e, s, t in segs for r in range(s, t)]
+        assert [r for _, r in rows] == list(range(sum(counts)))
+        assert [e for e, _ in rows] == [e for e, n in enumerate(counts) for _ in range(n)]
+
+
+def test_fast_path_saves_nothing_without_grad(make_pair):
+    fast, _ = make_pair(MoEConfig(d_model=16, d_expert=8, num_experts=4, top_k=2))
+    with torch.no_grad():
+        out = fast(torch.randn(9, 16, dtype=torch.float64)).output
+    assert out.grad_fn is None
 
 
 def test_fast_path_under_no_grad_and_float32(make_pair):
