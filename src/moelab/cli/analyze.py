@@ -1,0 +1,40 @@
+"""`moelab analyze RUN_OR_CHECKPOINT`: expert specialisation on held-out data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moelab.lab.specialization import AnalysisConfig, analyze_checkpoint, summary_lines
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="which experts each domain, token and position goes to",
+        description="Route a held-out sample of each domain through a checkpoint and report, per MoE layer: "
+        "domain x expert distribution and specialisation scores, vocabulary specialisation, routing "
+        "consistency of consecutive tokens vs random routing, expert co-activation, and text coloured by "
+        "first-choice expert (HTML). Writes analysis.json, analysis.html and plots. See docs/lab.md.",
+    )
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory or its model.safetensors")
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="held-out data from these files (default: the default corpus's validation split)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-data cache (default runs/cache/data)")
+    p.add_argument("--tokens", type=int, default=8192, metavar="N", help="held-out tokens per domain (default 8192)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: the run directory)")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = AnalysisConfig(tokens_per_domain=args.tokens)
+    result = analyze_checkpoint(args.path, data_paths=args.data, cache_dir=args.cache_dir, config=cfg,
+                                out_dir=args.out)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print("\n".join(summary_lines(result)))
+    out = args.out or "the run directory"
+    print(f"\nwrote {', '.join(result.files.values())} in {out}")
+    return 0

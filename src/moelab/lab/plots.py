@@ -1,0 +1,349 @@
+"""PNG plots of runs, lab experiments and specialisation analyses (matplotlib, no display).
+
+Uses matplotlib's object API (`Figure` + the Agg canvas), never `pyplot`, so no global
+figure state or GUI backend is touched and plotting is safe from any thread. Every plot
+is a function of data on disk (`metrics.jsonl`, `analysis.json`), so it can be redrawn.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moelab.errors import DataError
+from moelab.io import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from moelab.lab.specialization import SpecializationResult
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- metrics on disk
+
+
+@dataclass
+class RunMetrics:
+    """The rows of one run's ``metrics.jsonl``, split by kind."""
+
+    train: list[dict[str, Any]] = field(default_factory=list)
+    eval: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[str]:
+        """MoE layer keys (strings, as in the JSON) seen in the train rows, in numeric order."""
+        keys: set[str] = set()
+        for row in self.train:
+            keys.update((row.get("layers") or {}).keys())
+        return sorted(keys, key=int)
+
+    def steps(self) -> np.ndarray:
+        return np.array([row["step"] for row in self.train], dtype=np.int64)
+
+    def series(self, key: str) -> np.ndarray:
+        """A top-level train-row value per step (NaN where missing or null)."""
+        return np.array([_num(row.get(key)) for row in self.train], dtype=np.float64)
+
+    def layer_series(self, key: str, layer: str) -> np.ndarray:
+        """A `RoutingStats` value of one layer per step (NaN where missing)."""
+        return np.array([_num((row.get("layers") or {}).get(layer, {}).get(key)) for row in self.train])
+
+    def load_matrix(self, layer: str) -> np.ndarray:
+        """``[steps, E]`` tokens per expert of one layer (rows of zeros where missing)."""
+        rows = [(row.get("layers") or {}).get(layer, {}).get("tokens_per_expert") for row in self.train]
+        width = max((len(r) for r in rows if r), default=0)
+        return np.array([r if r else [0] * width for r in rows], dtype=np.float64).reshape(len(rows), width)
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v) if v is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def read_metrics(run_dir: str | Path) -> RunMetrics:
+    """Parse ``RUN_DIR/metrics.jsonl``. A truncated last line (a killed run) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: not a moelab run directory (or the run wrote no metrics yet)")
+    out = RunMetrics()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                logger.warning("%s: last line is incomplete; skipped", path)
+                continue
+            raise DataError(f"{path} line {i + 1} is not valid JSON: {e}") from e
+        kind = row.get("kind")
+        if kind == "train":
+            out.train.append(row)
+        elif kind == "eval":
+            out.eval.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------- figure helpers
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def data_uri(path: str | Path) -> str:
+    """A PNG file as a ``data:`` URI (for self-contained HTML)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def img_tag(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{alt}" style="max-width:100%">'
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return (n + cols - 1) // cols, cols
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average ignoring NaNs (per-step routing stats are noisy)."""
+    if window <= 1 or len(y) == 0:
+        return y
+    out = np.empty_like(y, dtype=np.float64)
+    for i in range(len(y)):
+        seg = y[max(0, i - window + 1): i + 1]
+        seg = seg[np.isfinite(seg)]
+        out[i] = seg.mean() if seg.size else np.nan
+    return out
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def plot_training_curves(runs: Mapping[str, RunMetrics], path: str | Path, *, title: str = "") -> Path:
+    """Train loss (smoothed) and validation loss per run, on one axis."""
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    for i, (name, m) in enumerate(runs.items()):
+        colour = f"C{i % 10}"
+        steps = m.steps()
+        if len(steps):
+            loss = m.series("lm_loss")
+            if not np.isfinite(loss).any():
+                loss = m.series("loss")
+            ax.plot(steps, _smooth(loss, max(1, len(steps) // 50)), color=colour, lw=1.2, label=f"{name} train")
+        if m.eval:
+            ax.plot([r["step"] for r in m.eval], [_num(r.get("val_loss")) for r in m.eval], "o--",
+                    color=colour, ms=4, label=f"{name} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("LM loss (nats/token)")
+    ax.set_title(title or "training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_expert_load(metrics: RunMetrics, path: str | Path, *, title: str = "") -> Path:
+    """Per MoE layer: each expert's share of routed assignments over training (stacked)."""
+    layers = metrics.layers
+    if not layers:
+        raise DataError("no MoE routing stats in metrics (a dense run?): nothing to plot for expert load")
+    rows, cols = _grid(len(layers))
+    fig = _figure(3.6 * cols, 2.8 * rows)
+    steps = metrics.steps()
+    window = max(1, len(steps) // 40)
+    for i, layer in enumerate(layers):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        load = metrics.load_matrix(layer)
+        share = load / np.clip(load.sum(1, keepdims=True), 1, None)
+        share = np.stack([_smooth(share[:, e], window) for e in range(share.shape[1])], axis=0)
+        E = share.shape[0]
+        ax.stackplot(steps, share, colors=[f"C{e % 10}" for e in range(E)],
+                     labels=[f"e{e}" for e in range(E)], alpha=0.85)
+        for k in range(1, E):
+            ax.axhline(k / E, color="white", lw=0.4, alpha=0.6)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i == 0:
+            ax.set_ylabel("share of assignments", fontsize=8)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right", fontsize=7)
+    fig.suptitle(title or "expert load over training (white lines: uniform)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_lab_metric(
+    runs: Mapping[str, RunMetrics],
+    key: str,
+    path: str | Path,
+    *,
+    reduce: str = "max",
+    ylabel: str = "",
+    hline: float | None = None,
+    hline_label: str = "",
+    log: bool = False,
+    title: str = "",
+    per_layer: bool = False,
+) -> Path:
+    """A `RoutingStats` field over training for several runs.
+
+    Per step, the layers are reduced with `reduce` ("max", "mean" or "sum"), or, with
+    `per_layer`, each layer gets its own panel. A top-level train-row key (like "loss")
+    is plotted as is.
+    """
+    fns = {"max": np.nanmax, "mean": np.nanmean, "sum": np.nansum}
+    layers = sorted({la for m in runs.values() for la in m.layers}, key=int)
+    panels = layers if (per_layer and layers) else [None]
+    rows, cols = _grid(len(panels))
+    fig = _figure(max(6.5, 3.6 * cols), 3.6 * rows if len(panels) > 1 else 3.8)
+    for p, layer in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, p + 1)
+        for i, (name, m) in enumerate(runs.items()):
+            steps = m.steps()
+            if not len(steps):
+                continue
+            if m.layers and key not in m.train[0]:
+                if layer is not None:
+                    y = m.layer_series(key, layer)
+                else:
+                    stack = np.stack([m.layer_series(key, la) for la in m.layers])
+                    with np.errstate(all="ignore"), _quiet():
+                        y = fns[reduce](stack, axis=0)
+            else:
+                y = m.series(key)
+            y = np.where(np.isfinite(y), y, np.nan)
+            ax.plot(steps, _smooth(y, max(1, len(steps) // 60)), color=f"C{i % 10}", lw=1.3, label=name)
+        if hline is not None:
+            ax.axhline(hline, color="grey", ls=":", lw=1, label=hline_label or None)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel or key)
+        ax.grid(alpha=0.3)
+        if layer is not None:
+            ax.set_title(f"layer {layer}", fontsize=9)
+        if p == 0:
+            ax.legend(fontsize=8)
+    fig.suptitle(title or key, fontsize=10)
+    return _save(fig, path)
+
+
+class _quiet:
+    """Silence numpy's 'All-NaN slice' warnings inside a block."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._cm.__exit__(*exc)
+
+
+def plot_bars(values: Mapping[str, float], path: str | Path, *, ylabel: str, title: str,
+              hline: float | None = None, hline_label: str = "") -> Path:
+    """One bar per run (final values of a verdict table)."""
+    fig = _figure(6.5, 3.4)
+    ax = fig.add_subplot()
+    names = list(values)
+    ys = [values[n] if values[n] is not None else np.nan for n in names]
+    ax.bar(range(len(names)), ys, color=[f"C{i % 10}" for i in range(len(names))])
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls=":", lw=1, label=hline_label or None)
+        if hline_label:
+            ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- specialisation
+
+
+def plot_domain_heatmaps(result: SpecializationResult, path: str | Path) -> Path:
+    """Per MoE layer, a domains x experts heatmap of assignment shares (rows sum to 1)."""
+    n = len(result.layers)
+    rows, cols = _grid(n, max_cols=2)
+    D, E = len(result.domains), result.num_experts
+    fig = _figure(max(3.2, 0.42 * E + 1.6) * cols, (0.38 * D + 1.3) * rows)
+    vmax = max(max(max(r) for r in ls.domain_expert_share.values()) for ls in result.layers)
+    im = None
+    for i, ls in enumerate(result.layers):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        mat = np.array([ls.domain_expert_share[d] for d in result.domains])
+        im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        ax.set_yticks(range(D), result.domains, fontsize=8)
+        ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=7)
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_title(f"layer {ls.layer}", fontsize=9)
+        if E <= 16:
+            for d in range(D):
+                for e in range(E):
+                    ax.text(e, d, f"{mat[d, e]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if mat[d, e] < 0.6 * vmax else "black")
+    if im is not None:
+        fig.colorbar(im, ax=fig.axes, shrink=0.8, label="share of domain's assignments")
+    fig.suptitle(f"domain x expert routing (uniform = 1/{E} = {1 / E:.3f})", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_coactivation(result: SpecializationResult, path: str | Path) -> Path:
+    """Per MoE layer, the ``[E, E]`` co-activation matrix (diagonal hidden: it is the load)."""
+    n = len(result.layers)
+    rows, cols = _grid(n)
+    E = result.num_experts
+    fig = _figure(3.3 * cols, 3.0 * rows)
+    im = None
+    for i, ls in enumerate(result.layers):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        mat = np.array(ls.coactivation, dtype=np.float64)
+        np.fill_diagonal(mat, np.nan)
+        im = ax.imshow(mat, cmap="magma", vmin=0)
+        ax.set_title(f"layer {ls.layer}", fontsize=9)
+        ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=6)
+        ax.set_yticks(range(E), [str(e) for e in range(E)], fontsize=6)
+    if im is not None:
+        fig.colorbar(im, ax=fig.axes, shrink=0.8, label="fraction of tokens routed to both")
+    fig.suptitle("expert co-activation", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_run(run_dir: str | Path, *, names: Sequence[str] = ("loss", "load")) -> dict[str, Path]:
+    """Redraw a run's standard plots into ``RUN_DIR/plots/`` from its metrics."""
+    run_dir = Path(run_dir)
+    m = read_metrics(run_dir)
+    out: dict[str, Path] = {}
+    if "loss" in names:
+        out["loss"] = plot_training_curves({run_dir.name: m}, run_dir / "plots" / "loss.png", title=run_dir.name)
+    if "load" in names and m.layers:
+        out["load"] = plot_expert_load(m, run_dir / "plots" / "expert_load.png", title=f"{run_dir.name}: expert load")
+    return out

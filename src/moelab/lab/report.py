@@ -1,0 +1,239 @@
+"""`build_report`: one self-contained HTML file from run, lab and analysis folders.
+
+Self-contained means a single file with inline CSS and every image a ``data:`` URI: no
+scripts, no stylesheets, fonts or images fetched from anywhere, so it opens offline and
+can be mailed around. Sections, in order: summary, training curves, expert load over
+training, failure-mode verdicts, specialisation heatmaps, coloured text. A section with
+nothing to show says so rather than disappearing, so a reader knows what was not run.
+
+What a folder is, is read from its files: ``experiment.json`` (a lab experiment, whose
+runs are sub-folders), ``metrics.jsonl`` (a training run), ``analysis.json`` (a
+specialisation analysis, usually inside a run folder). A folder with none of these is
+searched one level down.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moelab.errors import DataError
+from moelab.io import atomic_write_text
+from moelab.lab import plots
+from moelab.lab.failures import load_experiment, verdict_table
+from moelab.lab.plots import data_uri, img_tag, read_metrics
+
+logger = logging.getLogger(__name__)
+
+SECTIONS = ("summary", "training-curves", "expert-load", "failure-modes", "specialisation", "coloured-text")
+
+CSS = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left}
+pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em;border:1px solid #ddd}
+.tok{white-space:pre-wrap;border-radius:2px;padding:0 1px;font-family:ui-monospace,Menlo,Consolas,monospace;
+font-size:.85em}
+.coloured-text{border:1px solid #ddd;padding:.6em;line-height:1.9;margin-bottom:1em}
+.legend .tok{display:inline-block;margin:2px}
+.ok{color:#1a7f37}.bad{color:#b42318}.note{color:#666;font-size:.9em}
+nav a{margin-right:1em}
+"""
+
+
+@dataclass
+class Sources:
+    """What the given folders hold, by kind."""
+
+    runs: list[Path] = field(default_factory=list)  # training runs (metrics.jsonl)
+    experiments: list[Path] = field(default_factory=list)  # lab experiments (experiment.json)
+    analyses: list[Path] = field(default_factory=list)  # analysis.json files
+
+
+def find_sources(paths: Sequence[str | Path]) -> Sources:
+    """Classify each folder (and, when it is none of the kinds, its sub-folders)."""
+    src = Sources()
+
+    def visit(p: Path, depth: int) -> bool:
+        found = False
+        if (p / "experiment.json").is_file():
+            src.experiments.append(p)
+            return True
+        if (p / "metrics.jsonl").is_file():
+            src.runs.append(p)
+            found = True
+        if (p / "analysis.json").is_file():
+            src.analyses.append(p / "analysis.json")
+            found = True
+        if not found and depth > 0 and p.is_dir():
+            for child in sorted(c for c in p.iterdir() if c.is_dir()):
+                found |= visit(child, depth - 1)
+        return found
+
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise DataError(f"{p} does not exist (expected a run, lab experiment or analysis folder)")
+        if p.is_file():
+            p = p.parent
+        if not visit(p, 2):
+            raise DataError(
+                f"{p} holds no metrics.jsonl, experiment.json or analysis.json (nor do its sub-folders): "
+                "nothing to report"
+            )
+    return src
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+
+
+def _empty(what: str) -> str:
+    return f'<p class="note">No {what} in the given folders.</p>'
+
+
+def _run_label(run: Path) -> str:
+    return f"{run.parent.name}/{run.name}" if run.parent.name else run.name
+
+
+def _final_val(run: Path) -> tuple[float | None, int | None]:
+    m = read_metrics(run)
+    val = next((r.get("val_loss") for r in reversed(m.eval) if r.get("val_loss") is not None), None)
+    return val, (int(m.train[-1]["step"]) if m.train else None)
+
+
+def _experiment_html(exp_dir: Path) -> str:
+    d = load_experiment(exp_dir)
+    ok = d.get("passed")
+    status = '<span class="ok">effect shown as claimed</span>' if ok else '<span class="bad">effect NOT shown at this scale</span>'
+    parts = [f"<h3>{html.escape(d['experiment'])} <span class='note'>({html.escape(str(exp_dir))})</span>: {status}</h3>"]
+    parts.append(f"<pre>{html.escape(verdict_table(d))}</pre>")
+    parts.append("<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in d.get("verdicts", [])) + "</ul>")
+    descr = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(r.get('description', ''))}</li>" for n, r in d["runs"].items())
+    parts.append(f"<ul class='note'>{descr}</ul>")
+    for name, rel in d.get("plots", {}).items():
+        if name.startswith("load_") or name == "loss":
+            continue  # per-run load plots are many; the summary plots tell the story
+        path = Path(rel)
+        if not path.is_absolute() and not path.exists():
+            path = exp_dir / "plots" / path.name
+        if path.is_file():
+            parts.append(img_tag(data_uri(path), f"{d['experiment']} {name}"))
+    return "\n".join(parts)
+
+
+def build_report(
+    paths: Sequence[str | Path],
+    out_path: str | Path,
+    *,
+    title: str = "moelab report",
+    summary_blocks: Sequence[tuple[str, str]] = (),
+) -> Path:
+    """Write the HTML report for `paths` to `out_path` and return its path.
+
+    `summary_blocks` are ``(heading, preformatted text)`` pairs shown in the summary
+    (the demo puts the `moelab size` table and the MoE-vs-dense comparison there).
+    Plots missing from a run folder are drawn from its metrics first.
+    """
+    src = find_sources(paths)
+    out_path = Path(out_path)
+
+    # Summary
+    summary = [f"<p>Generated {html.escape(time.strftime('%Y-%m-%d %H:%M'))} from "
+               + ", ".join(f"<code>{html.escape(str(p))}</code>" for p in paths) + ".</p>"]
+    for heading, text in summary_blocks:
+        summary.append(f"<h3>{html.escape(heading)}</h3><pre>{html.escape(text)}</pre>")
+    if src.runs:
+        rows = []
+        for run in src.runs:
+            val, steps = _final_val(run)
+            cfg = _read_json(run / "config.json")
+            model = (cfg or {}).get("model") or {}
+            moe = model.get("moe")
+            kind = f"MoE {moe['num_experts']}x top-{moe['top_k']}" if moe else "dense"
+            rows.append(f"<tr><td>{html.escape(_run_label(run))}</td><td>{kind}</td><td>{steps if steps is not None else '-'}</td>"
+                        f"<td>{'-' if val is None else f'{val:.4f}'}</td></tr>")
+        summary.append("<table><tr><th>run</th><th>model</th><th>steps</th><th>final val loss</th></tr>"
+                       + "".join(rows) + "</table>")
+    if src.experiments:
+        items = []
+        for e in src.experiments:
+            d = load_experiment(e)
+            mark = "<span class='ok'>shown</span>" if d.get("passed") else "<span class='bad'>not shown</span>"
+            items.append(f"<li>failure mode <b>{html.escape(d['experiment'])}</b>: {mark}</li>")
+        summary.append("<ul>" + "".join(items) + "</ul>")
+
+    # Training curves and expert load
+    curves, loads = [], []
+    if src.runs:
+        metrics = {_run_label(r): read_metrics(r) for r in src.runs}
+        tmp_dir = out_path.parent / (out_path.stem + "_plots")
+        curves.append(img_tag(data_uri(plots.plot_training_curves(metrics, tmp_dir / "loss.png")), "training curves"))
+        for label, m in metrics.items():
+            if m.layers:
+                p = plots.plot_expert_load(m, tmp_dir / f"load_{label.replace('/', '_')}.png", title=f"{label}: expert load")
+                loads.append(f"<h3>{html.escape(label)}</h3>" + img_tag(data_uri(p), f"{label} expert load"))
+    # Failure modes
+    fm = [_experiment_html(e) for e in src.experiments]
+    # Specialisation
+    spec, text = [], []
+    from moelab.lab.specialization import (
+        coloured_text_html,
+        consistency_table_html,
+        intro_html,
+        top_tokens_html,
+    )
+
+    for a_path in src.analyses:
+        a = _read_json(a_path)
+        if not a or a.get("format") != "moelab-analysis":
+            logger.warning("%s is not a moelab analysis; skipped", a_path)
+            continue
+        label = html.escape(str(a_path.parent))
+        spec.append(f"<h3>{label}</h3>" + intro_html(a))
+        for key in ("heatmap", "coactivation"):
+            rel = (a.get("files") or {}).get(key)
+            if rel and (a_path.parent / rel).is_file():
+                spec.append(img_tag(data_uri(a_path.parent / rel), key))
+        spec.append("<h4>Routing consistency (consecutive tokens)</h4>" + consistency_table_html(a))
+        last = list(a["layers"])[-1]
+        spec.append(f"<h4>Vocabulary specialisation, layer {last}</h4>" + top_tokens_html(a, last))
+        text.append(f"<h3>{label}</h3>" + coloured_text_html(a))
+
+    nav = "".join(f'<a href="#{s}">{s.replace("-", " ")}</a>' for s in SECTIONS)
+    body = [
+        f"<h1>{html.escape(title)}</h1><nav>{nav}</nav>",
+        _section("summary", "Summary", "\n".join(summary)),
+        _section("training-curves", "Training curves", "\n".join(curves) or _empty("training runs")),
+        _section("expert-load", "Expert load over training", "\n".join(loads) or _empty("MoE training runs")),
+        _section("failure-modes", "Failure-mode verdicts", "\n".join(fm) or _empty("lab experiments")),
+        _section("specialisation", "Specialisation heatmaps", "\n".join(spec) or _empty("specialisation analyses")),
+        _section("coloured-text", "Text coloured by first-choice expert", "\n".join(text) or _empty("specialisation analyses")),
+    ]
+    doc = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
+        + "\n".join(body) + "\n</body></html>\n"
+    )
+    atomic_write_text(out_path, doc)
+    if src.runs:
+        import shutil
+
+        shutil.rmtree(out_path.parent / (out_path.stem + "_plots"), ignore_errors=True)
+    return out_path
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
