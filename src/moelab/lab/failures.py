@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from moelab.errors import ConfigError
+from moelab.errors import ConfigError, DataError
 from moelab.io import atomic_write_json
 from moelab.lab import plots
 from moelab.lab.plots import RunMetrics, read_metrics
 from moelab.model import ModelConfig, Transformer
-from moelab.moe import MoEConfig
+from moelab.moe import MoEConfig, NonFiniteRouterError
 
 logger = logging.getLogger(__name__)
 
@@ -500,8 +500,33 @@ def _train_one(spec: RunSpec, cfg: LabConfig, data: Any, run_dir: Path, progress
         checkpoint_interval=0, log_interval=max(1, cfg.steps // 20),
     )
     # TensorBoard off: the lab reads metrics.jsonl, and event files cost time on short runs.
-    return train(spec.model_cfg, train_cfg, data, run_dir, progress=progress, model=model, tensorboard=False,
-                 overwrite=True)
+    try:
+        return train(spec.model_cfg, train_cfg, data, run_dir, progress=progress, model=model, tensorboard=False,
+                     overwrite=True)
+    except (NonFiniteRouterError, FloatingPointError) as e:
+        # The trainer stops cleanly on a non-finite training step; a model that is already
+        # broken can also fail in an evaluation pass (e.g. the one at step 0). Same verdict.
+        done = [r for r in _read_rows(run_dir) if r.get("kind") == "train"]
+        logger.warning("%s diverged outside a training step: %s", spec.name, e)
+        return _Diverged(steps_done=int(done[-1]["step"]) if done else 0, stopped_reason=f"diverged: {e}")
+
+
+@dataclass
+class _Diverged:
+    """What `_train_one` returns when the run diverged outside the trainer's own checks."""
+
+    steps_done: int
+    stopped_reason: str
+    nan_steps: int = 1
+    val_loss: float | None = None
+
+
+def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        m = read_metrics(run_dir)
+    except DataError:
+        return []
+    return m.train
 
 
 def run_experiment(
