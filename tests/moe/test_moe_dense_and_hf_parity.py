@@ -100,16 +100,19 @@ def test_mixtral_parity_of_gradients():
     g = torch.randn(1, 21, 32)
     (ours(xo).output * g).sum().backward()
     (block(xh) * g).sum().backward()
-    torch.testing.assert_close(xo.grad, xh.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(
-        ours.experts.gate_up_proj.grad, block.experts.gate_up_proj.grad, rtol=1e-4, atol=1e-6
-    )
-    torch.testing.assert_close(
-        ours.experts.down_proj.grad, block.experts.down_proj.grad, rtol=1e-4, atol=1e-6
-    )
-    torch.testing.assert_close(
-        ours.router.weight.grad, block.gate.weight.grad, rtol=1e-4, atol=1e-6
-    )
+    # fp32 on both sides, summed over tokens in different orders: agreement is bounded by
+    # roundoff relative to each gradient's scale (router grads reach ~10 here), not by a
+    # fixed absolute floor.
+    pairs = {
+        "x": (xo.grad, xh.grad),
+        "gate_up_proj": (ours.experts.gate_up_proj.grad, block.experts.gate_up_proj.grad),
+        "down_proj": (ours.experts.down_proj.grad, block.experts.down_proj.grad),
+        "router": (ours.router.weight.grad, block.gate.weight.grad),
+    }
+    for name, (got, want) in pairs.items():
+        scale = float(want.abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_qwen2_moe_sparse_block_parity(impl="grouped"):
