@@ -13,11 +13,16 @@ from moelab.moe import MoEConfig, experts
 
 
 @pytest.fixture(
-    autouse=True, params=[0, 300, 1 << 40], ids=["chunk_per_expert", "chunk_mixed", "one_chunk"]
+    autouse=True,
+    params=[(0, 16384), (300, 64), (1 << 40, 16384)],
+    ids=["chunk_per_expert", "chunk_mixed_gather_pieces", "one_chunk"],
 )
 def chunking(request, monkeypatch):
-    """Run every comparison with each way the fast path can cut rows into chunks."""
-    monkeypatch.setattr(experts, "CHUNK_BYTES", request.param)
+    """Run every comparison with each way the fast path can cut rows into chunks (and,
+    with a tiny serial threshold, with gathers/scatters split into row pieces)."""
+    chunk_bytes, serial_elems = request.param
+    monkeypatch.setattr(experts, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(experts, "_SERIAL_ELEMS", serial_elems)
     return request.param
 
 
@@ -156,6 +161,14 @@ def test_chunks_cover_every_row_once():
             rows += [(e, b0 + r) for e, s, t in segs for r in range(s, t)]
         assert [r for _, r in rows] == list(range(sum(counts)))
         assert [e for e, _ in rows] == [e for e, n in enumerate(counts) for _ in range(n)]
+
+
+def test_row_pieces_split_only_small_ops():
+    row_elems = experts._SERIAL_ELEMS // 8  # 8 rows per piece
+    assert experts._row_pieces(num_rows=5, row_elems=row_elems) is None  # one piece anyway
+    pieces = experts._row_pieces(num_rows=100, row_elems=row_elems)
+    assert pieces is not None and pieces[0] == (0, 8) and pieces[-1] == (96, 100)
+    assert experts._row_pieces(num_rows=10**6, row_elems=row_elems) is None  # large: one call
 
 
 def test_fast_path_saves_nothing_without_grad(make_pair):

@@ -1,6 +1,7 @@
 """Expert FFNs: the stacked routed experts and the dense FFN (shared experts, dense layers).
 
-Legend: T tokens, D model dim, F expert hidden dim, E experts, A kept assignments.
+Legend: T tokens, D model dim, F expert hidden dim, E experts, A kept assignments,
+H = 2F (swiglu) or F (gelu) rows of the input projection, R rows of one chunk.
 
 Routed expert weights are stacked, one tensor per projection, in the in-memory layout of
 current HF transformers so checkpoint mapping is a rename:
@@ -25,11 +26,11 @@ def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 # Rows of the sorted assignments are processed in chunks of whole experts, each chunk
-# holding about this many bytes of pre-activation ``h``. Measured on a 2-core AVX2 CPU,
+# holding about this many bytes of pre-activation ``h``. Measured on the 2-core dev CPU,
 # running gather -> GEMM -> activation -> GEMM -> scatter chunk by chunk while the chunk
 # is in cache beats doing each step over all A rows (the A x 2F intermediates are
-# 10-100 MB at training shapes) by 15-25% in the forward; small layers (decode) are one
-# chunk, which keeps the number of ops per call low.
+# 10-100 MB at training shapes) by ~20% in the forward (benchmarks/moe_layer.py, fine and
+# very_fine shapes); small layers (decode) are one chunk, which keeps the op count low.
 CHUNK_BYTES = 1 << 20
 
 Segment = tuple[int, int, int]  # (expert, first row, end row), rows relative to the chunk
@@ -76,6 +77,43 @@ def _seg_weight_grad(
     """``dW[e] = dy[seg]^T @ x[seg]`` for each expert of the chunk (each expert is in one chunk)."""
     for e, s, t in segs:
         torch.mm(dy_RO[s:t].t(), x_RI[s:t], out=dw_EOI[e])
+
+
+# ATen runs index_select/index_add_ with OpenMP once an op has more than 32768 elements
+# (at::internal::GRAIN_SIZE). For decode-sized ops that costs more than the work, and on a
+# shared 2-core machine a worker that is descheduled stalls the op for a whole scheduler
+# tick: a [128, 512] index_add_ took 140 ms with 2 threads vs 11 us with 1 (measured
+# here). Small gathers/scatters are therefore issued in pieces below the grain size,
+# which ATen runs serially; large ones stay one call (the work dwarfs the sync).
+_SERIAL_ELEMS = 16384
+_MAX_PIECES = 16
+
+
+def _row_pieces(num_rows: int, row_elems: int) -> list[tuple[int, int]] | None:
+    """Row ranges that each stay below the parallel grain, or None for one call."""
+    rows = max(1, _SERIAL_ELEMS // max(1, row_elems))
+    if num_rows <= rows or num_rows > rows * _MAX_PIECES:
+        return None
+    return [(i, min(i + rows, num_rows)) for i in range(0, num_rows, rows)]
+
+
+def _gather_rows(x_TD: torch.Tensor, idx_R: torch.Tensor) -> torch.Tensor:
+    pieces = _row_pieces(idx_R.shape[0], x_TD.shape[1])
+    if pieces is None:
+        return x_TD.index_select(0, idx_R)
+    out_RD = x_TD.new_empty(idx_R.shape[0], x_TD.shape[1])
+    for a, b in pieces:
+        torch.index_select(x_TD, 0, idx_R[a:b], out=out_RD[a:b])
+    return out_RD
+
+
+def _scatter_add_rows(out_TD: torch.Tensor, idx_R: torch.Tensor, y_RD: torch.Tensor) -> None:
+    pieces = _row_pieces(idx_R.shape[0], y_RD.shape[1])
+    if pieces is None:
+        out_TD.index_add_(0, idx_R, y_RD)
+        return
+    for a, b in pieces:
+        out_TD.index_add_(0, idx_R[a:b], y_RD[a:b])
 
 
 def _act_forward(h_AH: torch.Tensor, activation: str) -> torch.Tensor:
@@ -135,12 +173,12 @@ class _ExpertFFN(torch.autograd.Function):
         out_TD = torch.zeros_like(x_TD)
         for b0, b1, segs in chunks:
             tok_R = token_idx_A[b0:b1]
-            x_RD = x_TD.index_select(0, tok_R)
+            x_RD = _gather_rows(x_TD, tok_R)
             h_RH = _seg_mm(
                 x_RD, w_in_EHD, segs, transpose=True, out_RO=h_AH[b0:b1] if save else None
             )
             a_RF = _act_forward(h_RH, activation).mul_(w_A1[b0:b1])
-            out_TD.index_add_(0, tok_R, _seg_mm(a_RF, w_out_EDF, segs, transpose=True))
+            _scatter_add_rows(out_TD, tok_R, _seg_mm(a_RF, w_out_EDF, segs, transpose=True))
         if save:
             ctx.save_for_backward(x_TD, w_in_EHD, w_out_EDF, weight_A, token_idx_A, h_AH)
             ctx.chunks, ctx.counts, ctx.activation = chunks, counts, activation
@@ -159,7 +197,7 @@ class _ExpertFFN(torch.autograd.Function):
         dweight_A = h_AH.new_empty(h_AH.shape[0]) if need_w else None
         for b0, b1, segs in ctx.chunks:
             tok_R = token_idx_A[b0:b1]
-            g_RD = grad_TD.index_select(0, tok_R)
+            g_RD = _gather_rows(grad_TD, tok_R)
             h_RH = h_AH[b0:b1]
             act_RF = _act_forward(h_RH, ctx.activation)  # recomputed, not saved
             if need_wout:
@@ -172,9 +210,9 @@ class _ExpertFFN(torch.autograd.Function):
             if need_x or need_win:
                 dh_RH = _act_backward(u_RF.mul_(w_A1[b0:b1]), h_RH, ctx.activation)
                 if need_win:
-                    _seg_weight_grad(dw_in, dh_RH, x_TD.index_select(0, tok_R), segs)
+                    _seg_weight_grad(dw_in, dh_RH, _gather_rows(x_TD, tok_R), segs)
                 if need_x:
-                    dx_TD.index_add_(0, tok_R, _seg_mm(dh_RH, w_in_EHD, segs, transpose=False))
+                    _scatter_add_rows(dx_TD, tok_R, _seg_mm(dh_RH, w_in_EHD, segs, transpose=False))
         if dweight_A is not None:
             dweight_A = dweight_A.to(weight_A.dtype)
         return dx_TD, dw_in, dw_out, dweight_A, None, None, None, None
