@@ -19,12 +19,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="training steps of the comparison")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-data cache (default runs/cache/data)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a machine busy with other work)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig() if args.steps is None else DemoConfig(compare_steps=args.steps)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     def show(name: str, text: str) -> None:
