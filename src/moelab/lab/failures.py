@@ -61,7 +61,7 @@ class LabConfig:
     seq_len: int = 64
     lr: float = 3e-3
     seed: int = 0
-    eval_every: int = 0  # 0: evaluate at the end only
+    eval_every: int = 0  # 0: evaluate at step 0 and the end only
     eval_batches: int = 2  # validation batches per domain
     d_model: int = 64
     n_layers: int = 2
@@ -321,7 +321,7 @@ def summarize_run(
         vals = [v[key] for v in per_layer.values() if v[key] is not None]
         return _finite(fn(vals)) if vals else None
 
-    if val_loss is None and metrics.eval:
+    if val_loss is None and metrics.eval and stopped_reason is None:
         val_loss = metrics.eval[-1].get("val_loss")
     if nan_steps is None:
         nan_steps = int((~np.isfinite(loss)).sum())
@@ -330,7 +330,7 @@ def summarize_run(
         name=name,
         description=description,
         run_dir=str(run_dir),
-        steps_done=steps_done if steps_done is not None else (int(metrics.train[-1]["step"]) + 1 if n else 0),
+        steps_done=steps_done if steps_done is not None else (int(metrics.train[-1]["step"]) if n else 0),
         stopped_reason=stopped_reason,
         busiest_expert_share=agg("busiest_expert_share", lambda v: float(np.mean(v))) if has_moe else None,
         load_cv=agg("load_cv", lambda v: float(np.mean(v))) if has_moe else None,
@@ -563,7 +563,10 @@ def run_experiment(
         metrics[spec.name] = read_metrics(run_dir)
         summaries[spec.name] = summarize_run(
             spec.name, metrics[spec.name], run_dir=run_dir, description=spec.description,
-            val_loss=getattr(res, "val_loss", None), nan_steps=getattr(res, "nan_steps", None),
+            # A run stopped on NaN has no trained model to evaluate: its last evaluation is
+            # from before the divergence (often step 0), so report no val loss at all.
+            val_loss=None if getattr(res, "stopped_reason", None) else getattr(res, "val_loss", None),
+            nan_steps=getattr(res, "nan_steps", None),
             stopped_reason=getattr(res, "stopped_reason", None), steps_done=getattr(res, "steps_done", None),
             spike_factor=cfg.spike_factor, settings=spec.settings,
         )

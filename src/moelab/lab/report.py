@@ -9,7 +9,7 @@ nothing to show says so rather than disappearing, so a reader knows what was not
 What a folder is, is read from its files: ``experiment.json`` (a lab experiment, whose
 runs are sub-folders), ``metrics.jsonl`` (a training run), ``analysis.json`` (a
 specialisation analysis, usually inside a run folder). A folder with none of these is
-searched one level down.
+searched down to two levels below it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -142,7 +143,8 @@ def build_report(
 
     `summary_blocks` are ``(heading, preformatted text)`` pairs shown in the summary
     (the demo puts the `moelab size` table and the MoE-vs-dense comparison there).
-    Plots missing from a run folder are drawn from its metrics first.
+    Training-run plots are drawn afresh from each run's ``metrics.jsonl`` into a private
+    temporary folder, embedded, and the folder removed; nothing beside `out_path` is touched.
     """
     src = find_sources(paths)
     out_path = Path(out_path)
@@ -174,9 +176,10 @@ def build_report(
 
     # Training curves and expert load
     curves, loads = [], []
+    tmp = tempfile.TemporaryDirectory(prefix="moelab-report-")
+    tmp_dir = Path(tmp.name)
     if src.runs:
         metrics = {_run_label(r): read_metrics(r) for r in src.runs}
-        tmp_dir = out_path.parent / (out_path.stem + "_plots")
         curves.append(img_tag(data_uri(plots.plot_training_curves(metrics, tmp_dir / "loss.png")), "training curves"))
         for label, m in metrics.items():
             if m.layers:
@@ -224,11 +227,8 @@ def build_report(
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
         + "\n".join(body) + "\n</body></html>\n"
     )
+    tmp.cleanup()
     atomic_write_text(out_path, doc)
-    if src.runs:
-        import shutil
-
-        shutil.rmtree(out_path.parent / (out_path.stem + "_plots"), ignore_errors=True)
     return out_path
 
 

@@ -177,8 +177,10 @@ def vocabulary_specialization(
     for e in range(num_experts):
         frac = counts_VE[:, e].double() / count_V.clamp_min(1).double()
         # Sort by fraction, then count (larger first); ineligible tokens last.
-        key = torch.where(eligible, frac, torch.full_like(frac, -1.0)) * 1e9 + count_V.double()
-        order = torch.argsort(key, descending=True)[:top]
+        # Two stable sorts (count, then fraction) give the lexicographic order exactly.
+        key = torch.where(eligible, frac, torch.full_like(frac, -1.0))
+        by_count = torch.argsort(count_V, descending=True, stable=True)
+        order = by_count[torch.argsort(key[by_count], descending=True, stable=True)][:top]
         scores = []
         for v in order.tolist():
             if not bool(eligible[v]) or int(counts_VE[v, e]) == 0:
@@ -469,14 +471,20 @@ def analyze_model(
 
 
 def expert_colours(num_experts: int) -> list[str]:
-    """One distinct, light background colour per expert (hex), readable under black text."""
+    """One distinct, light background colour per expert (hex), readable under black text.
+
+    Qualitative palettes (tab10/tab20) up to 20 experts; beyond that (fine-grained models,
+    64-256 experts) evenly spaced hues, which stay distinct though adjacent ones are close.
+    """
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab20" if num_experts > 10 else "tab10"]
-    n = cmap.N
     colours = []
     for e in range(num_experts):
-        r, g, b, _ = cmap((e % n) / max(n - 1, 1) if n > 20 else e % n)
+        if num_experts <= 20:
+            cmap = matplotlib.colormaps["tab20" if num_experts > 10 else "tab10"]
+            r, g, b, _ = cmap(e)
+        else:
+            r, g, b, _ = matplotlib.colormaps["hsv"](e / num_experts)
         # Blend towards white so text stays legible (Mixtral's Fig. 8 uses pastel backgrounds).
         r, g, b = (0.45 * c + 0.55 for c in (r, g, b))
         colours.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
