@@ -66,18 +66,20 @@ class TrainConfig:
     per domain. ``num_threads=None`` leaves torch's thread count alone.
     """
 
-    steps: int = 300
-    batch_size: int = 16
+    # Defaults: the comparison scale, ~2-3 minutes per tiny model on 2 CPU cores
+    # (BENCHMARKS.md, "MoE vs dense").
+    steps: int = 600
+    batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
-    eval_interval: int = 50
+    eval_interval: int = 25
     eval_batches: int = 4
     log_interval: int = 10
     checkpoint_interval: int = 100
