@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which is not safe to do
+# while another thread may be creating files.
+_UMASK = _read_umask()
 
 
 @contextlib.contextmanager
@@ -40,7 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask),
         # so reports and checkpoints are readable by others as any written file is.
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

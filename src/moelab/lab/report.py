@@ -175,16 +175,7 @@ def build_report(
         summary.append("<ul>" + "".join(items) + "</ul>")
 
     # Training curves and expert load
-    curves, loads = [], []
-    tmp = tempfile.TemporaryDirectory(prefix="moelab-report-")
-    tmp_dir = Path(tmp.name)
-    if src.runs:
-        metrics = {_run_label(r): read_metrics(r) for r in src.runs}
-        curves.append(img_tag(data_uri(plots.plot_training_curves(metrics, tmp_dir / "loss.png")), "training curves"))
-        for label, m in metrics.items():
-            if m.layers:
-                p = plots.plot_expert_load(m, tmp_dir / f"load_{label.replace('/', '_')}.png", title=f"{label}: expert load")
-                loads.append(f"<h3>{html.escape(label)}</h3>" + img_tag(data_uri(p), f"{label} expert load"))
+    curves, loads = _training_html(src.runs)
     # Failure modes
     fm = [_experiment_html(e) for e in src.experiments]
     # Specialisation
@@ -227,9 +218,26 @@ def build_report(
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
         + "\n".join(body) + "\n</body></html>\n"
     )
-    tmp.cleanup()
     atomic_write_text(out_path, doc)
     return out_path
+
+
+def _training_html(runs: Sequence[Path]) -> tuple[list[str], list[str]]:
+    """(training-curve, expert-load) HTML of `runs`, plots drawn in a private temporary
+    folder that is removed whatever happens (images are embedded, so nothing is kept)."""
+    curves: list[str] = []
+    loads: list[str] = []
+    if not runs:
+        return curves, loads
+    metrics = {_run_label(r): read_metrics(r) for r in runs}
+    with tempfile.TemporaryDirectory(prefix="moelab-report-") as tmp:
+        tmp_dir = Path(tmp)
+        curves.append(img_tag(data_uri(plots.plot_training_curves(metrics, tmp_dir / "loss.png")), "training curves"))
+        for label, m in metrics.items():
+            if m.layers:
+                p = plots.plot_expert_load(m, tmp_dir / f"load_{label.replace('/', '_')}.png", title=f"{label}: expert load")
+                loads.append(f"<h3>{html.escape(label)}</h3>" + img_tag(data_uri(p), f"{label} expert load"))
+    return curves, loads
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
