@@ -185,3 +185,38 @@ def test_fast_path_under_no_grad_and_float32(make_pair):
     x = torch.randn(50, 32)
     with torch.no_grad():
         torch.testing.assert_close(fast(x).output, ref(x).output, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("D", "E", "K", "router_kw"), [
+    (8, 4, 2, dict(router="softmax")),
+    (16, 8, 3, dict(router="softmax", norm_topk_prob=False)),
+    (16, 8, 2, dict(router="sigmoid", routed_scaling_factor=2.5)),
+    (16, 6, 1, dict(router="switch")),
+    (16, 6, 2, dict(router="softmax", num_shared_experts=1, d_shared_expert=12, shared_expert_gate=True)),
+    (16, 8, 2, dict(router="softmax", activation="gelu")),
+    (16, 8, 2, dict(router="softmax", capacity_factor=0.25)),
+])
+def test_single_token_decode_path_equals_reference(make_pair, D, E, K, router_kw):
+    """Under no_grad a one-token call takes `forward_one_token` (no sort, no gather): same output."""
+    cfg = MoEConfig(d_model=D, d_expert=8, num_experts=E, top_k=K, **router_kw)
+    fast, ref = make_pair(cfg)
+    calls = []
+    orig = fast.experts.forward_one_token
+    fast.experts.forward_one_token = lambda *a: calls.append(1) or orig(*a)
+    for seed in range(5):
+        x = torch.randn(1, 1, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x).output, ref(x).output, rtol=1e-10, atol=1e-12)
+    assert len(calls) == 5  # the path under test was taken
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_telemetry_off_changes_nothing_but_the_extras(make_pair, T):
+    fast, _ = make_pair(MoEConfig(d_model=16, d_expert=8, num_experts=4, top_k=2, aux_loss_coef=0.1, z_loss_coef=0.1))
+    x = torch.randn(T, 16, dtype=torch.float64)
+    with torch.no_grad():
+        full, lean = fast(x, return_routing=True), fast(x, return_routing=True, telemetry=False)
+    torch.testing.assert_close(lean.output, full.output, rtol=0, atol=0)
+    assert torch.equal(lean.routing.expert_idx, full.routing.expert_idx)
+    assert lean.stats is None and float(lean.loss) == 0.0
+    assert full.stats is not None and float(full.loss) > 0

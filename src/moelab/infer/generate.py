@@ -169,6 +169,7 @@ def generate(
                 cache=cache,
                 last_only=True,
                 return_routing=record_routing,
+                telemetry=False,
             )
             token_B = sample_next(out.logits[:, -1], sampling, generator)
             result.prefill_s = time.perf_counter() - t0
@@ -194,6 +195,7 @@ def generate(
                     cache=cache,
                     last_only=True,
                     return_routing=record_routing,
+                    telemetry=False,
                 )
                 next_pos_B1 = next_pos_B1 + 1
                 token_B = sample_next(out.logits[:, -1], sampling, generator)

@@ -29,6 +29,9 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0  # positions filled, advanced by `advance` after a full forward
+        # RoPE cos/sin for positions 0..max_len-1, ``[max_len, Dh]`` each, filled by the model
+        # on first use: a decode step then gathers B rows instead of recomputing cos/sin.
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values for `layer`; return all keys/values so far."""

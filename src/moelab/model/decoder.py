@@ -40,6 +40,11 @@ class ModelOutput:
         return self.lm_loss + self.moe_loss
 
 
+def _ids_in_range(input_ids: torch.Tensor, vocab_size: int) -> bool:
+    lo, hi = torch.aminmax(input_ids)  # one host sync, not two
+    return int(lo) >= 0 and int(hi) < vocab_size
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -88,13 +93,15 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_routing: bool = False,
         last_only: bool = False,
+        telemetry: bool = True,
     ) -> ModelOutput:
         """Run the decoder.
 
         input_ids ``[B, T]``; targets ``[B, T]`` (next tokens, -100 ignored) for ``lm_loss``;
         positions ``[B, T]`` (default: cache offset + 0..T-1); attention_mask ``[B, S]`` with
         1 for real tokens over cached + new positions (left padding); cache: a `KVCache`
-        that this call appends to; last_only: compute logits for the last position only.
+        that this call appends to; last_only: compute logits for the last position only;
+        telemetry=False (generation): no MoE losses (returned as 0) and no ``layer_stats``.
         """
         cfg = self.cfg
         if input_ids.dim() != 2:
@@ -103,12 +110,12 @@ class Transformer(nn.Module):
         offset = cache.length if cache is not None else 0
         if offset + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {offset + T} tokens exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
-        if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+        if T and not _ids_in_range(input_ids, cfg.vocab_size):
             raise ValueError(f"input_ids must be in [0, vocab_size={cfg.vocab_size})")
         if positions is None:
             positions = torch.arange(offset, offset + T, device=input_ids.device).unsqueeze(0).expand(B, T)
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, cfg.dim_head, cfg.rope_theta, x.dtype)
+        cos, sin = self._rope(positions, cache, x.dtype)
         mask = self._attention_mask(B, T, offset, attention_mask, input_ids.device)
 
         zero = x.new_zeros((), dtype=torch.float32)
@@ -116,14 +123,14 @@ class Transformer(nn.Module):
         stats: dict[int, RoutingStats] = {}
         routing: dict[int, RoutingDecision] | None = {} if return_routing else None
         for i, block in enumerate(self.layers):
-            x, moe_out = block(x, cos, sin, mask, cache, return_routing)
-            if moe_out is not None:
+            x, moe_out = block(x, cos, sin, mask, cache, return_routing, telemetry)
+            if moe_out is not None and telemetry:
                 aux = aux + moe_out.aux_loss
                 z = z + moe_out.z_loss
                 moe_loss = moe_loss + moe_out.loss
                 stats[i] = moe_out.stats
-                if routing is not None and moe_out.routing is not None:
-                    routing[i] = moe_out.routing
+            if moe_out is not None and routing is not None and moe_out.routing is not None:
+                routing[i] = moe_out.routing
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
@@ -137,18 +144,35 @@ class Transformer(nn.Module):
             )
         return ModelOutput(logits, aux, z, moe_loss, stats, routing, lm_loss)
 
+    def _rope(self, positions_BT: torch.Tensor, cache: KVCache | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[B, 1, T, Dh]``. With a cache, rows of a table over the cache's positions
+        built once per cache (the same values: same function, same dtype); decode then costs
+        one gather instead of float64 cos/sin, which ATen runs multithreaded even for a few
+        hundred elements (~0.4 ms per step at batch 8 on the 2-core machine, measured)."""
+        cfg = self.cfg
+        if cache is None:
+            return rope_cos_sin(positions_BT, cfg.dim_head, cfg.rope_theta, dtype)
+        if cache.rope is None or cache.rope[0].dtype != dtype:
+            all_pos = torch.arange(cache.max_len, device=positions_BT.device).unsqueeze(0)
+            cos, sin = rope_cos_sin(all_pos, cfg.dim_head, cfg.rope_theta, dtype)
+            cache.rope = (cos[0, 0], sin[0, 0])
+        cos_SD, sin_SD = cache.rope
+        return cos_SD[positions_BT].unsqueeze(1), sin_SD[positions_BT].unsqueeze(1)
+
     def _attention_mask(
         self, B: int, T: int, offset: int, attention_mask: torch.Tensor | None, device: torch.device
     ) -> torch.Tensor | None:
         """Boolean ``[B, 1, T, S]`` mask (True = may attend), or None for plain causal.
 
         Plain causal (`is_causal=True`, the fastest SDPA path) applies when there is no
-        cache offset, no padding and no sliding window cutting in.
+        cache offset, no padding and no sliding window cutting in; a single new token
+        (decode) without padding or window needs no mask at all.
         """
         window = self.cfg.sliding_window
         S = offset + T
         needs_window = window is not None and S > window
-        if attention_mask is None and offset == 0 and not needs_window:
+        # One new query with nothing masked may attend to every cached key: no mask needed.
+        if attention_mask is None and not needs_window and (offset == 0 or T == 1):
             return None
         q_pos = torch.arange(offset, S, device=device).unsqueeze(1)  # [T, 1]
         k_pos = torch.arange(S, device=device).unsqueeze(0)  # [1, S]

@@ -28,9 +28,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(dtype)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.to(dtype)).to(x.dtype)
+        # F.rms_norm: the same x * rsqrt(mean(x^2) + eps) * weight as HF's Llama/Mixtral
+        # RMSNorm (equal to it in tests), one fused kernel instead of five ops.
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps).to(x.dtype)
 
 
 def rope_cos_sin(
@@ -120,10 +120,11 @@ class Block(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         return_routing: bool = False,
+        telemetry: bool = True,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask, cache)
         h = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
-            moe_out: MoEOutput = self.mlp(h, return_routing=return_routing)
+            moe_out: MoEOutput = self.mlp(h, return_routing=return_routing, telemetry=telemetry)
             return x_BTD + moe_out.output, moe_out
         return x_BTD + self.mlp(h), None

@@ -261,6 +261,20 @@ class RoutedExperts(nn.Module):
         save = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         return _ExpertFFN.apply(*inputs, plan.token_idx_A, counts, self.activation, save)
 
+    def forward_one_token(self, x_1D: torch.Tensor, expert_idx_K: list[int], weight_K: torch.Tensor) -> torch.Tensor:
+        """Single-token decode (no autograd): one GEMV pair per chosen expert, nothing else.
+
+        At T=1 the sorted-dispatch machinery (sort, counts, gather/scatter of one row)
+        costs more than the four GEMVs it organises; this computes
+        ``sum_k w_k * down_e(act(W_in[e] x))`` directly. Equal to `forward` (tested).
+        """
+        out_1D = None
+        for k, e in enumerate(expert_idx_K):
+            a_1F = _act_forward(F.linear(x_1D, self.w_in[e]), self.activation).mul_(weight_K[k].to(x_1D.dtype))
+            y_1D = F.linear(a_1F, self.down_proj[e])
+            out_1D = y_1D if out_1D is None else out_1D.add_(y_1D)
+        return out_1D if out_1D is not None else torch.zeros_like(x_1D)
+
     def forward_reference(self, x_TD: torch.Tensor, assignments: Assignments) -> torch.Tensor:
         """Readable reference: for each expert, find its tokens with a mask and run it.
 

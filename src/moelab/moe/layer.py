@@ -93,9 +93,9 @@ class RoutingDecision:
 @dataclass
 class MoEOutput:
     output: torch.Tensor  # same shape as the input
-    aux_loss: torch.Tensor  # unweighted load-balancing loss (1.0 when balanced)
-    z_loss: torch.Tensor  # unweighted router z-loss
-    stats: RoutingStats
+    aux_loss: torch.Tensor  # unweighted load-balancing loss (1.0 when balanced); 0 without telemetry
+    z_loss: torch.Tensor  # unweighted router z-loss; 0 without telemetry
+    stats: RoutingStats | None  # None when called with ``telemetry=False``
     routing: RoutingDecision | None = None
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
@@ -148,7 +148,13 @@ class MoE(nn.Module):
             if cfg.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(cfg.d_model, 1, bias=False)
 
-    def forward(self, x: torch.Tensor, *, return_routing: bool = False) -> MoEOutput:
+    def forward(self, x: torch.Tensor, *, return_routing: bool = False, telemetry: bool = True) -> MoEOutput:
+        """Route, run the experts, combine.
+
+        ``telemetry=False`` (inference: generation) skips what only training and analysis
+        read -- the balance and z losses (returned as 0) and `RoutingStats` (None) -- which
+        at decode is a dozen small ops per layer for one token. The output is unchanged.
+        """
         cfg = self.cfg
         if x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE input has last dim {x.shape[-1]}, expected d_model={cfg.d_model}")
@@ -185,8 +191,9 @@ class MoE(nn.Module):
                     expert_idx_TK, weights_TK, cfg.num_experts, capacity, cfg.drop_policy
                 )
             assignments = dispatch.assignments_token_choice(expert_idx_TK, weights_TK, keep_TK)
-            seq_len = x.shape[-2] if (cfg.seq_aux_loss and x.dim() >= 3) else None
-            aux_loss = load_balancing_loss(probs_TE, expert_idx_TK, cfg.num_experts, seq_len=seq_len)
+            if telemetry:
+                seq_len = x.shape[-2] if (cfg.seq_aux_loss and x.dim() >= 3) else None
+                aux_loss = load_balancing_loss(probs_TE, expert_idx_TK, cfg.num_experts, seq_len=seq_len)
             dropped = (~keep_TK).sum() if keep_TK is not None else torch.zeros((), dtype=torch.long)
             decision = None
             if return_routing:
@@ -195,6 +202,10 @@ class MoE(nn.Module):
 
         if cfg.impl == "loop":
             y_TD = self.experts.forward_reference(x_TD, assignments)
+        elif T == 1 and not torch.is_grad_enabled():
+            # Single-token decode: kept assignments all belong to token 0.
+            _, expert_A, weight_A = assignments
+            y_TD = self.experts.forward_one_token(x_TD, expert_A.tolist(), weight_A)
         else:
             plan = dispatch.sort_by_expert(assignments, cfg.num_experts, T)
             y_TD = self.experts(x_TD, plan)
@@ -205,6 +216,10 @@ class MoE(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
 
+        if not telemetry:
+            zero = logits_TE.new_zeros(())
+            return MoEOutput(output=y_TD.view(x.shape), aux_loss=zero, z_loss=zero, stats=None, routing=decision,
+                             aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef)
         z_loss = router_z_loss(logits_TE)
         with torch.no_grad():
             tokens_per_expert = torch.bincount(assignments[1], minlength=cfg.num_experts)
