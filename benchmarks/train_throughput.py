@@ -8,8 +8,8 @@ experts, top-k, expert width, RoPE theta, norm eps, untied head), same batch, ra
 weights, fp32 on CPU. One training step = forward + backward + AdamW step (same AdamW
 settings, foreach), with the LM loss plus the load-balancing loss (coefficient 0.01) on
 both sides; our z-loss (0.001) is left on, as in training, which only costs us time.
-Steps of the models are interleaved (ours, HF eager, HF other experts implementations,
-ours, ...) so machine-load drift hits all alike; the median of the timed steps is
+Steps of the models are interleaved (ours, ours with full logits, HF eager, HF other
+experts implementations, ours, ...) so machine-load drift hits all alike; the median of the timed steps is
 reported after warm-up steps. HF experts implementations that fail to run are reported
 as such, not hidden.
 """
@@ -66,11 +66,11 @@ def build_hf(cfg: ModelConfig, impl: str) -> torch.nn.Module:
     return model
 
 
-def _step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+def _step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, return_logits: bool) -> Callable[[], float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
 
     def step() -> float:
-        loss = model(x, targets=y).loss
+        loss = model(x, targets=y, return_logits=return_logits).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -90,8 +90,13 @@ def run(model_name: str, batch_size: int, seq_len: int, steps: int, warmup: int,
     runners: dict[str, Callable[[], float]] = {}
     params: dict[str, int] = {}
     ours = Transformer(cfg).train()
-    runners["ours"] = _step_fn(ours, inputs, targets)
+    # "ours" is what `moelab train` runs (chunked LM loss, no logits tensor);
+    # "ours_logits" materialises the logits and calls F.cross_entropy, as HF does.
+    runners["ours"] = _step_fn(ours, inputs, targets, return_logits=False)
     params["ours"] = ours.num_params()
+    ours_logits = Transformer(cfg).train()
+    runners["ours_logits"] = _step_fn(ours_logits, inputs, targets, return_logits=True)
+    params["ours_logits"] = ours_logits.num_params()
     errors: dict[str, str] = {}
     for impl in HF_IMPLS:
         name = f"hf_{impl}"

@@ -13,18 +13,18 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelab.infer.kv_cache import KVCache
 from moelab.model.config import ModelConfig
 from moelab.model.layers import Block, RMSNorm, rope_cos_sin
+from moelab.model.lm_loss import chunked_lm_loss, lm_loss_reference
 from moelab.moe import FeedForward, MoE, RoutingDecision, RoutingStats
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when called with return_logits=False
     aux_loss: torch.Tensor  # sum over MoE layers of the unweighted balance loss
     z_loss: torch.Tensor  # sum over MoE layers of the unweighted router z-loss
     moe_loss: torch.Tensor  # sum over MoE layers of aux_coef * aux + z_coef * z
@@ -94,6 +94,7 @@ class Transformer(nn.Module):
         return_routing: bool = False,
         last_only: bool = False,
         telemetry: bool = True,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """Run the decoder.
 
@@ -101,7 +102,9 @@ class Transformer(nn.Module):
         positions ``[B, T]`` (default: cache offset + 0..T-1); attention_mask ``[B, S]`` with
         1 for real tokens over cached + new positions (left padding); cache: a `KVCache`
         that this call appends to; last_only: compute logits for the last position only;
-        telemetry=False (generation): no MoE losses (returned as 0) and no ``layer_stats``.
+        telemetry=False (generation): no MoE losses (returned as 0) and no ``layer_stats``;
+        return_logits=False with targets (training): ``lm_loss`` by `chunked_lm_loss`, no
+        ``logits`` (None) -- the same loss and gradients without the [B, T, V] tensor.
         """
         cfg = self.cfg
         if input_ids.dim() != 2:
@@ -136,12 +139,14 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
+        if targets is not None and not return_logits:
+            # Training: the loss straight from the hidden states, logits never materialised.
+            lm_loss = chunked_lm_loss(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+            return ModelOutput(None, aux, z, moe_loss, stats, routing, lm_loss)
         logits = self.lm_head(x)
         lm_loss = None
         if targets is not None:
-            lm_loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-            )
+            lm_loss = lm_loss_reference(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
         return ModelOutput(logits, aux, z, moe_loss, stats, routing, lm_loss)
 
     def _rope(self, positions_BT: torch.Tensor, cache: KVCache | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -207,7 +207,7 @@ def evaluate(
             for x, y in batches:
                 x, y = x.to(device), y.to(device)
                 with autocast():
-                    out = model(x, targets=y)
+                    out = model(x, targets=y, return_logits=False)
                 n = int((y != -100).sum())
                 d_loss += float(out.lm_loss) * n
                 d_tokens += n
@@ -356,7 +356,7 @@ def train(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             try:
                 with autocast():
-                    out = forward(x, targets=y)
+                    out = forward(x, targets=y, return_logits=False)
                 loss = out.loss
                 if not bool(torch.isfinite(loss)):
                     raise FloatingPointError(f"loss became {float(loss.detach())} at step {step + 1}")
