@@ -166,8 +166,9 @@ def test_chunks_cover_every_row_once():
 def test_row_pieces_split_only_small_ops():
     row_elems = experts._SERIAL_ELEMS // 8  # 8 rows per piece
     assert experts._row_pieces(num_rows=5, row_elems=row_elems) is None  # one piece anyway
-    pieces = experts._row_pieces(num_rows=100, row_elems=row_elems)
-    assert pieces is not None and pieces[0] == (0, 8) and pieces[-1] == (96, 100)
+    pieces = experts._row_pieces(num_rows=30, row_elems=row_elems)
+    assert pieces is not None and pieces[0] == (0, 8) and pieces[-1] == (24, 30)
+    assert experts._row_pieces(num_rows=8 * experts._MAX_PIECES + 1, row_elems=row_elems) is None
     assert experts._row_pieces(num_rows=10**6, row_elems=row_elems) is None  # large: one call
 
 

@@ -200,6 +200,7 @@ class MoE(nn.Module):
                 kept = keep_TK if keep_TK is not None else torch.ones_like(expert_idx_TK, dtype=torch.bool)
                 decision = RoutingDecision(expert_idx_TK.detach(), (weights_TK * kept).detach(), kept)
 
+        tokens_per_expert = None
         if cfg.impl == "loop":
             y_TD = self.experts.forward_reference(x_TD, assignments)
         elif T == 1 and not torch.is_grad_enabled():
@@ -209,6 +210,7 @@ class MoE(nn.Module):
         else:
             plan = dispatch.sort_by_expert(assignments, cfg.num_experts, T)
             y_TD = self.experts(x_TD, plan)
+            tokens_per_expert = plan.counts_E  # kept assignments per expert, already counted
 
         if cfg.num_shared_experts:
             shared_TD = self.shared_experts(x_TD)
@@ -222,7 +224,8 @@ class MoE(nn.Module):
                              aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef)
         z_loss = router_z_loss(logits_TE)
         with torch.no_grad():
-            tokens_per_expert = torch.bincount(assignments[1], minlength=cfg.num_experts)
+            if tokens_per_expert is None:
+                tokens_per_expert = torch.bincount(assignments[1], minlength=cfg.num_experts)
             entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
             stats = RoutingStats(
                 tokens_per_expert=tokens_per_expert,

@@ -41,12 +41,15 @@ def load_balancing_loss(
         raise ValueError(f"load_balancing_loss: {T} tokens are not a whole number of sequences of {seq_len}")
     B = T // seq_len
     with torch.no_grad():
-        counts_BE = torch.zeros(B, E, device=probs_TE.device, dtype=probs_TE.dtype)
-        counts_BE.scatter_add_(
-            1,
-            expert_idx_TK.reshape(B, seq_len * K),
-            torch.ones(B, seq_len * K, device=probs_TE.device, dtype=probs_TE.dtype),
-        )
+        if B == 1:  # one op instead of three for the common batch-wide loss
+            counts_BE = torch.bincount(expert_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype).unsqueeze(0)
+        else:
+            counts_BE = torch.zeros(B, E, device=probs_TE.device, dtype=probs_TE.dtype)
+            counts_BE.scatter_add_(
+                1,
+                expert_idx_TK.reshape(B, seq_len * K),
+                torch.ones(B, seq_len * K, device=probs_TE.device, dtype=probs_TE.dtype),
+            )
         f_BE = counts_BE / (seq_len * K)
     P_BE = probs_TE.reshape(B, seq_len, E).mean(dim=1)
     return num_experts * (f_BE * P_BE).sum(dim=-1).mean()
