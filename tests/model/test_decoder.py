@@ -149,3 +149,10 @@ def test_bad_input_ids_give_clear_errors():
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[batch, seq\]"):
         model(torch.zeros(5, dtype=torch.long))
+    x = torch.zeros(1, 4, dtype=torch.long)
+    for return_logits in (True, False):
+        with pytest.raises(ValueError, match=r"targets must be in \[0, vocab_size=97\)"):
+            model(x, targets=torch.tensor([[1, 2, 97, -100]]), return_logits=return_logits)
+        with pytest.raises(ValueError, match="targets must have the shape"):
+            model(x, targets=torch.tensor([[1, 2]]), return_logits=return_logits)
+    assert model(x, targets=torch.tensor([[1, -100, 96, 0]]), return_logits=False).lm_loss.isfinite()

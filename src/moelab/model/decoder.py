@@ -115,6 +115,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {offset + T} tokens exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
         if T and not _ids_in_range(input_ids, cfg.vocab_size):
             raise ValueError(f"input_ids must be in [0, vocab_size={cfg.vocab_size})")
+        if targets is not None:
+            if targets.shape != input_ids.shape:
+                raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(targets.shape)}")
+            real = targets[targets != -100]
+            if real.numel() and not _ids_in_range(real, cfg.vocab_size):
+                raise ValueError(f"targets must be in [0, vocab_size={cfg.vocab_size}) or -100 (ignored)")
         if positions is None:
             positions = torch.arange(offset, offset + T, device=input_ids.device).unsqueeze(0).expand(B, T)
         x = self.embed_tokens(input_ids)
