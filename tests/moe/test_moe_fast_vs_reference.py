@@ -221,3 +221,30 @@ def test_telemetry_off_changes_nothing_but_the_extras(make_pair, T):
     assert torch.equal(lean.routing.expert_idx, full.routing.expert_idx)
     assert lean.stats is None and float(lean.loss) == 0.0
     assert full.stats is not None and float(full.loss) > 0
+
+
+@pytest.mark.skipif(not experts.GROUPED_MM, reason="this torch has no torch._grouped_mm")
+@pytest.mark.parametrize(("T", "E", "K", "activation"), [(16, 8, 2, "swiglu"), (9, 8, 3, "gelu"), (200, 16, 4, "swiglu")])
+def test_grouped_mm_path_equals_mm_loop(make_pair, monkeypatch, T, E, K, activation):
+    """float32 (the dtype `torch._grouped_mm` takes): same outputs and gradients with and without it."""
+    cfg = MoEConfig(d_model=32, d_expert=16, num_experts=E, top_k=K, activation=activation)
+    fast, _ = make_pair(cfg)
+    fast = fast.float()
+    x = torch.randn(T, 32)
+    monkeypatch.setattr(experts, "GROUPED_MM_MAX_ROWS", 1 << 30)  # every chunk, whatever its size
+    used = []
+    orig = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: used.append(1) or orig(*a, **k))
+    results = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(experts, "GROUPED_MM", grouped)
+        fast.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        out = fast(xg).output
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        with torch.no_grad():
+            inference = fast(x).output
+        results[grouped] = (out.detach(), inference, xg.grad, *(p.grad for p in fast.parameters()))
+    assert used  # the grouped path really ran
+    for a, b in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -55,6 +55,36 @@ def _chunks(counts: list[int], row_bytes: int, chunk_bytes: int) -> list[Chunk]:
     return chunks
 
 
+# `torch._grouped_mm` (torch >= 2.8) on CPU: one call for all experts of a chunk. Measured
+# here (MoE layer, interleaved A/B): 7-10% faster at decode (8-16 tokens, D=512, F=1792),
+# but 4-7% slower on the whole fwd+bwd at tiny-moe training shapes (~700-row chunks), so
+# only small chunks take it. float32/bf16/fp16 only (the float64 reference tests take
+# the loop; a float32 test compares the two) and rows must be 16-byte aligned. Not used
+# on CUDA: it needs bf16 and recent GPUs there, and it is untested on our side.
+GROUPED_MM = hasattr(torch, "_grouped_mm")
+GROUPED_MM_MAX_ROWS = 128
+
+
+def _use_grouped_mm(a_RI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    if not GROUPED_MM or a_RI.shape[0] > GROUPED_MM_MAX_ROWS or a_RI.device.type != "cpu" or a_RI.dtype != w_EIO.dtype:
+        return False
+    if a_RI.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    esz = a_RI.element_size()
+    return a_RI.stride(-1) == 1 and (a_RI.stride(0) * esz) % 16 == 0 and (w_EIO.shape[1] * esz) % 16 == 0 and (
+        w_EIO.shape[2] * esz) % 16 == 0
+
+
+def _group_offsets(segs: list[Segment], num_experts: int, device: torch.device) -> torch.Tensor:
+    """End row of each expert's group within the chunk (experts absent from it: empty groups)."""
+    ends = [0] * num_experts
+    for e, _, t in segs:
+        ends[e] = t
+    for e in range(1, num_experts):  # an absent expert's group ends where the previous one did
+        ends[e] = max(ends[e], ends[e - 1])
+    return torch.tensor(ends, dtype=torch.int32, device=device)
+
+
 def _seg_mm(
     a_RI: torch.Tensor,
     w_EOI: torch.Tensor,
@@ -63,9 +93,17 @@ def _seg_mm(
     transpose: bool,
     out_RO: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-expert GEMM over a chunk: ``out[seg] = a[seg] @ w[e]^T`` (or ``@ w[e]``), written in place."""
+    """Per-expert GEMM over a chunk: ``out[seg] = a[seg] @ w[e]^T`` (or ``@ w[e]``), written in place.
+
+    Without a given output buffer, and where `_use_grouped_mm` allows, the whole chunk is
+    one ``torch._grouped_mm`` call (ATen loops over the groups in C++); otherwise one
+    ``torch.mm`` per expert. Both compute the same products (tested against each other).
+    """
+    w_view = w_EOI.transpose(1, 2) if transpose else w_EOI  # [E, I, O]
+    if out_RO is None and _use_grouped_mm(a_RI, w_view):
+        return torch._grouped_mm(a_RI, w_view, offs=_group_offsets(segs, w_EOI.shape[0], a_RI.device))
     if out_RO is None:
-        out_RO = a_RI.new_empty(a_RI.shape[0], w_EOI.shape[1] if transpose else w_EOI.shape[2])
+        out_RO = a_RI.new_empty(a_RI.shape[0], w_view.shape[2])
     for e, s, t in segs:
         torch.mm(a_RI[s:t], w_EOI[e].t() if transpose else w_EOI[e], out=out_RO[s:t])
     return out_RO
