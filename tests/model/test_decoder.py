@@ -79,6 +79,21 @@ def test_cached_decode_equals_full_forward(window):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_cached_decode_with_positions_past_the_rope_table():
+    """Caller-chosen positions beyond the cache's RoPE table are computed directly, not mis-indexed."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    pos = torch.arange(6).expand(2, 6) + 40  # the cache below holds 8 positions
+    full = model(ids, positions=pos).logits
+    cache = KVCache(n_layers=cfg.n_layers, batch_size=2, max_len=8, n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_head)
+    steps = [model(ids[:, :3], positions=pos[:, :3], cache=cache).logits]
+    for t in range(3, 6):
+        steps.append(model(ids[:, t : t + 1], positions=pos[:, t : t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_output_losses_and_stats():
     torch.manual_seed(0)
     cfg = tiny_cfg()
