@@ -66,6 +66,9 @@ GROUPED_MM_MAX_ROWS = 128
 
 
 def _use_grouped_mm(a_RI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    # Under torch.compile the op's meta function accepts bf16 only (torch 2.13): eager ATen then.
+    if torch.compiler.is_compiling():
+        return False
     if not GROUPED_MM or a_RI.shape[0] > GROUPED_MM_MAX_ROWS or a_RI.device.type != "cpu" or a_RI.dtype != w_EIO.dtype:
         return False
     if a_RI.dtype not in (torch.float32, torch.bfloat16, torch.float16):
