@@ -176,15 +176,15 @@ def _act_recompute(h_AH: torch.Tensor, activation: str) -> tuple[torch.Tensor, t
 
 
 def _act_backward(
-    dact_AF: torch.Tensor, h_AH: torch.Tensor, activation: str, silu_gate_AF: torch.Tensor | None = None
+    dact_AF: torch.Tensor, h_AH: torch.Tensor, activation: str, silu_gate_AF: torch.Tensor | None
 ) -> torch.Tensor:
-    """Gradient wrt the pre-activation ``h`` given the gradient wrt ``act(h)``."""
+    """Gradient wrt the pre-activation ``h`` given the gradient wrt ``act(h)``; swiglu takes
+    the ``silu(gate)`` that `_act_recompute` already computed."""
     if activation != "swiglu":
         return torch.ops.aten.gelu_backward(dact_AF, h_AH)
+    assert silu_gate_AF is not None
     gate_AF, up_AF = h_AH.chunk(2, dim=-1)
     Fh = gate_AF.shape[1]
-    if silu_gate_AF is None:
-        silu_gate_AF = F.silu(gate_AF)
     dh_AH = h_AH.new_empty(h_AH.shape)
     torch.mul(dact_AF, silu_gate_AF, out=dh_AH[:, Fh:])  # d up = dact * silu(gate)
     dh_AH[:, :Fh] = torch.ops.aten.silu_backward(dact_AF * up_AF, gate_AF)  # d gate

@@ -191,9 +191,9 @@ class MoE(nn.Module):
                     expert_idx_TK, weights_TK, cfg.num_experts, capacity, cfg.drop_policy
                 )
             assignments = dispatch.assignments_token_choice(expert_idx_TK, weights_TK, keep_TK)
-            if telemetry:
-                seq_len = x.shape[-2] if (cfg.seq_aux_loss and x.dim() >= 3) else None
-                aux_loss = load_balancing_loss(probs_TE, expert_idx_TK, cfg.num_experts, seq_len=seq_len)
+            seq_len = x.shape[-2] if (cfg.seq_aux_loss and x.dim() >= 3) else None
+            aux_loss = (load_balancing_loss(probs_TE, expert_idx_TK, cfg.num_experts, seq_len=seq_len)
+                        if telemetry else None)  # not computed for generation
             dropped = (~keep_TK).sum() if keep_TK is not None else torch.zeros((), dtype=torch.long)
             decision = None
             if return_routing:
