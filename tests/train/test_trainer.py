@@ -164,6 +164,21 @@ def test_config_validation_names_field():
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match="device"):
         TrainConfig(device="tpu")
+    with pytest.raises(ConfigError, match="TrainConfig.precision"):
+        TrainConfig(precision="fp16")
+
+
+def test_precision_bf16_autocasts_and_auto_is_fp32_on_cpu(data, tmp_path):
+    # "auto" on CPU is plain fp32 (identical to "fp32"); "bf16" autocasts, so its losses
+    # differ in the low bits but it still trains.
+    runs = {p: train(tiny_moe(), tiny_train(steps=6, precision=p), data, tmp_path / p, progress=False,
+                     tensorboard=False)
+            for p in ("auto", "fp32", "bf16")}
+    loss = {p: [r["loss"] for r in read_metrics(tmp_path / p, kind="train")] for p in runs}
+    assert loss["auto"] == loss["fp32"]
+    assert loss["bf16"] != loss["fp32"]
+    assert max(abs(a - b) for a, b in zip(loss["bf16"], loss["fp32"], strict=True)) < 0.1
+    assert runs["bf16"].stopped_reason is None
 
 
 def test_refuses_vocab_smaller_than_tokenizer(data, run_dir):

@@ -45,6 +45,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, metavar="N" if typ is int else "X",
                        help=f"(default {default})")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="(default auto)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="(default auto: bf16 autocast on CUDA, fp32 on CPU)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice)")
@@ -66,6 +68,8 @@ def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = 
     changes = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     if args.device is not None:
         changes["device"] = args.device
+    if args.precision is not None:
+        changes["precision"] = args.precision
     if args.compile:
         changes["compile"] = True
     if args.threads is not None:

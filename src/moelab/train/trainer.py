@@ -15,8 +15,11 @@ and writes a run directory (see `moelab.train.checkpoint`). Design points:
   that domain's tokens; overall it is token-weighted: the mean over all validation tokens
   of all domains (equal to the mean of the domains when they have equal token counts,
   which `val_batches` gives unless a domain is shorter than ``eval_batches`` batches).
-* Precision: fp32 on CPU (bf16 matmuls are two orders of magnitude slower on CPUs without
-  AMX), bf16 autocast on CUDA (no loss scaling needed: bf16 has fp32's exponent range).
+* Precision (``TrainConfig.precision``): ``"auto"`` is fp32 on CPU (bf16 matmuls are two
+  orders of magnitude slower on CPUs without AMX) and bf16 autocast on CUDA (no loss
+  scaling needed: bf16 has fp32's exponent range). ``"fp32"`` forces fp32 everywhere (a
+  GPU run then follows the CPU's maths, e.g. to sweep settings for a CPU experiment);
+  ``"bf16"`` forces bf16 autocast, on CPU too. Parameters and optimizer state stay fp32.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from moelab.train.metrics import METRICS_FILE, TB_DIR, MetricsWriter, read_metri
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 # Fields that may differ between a run and its resumption without changing the maths.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "compile", "num_threads"}
@@ -84,6 +88,7 @@ class TrainConfig:
     log_interval: int = 10
     checkpoint_interval: int = 100
     device: str = "auto"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU (module docstring)
     compile: bool = False
     num_threads: int | None = None
 
@@ -108,6 +113,8 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be in [0, 1), got {value!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"TrainConfig.device={self.device!r} is unknown; choose one of {DEVICES}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"TrainConfig.precision={self.precision!r} is unknown; choose one of {PRECISIONS}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -313,9 +320,11 @@ def train(
     if resume:  # a longer --steps is allowed: record the config that is now in force
         ckpt.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
 
+    use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+
     def autocast() -> contextlib.AbstractContextManager:
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if use_bf16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     forward = torch.compile(model) if train_cfg.compile else model
