@@ -19,6 +19,7 @@ from moelab.data import (
     PreparedData,
     TokenBatcher,
     batches,
+    load_cache_entry,
     prepare_data,
     val_batches,
 )
@@ -89,6 +90,26 @@ def test_unusable_cache_entry_is_rebuilt(tmp_path: Path) -> None:
     rebuilt = prepare_data(tmp_path, **args)
     assert not rebuilt.from_cache
     assert json.loads((rebuilt.cache_dir / "meta.json").read_text())["fingerprint"]
+
+
+def test_copied_cache_entry_loads_as_is(small_data: PreparedData, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(small_data.cache_dir, copy)
+    loaded = load_cache_entry(copy)
+    assert loaded.fingerprint == small_data.fingerprint and loaded.domains == small_data.domains
+    for split in ("train", "val"):
+        for domain in loaded.domains:
+            np.testing.assert_array_equal(getattr(loaded, split)[domain], getattr(small_data, split)[domain])
+    with pytest.raises(DataError, match="not a prepared-data cache entry"):
+        load_cache_entry(tmp_path / "missing")
+    (copy / small_data.meta["files"][small_data.domains[0]]["train"]).unlink()
+    with pytest.raises(DataError, match="incomplete or corrupt"):
+        load_cache_entry(copy)
+    (copy / "meta.json").write_text("{truncated")
+    with pytest.raises(DataError, match="not JSON"):
+        load_cache_entry(copy)
 
 
 def test_arrays_hold_every_domain_split_by_eos(small_data: PreparedData) -> None:

@@ -18,6 +18,7 @@ from moelab.data.loader import (
     DEFAULT_CACHE_DIR,
     DataConfig,
     PreparedData,
+    load_cache_entry,
     prepare_data,
     prepare_data_from_config,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "build_default_corpus",
     "load_tokenizer",
     "load_user_data",
+    "load_cache_entry",
     "prepare_data",
     "prepare_data_from_config",
     "split_documents",

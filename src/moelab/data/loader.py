@@ -317,6 +317,34 @@ def _load(entry: Path, fp: str, from_cache: bool) -> PreparedData:
     )
 
 
+def load_cache_entry(entry: str | Path) -> PreparedData:
+    """Load one prepared-data cache entry (a folder holding ``meta.json``, ``tokenizer.json``
+    and the token arrays) as it is, without checking it against this machine.
+
+    `prepare_data` keys its cache by a fingerprint that includes the Python version (the
+    default corpus is the standard library's source), so another machine builds different
+    data. Copying an entry and loading it with this function trains on the very same tokens
+    elsewhere, e.g. a sweep on a GPU machine for an experiment run on a CPU.
+    """
+    entry = Path(entry)
+    meta_path = entry / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{entry} is not a prepared-data cache entry: {meta_path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta_path} is unreadable or not JSON: {e}") from None
+    fp = meta.get("fingerprint") if isinstance(meta, dict) else None
+    if not isinstance(fp, str):
+        raise DataError(f"{meta_path} has no 'fingerprint' string; expected a moelab prepared-data meta.json")
+    try:
+        return _load(entry, fp, from_cache=True)
+    except (OSError, KeyError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"cache entry {entry} is incomplete or corrupt: {type(e).__name__}: {e}") from None
+
+
 def prepare_data(
     cache_dir: str | Path | None = None,
     *,
