@@ -31,7 +31,7 @@ SHAPES = [(1, 8, 4, 2), (3, 8, 8, 2), (17, 16, 1, 1), (33, 16, 6, 3), (64, 32, 1
 
 ROUTERS = {
     "softmax_renorm": dict(router="softmax", norm_topk_prob=True),
-    "softmax_raw": dict(router="softmax", norm_topk_prob=False),
+    "softmax_raw": dict(router="softmax", norm_topk_prob=False, routed_scaling_factor=1.7),
     "sigmoid_bias_groups": dict(
         router="sigmoid", n_group=2, topk_group=1, routed_scaling_factor=2.5
     ),

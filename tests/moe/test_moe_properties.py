@@ -34,6 +34,10 @@ def test_softmax_topk_distinct_experts_and_renormalised_weights(case, normalize)
         torch.testing.assert_close(w.sum(-1), torch.ones(T, dtype=torch.float64))
     else:
         assert bool((w.sum(-1) <= 1 + 1e-12).all())
+    # routed_scaling_factor (DeepSeek-V2) multiplies the kept weights, and only them.
+    w2, idx2, probs2 = routing.softmax_topk(logits, K, normalize=normalize, scaling_factor=2.5)
+    assert torch.equal(idx2, idx) and torch.equal(probs2, probs)
+    torch.testing.assert_close(w2, 2.5 * w)
 
 
 @FAST

@@ -20,7 +20,8 @@ class MoEConfig:
     Routers (`router`):
       - ``"softmax"``: softmax over all E logits, keep the top-k (Mixtral, Qwen, OLMoE).
         ``norm_topk_prob=True`` renormalises the k kept weights to sum to 1 (Mixtral);
-        ``False`` keeps the raw probabilities (Qwen2-MoE / OLMoE default).
+        ``False`` keeps the raw probabilities (Qwen2-MoE / OLMoE default). The weights are
+        then multiplied by `routed_scaling_factor` (DeepSeek-V2; 1 elsewhere).
       - ``"sigmoid"``: DeepSeek-V3. Per-expert sigmoid affinities; a selection-only bias
         (`expert_bias`, aux-loss-free balancing) shifts which experts are *chosen* but not
         the weights; optional group-limited routing (`n_group`, `topk_group`); weights are
@@ -137,6 +138,11 @@ class MoEConfig:
             raise ConfigError(f"MoEConfig.jitter_eps must be < 1, got {self.jitter_eps}")
         if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
             raise ConfigError(f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
+        if self.routed_scaling_factor != 1.0 and self.router not in ("softmax", "sigmoid"):
+            raise ConfigError(
+                f"MoEConfig.routed_scaling_factor={self.routed_scaling_factor} applies to the 'softmax' and "
+                f"'sigmoid' routers only; router={self.router!r} would ignore it"
+            )
 
     @property
     def shared_hidden(self) -> int:

@@ -248,7 +248,8 @@ class MoE(nn.Module):
     def _token_choice(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         if cfg.router == "softmax":
-            return routing.softmax_topk(logits_TE, cfg.top_k, normalize=cfg.norm_topk_prob)
+            return routing.softmax_topk(logits_TE, cfg.top_k, normalize=cfg.norm_topk_prob,
+                                        scaling_factor=cfg.routed_scaling_factor)
         if cfg.router == "switch":
             return routing.switch_top1(logits_TE)
         return routing.sigmoid_topk(

@@ -18,18 +18,22 @@ import torch.nn.functional as F
 
 
 def softmax_topk(
-    logits_TE: torch.Tensor, top_k: int, *, normalize: bool
+    logits_TE: torch.Tensor, top_k: int, *, normalize: bool, scaling_factor: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax over all experts, keep the top-k (Shazeer 2017; Mixtral; Qwen-MoE; OLMoE).
 
     weights = p[top-k] with p = softmax(logits); with ``normalize`` the k weights are
-    divided by their sum (Mixtral: equivalent to a softmax over the k kept logits).
+    divided by their sum (Mixtral: equivalent to a softmax over the k kept logits); then
+    multiplied by ``scaling_factor`` (DeepSeek-V2's ``routed_scaling_factor``, which
+    offsets small un-normalised weights; 1 for the others).
     Returns ``(weights_TK, expert_idx_TK, probs_TE)``.
     """
     probs_TE = torch.softmax(logits_TE, dim=-1)
     weights_TK, expert_idx_TK = torch.topk(probs_TE, top_k, dim=-1)
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    if scaling_factor != 1.0:
+        weights_TK = weights_TK * scaling_factor
     return weights_TK, expert_idx_TK, probs_TE
 
 
