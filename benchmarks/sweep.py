@@ -1,0 +1,364 @@
+"""Sweeps for the two experiments whose settings decide what they can show.
+
+    python -m benchmarks.sweep quality     --out runs/sweep/quality     [--workers N] [--budget-s S]
+    python -m benchmarks.sweep quality2    --out runs/sweep/quality2    (round 2: shared + fine-grained)
+    python -m benchmarks.sweep instability --out runs/sweep/instability [--workers N] [--budget-s S]
+    (--device cuda --precision fp32 --cache-entry runs/cache/data/<entry> on a GPU machine)
+
+``quality``: at which scale does the MoE reach its matched-active dense model's final
+validation loss in fewer steps (the `moelab compare` target)? Each variant changes a
+few settings of the tiny pair (model shape, experts, batch, steps, lr, vocabulary) and
+trains the MoE and its dense sibling (FFN width = the MoE's active width) on the same
+token stream; a few also train the dense model with the MoE's total width.
+
+``instability``: which setting makes router logits grow until the loss spikes or turns
+NaN (the `moelab lab instability` broken run)? Variants of learning rate, router init,
+warmup, clipping, Adam beta2 and precision on the lab's model, without z-loss.
+
+Runs go to a process pool (one training run per task; on a GPU many small runs share
+the card). Every finished run is appended to ``OUT/runs.jsonl`` at once, so a sweep cut
+short keeps what it did; ``--budget-s`` stops submitting new runs after that many
+seconds and ``OUT/summary.json`` (written atomically at the end) pairs them up.
+
+The runs themselves are ordinary `moelab.train.train` runs; with ``--precision fp32`` a
+GPU follows the CPU's maths, so the variants that look best can be checked with
+`moelab compare` / `moelab lab` on the CPU (BENCHMARKS.md has both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("benchmarks.sweep")
+
+# --------------------------------------------------------------------------- quality grid
+
+# The tiny pair (moelab.model.presets "tiny-*"), as keyword settings a variant overrides.
+QUALITY_BASE: dict[str, Any] = dict(
+    d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, num_experts=8, top_k=2, d_expert=256,
+    shared=0, d_shared=None, vocab=8192,
+    steps=600, batch_size=8, seq_len=128, lr=3e-3, aux=0.01, bias_rate=0.0, renorm=True, seed=0, scale=1.0,
+)
+
+# name -> overrides, in priority order (a budget-cut sweep runs the first ones).
+QUALITY_VARIANTS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "bs32": dict(batch_size=32),
+    "steps1200": dict(steps=1200),
+    "bs32-steps1200": dict(batch_size=32, steps=1200),
+    "E32k4s1": dict(num_experts=32, top_k=4, d_expert=64, shared=1, d_shared=256),
+    "E16k4": dict(num_experts=16, top_k=4, d_expert=128),
+    "E64k8": dict(num_experts=64, top_k=8, d_expert=64),
+    "E16k2-de256": dict(num_experts=16),
+    "lr6e-3": dict(lr=6e-3),
+    "lr1.5e-3": dict(lr=1.5e-3),
+    "d64": dict(d_model=64, n_heads=4, n_kv_heads=2),
+    "v2048": dict(vocab=2048),
+    "v4096": dict(vocab=4096),
+    "bs32-E32k4s1": dict(batch_size=32, num_experts=32, top_k=4, d_expert=64, shared=1, d_shared=256),
+    "bs32-E16k4": dict(batch_size=32, num_experts=16, top_k=4, d_expert=128),
+    "bs32-v2048": dict(batch_size=32, vocab=2048),
+    "d64-bs32-steps1200": dict(d_model=64, batch_size=32, steps=1200),
+    "d64-v2048-bs32-steps1200": dict(d_model=64, vocab=2048, batch_size=32, steps=1200),
+    "bs16": dict(batch_size=16),
+    "steps2400": dict(steps=2400),
+    "E8k1-de512": dict(top_k=1, d_expert=512),
+    "aux1e-3": dict(aux=1e-3),
+    "L2": dict(n_layers=2),
+    "L8": dict(n_layers=8),
+    "seq256": dict(seq_len=256),
+    "lr6e-3-bs32": dict(lr=6e-3, batch_size=32),
+    "bs32-steps1200-E32k4s1": dict(batch_size=32, steps=1200, num_experts=32, top_k=4, d_expert=64, shared=1,
+                                   d_shared=256),
+    "bs32-steps1200-v2048-E16k4": dict(batch_size=32, steps=1200, vocab=2048, num_experts=16, top_k=4,
+                                       d_expert=128),
+    "bs64-steps1200": dict(batch_size=64, steps=1200),
+    "d64-L2-bs32-steps2400": dict(d_model=64, n_layers=2, batch_size=32, steps=2400),
+}
+# Round 2, after round 1 (BENCHMARKS.md): a shared expert with fine-grained routed experts
+# was the only design ahead of dense, so vary it at CPU-affordable scales, plus a second
+# seed. "_roles" limits the runs where the dense model equals another variant's.
+FG = dict(num_experts=32, top_k=4, d_expert=64, shared=1, d_shared=256)  # tiny-finegrained-moe
+QUALITY2_VARIANTS: dict[str, dict[str, Any]] = {
+    "seed1": dict(seed=1),
+    "E32k4s1-seed1": dict(FG, seed=1, _roles=("moe",)),
+    "E16k2s1": dict(num_experts=16, top_k=2, d_expert=128, shared=1, d_shared=256, _roles=("moe",)),
+    "E8k1s1": dict(num_experts=8, top_k=1, d_expert=256, shared=1, d_shared=256, _roles=("moe",)),
+    "E64k4s1": dict(FG, num_experts=64, _roles=("moe",)),
+    "E64k8s1-de32": dict(FG, num_experts=64, top_k=8, d_expert=32, _roles=("moe",)),
+    "E32k4s1-lr2e-3": dict(FG, lr=2e-3, _roles=("moe",)),
+    "E32k4s1-lr4e-3": dict(FG, lr=4e-3, _roles=("moe",)),
+    "E32k4s1-auxfree": dict(FG, aux=0.0, bias_rate=1e-3, _roles=("moe",)),
+    "E32k4s1-aux1e-3": dict(FG, aux=1e-3, _roles=("moe",)),
+    "E32k4s1-bs16": dict(FG, batch_size=16),
+    "E16k2s1-bs16": dict(num_experts=16, top_k=2, d_expert=128, shared=1, d_shared=256, batch_size=16,
+                         _roles=("moe",)),
+    "E32k6s1-ds128": dict(FG, top_k=6, d_shared=128, _roles=("moe",)),
+    "norenorm": dict(renorm=False, _roles=("moe",)),
+    "auxfree": dict(aux=0.0, bias_rate=1e-3, _roles=("moe",)),
+    "E32k4s1-steps1200": dict(FG, steps=1200),
+    # Round 3 (CPU): renormalised top-k weights sum to 1, so the routed output is an
+    # average of k experts where a dense FFN of the same active width sums its halves;
+    # scaling the weights by k restores the dense output scale.
+    "scale2": dict(scale=2.0, _roles=("moe",)),
+    "E32k4s1-scale4": dict(FG, scale=4.0, _roles=("moe",)),
+}
+# Variants that also train the dense model with the MoE's total FFN width.
+QUALITY_WITH_TOTAL = {"base", "bs32-steps1200", "d64-bs32-steps1200", "bs32-v2048", "bs64-steps1200"}
+
+
+def quality_models(s: dict[str, Any]) -> dict[str, Any]:
+    """{role: ModelConfig} for one quality variant's settings."""
+    from moelab.model import ModelConfig
+    from moelab.moe import MoEConfig, active_ffn_hidden
+
+    moe = MoEConfig(d_model=s["d_model"], d_expert=s["d_expert"], num_experts=s["num_experts"], top_k=s["top_k"],
+                    num_shared_experts=s["shared"], d_shared_expert=s["d_shared"], aux_loss_coef=s["aux"],
+                    z_loss_coef=0.001, bias_update_rate=s["bias_rate"], norm_topk_prob=s["renorm"],
+                    routed_scaling_factor=s["scale"])
+    base = ModelConfig(vocab_size=s["vocab"], d_model=s["d_model"], n_layers=s["n_layers"], n_heads=s["n_heads"],
+                       n_kv_heads=s["n_kv_heads"], d_ff=active_ffn_hidden(moe), max_seq_len=max(512, s["seq_len"]))
+    total_ff = s["num_experts"] * s["d_expert"] + s["shared"] * (s["d_shared"] or s["d_expert"])
+    return {"moe": base.with_(moe=moe), "dense": base, "dense_total": base.with_(d_ff=total_ff)}
+
+
+def quality_tasks(variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    tasks = []
+    for name, over in variants.items():
+        s = {**QUALITY_BASE, **over}
+        roles = s.pop("_roles", None) or (["moe", "dense"] + (["dense_total"] if name in QUALITY_WITH_TOTAL else []))
+        for role in roles:
+            train = dict(steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
+                         seed=s["seed"])
+            tasks.append(dict(grid="quality", variant=name, role=role, settings=s, train=train, vocab=s["vocab"]))
+    return tasks
+
+
+# --------------------------------------------------------------------------- instability grid
+
+# The lab's model (moelab.lab.failures.LabConfig defaults) without z-loss.
+INSTABILITY_BASE: dict[str, Any] = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=8, top_k=2,
+                                        d_expert=128, steps=300, batch_size=16, seq_len=64, router_std=0.5,
+                                        lr=3e-2, warmup=30, grad_clip=1.0, beta2=0.95, precision="fp32", z=0.0)
+
+
+def instability_tasks() -> list[dict[str, Any]]:
+    grid = []
+    for lr in (1e-2, 3e-2, 1e-1, 3e-1):
+        for std in (0.5, 4.0):
+            for clip in (1.0, 0.0):
+                for warmup in (30, 0):
+                    grid.append(dict(lr=lr, router_std=std, grad_clip=clip, warmup=warmup))
+    # Fewer, targeted: beta2, bf16 autocast, a bigger model, a longer run.
+    for lr in (3e-2, 1e-1):
+        grid.append(dict(lr=lr, beta2=0.99, grad_clip=0.0, warmup=0))
+        grid.append(dict(lr=lr, beta2=0.999, grad_clip=0.0, warmup=0))
+        grid.append(dict(lr=lr, precision="bf16", grad_clip=0.0, warmup=0, router_std=4.0))
+        grid.append(dict(lr=lr, d_model=128, n_layers=4, d_expert=256, grad_clip=0.0, warmup=0))
+        grid.append(dict(lr=lr, steps=1000, grad_clip=0.0, warmup=0, router_std=4.0))
+    tasks = []
+    for over in grid:
+        s = {**INSTABILITY_BASE, **over}
+        name = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(over.items()))
+        for z in (0.0, 1e-2):  # broken and z-loss-cured, same everything else
+            train = dict(steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
+                         warmup_steps=s["warmup"], grad_clip=s["grad_clip"], beta2=s["beta2"],
+                         precision=s["precision"])
+            tasks.append(dict(grid="instability", variant=name, role=f"z{z:g}", settings={**s, "z": z},
+                              train=train, vocab=8192))
+    return tasks
+
+
+def instability_model(s: dict[str, Any], vocab: int):
+    from moelab.model import ModelConfig
+    from moelab.moe import MoEConfig
+
+    moe = MoEConfig(d_model=s["d_model"], d_expert=s["d_expert"], num_experts=s["num_experts"], top_k=s["top_k"],
+                    aux_loss_coef=0.01, z_loss_coef=s["z"])
+    return ModelConfig(vocab_size=vocab, d_model=s["d_model"], n_layers=s["n_layers"], n_heads=s["n_heads"],
+                       n_kv_heads=s["n_kv_heads"], d_ff=s["top_k"] * s["d_expert"], moe=moe, max_seq_len=512)
+
+
+# --------------------------------------------------------------------------- running one task
+
+
+def _load_data(cache_entries: dict[int, str], vocab: int):
+    from moelab.data import load_cache_entry, prepare_data
+
+    if vocab in cache_entries:
+        return load_cache_entry(cache_entries[vocab])
+    return prepare_data(vocab_size=vocab)
+
+
+def run_task(task: dict[str, Any], runs_root: str, device: str, precision: str, cache_entries: dict[int, str]) -> dict:
+    """One training run (in a worker process); returns a JSON-able summary."""
+    import torch
+
+    from moelab.lab.failures import count_spikes, scale_router_init
+    from moelab.model import Transformer
+    from moelab.train import TrainConfig, train
+    from moelab.train.metrics import read_metrics
+
+    torch.set_num_threads(1)
+    if device == "cuda":  # fp32 means fp32: no TF32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    data = _load_data(cache_entries, task["vocab"])
+    s = task["settings"]
+    run_dir = Path(runs_root) / task["grid"] / task["variant"] / task["role"]
+    train_kw = {"precision": precision, **task["train"]}
+    train_cfg = TrainConfig(device=device, eval_interval=25, eval_batches=4, checkpoint_interval=0,
+                            log_interval=50, **{"seed": 0, **train_kw})
+    model = None
+    if task["grid"] == "quality":
+        cfg = quality_models(s)[task["role"]]
+    else:
+        cfg = instability_model(s, data.vocab_size)
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        scale_router_init(model, s["router_std"], seed=0)
+    t0 = time.perf_counter()
+    result = train(cfg, train_cfg, data, run_dir, progress=False, tensorboard=False, overwrite=True, model=model)
+    rows = read_metrics(run_dir, kind="train")
+    loss = np.array([r["loss"] for r in rows], dtype=np.float64)
+    peak = max((max(v["max_router_logit"] for v in r["layers"].values()) for r in rows if r.get("layers")),
+               default=None)
+    return dict(
+        grid=task["grid"], variant=task["variant"], role=task["role"], settings=s, train=train_kw,
+        val_loss=result.val_loss, val_loss_by_domain=result.val_loss_by_domain, steps_done=result.steps_done,
+        history=[{"step": h["step"], "val_loss": h["val_loss"]} for h in result.history],
+        step_time_s=result.step_time_s, wall_s=time.perf_counter() - t0, stopped_reason=result.stopped_reason,
+        nan_steps=result.nan_steps, loss_spikes=count_spikes(loss, 1.5) if len(loss) else 0,
+        peak_router_logit=peak, max_loss_after_10=float(np.nanmax(loss[10:])) if len(loss) > 10 else None,
+        final_train_loss=float(loss[-1]) if len(loss) else None,
+    )
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarize(rows: list[dict]) -> dict:
+    from moelab.train.compare import steps_to_reach
+
+    by_variant: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_variant.setdefault(f"{r['grid']}/{r['variant']}", {})[r["role"]] = r
+    out: dict[str, Any] = {}
+    for key, runs in by_variant.items():
+        entry: dict[str, Any] = {"settings": next(iter(runs.values()))["settings"]}
+        for role, r in runs.items():
+            entry[role] = {k: r[k] for k in ("val_loss", "steps_done", "step_time_s", "stopped_reason", "nan_steps",
+                                              "loss_spikes", "peak_router_logit", "max_loss_after_10")}
+        moe, dense = runs.get("moe"), runs.get("dense")
+        if moe and dense and dense["val_loss"] is not None and moe["val_loss"] is not None:
+            steps = steps_to_reach(moe["history"], dense["val_loss"])
+            entry["moe_minus_dense_val_loss"] = moe["val_loss"] - dense["val_loss"]
+            entry["moe_steps_to_dense_loss_ratio"] = None if steps is None else steps / dense["steps_done"]
+            entry["step_time_ratio"] = moe["step_time_s"] / dense["step_time_s"]
+        out[key] = entry
+    return out
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("grid", choices=["quality", "quality2", "instability"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+                   help="default precision of the runs (an instability variant may set its own)")
+    p.add_argument("--budget-s", type=float, default=math.inf, help="submit no new run after this many seconds")
+    p.add_argument("--cache-entry", action="append", default=[], metavar="DIR",
+                   help="prepared-data cache entries to load as they are (see moelab.data.load_cache_entry); "
+                   "matched to runs by vocabulary size")
+    p.add_argument("--only", nargs="*", help="variant names to run (default all)")
+    p.add_argument("--runs-dir", default=None, help="where the run directories go (default OUT/runs)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every run's steps (a smoke test)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    cache_entries = {}
+    for entry in args.cache_entry:
+        meta = json.loads((Path(entry) / "meta.json").read_text())
+        cache_entries[int(meta["vocab_size"])] = entry
+    tasks = {"quality": lambda: quality_tasks(QUALITY_VARIANTS), "quality2": lambda: quality_tasks(QUALITY2_VARIANTS),
+             "instability": instability_tasks}[args.grid]()
+    if args.only:
+        tasks = [t for t in tasks if t["variant"] in set(args.only)]
+    if args.max_steps:
+        for t in tasks:
+            t["train"]["steps"] = min(t["train"]["steps"], args.max_steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "runs.jsonl"
+    rows: list[dict] = []
+    start = time.perf_counter()
+    ctx = mp.get_context("spawn")  # CUDA cannot be forked
+    with cf.ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
+        pending: dict[cf.Future, dict] = {}
+        queue = list(tasks)
+        while queue or pending:
+            while queue and len(pending) < args.workers and time.perf_counter() - start < args.budget_s:
+                t = queue.pop(0)
+                pending[pool.submit(run_task, t, args.runs_dir or str(out / "runs"), args.device, args.precision, cache_entries)] = t
+            if not pending:
+                break
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                t = pending.pop(fut)
+                try:
+                    row = fut.result()
+                except Exception as e:  # one failed run must not lose the others
+                    row = dict(grid=t["grid"], variant=t["variant"], role=t["role"], error=f"{type(e).__name__}: {e}")
+                    log.warning("%s/%s failed: %s", t["variant"], t["role"], row["error"])
+                else:
+                    rows.append(row)
+                    log.info("%-30s %-12s val %.4f  %.0fs  spikes %s nan %s peak %s", t["variant"], t["role"],
+                             row["val_loss"] if row["val_loss"] is not None else float("nan"), row["wall_s"],
+                             row["loss_spikes"], row["nan_steps"], row["peak_router_logit"])
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        skipped = len(queue)
+    summary = summarize(rows)
+    _atomic_json(out / "summary.json", {"grid": args.grid, "device": args.device, "precision": args.precision,
+                                        "wall_s": time.perf_counter() - start, "skipped_runs": skipped,
+                                        "variants": summary})
+    for key, e in summary.items():
+        if "moe_steps_to_dense_loss_ratio" in e:
+            r = e["moe_steps_to_dense_loss_ratio"]
+            tot = e.get("dense_total", {}).get("val_loss")
+            print(f"{key:45s} moe-dense {e['moe_minus_dense_val_loss']:+.4f}  steps ratio "
+                  f"{'never' if r is None else f'{r:.2f}'}  moe {e['moe']['val_loss']:.4f} dense "
+                  f"{e['dense']['val_loss']:.4f} total {tot if tot is None else round(tot, 4)}  "
+                  f"time x{e['step_time_ratio']:.2f}")
+        else:
+            print(f"{key:60s} " + "  ".join(
+                f"{role}: spikes {r['loss_spikes']} nan {r['nan_steps']} peak "
+                f"{'-' if r['peak_router_logit'] is None else round(r['peak_router_logit'], 1)} val "
+                f"{'-' if r['val_loss'] is None else round(r['val_loss'], 3)}"
+                for role, r in e.items() if role != "settings"))
+    print(f"skipped (budget): {skipped} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
