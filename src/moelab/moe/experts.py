@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelab.moe.dispatch import Assignments, DispatchPlan
+from moelab.moe.dispatch import Assignments, DispatchPlan, sort_by_expert
 
 
 def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -274,6 +274,43 @@ class _ExpertFFN(torch.autograd.Function):
         return dx_TD, dw_in, dw_out, dweight_A, None, None, None, None
 
 
+def experts_one_token(
+    x_1D: torch.Tensor,
+    w_in_EHD: torch.Tensor,
+    w_out_EDF: torch.Tensor,
+    expert_idx_K: list[int],
+    weight_K: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """``sum_k w_k * down_e(act(W_in[e] x))`` for one token, one GEMV pair per chosen expert."""
+    out_1D = None
+    for k, e in enumerate(expert_idx_K):
+        a_1F = _act_forward(F.linear(x_1D, w_in_EHD[e]), activation).mul_(weight_K[k].to(x_1D.dtype))
+        y_1D = F.linear(a_1F, w_out_EDF[e])
+        out_1D = y_1D if out_1D is None else out_1D.add_(y_1D)
+    return out_1D if out_1D is not None else torch.zeros_like(x_1D)
+
+
+def experts_no_grad(
+    x_TD: torch.Tensor,
+    w_in_EHD: torch.Tensor,
+    w_out_EDF: torch.Tensor,
+    assignments: Assignments,
+    activation: str,
+) -> torch.Tensor:
+    """The routed experts without autograd, as `RoutedExperts` runs them at decode: one
+    token by `experts_one_token`, more by the sorted dispatch of `_ExpertFFN`."""
+    token_A, expert_A, weight_A = assignments
+    T = x_TD.shape[0]
+    if T == 1:
+        return experts_one_token(x_TD, w_in_EHD, w_out_EDF, expert_A.tolist(), weight_A, activation)
+    plan = sort_by_expert(assignments, w_in_EHD.shape[0], T)
+    if plan.token_idx_A.numel() == 0:
+        return torch.zeros_like(x_TD)
+    counts = plan.counts_E.tolist()
+    return _ExpertFFN.apply(x_TD, w_in_EHD, w_out_EDF, plan.weight_A, plan.token_idx_A, counts, activation, False)
+
+
 class RoutedExperts(nn.Module):
     """E expert FFNs with stacked weights; each runs only on the tokens routed to it."""
 
@@ -324,12 +361,7 @@ class RoutedExperts(nn.Module):
         costs more than the four GEMVs it organises; this computes
         ``sum_k w_k * down_e(act(W_in[e] x))`` directly. Equal to `forward` (tested).
         """
-        out_1D = None
-        for k, e in enumerate(expert_idx_K):
-            a_1F = _act_forward(F.linear(x_1D, self.w_in[e]), self.activation).mul_(weight_K[k].to(x_1D.dtype))
-            y_1D = F.linear(a_1F, self.down_proj[e])
-            out_1D = y_1D if out_1D is None else out_1D.add_(y_1D)
-        return out_1D if out_1D is not None else torch.zeros_like(x_1D)
+        return experts_one_token(x_1D, self.w_in, self.down_proj, expert_idx_K, weight_K, self.activation)
 
     def forward_reference(self, x_TD: torch.Tensor, assignments: Assignments) -> torch.Tensor:
         """Readable reference: for each expert, find its tokens with a mask and run it.

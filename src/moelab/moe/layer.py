@@ -19,7 +19,7 @@ from torch import nn
 from moelab.errors import MoelabError
 from moelab.moe import dispatch, routing
 from moelab.moe.config import MoEConfig
-from moelab.moe.experts import FeedForward, RoutedExperts
+from moelab.moe.experts import FeedForward, RoutedExperts, experts_no_grad
 from moelab.moe.losses import load_balancing_loss, router_z_loss, update_expert_bias
 
 
@@ -106,6 +106,44 @@ class MoEOutput:
         return self.aux_loss_coef * self.aux_loss + self.z_loss_coef * self.z_loss
 
 
+def _check_router_logits(logits_TE: torch.Tensor, x_TD: torch.Tensor) -> None:
+    if not bool(torch.isfinite(logits_TE).all()):
+        raise NonFiniteRouterError(
+            "router logits contain NaN/Inf: training has diverged or the input is not finite "
+            f"(input finite: {bool(torch.isfinite(x_TD).all())})"
+        )
+
+
+@torch.library.custom_op("moelab::routed_experts_inference", mutates_args=())
+def routed_experts_inference(
+    x_TD: torch.Tensor,
+    w_in_EHD: torch.Tensor,
+    w_out_EDF: torch.Tensor,
+    token_A: torch.Tensor,
+    expert_A: torch.Tensor,
+    weight_A: torch.Tensor,
+    logits_TE: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """The routed experts as one op that `torch.compile` does not look into (no autograd).
+
+    Which experts run is data dependent: traced, the host sync on their ids would break
+    the graph in every MoE layer, and the traceable alternatives cost memory traffic
+    (gathering ``w[expert_idx]`` copies the chosen experts' weights before the GEMV;
+    running all E experts reads E/K times the weights). Opaque, the op runs the eager
+    code (`experts_no_grad`) on the original weights. ``logits_TE`` (when given) are
+    checked to be finite here, the check `MoE.forward` makes in eager mode.
+    """
+    if logits_TE is not None:
+        _check_router_logits(logits_TE, x_TD)
+    return experts_no_grad(x_TD, w_in_EHD, w_out_EDF, (token_A, expert_A, weight_A), activation)
+
+
+@routed_experts_inference.register_fake
+def _(x_TD, w_in_EHD, w_out_EDF, token_A, expert_A, weight_A, logits_TE, activation):
+    return torch.empty_like(x_TD)
+
+
 class Router(nn.Module):
     """Learned router: ``weight [E, D]``, logits computed in float32 whatever the input dtype."""
 
@@ -166,11 +204,11 @@ class MoE(nn.Module):
             logits_TE = self.router.logits(x_TD * jitter)
         else:
             logits_TE = self.router.logits(x_TD)
-        if cfg.check_finite and not bool(torch.isfinite(logits_TE).all()):
-            raise NonFiniteRouterError(
-                "router logits contain NaN/Inf: training has diverged or the input is not finite "
-                f"(input finite: {bool(torch.isfinite(x_TD).all())})"
-            )
+        # Compiled inference (`generate(compile=True)`): the experts are one opaque op, which
+        # also makes the finiteness check, so the graph has no host sync and no break.
+        compiled_inference = torch.compiler.is_compiling() and not torch.is_grad_enabled() and cfg.impl == "grouped"
+        if cfg.check_finite and not compiled_inference:
+            _check_router_logits(logits_TE, x_TD)
 
         if cfg.router == "expert_choice":
             capacity = routing.expert_capacity(T, cfg.num_experts, cfg.top_k, cfg.capacity_factor or 1.0)
@@ -203,6 +241,11 @@ class MoE(nn.Module):
         tokens_per_expert = None
         if cfg.impl == "loop":
             y_TD = self.experts.forward_reference(x_TD, assignments)
+        elif compiled_inference:
+            y_TD = routed_experts_inference(
+                x_TD, self.experts.w_in, self.experts.down_proj, *assignments,
+                logits_TE if cfg.check_finite else None, cfg.activation,
+            )
         elif T == 1 and not torch.is_grad_enabled():
             # Single-token decode: kept assignments all belong to token 0.
             _, expert_A, weight_A = assignments
