@@ -8,6 +8,8 @@ tokens as the eager `generate`, and that a weight change is not served by a stal
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -83,6 +85,10 @@ def test_compile_bad_arguments():
         generate(model, [[1, 2]], max_new_tokens=2, compile="yes")
     with pytest.raises(ConfigError, match="compile=True does not support record_routing"):
         generate(model, [[1, 2]], max_new_tokens=2, compile=True, record_routing=True)
+    for change, match in (({"capacity_factor": 1.5}, "capacity_factor=1.5"), ({"impl": "loop"}, "impl='grouped'")):
+        cfg = model.cfg.with_(moe=dataclasses.replace(model.cfg.moe, **change))
+        with pytest.raises(ConfigError, match=match):
+            generate(Transformer(cfg), [[1, 2]], max_new_tokens=2, compile=True)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ run unchanged; only the top of the forward (embedding, RoPE rows, mask, final no
 head) is spelled out in `decode_one_token`, which is the readable reference of the
 compiled path (tests compare it to the eager model).
 
-The routed experts stay eager inside the graph (`moelab::routed_experts_inference`,
+The routed experts stay eager inside the graph (`moelab::grouped_expert_ffn`,
 an op the compiler does not trace): which experts run is data dependent.
 """
 
@@ -20,7 +20,9 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch._inductor.config
 
+from moelab.errors import ConfigError
 from moelab.infer.kv_cache import KVCache
 from moelab.model import Transformer
 from moelab.model.layers import rope_cos_sin
@@ -50,6 +52,23 @@ class _ColumnWriter:
         k.index_copy_(2, self.col_1, k_BHTD)
         v.index_copy_(2, self.col_1, v_BHTD)
         return k, v
+
+
+def check_compilable(model: Transformer) -> None:
+    """Refuse, naming the setting, what the one-graph decode step cannot trace."""
+    moe = model.cfg.moe
+    if moe is None:
+        return
+    if moe.capacity_factor is not None:
+        raise ConfigError(
+            f"generate: compile=True does not support ModelConfig.moe.capacity_factor={moe.capacity_factor} "
+            "(dropping tokens selects them by a data-dependent mask); use compile=False"
+        )
+    if moe.impl != "grouped":
+        raise ConfigError(
+            f"generate: compile=True needs ModelConfig.moe.impl='grouped', got {moe.impl!r} (the loop "
+            "reference syncs with the host per expert); use compile=False"
+        )
 
 
 def rope_table(model: Transformer, cache: KVCache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +142,8 @@ def compiled_decode_step(model: Transformer, *, freezing: bool = True, max_autot
     # the code object, and its guards do not look at weight values.
     fn = decode_one_token
     fresh = type(fn)(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    compiled = torch.compile(fresh, dynamic=False)
+    # fullgraph: a graph break would silently fall back to eager for the whole step.
+    compiled = torch.compile(fresh, dynamic=False, fullgraph=True)
 
     def step(*args):
         with torch._inductor.config.patch(options):

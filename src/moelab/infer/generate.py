@@ -24,7 +24,12 @@ from typing import Protocol
 import torch
 
 from moelab.errors import ConfigError
-from moelab.infer.compiled import compiled_decode_step, rope_table, static_cache_len
+from moelab.infer.compiled import (
+    check_compilable,
+    compiled_decode_step,
+    rope_table,
+    static_cache_len,
+)
 from moelab.infer.kv_cache import KVCache
 from moelab.infer.sampling import SamplingConfig, sample_next
 from moelab.model import Transformer
@@ -139,6 +144,8 @@ def generate(
             "generate: compile=True does not support record_routing=True (the compiled step returns "
             "logits only); use compile=False to record routing"
         )
+    if compile:
+        check_compilable(model)
     stop_ids = set(int(t) for t in (stop_token_ids or ()))
     cfg = model.cfg
     device = model.embed_tokens.weight.device

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelab.moe.dispatch import Assignments, DispatchPlan, sort_by_expert
+from moelab.moe.dispatch import Assignments, DispatchPlan
 
 
 def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -291,24 +291,31 @@ def experts_one_token(
     return out_1D if out_1D is not None else torch.zeros_like(x_1D)
 
 
-def experts_no_grad(
-    x_TD: torch.Tensor,
+def grouped_ffn_no_grad(
+    x_AD: torch.Tensor,
     w_in_EHD: torch.Tensor,
     w_out_EDF: torch.Tensor,
-    assignments: Assignments,
+    weight_A: torch.Tensor,
+    offsets_E: torch.Tensor,
     activation: str,
 ) -> torch.Tensor:
-    """The routed experts without autograd, as `RoutedExperts` runs them at decode: one
-    token by `experts_one_token`, more by the sorted dispatch of `_ExpertFFN`."""
-    token_A, expert_A, weight_A = assignments
-    T = x_TD.shape[0]
-    if T == 1:
-        return experts_one_token(x_TD, w_in_EHD, w_out_EDF, expert_A.tolist(), weight_A, activation)
-    plan = sort_by_expert(assignments, w_in_EHD.shape[0], T)
-    if plan.token_idx_A.numel() == 0:
-        return torch.zeros_like(x_TD)
-    counts = plan.counts_E.tolist()
-    return _ExpertFFN.apply(x_TD, w_in_EHD, w_out_EDF, plan.weight_A, plan.token_idx_A, counts, activation, False)
+    """Expert outputs of rows already sorted by expert, without autograd:
+    ``y_A = (act(x_A W_in[e]^T) * w_A) W_out[e]^T`` for the rows ``offsets_E[e-1]:offsets_E[e]``
+    of expert e. One ``torch._grouped_mm`` per projection where `_use_grouped_mm` allows
+    (no host sync), else a ``torch.mm`` per expert (`_seg_mm`)."""
+    segs: list[Segment] | None = None
+
+    def mm(a_RI: torch.Tensor, w_EOI: torch.Tensor) -> torch.Tensor:
+        nonlocal segs
+        if _use_grouped_mm(a_RI, w_EOI.transpose(1, 2)):
+            return torch._grouped_mm(a_RI, w_EOI.transpose(1, 2), offs=offsets_E)
+        if segs is None:
+            ends = offsets_E.tolist()
+            segs = [(e, s, t) for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if t > s]
+        return _seg_mm(a_RI, w_EOI, segs, transpose=True)
+
+    a_AF = _act_forward(mm(x_AD, w_in_EHD), activation).mul_(weight_A.to(x_AD.dtype).unsqueeze(-1))
+    return mm(a_AF, w_out_EDF)
 
 
 class RoutedExperts(nn.Module):
