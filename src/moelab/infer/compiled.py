@@ -11,8 +11,12 @@ run unchanged; only the top of the forward (embedding, RoPE rows, mask, final no
 head) is spelled out in `decode_one_token`, which is the readable reference of the
 compiled path (tests compare it to the eager model).
 
-The routed experts stay eager inside the graph (`moelab::grouped_expert_ffn`,
-an op the compiler does not trace): which experts run is data dependent.
+Which experts run is data dependent: inside the graph the routed experts' GEMMs are
+opaque ops that run eager code on the original weights (`moe.layer.experts_in_graph`).
+Everything else is inductor's: with freezing, the dense linears (attention, router, LM
+head) become MKL-packed GEMMs, which at 8 rows run about twice as fast as ATen's
+(the [8, 768] x [768, 32000] LM head: 3.2 vs 6.4 ms here), and the small ops of each
+layer fuse into a few C++ kernels. See BENCHMARKS.md "## Decode" for what it gains.
 """
 
 from __future__ import annotations
