@@ -1,6 +1,6 @@
 """Benchmark: decode tokens/s, moelab `generate` vs transformers `generate`, same weights.
 
-    python -m benchmarks.decode --json runs/bench/decode.json [--quick]
+    python -m benchmarks.decode --json runs/bench/decode.json [--quick] [--compile]
 
 A Mixtral-style model of ~200M parameters (random weights) is built with transformers,
 saved, and imported into moelab (`moelab.hf.from_pretrained`), so both run the very same
@@ -8,7 +8,9 @@ weights in one process, CPU fp32, greedy, no stop token. For batch 1 and 8 (prom
 ``--prompt-len`` tokens) each implementation is timed end to end twice, with 1 and with
 N new tokens, alternating ours/HF every repeat; decode tokens/s = B * (N - 1) /
 (t_N - t_1), which removes prefill from both in the same way. HF uses its default
-(dynamic) cache.
+(dynamic) cache. ``--compile`` adds ours with ``generate(compile=True)`` (a compiled
+static-shape decode step) as a third contender in the same alternation; its compile
+time is the first call's wall time with inductor's on-disk caches disabled (cold).
 
 Bandwidth: the physical limit of decode is reading the weights each step. Bytes touched
 per step = attention + norms + routers + lm_head + the *distinct* experts the batch
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 from benchmarks.common import machine_info, set_threads, time_ms
 from moelab.hf import from_pretrained
@@ -118,7 +121,7 @@ def kv_bytes_per_step(model, B: int, mean_len: float) -> float:
     )
 
 
-def run_case(hf, ours, B: int, prompt_len: int, new: int, repeats: int) -> dict:
+def run_case(hf, ours, B: int, prompt_len: int, new: int, repeats: int, compile: bool = False) -> dict:
     g = torch.Generator().manual_seed(B)
     prompts = torch.randint(0, ours.cfg.vocab_size, (B, prompt_len), generator=g)
     mask = torch.ones_like(prompts)
@@ -127,6 +130,11 @@ def run_case(hf, ours, B: int, prompt_len: int, new: int, repeats: int) -> dict:
     def t_ours(n):
         t0 = time.perf_counter()
         res = generate(ours, plist, max_new_tokens=n)
+        return time.perf_counter() - t0, res
+
+    def t_ours_compiled(n):
+        t0 = time.perf_counter()
+        res = generate(ours, plist, max_new_tokens=n, compile=True)
         return time.perf_counter() - t0, res
 
     def t_hf(n):
@@ -142,17 +150,26 @@ def run_case(hf, ours, B: int, prompt_len: int, new: int, repeats: int) -> dict:
             )
         return time.perf_counter() - t0, out[:, prompt_len:].tolist()
 
-    for fn in (t_ours, t_hf):  # warm-up
+    contenders = [("ours", t_ours), ("hf", t_hf)]
+    compile_s = None
+    if compile:
+        contenders.insert(1, ("ours_compiled", t_ours_compiled))
+        with torch._inductor.config.patch(force_disable_caches=True):
+            compile_s = t_ours_compiled(2)[0]  # compiles the (B, cache length) graph, cold
+        log.info("batch %d: first compiled call (compile + 1 step) %.1f s", B, compile_s)
+    for _, fn in contenders:  # warm-up
         fn(2)
-    rows: dict[str, list[float]] = {"ours_1": [], "ours_N": [], "hf_1": [], "hf_N": []}
-    same = True
+    rows: dict[str, list[float]] = {f"{name}_{n}": [] for name, _ in contenders for n in ("1", "N")}
+    same = same_compiled = True
     for _ in range(repeats):
-        for name, fn in (("ours", t_ours), ("hf", t_hf)):
+        for name, fn in contenders:
             rows[f"{name}_1"].append(fn(1)[0])
             dt, out = fn(new)
             rows[f"{name}_N"].append(dt)
             if name == "ours":
                 ours_ids = out.token_ids
+            elif name == "ours_compiled":
+                same_compiled = same_compiled and out.token_ids == ours_ids
             else:
                 same = same and out == ours_ids
     med = {k: statistics.median(v) for k, v in rows.items()}
@@ -164,10 +181,15 @@ def run_case(hf, ours, B: int, prompt_len: int, new: int, repeats: int) -> dict:
         "median_s": med,
         "same_tokens_as_hf": same,
     }
-    for name in ("ours", "hf"):
+    for name, _ in contenders:
         res[f"{name}_decode_tok_s"] = B * (new - 1) / max(med[f"{name}_N"] - med[f"{name}_1"], 1e-9)
         res[f"{name}_ms_per_step"] = 1e3 * (med[f"{name}_N"] - med[f"{name}_1"]) / (new - 1)
     res["speedup"] = res["ours_decode_tok_s"] / res["hf_decode_tok_s"]
+    if compile:
+        res["compile_first_call_s"] = compile_s
+        res["compiled_same_tokens_as_eager"] = same_compiled
+        res["speedup_compiled"] = res["ours_compiled_decode_tok_s"] / res["hf_decode_tok_s"]
+        res["compiled_vs_eager"] = res["ours_compiled_decode_tok_s"] / res["ours_decode_tok_s"]
     recorded = generate(ours, plist, max_new_tokens=new, record_routing=True)
     wb = weight_bytes_per_step(ours, recorded.routing)
     wb["kv_bytes"] = kv_bytes_per_step(ours, B, prompt_len + new / 2)
@@ -177,6 +199,10 @@ def run_case(hf, ours, B: int, prompt_len: int, new: int, repeats: int) -> dict:
     res["hf_achieved_GBps"] = (
         (wb["total_bytes"] + wb["kv_bytes"]) * 1e3 / res["hf_ms_per_step"] / 1e9
     )
+    if compile:
+        res["ours_compiled_achieved_GBps"] = (
+            (wb["total_bytes"] + wb["kv_bytes"]) * 1e3 / res["ours_compiled_ms_per_step"] / 1e9
+        )
     return res
 
 
@@ -197,6 +223,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time generate(compile=True) (compiled decode step)"
+    )
     args = ap.parse_args()
     if args.quick:
         args.vocab, args.d_model, args.d_expert, args.layers, args.new_tokens, args.repeats = (
@@ -215,7 +244,7 @@ def main() -> None:
     log.info("model: %.1fM parameters", info["params"] / 1e6)
     cases = []
     for B in (int(b) for b in args.batches.split(",")):
-        r = run_case(hf, ours, B, args.prompt_len, args.new_tokens, args.repeats)
+        r = run_case(hf, ours, B, args.prompt_len, args.new_tokens, args.repeats, args.compile)
         log.info(
             "batch %d: ours %.1f tok/s (%.1f ms/step), hf %.1f tok/s (%.1f ms/step), speedup %.2fx, "
             "achieved %.1f GB/s, same tokens: %s",
@@ -228,6 +257,17 @@ def main() -> None:
             r["ours_achieved_GBps"],
             r["same_tokens_as_hf"],
         )
+        if args.compile:
+            log.info(
+                "batch %d: ours compiled %.1f tok/s (%.1f ms/step), %.2fx HF, %.2fx ours eager, "
+                "same tokens as eager: %s",
+                B,
+                r["ours_compiled_decode_tok_s"],
+                r["ours_compiled_ms_per_step"],
+                r["speedup_compiled"],
+                r["compiled_vs_eager"],
+                r["compiled_same_tokens_as_eager"],
+            )
         cases.append(r)
     bw_after = memory_bandwidth(0.25 if args.quick else 1.0)
     atomic_write_json(

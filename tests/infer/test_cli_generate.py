@@ -50,3 +50,11 @@ def test_generate_cli_needs_tokenizer(tmp_path, capsys):
     make_hf("mixtral").save_pretrained(tmp_path / "hf")
     assert main(["generate", str(tmp_path / "hf"), "--prompt", "x"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_generate_cli_compile_refuses_record_routing(tmp_path, capsys):
+    make_hf("mixtral").save_pretrained(tmp_path / "hf")
+    _tokenizer(tmp_path / "hf" / "tokenizer.json")
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "the cat", "--compile",
+                 "--record-routing", str(tmp_path / "r.json")]) == 2
+    assert "compile=True does not support record_routing" in capsys.readouterr().err

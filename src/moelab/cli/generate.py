@@ -28,6 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's own)")
     p.add_argument("--record-routing", metavar="OUT.json", help="write per-token expert routing as JSON")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a torch.compile'd static-shape step (the first call compiles for tens of "
+        "seconds, counted in the decode rate printed; then ~1.1-1.3x faster per token; not with "
+        "--record-routing)",
+    )
     p.set_defaults(func=run)
 
 
@@ -65,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         record_routing=bool(args.record_routing),
         stream=stream if single else None,
+        compile=args.compile,
     )
     if single:
         sys.stdout.write("\n")

@@ -274,6 +274,50 @@ class _ExpertFFN(torch.autograd.Function):
         return dx_TD, dw_in, dw_out, dweight_A, None, None, None, None
 
 
+def one_token_ffn(
+    x_1D: torch.Tensor,
+    w_in_EHD: torch.Tensor,
+    w_out_EDF: torch.Tensor,
+    expert_idx_K: list[int],
+    weight_K: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """``sum_k w_k * down_e(act(W_in[e] x))`` for one token: a GEMV pair per chosen expert."""
+    out_1D = None
+    for k, e in enumerate(expert_idx_K):
+        a_1F = _act_forward(F.linear(x_1D, w_in_EHD[e]), activation).mul_(weight_K[k].to(x_1D.dtype))
+        y_1D = F.linear(a_1F, w_out_EDF[e])
+        out_1D = y_1D if out_1D is None else out_1D.add_(y_1D)
+    return out_1D if out_1D is not None else torch.zeros_like(x_1D)
+
+
+def grouped_ffn_no_grad(
+    x_AD: torch.Tensor,
+    w_in_EHD: torch.Tensor,
+    w_out_EDF: torch.Tensor,
+    weight_A: torch.Tensor,
+    offsets_E: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """Expert outputs of rows already sorted by expert, without autograd:
+    ``y_A = (act(x_A W_in[e]^T) * w_A) W_out[e]^T`` for the rows ``offsets_E[e-1]:offsets_E[e]``
+    of expert e. One ``torch._grouped_mm`` per projection where `_use_grouped_mm` allows
+    (no host sync), else a ``torch.mm`` per expert (`_seg_mm`)."""
+    segs: list[Segment] | None = None
+
+    def mm(a_RI: torch.Tensor, w_EOI: torch.Tensor) -> torch.Tensor:
+        nonlocal segs
+        if _use_grouped_mm(a_RI, w_EOI.transpose(1, 2)):
+            return torch._grouped_mm(a_RI, w_EOI.transpose(1, 2), offs=offsets_E)
+        if segs is None:
+            ends = offsets_E.tolist()
+            segs = [(e, s, t) for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if t > s]
+        return _seg_mm(a_RI, w_EOI, segs, transpose=True)
+
+    a_AF = _act_forward(mm(x_AD, w_in_EHD), activation).mul_(weight_A.to(x_AD.dtype).unsqueeze(-1))
+    return mm(a_AF, w_out_EDF)
+
+
 class RoutedExperts(nn.Module):
     """E expert FFNs with stacked weights; each runs only on the tokens routed to it."""
 
@@ -324,12 +368,7 @@ class RoutedExperts(nn.Module):
         costs more than the four GEMVs it organises; this computes
         ``sum_k w_k * down_e(act(W_in[e] x))`` directly. Equal to `forward` (tested).
         """
-        out_1D = None
-        for k, e in enumerate(expert_idx_K):
-            a_1F = _act_forward(F.linear(x_1D, self.w_in[e]), self.activation).mul_(weight_K[k].to(x_1D.dtype))
-            y_1D = F.linear(a_1F, self.down_proj[e])
-            out_1D = y_1D if out_1D is None else out_1D.add_(y_1D)
-        return out_1D if out_1D is not None else torch.zeros_like(x_1D)
+        return one_token_ffn(x_1D, self.w_in, self.down_proj, expert_idx_K, weight_K, self.activation)
 
     def forward_reference(self, x_TD: torch.Tensor, assignments: Assignments) -> torch.Tensor:
         """Readable reference: for each expert, find its tokens with a mask and run it.

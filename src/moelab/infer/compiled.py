@@ -1,0 +1,157 @@
+"""A decode step of one shape for `torch.compile` (gpt-fast style), used by
+``generate(..., compile=True)``.
+
+Legend: B batch rows, S cache length (static), D model dim, V vocab.
+
+The eager decode step attends over ``[:length + 1]`` of the cache, so its shapes change
+every step. Here the step writes the new key/value at a column given as a tensor and
+attends over the whole cache with a mask (real prompt tokens and the columns written so
+far), so one compiled graph serves every step of a generation. The model's own blocks
+run unchanged; only the top of the forward (embedding, RoPE rows, mask, final norm, LM
+head) is spelled out in `decode_one_token`, which is the readable reference of the
+compiled path (tests compare it to the eager model).
+
+Which experts run is data dependent: inside the graph the routed experts' GEMMs are
+opaque ops that run eager code on the original weights (`moe.layer.experts_in_graph`).
+Everything else is inductor's: with freezing, the dense linears (attention, router, LM
+head) become MKL-packed GEMMs, which at 8 rows run about twice as fast as ATen's
+(the [8, 768] x [768, 32000] LM head: 3.2 vs 6.4 ms here), and the small ops of each
+layer fuse into a few C++ kernels. See BENCHMARKS.md "## Decode" for what it gains.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch._inductor.config
+
+from moelab.errors import ConfigError
+from moelab.infer.kv_cache import KVCache
+from moelab.model import Transformer
+from moelab.model.layers import rope_cos_sin
+
+# Cache lengths are rounded up to a power of two (at least this) so that prompts of
+# similar length share one compiled graph; each new (B, S) compiles again.
+MIN_STATIC_LEN = 64
+
+
+def static_cache_len(needed: int, max_seq_len: int) -> int:
+    """The cache length a compiled decode uses for ``needed`` positions."""
+    n = MIN_STATIC_LEN
+    while n < needed:
+        n *= 2
+    return max(needed, min(n, max_seq_len))
+
+
+class _ColumnWriter:
+    """The cache as `Attention` sees it in a static step: write at column ``col_1``,
+    return the whole ``[B, H_kv, S, Dh]`` buffers (the mask hides what is not written)."""
+
+    def __init__(self, cache: KVCache, col_1: torch.Tensor):
+        self.cache, self.col_1 = cache, col_1
+
+    def update(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.cache.k[layer], self.cache.v[layer]
+        k.index_copy_(2, self.col_1, k_BHTD)
+        v.index_copy_(2, self.col_1, v_BHTD)
+        return k, v
+
+
+def check_compilable(model: Transformer) -> None:
+    """Refuse, naming the setting, what the one-graph decode step cannot trace."""
+    moe = model.cfg.moe
+    if moe is None:
+        return
+    if moe.capacity_factor is not None:
+        raise ConfigError(
+            f"generate: compile=True does not support ModelConfig.moe.capacity_factor={moe.capacity_factor} "
+            "(dropping tokens selects them by a data-dependent mask); use compile=False"
+        )
+    if moe.impl != "grouped":
+        raise ConfigError(
+            f"generate: compile=True needs ModelConfig.moe.impl='grouped', got {moe.impl!r} (the loop "
+            "reference syncs with the host per expert); use compile=False"
+        )
+
+
+def rope_table(model: Transformer, cache: KVCache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[S, Dh]`` for positions 0..S-1, as `Transformer._rope` builds them."""
+    if cache.rope is None or cache.rope[0].dtype != dtype:
+        cfg = model.cfg
+        all_pos = torch.arange(cache.max_len, device=cache.k[0].device).unsqueeze(0)
+        cos, sin = rope_cos_sin(all_pos, cfg.dim_head, cfg.rope_theta, dtype)
+        cache.rope = (cos[0, 0], sin[0, 0])
+    return cache.rope
+
+
+def decode_one_token(
+    model: Transformer,
+    ids_B1: torch.Tensor,
+    positions_B1: torch.Tensor,
+    col_1: torch.Tensor,
+    valid_BS: torch.Tensor,
+    cache: KVCache,
+) -> torch.Tensor:
+    """Logits ``[B, V]`` of one new token per row, written at cache column ``col_1``.
+
+    ``valid_BS`` (bool) marks the cache columns a row may attend to apart from causality:
+    False on left padding, True elsewhere; columns after ``col_1`` are masked here. The
+    same sliding window as `Transformer._attention_mask` (counted in columns).
+    """
+    B, S = valid_BS.shape
+    x_B1D = model.embed_tokens(ids_B1)
+    cos_SD, sin_SD = cache.rope
+    cos, sin = cos_SD[positions_B1].unsqueeze(1), sin_SD[positions_B1].unsqueeze(1)  # [B, 1, 1, Dh]
+    k_pos_S = torch.arange(S, device=valid_BS.device)
+    allowed_BS = valid_BS & (k_pos_S <= col_1)
+    window = model.cfg.sliding_window
+    if window is not None:
+        allowed_BS = allowed_BS & (col_1 - k_pos_S < window)
+    mask_B11S = allowed_BS.view(B, 1, 1, S)
+    writer = _ColumnWriter(cache, col_1)
+    for block in model.layers:
+        x_B1D, _ = block(x_B1D, cos, sin, mask_B11S, writer, False, False)
+    return model.lm_head(model.norm(x_B1D))[:, -1]
+
+
+# One compiled step per model, rebuilt when its weights change: freezing bakes the weights
+# into the graph (and repacks the dense ones), so a stale graph would silently use old
+# weights. Keyed weakly: a model that is gone takes its graphs with it.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model: Transformer) -> tuple:
+    """Changes when any parameter or buffer is replaced or modified in place."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def compiled_decode_step(model: Transformer, *, freezing: bool = True, max_autotune: bool = False):
+    """`decode_one_token` compiled for `model` (inductor, static shapes), cached.
+
+    ``freezing``: inductor treats the weights as constants, which on CPU lets it repack the
+    dense linears for MKL (`mkl._mkl_linear`); ``max_autotune``: inductor benchmarks its
+    own GEMM templates against ATen. Both are read from inductor's global config when a
+    graph is compiled (``torch.compile(options=...)`` does not reach freezing in torch
+    2.13), so they are patched in around every call: compiles happen on a call.
+    """
+    options = {"freezing": freezing, "max_autotune": max_autotune}
+    per_model = _COMPILED.setdefault(model, {})
+    options_key = tuple(sorted(options.items()))
+    weights = _weights_key(model)
+    hit = per_model.get(options_key)
+    if hit is not None and hit[0] == weights:
+        return hit[1]
+    # A fresh code object per (model, weights, options): dynamo caches compiled graphs on
+    # the code object, and its guards do not look at weight values.
+    fn = decode_one_token
+    fresh = type(fn)(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    # fullgraph: a graph break would silently fall back to eager for the whole step.
+    compiled = torch.compile(fresh, dynamic=False, fullgraph=True)
+
+    def step(*args):
+        with torch._inductor.config.patch(options):
+            return compiled(*args)
+
+    per_model[options_key] = (weights, step)
+    return step
