@@ -119,6 +119,8 @@ def test_export_tokenizer_loads_with_autotokenizer(tmp_path):
         (_cfg(moe=dict(num_experts=4, top_k=2, router="sigmoid")), "router='sigmoid'"),
         (_cfg(moe=dict(num_experts=4, top_k=2, norm_topk_prob=False)), "norm_topk_prob=False"),
         (_cfg(moe=dict(num_experts=4, top_k=2, num_shared_experts=1)), "shared experts without a sigmoid gate"),
+        (_cfg(moe=dict(num_experts=4, top_k=2, router_dtype="bfloat16")), "router_dtype='bfloat16'"),
+        (_cfg(moe=dict(num_experts=4, top_k=2, routed_scaling_factor=2.0)), "routed_scaling_factor=2.0"),
         (_cfg(first_dense_layers=1), "dense layers"),
         (_cfg(moe=None, attn_bias=True), "attn_bias"),
     ],

@@ -13,6 +13,7 @@ from moelab.lab.failures import (
     LabConfig,
     RunSpec,
     _train_one,
+    bf16_routing_flips,
     count_spikes,
     experiment_runs,
     run_experiment,
@@ -101,7 +102,7 @@ def test_a_diverging_run_is_stopped_and_reported_not_raised(data, lab_cfg, tmp_p
 
     cfg = lab_cfg.with_(steps=5)
     spec = RunSpec("broken-nan", "router weights set to inf", cfg.model_config(data.vocab_size), cfg.lr, poison)
-    res = _train_one(spec, cfg, data, tmp_path / "run", progress=False)
+    res, _ = _train_one(spec, cfg, data, tmp_path / "run", progress=False)
     assert res.nan_steps >= 1 and res.stopped_reason
     summary = summarize_run("broken-nan", read_metrics(tmp_path / "run"), run_dir=tmp_path / "run",
                             nan_steps=res.nan_steps, stopped_reason=res.stopped_reason, steps_done=res.steps_done)
@@ -113,3 +114,33 @@ def test_instability_z_loss_keeps_router_logits_smaller(data, lab_cfg, tmp_path)
     res = run_experiment("instability", data, tmp_path, config=lab_cfg.with_(steps=30), progress=False)
     broken, cured = res.runs["broken-no-zloss"], res.runs["z-loss"]
     assert broken.max_router_logit > cured.max_router_logit
+    assert set(res.runs) == {"broken-no-zloss", "broken-bf16-router", "z-loss"}
+    assert res.runs["broken-bf16-router"].settings["router_dtype"] == "bfloat16"
+    for r in res.runs.values():  # measured on every run, a share
+        assert 0.0 <= r.bf16_routing_flips <= 1.0
+    assert "bf16_routing_flips" in res.json_summary()["runs"]["z-loss"]
+
+
+def test_bf16_routing_flips_counts_top_k_changes(lab_cfg) -> None:
+    torch.manual_seed(0)
+    cfg = lab_cfg.model_config(512, top_k=1)
+    model = Transformer(cfg).eval()
+    ids = [torch.randint(0, 512, (2, 16)) for _ in range(2)]
+    with torch.no_grad():
+        for moe in model.moe_layers:
+            w = moe.router.weight
+            w.normal_(0, 1.0)  # clear margins between experts
+    clear = bf16_routing_flips(model, ids)
+    assert clear is not None and clear < 0.1
+    with torch.no_grad():
+        for moe in model.moe_layers:
+            w = moe.router.weight
+            w[2:] = 0.0  # logit 0: they win (in both precisions alike) where x.w0 < 0
+            # Expert 1 a hair from expert 0 in a random direction u: fp32 orders the two by the
+            # sign of x.u (half the tokens each way), bf16 rounds both rows to the same values,
+            # so it ties and keeps one index for every token, whichever topk keeps.
+            w[1] = w[0] + 1e-4 * torch.randn_like(w[0])
+    near_ties = bf16_routing_flips(model, ids)
+    assert near_ties > 0.1  # ~1/4: tokens with x.w0 > 0, and of those the half that bf16 flips
+    dense = Transformer(cfg.with_(moe=None))
+    assert bf16_routing_flips(dense, ids) is None

@@ -35,6 +35,7 @@ BASE = dict(d_model=8, d_expert=4, num_experts=4, top_k=2)
         (dict(aux_loss_coef=-0.1), ["aux_loss_coef"]),
         (dict(jitter_eps=1.5), ["jitter_eps"]),
         (dict(router="switch", top_k=1, routed_scaling_factor=2.0), ["routed_scaling_factor", "'switch'"]),
+        (dict(router_dtype="float16"), ["router_dtype", "'float16'", "bfloat16"]),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(overrides, substrings):

@@ -83,3 +83,21 @@ def test_single_expert_renormalised_router_gets_no_output_gradient():
     layer(torch.randn(10, 8, dtype=torch.float64)).output.square().sum().backward()
     # w / w is 1 up to rounding, so the gradient is zero up to rounding (~1e-24).
     assert float(layer.router.weight.grad.abs().max()) < 1e-12
+
+
+def test_bf16_router_rounds_logits_through_a_bf16_product_and_trains():
+    """``router_dtype="bfloat16"``: logits are the bf16 product, returned as float32, and
+    the router still gets a gradient; float32 (default) stays the exact product."""
+    torch.manual_seed(0)
+    x_TD = torch.randn(64, 16)
+    fp32 = MoE(MoEConfig(d_model=16, d_expert=8, num_experts=4, top_k=2))
+    bf16 = MoE(MoEConfig(d_model=16, d_expert=8, num_experts=4, top_k=2, router_dtype="bfloat16"))
+    bf16.load_state_dict(fp32.state_dict())
+    w = fp32.router.weight
+    torch.testing.assert_close(fp32.router.logits(x_TD), x_TD @ w.T)
+    got = bf16.router.logits(x_TD)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, torch.nn.functional.linear(x_TD.bfloat16(), w.bfloat16()).float())
+    assert not torch.equal(got, fp32.router.logits(x_TD))
+    bf16(x_TD.unsqueeze(0)).output.sum().backward()
+    assert bf16.router.weight.grad is not None and bool(bf16.router.weight.grad.abs().sum() > 0)

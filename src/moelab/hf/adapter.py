@@ -253,6 +253,8 @@ def hf_family_for(cfg: ModelConfig) -> str:
         raise no(f"MoEConfig.activation={m.activation!r} (HF MoE experts are SwiGLU)")
     if m.routed_scaling_factor != 1.0:
         raise no(f"MoEConfig.routed_scaling_factor={m.routed_scaling_factor}")
+    if m.router_dtype != "float32":
+        raise no(f"MoEConfig.router_dtype={m.router_dtype!r} (HF routers compute in the model's dtype)")
     if m.num_shared_experts:
         if not m.shared_expert_gate or cfg.qk_norm is not None:
             raise no("shared experts without a sigmoid gate, or with QK-norm (Qwen2-MoE has a gate and no QK-norm)")

@@ -14,8 +14,11 @@ telemetry back from each run's ``metrics.jsonl`` and gives a verdict:
 * ``instability`` — router logits grow until the loss spikes or turns NaN: a large router
   init, a high learning rate, un-normalised top-k weights (a sharper router gets a larger
   weight, so the gradient keeps pushing logits up) and no z-loss. Cure: the router z-loss
-  (ST-MoE, Zoph et al. 2022, eq. 5). The router is always computed in float32 in moelab,
-  the other ST-MoE cure, so it is not a variable here.
+  (ST-MoE, Zoph et al. 2022, eq. 5). The other ST-MoE cure is a float32 router: a third
+  run computes the router in bf16 (``MoEConfig.router_dtype``), and every run reports
+  how often a bf16 router would pick a different top-k set than the float32 one on the
+  same weights and inputs (`bf16_routing_flips`): the precision loss that ST-MoE's
+  "selective precision" avoids, which grows with the logits.
 * ``capacity`` — capacity factors 0.5 / 1.0 / 1.25 / dropless: the fraction of
   (token, expert) assignments dropped per layer, and what dropping costs in validation loss.
 
@@ -36,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moelab.data import val_batches
 from moelab.errors import ConfigError, DataError
 from moelab.io import atomic_write_json
 from moelab.lab import plots
@@ -204,6 +208,9 @@ class RunSummary:
     final_train_loss: float | None
     per_layer: dict[str, dict[str, Any]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    # instability: share of (token, MoE layer) pairs of the validation batches whose top-k
+    # set a bf16 router would choose differently from a float32 one (`bf16_routing_flips`)
+    bf16_routing_flips: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,6 +248,7 @@ class ExperimentResult:
         """The `moelab lab --json` object: final values per run."""
         keys = ("busiest_expert_share", "load_cv", "dead_experts", "dropped_fraction", "max_router_logit",
                 "peak_router_logit", "initial_router_logit", "loss_spikes", "nan_steps", "val_loss", "steps_done", "stopped_reason",
+                "bf16_routing_flips",
                 "run_dir", "description")
         return {
             "experiment": self.experiment,
@@ -357,6 +365,46 @@ def _num_or_nan(v: Any) -> float:
         return float("nan")
 
 
+@torch.no_grad()
+def bf16_routing_flips(model: Transformer, batches: Sequence[torch.Tensor]) -> float | None:
+    """Share of (token, MoE layer) pairs whose top-k expert set changes when the router
+    logits come from a bf16 product instead of a float32 one (same weights, same inputs).
+
+    Each MoE layer's input is captured on a normal forward of `batches` (token ids
+    ``[B, T]``); the selection rule is the layer's (softmax: top-k logits; sigmoid: top-k
+    of sigmoid + bias). ``None`` when the model has no token-choice MoE layer.
+    """
+    layers = [m for m in model.moe_layers if m.cfg.router in ("softmax", "sigmoid")]
+    if not layers:
+        return None
+    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, i=i: inputs[i].append(args[0].detach()))
+             for i, m in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in batches:
+            model(ids.to(model.embed_tokens.weight.device), return_logits=False, telemetry=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    flips = total = 0
+    for i, moe in enumerate(layers):
+        w_ED = moe.router.weight.float()
+        for x in inputs[i]:
+            x_TD = x.reshape(-1, x.shape[-1]).float()
+            sets = []
+            for dtype in (torch.float32, torch.bfloat16):
+                logits_TE = torch.nn.functional.linear(x_TD.to(dtype), w_ED.to(dtype)).float()
+                if moe.cfg.router == "sigmoid":
+                    logits_TE = torch.sigmoid(logits_TE) + moe.router.expert_bias.float()
+                sets.append(logits_TE.topk(moe.cfg.top_k, dim=-1).indices.sort(dim=-1).values)
+            flips += int((sets[0] != sets[1]).any(dim=-1).sum())
+            total += x_TD.shape[0]
+    return flips / total if total else None
+
+
 # --------------------------------------------------------------------------- run specs
 
 
@@ -398,6 +446,11 @@ def experiment_runs(experiment: str, cfg: LabConfig, vocab_size: int) -> list[Ru
                     f"router init std {cfg.unstable_router_std:g}, lr {cfg.unstable_lr:g}, no z-loss",
                     cfg.model_config(vocab_size, z_loss_coef=0.0, **common), cfg.unstable_lr, big,
                     {"z_loss_coef": 0.0, "lr": cfg.unstable_lr, "router_std": cfg.unstable_router_std}),
+            RunSpec("broken-bf16-router", "same as broken-no-zloss, router logits from a bf16 product",
+                    cfg.model_config(vocab_size, z_loss_coef=0.0, router_dtype="bfloat16", **common),
+                    cfg.unstable_lr, big,
+                    {"z_loss_coef": 0.0, "lr": cfg.unstable_lr, "router_std": cfg.unstable_router_std,
+                     "router_dtype": "bfloat16"}),
             RunSpec("z-loss", f"same, router z-loss x {cfg.z_loss_coef:g}",
                     cfg.model_config(vocab_size, z_loss_coef=cfg.z_loss_coef, **common), cfg.unstable_lr, big,
                     {"z_loss_coef": cfg.z_loss_coef, "lr": cfg.unstable_lr, "router_std": cfg.unstable_router_std}),
@@ -463,6 +516,16 @@ def _verdicts(experiment: str, runs: dict[str, RunSummary], E: int) -> tuple[lis
                            f"{gc:.1f}x with it -> {'cure works' if grew else 'NO clear effect'}; loss "
                            f"{'spiked/diverged more' if worse else 'did not spike more'} without the cure")
                 ok &= grew
+        for r in runs.values():
+            if r.bf16_routing_flips is not None:
+                out.append(f"{r.name}: a bf16 router would choose a different top-k set for "
+                           f"{r.bf16_routing_flips:.1%} of (token, layer) pairs than this float32 one"
+                           + (" (this run's router was bf16)" if r.settings.get("router_dtype") == "bfloat16" else ""))
+        bf16 = runs.get("broken-bf16-router")
+        fp32 = runs.get("broken-no-zloss")
+        if bf16 and fp32 and bf16.val_loss is not None and fp32.val_loss is not None:
+            out.append(f"bf16 router vs float32 router (both without z-loss): val loss {bf16.val_loss:.3f} vs "
+                       f"{fp32.val_loss:.3f} ({bf16.val_loss - fp32.val_loss:+.3f})")
     elif experiment == "capacity":
         base = next((r for r in runs.values() if r.name == "dropless"), None)
         for r in runs.values():
@@ -486,8 +549,9 @@ def _verdicts(experiment: str, runs: dict[str, RunSummary], E: int) -> tuple[lis
 # --------------------------------------------------------------------------- running
 
 
-def _train_one(spec: RunSpec, cfg: LabConfig, data: Any, run_dir: Path, progress: bool) -> Any:
-    """Train one run through `moelab.train.train` from a model prepared by `spec`."""
+def _train_one(spec: RunSpec, cfg: LabConfig, data: Any, run_dir: Path, progress: bool) -> tuple[Any, Transformer]:
+    """Train one run through `moelab.train.train` from a model prepared by `spec`;
+    returns (the train result or `_Diverged`, the trained model)."""
     from moelab.train import TrainConfig, train
 
     torch.manual_seed(cfg.seed)
@@ -501,14 +565,15 @@ def _train_one(spec: RunSpec, cfg: LabConfig, data: Any, run_dir: Path, progress
     )
     # TensorBoard off: the lab reads metrics.jsonl, and event files cost time on short runs.
     try:
-        return train(spec.model_cfg, train_cfg, data, run_dir, progress=progress, model=model, tensorboard=False,
-                     overwrite=True)
+        result = train(spec.model_cfg, train_cfg, data, run_dir, progress=progress, model=model, tensorboard=False,
+                       overwrite=True)
+        return result, model
     except (NonFiniteRouterError, FloatingPointError) as e:
         # The trainer stops cleanly on a non-finite training step; a model that is already
         # broken can also fail in an evaluation pass (e.g. the one at step 0). Same verdict.
         done = [r for r in _read_rows(run_dir) if r.get("kind") == "train"]
         logger.warning("%s diverged outside a training step: %s", spec.name, e)
-        return _Diverged(steps_done=int(done[-1]["step"]) if done else 0, stopped_reason=f"diverged: {e}")
+        return _Diverged(steps_done=int(done[-1]["step"]) if done else 0, stopped_reason=f"diverged: {e}"), model
 
 
 @dataclass
@@ -559,8 +624,12 @@ def run_experiment(
     for spec in specs:
         run_dir = out / spec.name
         logger.info("lab %s: run %s (%s)", experiment, spec.name, spec.description)
-        res = _train_one(spec, cfg, data, run_dir, progress)
+        res, model = _train_one(spec, cfg, data, run_dir, progress)
         metrics[spec.name] = read_metrics(run_dir)
+        flips = None
+        if experiment == "instability" and not getattr(res, "stopped_reason", None):
+            val = val_batches(data.val, cfg.batch_size, cfg.seq_len, max_batches_per_domain=cfg.eval_batches)
+            flips = bf16_routing_flips(model, [x for batches in val.values() for x, _ in batches])
         summaries[spec.name] = summarize_run(
             spec.name, metrics[spec.name], run_dir=run_dir, description=spec.description,
             # A run stopped on NaN has no trained model to evaluate: its last evaluation is
@@ -570,6 +639,7 @@ def run_experiment(
             stopped_reason=getattr(res, "stopped_reason", None), steps_done=getattr(res, "steps_done", None),
             spike_factor=cfg.spike_factor, settings=spec.settings,
         )
+        summaries[spec.name].bf16_routing_flips = flips
     verdicts, ok = _verdicts(experiment, summaries, cfg.num_experts)
     result = ExperimentResult(
         experiment=experiment, runs=summaries, verdicts=verdicts, plots={}, out_dir=str(out),

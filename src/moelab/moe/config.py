@@ -11,6 +11,7 @@ ROUTERS = ("softmax", "sigmoid", "switch", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
 DROP_POLICIES = ("probability", "position")
 IMPLS = ("grouped", "loop")
+ROUTER_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +58,10 @@ class MoEConfig:
     n_group: int = 1  # sigmoid router: expert groups for group-limited routing
     topk_group: int = 1  # sigmoid router: groups kept per token
     routed_scaling_factor: float = 1.0
+    # "float32": router logits in fp32 whatever the model's precision (Switch/ST-MoE
+    # "selective precision"); "bfloat16": logits from a bf16 product, as a router without
+    # that care would give under bf16 training (for the instability lab).
+    router_dtype: str = "float32"
     noisy_gating: bool = False  # Shazeer 2017 noisy top-k (training only)
     jitter_eps: float = 0.0  # Switch multiplicative input jitter (training only)
 
@@ -98,6 +103,8 @@ class MoEConfig:
             raise ConfigError(f"MoEConfig.drop_policy={self.drop_policy!r} is unknown; choose one of {DROP_POLICIES}")
         if self.impl not in IMPLS:
             raise ConfigError(f"MoEConfig.impl={self.impl!r} is unknown; choose one of {IMPLS}")
+        if self.router_dtype not in ROUTER_DTYPES:
+            raise ConfigError(f"MoEConfig.router_dtype={self.router_dtype!r} is unknown; choose one of {ROUTER_DTYPES}")
         if self.capacity_factor is not None and not (
             math.isfinite(self.capacity_factor) and self.capacity_factor > 0
         ):

@@ -201,7 +201,8 @@ def experts_in_graph(
 
 
 class Router(nn.Module):
-    """Learned router: ``weight [E, D]``, logits computed in float32 whatever the input dtype."""
+    """Learned router: ``weight [E, D]``, logits computed in float32 whatever the input
+    dtype (``router_dtype="bfloat16"``: rounded through a bf16 product, then float32)."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -222,7 +223,11 @@ class Router(nn.Module):
         # float32 at least (float64 stays float64, for reference tests and gradcheck).
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+            if self.cfg.router_dtype == "bfloat16":
+                bf16 = torch.bfloat16
+                logits_TE = F.linear(x_TD.to(bf16), self.weight.to(bf16)).to(dtype)
+            else:
+                logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
             if self.cfg.noisy_gating and self.training:
                 noise_TE = F.linear(x_TD.to(dtype), self.noise_weight.to(dtype))
                 logits_TE = routing.noisy_logits(logits_TE, noise_TE)
