@@ -2,6 +2,7 @@
 
     python -m benchmarks.sweep quality     --out runs/sweep/quality     [--workers N] [--budget-s S]
     python -m benchmarks.sweep quality2    --out runs/sweep/quality2    (round 2: shared + fine-grained)
+    python -m benchmarks.sweep quality3    --out runs/sweep/quality3    (round 3: narrow models, CPU)
     python -m benchmarks.sweep instability --out runs/sweep/instability [--workers N] [--budget-s S]
     (--device cuda --precision fp32 --cache-entry runs/cache/data/<entry> on a GPU machine)
 
@@ -114,6 +115,19 @@ QUALITY2_VARIANTS: dict[str, dict[str, Any]] = {
     # scaling the weights by k restores the dense output scale.
     "scale2": dict(scale=2.0, _roles=("moe",)),
     "E32k4s1-scale4": dict(FG, scale=4.0, _roles=("moe",)),
+}
+# Round 3 (CPU): narrower models, where FFN capacity should matter more (d64 tied
+# where d128 trailed in round 1), with the experts' width kept or grown.
+QUALITY3_VARIANTS: dict[str, dict[str, Any]] = {
+    "d32": dict(d_model=32, n_heads=2, n_kv_heads=1),
+    "d32-de512": dict(d_model=32, n_heads=2, n_kv_heads=1, d_expert=512),
+    "d64-de512": dict(d_model=64, d_expert=512),
+    "d32-E32k4s1": dict(FG, d_model=32, n_heads=2, n_kv_heads=1),
+    # after the first four: the fine-grained + shared design at d_model 32 led (0.78x)
+    "d32-E64k4s1": dict(FG, num_experts=64, d_model=32, n_heads=2, n_kv_heads=1, _roles=("moe",)),
+    "d32-E32k4s1-seed1": dict(FG, d_model=32, n_heads=2, n_kv_heads=1, seed=1),
+    "d32-E32k4s1-de128": dict(FG, d_expert=128, d_model=32, n_heads=2, n_kv_heads=1),
+    "d32-E64k8s1": dict(FG, num_experts=64, top_k=8, d_shared=256, d_model=32, n_heads=2, n_kv_heads=1),
 }
 # Variants that also train the dense model with the MoE's total FFN width.
 QUALITY_WITH_TOTAL = {"base", "bs32-steps1200", "d64-bs32-steps1200", "bs32-v2048", "bs64-steps1200"}
@@ -279,7 +293,7 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("grid", choices=["quality", "quality2", "instability"])
+    p.add_argument("grid", choices=["quality", "quality2", "quality3", "instability"])
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -300,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads((Path(entry) / "meta.json").read_text())
         cache_entries[int(meta["vocab_size"])] = entry
     tasks = {"quality": lambda: quality_tasks(QUALITY_VARIANTS), "quality2": lambda: quality_tasks(QUALITY2_VARIANTS),
+             "quality3": lambda: quality_tasks(QUALITY3_VARIANTS),
              "instability": instability_tasks}[args.grid]()
     if args.only:
         tasks = [t for t in tasks if t["variant"] in set(args.only)]
