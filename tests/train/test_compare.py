@@ -9,8 +9,9 @@ import torch
 
 from moelab.accounting import count_params, spec_from_moelab_config
 from moelab.cli.main import main
+from moelab.errors import ConfigError
 from moelab.model import PRESETS, Transformer
-from moelab.train.compare import compare, render_table, steps_to_reach
+from moelab.train.compare import compare, compare_seeds, render_seeds, render_table, steps_to_reach
 
 from .conftest import tiny_dense, tiny_moe, tiny_train
 
@@ -71,6 +72,31 @@ def test_compare_trains_all_on_same_stream(data, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "m", kind="train")] == list(range(1, 7))
 
 
+def test_compare_over_seeds_aggregates_the_per_seed_runs(data, tmp_path):
+    models = {"moe": ("m", tiny_moe()), "dense": ("d", tiny_dense(64))}
+    res = compare_seeds(models, tiny_train(steps=4, eval_interval=2), data, tmp_path, [0, 3], progress=False,
+                        tensorboard=False)
+    assert [r.train_config["seed"] for r in res.results] == [0, 3]
+    assert (tmp_path / "seed-0" / "m" / "metrics.jsonl").is_file() and (tmp_path / "seed-3" / "d").is_dir()
+    m0, m3 = (r.models["moe"].val_loss for r in res.results)
+    assert m0 != m3  # another seed: another init and batch order
+    stats = res.val_loss_stats()
+    assert stats["moe"]["mean"] == pytest.approx((m0 + m3) / 2)
+    assert stats["moe"]["std"] == pytest.approx(abs(m0 - m3) / 2)
+    # The ratio on the seed-mean curves is the first crossing of the mean MoE curve.
+    mean_curve = [{"step": a["step"], "val_loss": (a["val_loss"] + b["val_loss"]) / 2}
+                  for a, b in zip(res.results[0].models["moe"].history, res.results[1].models["moe"].history,
+                                  strict=True)]
+    expect = steps_to_reach(mean_curve, stats["dense"]["mean"])
+    assert res.mean_curve_ratio() == (None if expect is None else pytest.approx(expect / 4))
+    d = res.to_dict()
+    json.dumps(d)
+    assert set(d["val_loss"]) == {"m", "d"} and len(d["per_seed"]) == 2
+    assert "over seeds [0, 3]" in render_seeds(res)
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        compare_seeds(models, tiny_train(), data, tmp_path / "x", [1, 1])
+
+
 def _write_cfg(path, cfg):
     path.write_text(json.dumps(cfg.to_dict()))
     return str(path)
@@ -95,6 +121,14 @@ def test_cli_compare_json(data, tmp_path, capsys):
     assert set(out["models"]) == {"m", "d"} and "moe_steps_to_dense_loss_ratio" in out
     saved = json.loads((tmp_path / "cmp" / "m" / "config.json").read_text())
     assert saved["model"]["moe"]["aux_loss_coef"] == 0.02
+    # --seeds 2: one comparison per seed under OUT/seed-<s>, aggregated.
+    argv[argv.index("--out") + 1] = str(tmp_path / "cmp2")
+    assert main([*argv, "--seeds", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["seeds"] == [0, 1] and set(out["val_loss"]) == {"m", "d"}
+    assert (tmp_path / "cmp2" / "seed-1" / "d" / "config.json").is_file()
+    assert main([*argv, "--seeds", "0"]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_train_and_resume(data, tmp_path, capsys):

@@ -18,7 +18,7 @@ from moelab.cli.train import (
 )
 from moelab.errors import ConfigError
 from moelab.model import PRESETS
-from moelab.train.compare import compare, render_table
+from moelab.train.compare import compare, compare_seeds, render_seeds, render_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dense model with the MoE's total width (default: the '-dense-total' sibling; "
                    "'none' to skip)")
     p.add_argument("--out", default="runs/compare", metavar="DIR", help="one run directory per model under DIR")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="repeat over N seeds (--seed, --seed+1, ...; runs under DIR/seed-<s>/) and report the "
+                   "mean and spread (default 1: one run, under DIR)")
     add_training_arguments(p)
     p.set_defaults(func=run)
 
@@ -64,10 +67,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"the compared models must share one vocab_size (one tokenizer), got {sorted(vocab)}")
     if configs["moe"][1].moe is None:
         raise ConfigError(f"--moe {args.moe!r} is a dense model (its config has no 'moe' section)")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     train_cfg = train_config_from_args(args)
     data = load_data(args, vocab.pop())
-    result = compare(configs, train_cfg, data, args.out, progress=not args.no_progress,
-                     overwrite=args.overwrite, tensorboard=not args.no_tensorboard)
+    kwargs = dict(progress=not args.no_progress, overwrite=args.overwrite, tensorboard=not args.no_tensorboard)
+    if args.seeds > 1:
+        seeds = compare_seeds(configs, train_cfg, data, args.out,
+                              [train_cfg.seed + i for i in range(args.seeds)], **kwargs)
+        print(json.dumps(seeds.to_dict(), indent=2) if args.json else render_seeds(seeds))
+        return 0
+    result = compare(configs, train_cfg, data, args.out, **kwargs)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

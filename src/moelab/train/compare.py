@@ -14,12 +14,15 @@ never gets there within the run.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from moelab.accounting import count_params, spec_from_moelab_config
 from moelab.accounting.flops import forward_flops_per_token, training_flops_per_token
 from moelab.data import PreparedData
+from moelab.errors import ConfigError
 from moelab.model import ModelConfig
 from moelab.train.trainer import TrainConfig, TrainResult, train
 
@@ -159,6 +162,88 @@ def compare(
         time_per_step_ratio=time_ratio,
         train_config=train_cfg.to_dict(),
     )
+
+
+@dataclass(frozen=True)
+class SeedsComparison:
+    """`compare` repeated over seeds (init and batch order change together).
+
+    At the default comparison scale the val loss of one model moves by ~0.03-0.08
+    between seeds (BENCHMARKS.md), as much as the MoE-vs-dense gap, so one seed can
+    show an effect that the next does not. Aggregates: per role the mean and the
+    population std of the final val loss over seeds; the steps-to-dense-loss ratio per
+    seed, and on the seed-mean curves (MoE mean curve against the dense mean final loss).
+    """
+
+    seeds: list[int]
+    results: list[ComparisonResult]  # one per seed, same order
+
+    def val_loss_stats(self) -> dict[str, dict[str, float | None]]:
+        out: dict[str, dict[str, float | None]] = {}
+        for role in self.results[0].models:
+            vals = [r.models[role].val_loss for r in self.results]
+            if any(v is None for v in vals):
+                out[role] = {"mean": None, "std": None}
+            else:
+                mean = sum(vals) / len(vals)
+                out[role] = {"mean": mean, "std": (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5}
+        return out
+
+    def mean_curve_ratio(self) -> float | None:
+        """Steps for the MoE's seed-mean val curve to reach the dense seed-mean final loss,
+        / dense steps (the same convention as `ComparisonResult`)."""
+        curves = [r.models["moe"].history for r in self.results]
+        steps = sorted(set.intersection(*({h["step"] for h in c if h.get("val_loss") is not None} for c in curves)))
+        mean_hist = [{"step": st, "val_loss": sum(next(h["val_loss"] for h in c if h["step"] == st) for c in curves)
+                      / len(curves)} for st in steps]
+        target = self.val_loss_stats()["dense"]["mean"]
+        if target is None or not mean_hist:
+            return None
+        reached = steps_to_reach(mean_hist, target)
+        return None if reached is None else reached / self.results[0].models["dense"].steps_done
+
+    def to_dict(self) -> dict:
+        times = [r.time_per_step_ratio for r in self.results if r.time_per_step_ratio is not None]
+        return {
+            "seeds": self.seeds,
+            "val_loss": {self.results[0].models[role].name: st for role, st in self.val_loss_stats().items()},
+            "moe_steps_to_dense_loss_ratio_per_seed": [r.moe_steps_to_dense_loss_ratio for r in self.results],
+            "moe_steps_to_dense_loss_ratio_mean_curves": self.mean_curve_ratio(),
+            "time_per_step_ratio_mean": sum(times) / len(times) if times else None,
+            "per_seed": [r.to_dict() for r in self.results],
+        }
+
+
+def compare_seeds(
+    models: dict[str, tuple[str, ModelConfig]],
+    train_cfg: TrainConfig,
+    data: PreparedData,
+    out_dir: str | Path,
+    seeds: Sequence[int],
+    **kwargs: Any,
+) -> SeedsComparison:
+    """`compare` once per seed, each under ``out_dir/seed-<s>/``; see `SeedsComparison`."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"compare: seeds must be distinct integers >= 0, got {seeds}")
+    results = [compare(models, replace(train_cfg, seed=s), data, Path(out_dir) / f"seed-{s}", **kwargs)
+               for s in seeds]
+    return SeedsComparison(seeds=seeds, results=results)
+
+
+def render_seeds(result: SeedsComparison) -> str:
+    """Plain-text summary of a multi-seed comparison (the per-seed tables first)."""
+    parts = [f"--- seed {s} ---\n{render_table(r)}" for s, r in zip(result.seeds, result.results, strict=True)]
+    lines = [f"--- over seeds {result.seeds} ---"]
+    for role, st in result.val_loss_stats().items():
+        name = result.results[0].models[role].name
+        lines.append(f"{name} ({role}): val loss " + ("-" if st["mean"] is None else f"{st['mean']:.4f} +- {st['std']:.4f}"))
+    per_seed = ", ".join("never" if r is None else f"{r:.2f}x" for r in
+                         (x.moe_steps_to_dense_loss_ratio for x in result.results))
+    mean_ratio = result.mean_curve_ratio()
+    lines.append(f"MoE steps to the dense model's final val loss, per seed: {per_seed}; on the seed-mean curves: "
+                 + ("never" if mean_ratio is None else f"{mean_ratio:.2f}x"))
+    return "\n\n".join(parts) + "\n\n" + "\n".join(lines)
 
 
 def render_table(result: ComparisonResult) -> str:
