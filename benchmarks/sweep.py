@@ -35,12 +35,13 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from moelab.io import atomic_write_json
 
 log = logging.getLogger("benchmarks.sweep")
 
@@ -284,13 +285,6 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("grid", choices=["quality", "quality2", "quality3", "instability"])
@@ -353,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps(row) + "\n")
         skipped = len(queue)
     summary = summarize(rows)
-    _atomic_json(out / "summary.json", {"grid": args.grid, "device": args.device, "precision": args.precision,
+    atomic_write_json(out / "summary.json", {"grid": args.grid, "device": args.device, "precision": args.precision,
                                         "wall_s": time.perf_counter() - start, "skipped_runs": skipped,
                                         "variants": summary})
     for key, e in summary.items():
