@@ -84,6 +84,29 @@ def test_resume_refuses_changed_model_or_settings(data, run_dir):
         train(tiny_moe(), tiny_train(steps=6, lr=0.5), data, run_dir, resume=True, progress=False)
 
 
+def test_resume_of_a_run_saved_before_a_config_field_existed(data, run_dir):
+    """A config.json without a field added later (here TrainConfig.precision and
+    MoEConfig.router_dtype) means that field's default: the run resumes."""
+    import json
+
+    train(tiny_moe(), tiny_train(steps=6), data, run_dir, progress=False, tensorboard=False)
+    path = run_dir / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["train"]["precision"]
+    del saved["model"]["moe"]["router_dtype"]
+    path.write_text(json.dumps(saved))
+    result = train(tiny_moe(), tiny_train(steps=8), data, run_dir, resume=True, progress=False, tensorboard=False)
+    assert result.steps_done == 8
+    # ...but a non-default value of such a field is still a difference.
+    with pytest.raises(CheckpointError, match="precision"):
+        train(tiny_moe(), tiny_train(steps=9, precision="bf16"), data, run_dir, resume=True, progress=False)
+    saved = json.loads(path.read_text())
+    saved["train"]["no_such_field"] = 1
+    path.write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="does not describe a valid run"):
+        train(tiny_moe(), tiny_train(steps=9), data, run_dir, resume=True, progress=False)
+
+
 def test_resume_without_checkpoint_is_clear(data, tmp_path):
     with pytest.raises(CheckpointError, match="config.json does not exist"):
         train(tiny_moe(), tiny_train(), data, tmp_path / "nothing", resume=True, progress=False)

@@ -226,15 +226,27 @@ def evaluate(
     return total_loss / max(1, total_tokens), by_domain
 
 
+def _saved_with_defaults(saved: dict, run_dir: Path) -> tuple[dict, dict]:
+    """The run's saved model and train configs with every field present: a run written
+    before a field existed (e.g. ``precision``, ``router_dtype``) used its default."""
+    try:
+        model = ModelConfig.from_dict(saved["model"]).to_dict()
+        train_d = TrainConfig.from_dict(saved.get("train", {})).to_dict()
+    except (ConfigError, TypeError, KeyError) as e:
+        raise CheckpointError(f"cannot resume {run_dir}: its config.json does not describe a valid run ({e})") from None
+    return model, train_d
+
+
 def _check_resume(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData) -> dict:
     saved = ckpt.read_run_config(run_dir)
-    diffs = ckpt.config_differences(saved["model"], model_cfg.to_dict())
+    saved_model, saved_train_all = _saved_with_defaults(saved, run_dir)
+    diffs = ckpt.config_differences(saved_model, model_cfg.to_dict())
     if diffs:
         raise CheckpointError(
             f"cannot resume {run_dir}: the model config differs from the checkpoint's "
             f"({'; '.join(diffs[:5])}; checkpoint value first)"
         )
-    saved_train = {k: v for k, v in saved.get("train", {}).items() if k not in RESUMABLE_CHANGES}
+    saved_train = {k: v for k, v in saved_train_all.items() if k not in RESUMABLE_CHANGES}
     now_train = {k: v for k, v in train_cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
     diffs = ckpt.config_differences(saved_train, now_train)
     if diffs:
