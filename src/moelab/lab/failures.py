@@ -371,10 +371,10 @@ def bf16_routing_flips(model: Transformer, batches: Sequence[torch.Tensor]) -> f
     logits come from a bf16 product instead of a float32 one (same weights, same inputs).
 
     Each MoE layer's input is captured on a normal forward of `batches` (token ids
-    ``[B, T]``); the selection rule is the layer's (softmax: top-k logits; sigmoid: top-k
-    of sigmoid + bias). ``None`` when the model has no token-choice MoE layer.
+    ``[B, T]``); the selection is the layer's own rule (`MoE._token_choice`: bias and
+    expert groups included). ``None`` when the model has no token-choice MoE layer.
     """
-    layers = [m for m in model.moe_layers if m.cfg.router in ("softmax", "sigmoid")]
+    layers = [m for m in model.moe_layers if m.cfg.router != "expert_choice"]
     if not layers:
         return None
     inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
@@ -397,9 +397,8 @@ def bf16_routing_flips(model: Transformer, batches: Sequence[torch.Tensor]) -> f
             sets = []
             for dtype in (torch.float32, torch.bfloat16):
                 logits_TE = torch.nn.functional.linear(x_TD.to(dtype), w_ED.to(dtype)).float()
-                if moe.cfg.router == "sigmoid":
-                    logits_TE = torch.sigmoid(logits_TE) + moe.router.expert_bias.float()
-                sets.append(logits_TE.topk(moe.cfg.top_k, dim=-1).indices.sort(dim=-1).values)
+                _, idx_TK, _ = moe._token_choice(logits_TE)  # the layer's own selection rule
+                sets.append(idx_TK.sort(dim=-1).values)
             flips += int((sets[0] != sets[1]).any(dim=-1).sum())
             total += x_TD.shape[0]
     return flips / total if total else None
