@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moelab.errors import ConfigError
-from moelab.infer.compiled import decode_one_token, rope_table, static_cache_len
+from moelab.infer.compiled import decode_one_token, static_cache_len
 from moelab.infer.generate import generate, left_pad
 from moelab.infer.kv_cache import KVCache
 from moelab.model import ModelConfig, Transformer
@@ -63,7 +63,7 @@ def test_static_step_equals_eager_step(sliding_window, shared):
                for cache in caches]
     torch.testing.assert_close(prefill[0], prefill[1], rtol=0, atol=0)
     eager_cache, static_cache = caches
-    rope_table(model, static_cache, torch.float32)
+    model.rope_table(static_cache, torch.float32)
     valid_BS = torch.ones(B, S, dtype=torch.bool)
     valid_BS[:, :L] = mask_BL.bool()
     mask_BS = torch.cat([mask_BL, torch.ones(B, steps, dtype=mask_BL.dtype)], 1)

@@ -29,7 +29,6 @@ import torch._inductor.config
 from moelab.errors import ConfigError
 from moelab.infer.kv_cache import KVCache
 from moelab.model import Transformer
-from moelab.model.layers import rope_cos_sin
 
 # Cache lengths are rounded up to a power of two (at least this) so that prompts of
 # similar length share one compiled graph; each new (B, S) compiles again.
@@ -73,16 +72,6 @@ def check_compilable(model: Transformer) -> None:
             f"generate: compile=True needs ModelConfig.moe.impl='grouped', got {moe.impl!r} (the loop "
             "reference syncs with the host per expert); use compile=False"
         )
-
-
-def rope_table(model: Transformer, cache: KVCache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``[S, Dh]`` for positions 0..S-1, as `Transformer._rope` builds them."""
-    if cache.rope is None or cache.rope[0].dtype != dtype:
-        cfg = model.cfg
-        all_pos = torch.arange(cache.max_len, device=cache.k[0].device).unsqueeze(0)
-        cos, sin = rope_cos_sin(all_pos, cfg.dim_head, cfg.rope_theta, dtype)
-        cache.rope = (cos[0, 0], sin[0, 0])
-    return cache.rope
 
 
 def decode_one_token(

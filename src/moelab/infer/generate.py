@@ -27,7 +27,6 @@ from moelab.errors import ConfigError
 from moelab.infer.compiled import (
     check_compilable,
     compiled_decode_step,
-    rope_table,
     static_cache_len,
 )
 from moelab.infer.kv_cache import KVCache
@@ -187,7 +186,7 @@ def generate(
         # (the LM head 3.2 vs 6.4 ms), at one row no faster (15.0 vs 15.2 ms per step),
         # while the packed copies cost memory (+190-270 MB RSS for the 213M benchmark model).
         step_fn = compiled_decode_step(model, freezing=B > 1)
-        rope_table(model, cache, dtype)
+        model.rope_table(cache, dtype)
         # Columns a row may attend to (apart from causality): all but its left padding.
         valid_BS = torch.ones((B, cache.max_len), dtype=torch.bool, device=device)
         valid_BS[:, :L] = mask_BL.bool()

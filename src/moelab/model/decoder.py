@@ -166,12 +166,16 @@ class Transformer(nn.Module):
         # are computed directly: one host sync per call for the check.
         if cache is None or int(positions_BT.max()) >= cache.max_len:
             return rope_cos_sin(positions_BT, cfg.dim_head, cfg.rope_theta, dtype)
-        if cache.rope is None or cache.rope[0].dtype != dtype:
-            all_pos = torch.arange(cache.max_len, device=positions_BT.device).unsqueeze(0)
-            cos, sin = rope_cos_sin(all_pos, cfg.dim_head, cfg.rope_theta, dtype)
-            cache.rope = (cos[0, 0], sin[0, 0])
-        cos_SD, sin_SD = cache.rope
+        cos_SD, sin_SD = self.rope_table(cache, dtype)
         return cos_SD[positions_BT].unsqueeze(1), sin_SD[positions_BT].unsqueeze(1)
+
+    def rope_table(self, cache: KVCache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[S, Dh]`` for positions 0..S-1 of `cache`, built once and kept on it."""
+        if cache.rope is None or cache.rope[0].dtype != dtype:
+            all_pos = torch.arange(cache.max_len, device=cache.k[0].device).unsqueeze(0)
+            cos, sin = rope_cos_sin(all_pos, self.cfg.dim_head, self.cfg.rope_theta, dtype)
+            cache.rope = (cos[0, 0], sin[0, 0])
+        return cache.rope
 
     def _attention_mask(
         self, B: int, T: int, offset: int, attention_mask: torch.Tensor | None, device: torch.device
