@@ -303,10 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
+    from moelab.data import load_cache_entry
+    from moelab.errors import MoelabError
+
     cache_entries = {}
     for entry in args.cache_entry:
-        meta = json.loads((Path(entry) / "meta.json").read_text())
-        cache_entries[int(meta["vocab_size"])] = entry
+        try:  # checked here, once, with a clear error, before any worker starts
+            cache_entries[load_cache_entry(entry).vocab_size] = entry
+        except MoelabError as e:
+            p.error(f"--cache-entry {entry}: {e}")
     tasks = {"quality": lambda: quality_tasks(QUALITY_VARIANTS), "quality2": lambda: quality_tasks(QUALITY2_VARIANTS),
              "quality3": lambda: quality_tasks(QUALITY3_VARIANTS),
              "instability": instability_tasks}[args.grid]()
