@@ -16,8 +16,7 @@ import torch
 from moelab.errors import ConfigError
 from moelab.infer.compiled import decode_one_token, static_cache_len
 from moelab.infer.generate import generate, left_pad
-from moelab.infer.kv_cache import KVCache
-from moelab.model import ModelConfig, Transformer
+from moelab.model import KVCache, ModelConfig, Transformer
 from moelab.moe import MoEConfig
 
 PROMPTS = [[5, 9, 1, 33, 2, 7], [11, 4], [60, 3, 3, 8, 21, 13, 40, 2, 17]]
@@ -62,10 +61,11 @@ def test_static_step_equals_eager_step(sliding_window, shared):
     prefill = [model(ids_BL, positions=pos_BL, attention_mask=mask_BL, cache=cache, last_only=True).logits[:, -1]
                for cache in caches]
     torch.testing.assert_close(prefill[0], prefill[1], rtol=0, atol=0)
-    eager_cache, static_cache = caches
-    model.rope_table(static_cache, torch.float32)
+    eager_cache, static_buffers = caches
+    model.rope_table(static_buffers, torch.float32)
     valid_BS = torch.ones(B, S, dtype=torch.bool)
     valid_BS[:, :L] = mask_BL.bool()
+    static_cache = static_buffers.static_view(valid_BS)
     mask_BS = torch.cat([mask_BL, torch.ones(B, steps, dtype=mask_BL.dtype)], 1)
     tok_B = prefill[0].argmax(-1)
     pos_B1 = pos_BL[:, -1:]
@@ -74,7 +74,8 @@ def test_static_step_equals_eager_step(sliding_window, shared):
         pos_B1 = pos_B1 + 1
         eager = model(tok_B[:, None], positions=pos_B1, attention_mask=mask_BS[:, : col + 1], cache=eager_cache,
                       last_only=True).logits[:, -1]
-        static = decode_one_token(model, tok_B[:, None], pos_B1, torch.tensor([col]), valid_BS, static_cache)
+        static = decode_one_token(model, tok_B[:, None], pos_B1, static_cache)
+        assert int(static_cache.col_1) == col + 1
         torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5, msg=f"step {step}")
         tok_B = eager.argmax(-1)
 

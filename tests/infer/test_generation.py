@@ -8,7 +8,7 @@ import torch
 from moelab.errors import ConfigError
 from moelab.hf import from_pretrained
 from moelab.infer.generate import generate, left_pad
-from moelab.infer.kv_cache import KVCache
+from moelab.model import KVCache
 
 from .conftest import CharTokenizer, V, make_hf
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from moelab.errors import ConfigError
-from moelab.infer.kv_cache import KVCache
-from moelab.model import PRESETS, ModelConfig, Transformer, get_preset
+from moelab.model import PRESETS, KVCache, ModelConfig, Transformer, get_preset
 from moelab.model.layers import apply_rope, rope_cos_sin
 from moelab.moe import MoE, MoEConfig, active_ffn_hidden
 

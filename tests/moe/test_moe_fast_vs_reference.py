@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.moe import MoEConfig, experts
+from moelab.moe import MoEConfig, cpu_kernels, dispatch
 
 
 @pytest.fixture(
@@ -21,8 +21,8 @@ def chunking(request, monkeypatch):
     """Run every comparison with each way the fast path can cut rows into chunks (and,
     with a tiny serial threshold, with gathers/scatters split into row pieces)."""
     chunk_bytes, serial_elems = request.param
-    monkeypatch.setattr(experts, "CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(experts, "_SERIAL_ELEMS", serial_elems)
+    monkeypatch.setattr(cpu_kernels, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(dispatch, "_SERIAL_ELEMS", serial_elems)
     return request.param
 
 
@@ -156,7 +156,7 @@ def test_chunks_cover_every_row_once():
     counts = [3, 0, 5, 1, 0, 0, 7]
     for chunk_bytes in (0, 10, 40, 1 << 30):
         rows = []
-        for b0, b1, segs in experts._chunks(counts, row_bytes=8, chunk_bytes=chunk_bytes):
+        for b0, b1, segs in cpu_kernels.chunks_of(counts, row_bytes=8, chunk_bytes=chunk_bytes):
             assert segs[0][1] == 0 and segs[-1][2] == b1 - b0
             rows += [(e, b0 + r) for e, s, t in segs for r in range(s, t)]
         assert [r for _, r in rows] == list(range(sum(counts)))
@@ -164,12 +164,12 @@ def test_chunks_cover_every_row_once():
 
 
 def test_row_pieces_split_only_small_ops():
-    row_elems = experts._SERIAL_ELEMS // 8  # 8 rows per piece
-    assert experts._row_pieces(num_rows=5, row_elems=row_elems) is None  # one piece anyway
-    pieces = experts._row_pieces(num_rows=30, row_elems=row_elems)
+    row_elems = dispatch._SERIAL_ELEMS // 8  # 8 rows per piece
+    assert dispatch._row_pieces(num_rows=5, row_elems=row_elems) is None  # one piece anyway
+    pieces = dispatch._row_pieces(num_rows=30, row_elems=row_elems)
     assert pieces is not None and pieces[0] == (0, 8) and pieces[-1] == (24, 30)
-    assert experts._row_pieces(num_rows=8 * experts._MAX_PIECES + 1, row_elems=row_elems) is None
-    assert experts._row_pieces(num_rows=10**6, row_elems=row_elems) is None  # large: one call
+    assert dispatch._row_pieces(num_rows=8 * dispatch._MAX_PIECES + 1, row_elems=row_elems) is None
+    assert dispatch._row_pieces(num_rows=10**6, row_elems=row_elems) is None  # large: one call
 
 
 def test_fast_path_saves_nothing_without_grad(make_pair):
@@ -197,13 +197,14 @@ def test_fast_path_under_no_grad_and_float32(make_pair):
     (16, 8, 2, dict(router="softmax", activation="gelu")),
     (16, 8, 2, dict(router="softmax", capacity_factor=0.25)),
 ])
-def test_single_token_decode_path_equals_reference(make_pair, D, E, K, router_kw):
-    """Under no_grad a one-token call takes `forward_one_token` (no sort, no gather): same output."""
+def test_single_token_decode_path_equals_reference(make_pair, monkeypatch, D, E, K, router_kw):
+    """Under no_grad a one-token call runs a GEMV pair per chosen expert
+    (`cpu_kernels._one_row_each`, no chunking, no grouped GEMM): same output."""
     cfg = MoEConfig(d_model=D, d_expert=8, num_experts=E, top_k=K, **router_kw)
     fast, ref = make_pair(cfg)
     calls = []
-    orig = fast.experts.forward_one_token
-    fast.experts.forward_one_token = lambda *a: calls.append(1) or orig(*a)
+    orig = cpu_kernels._one_row_each
+    monkeypatch.setattr(cpu_kernels, "_one_row_each", lambda *a: calls.append(1) or orig(*a))
     for seed in range(5):
         x = torch.randn(1, 1, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
@@ -223,7 +224,7 @@ def test_telemetry_off_changes_nothing_but_the_extras(make_pair, T):
     assert full.stats is not None and float(full.loss) > 0
 
 
-@pytest.mark.skipif(not experts.GROUPED_MM, reason="this torch has no torch._grouped_mm")
+@pytest.mark.skipif(not cpu_kernels.GROUPED_MM, reason="this torch has no torch._grouped_mm")
 @pytest.mark.parametrize(("T", "E", "K", "activation"), [(16, 8, 2, "swiglu"), (9, 8, 3, "gelu"), (200, 16, 4, "swiglu")])
 def test_grouped_mm_path_equals_mm_loop(make_pair, monkeypatch, T, E, K, activation):
     """float32 (the dtype `torch._grouped_mm` takes): same outputs and gradients with and without it."""
@@ -231,13 +232,13 @@ def test_grouped_mm_path_equals_mm_loop(make_pair, monkeypatch, T, E, K, activat
     fast, _ = make_pair(cfg)
     fast = fast.float()
     x = torch.randn(T, 32)
-    monkeypatch.setattr(experts, "GROUPED_MM_MAX_ROWS", 1 << 30)  # every chunk, whatever its size
+    monkeypatch.setattr(cpu_kernels, "GROUPED_MM_MAX_ROWS", 1 << 30)  # every chunk, whatever its size
     used = []
     orig = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: used.append(1) or orig(*a, **k))
     results = {}
     for grouped in (True, False):
-        monkeypatch.setattr(experts, "GROUPED_MM", grouped)
+        monkeypatch.setattr(cpu_kernels, "GROUPED_MM", grouped)
         fast.zero_grad(set_to_none=True)
         xg = x.clone().requires_grad_(True)
         out = fast(xg).output

@@ -4,15 +4,15 @@
 Legend: B batch rows, S cache length (static), D model dim, V vocab.
 
 The eager decode step attends over ``[:length + 1]`` of the cache, so its shapes change
-every step. Here the step writes the new key/value at a column given as a tensor and
-attends over the whole cache with a mask (real prompt tokens and the columns written so
-far), so one compiled graph serves every step of a generation. The model's own blocks
-run unchanged; only the top of the forward (embedding, RoPE rows, mask, final norm, LM
-head) is spelled out in `decode_one_token`, which is the readable reference of the
-compiled path (tests compare it to the eager model).
+every step. The compiled step runs the model's own `Transformer.forward` over a
+`StaticKVCache` view of the same buffers: it writes the new key/value at a column held in
+a tensor and attends over the whole cache with a mask (real prompt tokens and the
+columns written so far), so one compiled graph serves every step of a generation.
+`decode_one_token` run eagerly is the reference of the compiled path (tests compare it
+to the eager dynamic-cache decode).
 
-Which experts run is data dependent: inside the graph the routed experts' GEMMs are
-opaque ops that run eager code on the original weights (`moe.layer.experts_in_graph`).
+Which experts run is data dependent: inside the graph the routed experts' GEMMs are an
+opaque op that runs eager code on the original weights (`moelab.moe.ops`).
 Everything else is inductor's: with freezing, the dense linears (attention, router, LM
 head) become MKL-packed GEMMs, which at 8 rows run about twice as fast as ATen's
 (the [8, 768] x [768, 32000] LM head: 3.2 vs 6.4 ms here), and the small ops of each
@@ -27,8 +27,7 @@ import torch
 import torch._inductor.config
 
 from moelab.errors import ConfigError
-from moelab.infer.kv_cache import KVCache
-from moelab.model import Transformer
+from moelab.model import StaticKVCache, Transformer
 
 # Cache lengths are rounded up to a power of two (at least this) so that prompts of
 # similar length share one compiled graph; each new (B, S) compiles again.
@@ -41,20 +40,6 @@ def static_cache_len(needed: int, max_seq_len: int) -> int:
     while n < needed:
         n *= 2
     return max(needed, min(n, max_seq_len))
-
-
-class _ColumnWriter:
-    """The cache as `Attention` sees it in a static step: write at column ``col_1``,
-    return the whole ``[B, H_kv, S, Dh]`` buffers (the mask hides what is not written)."""
-
-    def __init__(self, cache: KVCache, col_1: torch.Tensor):
-        self.cache, self.col_1 = cache, col_1
-
-    def update(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.cache.k[layer], self.cache.v[layer]
-        k.index_copy_(2, self.col_1, k_BHTD)
-        v.index_copy_(2, self.col_1, v_BHTD)
-        return k, v
 
 
 def check_compilable(model: Transformer) -> None:
@@ -75,33 +60,11 @@ def check_compilable(model: Transformer) -> None:
 
 
 def decode_one_token(
-    model: Transformer,
-    ids_B1: torch.Tensor,
-    positions_B1: torch.Tensor,
-    col_1: torch.Tensor,
-    valid_BS: torch.Tensor,
-    cache: KVCache,
+    model: Transformer, ids_B1: torch.Tensor, positions_B1: torch.Tensor, cache: StaticKVCache
 ) -> torch.Tensor:
-    """Logits ``[B, V]`` of one new token per row, written at cache column ``col_1``.
-
-    ``valid_BS`` (bool) marks the cache columns a row may attend to apart from causality:
-    False on left padding, True elsewhere; columns after ``col_1`` are masked here. The
-    same sliding window as `Transformer._attention_mask` (counted in columns).
-    """
-    B, S = valid_BS.shape
-    x_B1D = model.embed_tokens(ids_B1)
-    cos_SD, sin_SD = cache.rope
-    cos, sin = cos_SD[positions_B1].unsqueeze(1), sin_SD[positions_B1].unsqueeze(1)  # [B, 1, 1, Dh]
-    k_pos_S = torch.arange(S, device=valid_BS.device)
-    allowed_BS = valid_BS & (k_pos_S <= col_1)
-    window = model.cfg.sliding_window
-    if window is not None:
-        allowed_BS = allowed_BS & (col_1 - k_pos_S < window)
-    mask_B11S = allowed_BS.view(B, 1, 1, S)
-    writer = _ColumnWriter(cache, col_1)
-    for block in model.layers:
-        x_B1D, _ = block(x_B1D, cos, sin, mask_B11S, writer, False, False)
-    return model.lm_head(model.norm(x_B1D))[:, -1]
+    """Logits ``[B, V]`` of one new token per row, written at the cache's next column."""
+    out = model(ids_B1, positions=positions_B1, cache=cache, last_only=True, telemetry=False)
+    return out.logits[:, -1]
 
 
 # One compiled step per model, rebuilt when its weights change: freezing bakes the weights

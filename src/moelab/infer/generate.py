@@ -29,9 +29,8 @@ from moelab.infer.compiled import (
     compiled_decode_step,
     static_cache_len,
 )
-from moelab.infer.kv_cache import KVCache
 from moelab.infer.sampling import SamplingConfig, sample_next
-from moelab.model import Transformer
+from moelab.model import KVCache, Transformer
 
 
 class Decoder(Protocol):
@@ -187,9 +186,6 @@ def generate(
         # while the packed copies cost memory (+190-270 MB RSS for the 213M benchmark model).
         step_fn = compiled_decode_step(model, freezing=B > 1)
         model.rope_table(cache, dtype)
-        # Columns a row may attend to (apart from causality): all but its left padding.
-        valid_BS = torch.ones((B, cache.max_len), dtype=torch.bool, device=device)
-        valid_BS[:, :L] = mask_BL.bool()
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -204,6 +200,12 @@ def generate(
             )
             token_B = sample_next(out.logits[:, -1], sampling, generator)
             result.prefill_s = time.perf_counter() - t0
+            if step_fn is not None:
+                # The same buffers, static shapes from here on; the columns a row may
+                # attend to (apart from causality) are all but its left padding.
+                valid_BS = torch.ones((B, cache.max_len), dtype=torch.bool, device=device)
+                valid_BS[:, :L] = mask_BL.bool()
+                static_cache = cache.static_view(valid_BS)
             t0 = time.perf_counter()
             step = 0
             while True:
@@ -221,8 +223,7 @@ def generate(
                 pos = L + step - 1  # column of the token being fed
                 pos_B1 = pos_B1 + 1
                 if step_fn is not None:
-                    col_1 = torch.tensor([pos], device=device)
-                    logits_BV = step_fn(model, token_B.unsqueeze(1), pos_B1, col_1, valid_BS, cache)
+                    logits_BV = step_fn(model, token_B.unsqueeze(1), pos_B1, static_cache)
                 else:
                     out = model(
                         token_B.unsqueeze(1),

@@ -371,7 +371,7 @@ def bf16_routing_flips(model: Transformer, batches: Sequence[torch.Tensor]) -> f
     logits come from a bf16 product instead of a float32 one (same weights, same inputs).
 
     Each MoE layer's input is captured on a normal forward of `batches` (token ids
-    ``[B, T]``); the selection is the layer's own rule (`MoE._token_choice`: bias and
+    ``[B, T]``); the selection is the layer's own rule (`Router.select`: bias and
     expert groups included). ``None`` when the model has no token-choice MoE layer.
     """
     layers = [m for m in model.moe_layers if m.cfg.router != "expert_choice"]
@@ -397,7 +397,7 @@ def bf16_routing_flips(model: Transformer, batches: Sequence[torch.Tensor]) -> f
             sets = []
             for dtype in (torch.float32, torch.bfloat16):
                 logits_TE = torch.nn.functional.linear(x_TD.to(dtype), w_ED.to(dtype)).float()
-                _, idx_TK, _ = moe._token_choice(logits_TE)  # the layer's own selection rule
+                idx_TK = moe.router.select(logits_TE).expert_idx_TK  # the layer's own selection rule
                 sets.append(idx_TK.sort(dim=-1).values)
             flips += int((sets[0] != sets[1]).any(dim=-1).sum())
             total += x_TD.shape[0]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moelab.infer.kv_cache import KVCache
+from moelab.model.cache import Cache, prefix_attention_mask
 from moelab.model.config import ModelConfig
 from moelab.model.layers import Block, RMSNorm, rope_cos_sin
 from moelab.model.lm_loss import chunked_lm_loss, lm_loss_reference
@@ -90,50 +90,50 @@ class Transformer(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         return_routing: bool = False,
         last_only: bool = False,
         telemetry: bool = True,
         return_logits: bool = True,
     ) -> ModelOutput:
-        """Run the decoder.
+        """Run the decoder: training, prefill, eager decode and the compiled static decode.
 
         input_ids ``[B, T]``; targets ``[B, T]`` (next tokens, -100 ignored) for ``lm_loss``;
-        positions ``[B, T]`` (default: cache offset + 0..T-1); attention_mask ``[B, S]`` with
-        1 for real tokens over cached + new positions (left padding); cache: a `KVCache`
-        that this call appends to; last_only: compute logits for the last position only;
-        telemetry=False (generation): no MoE losses (returned as 0) and no ``layer_stats``;
-        return_logits=False with targets (training): ``lm_loss`` by `chunked_lm_loss`, no
-        ``logits`` (None) -- the same loss and gradients without the [B, T, V] tensor.
+        positions ``[B, T]`` (default: the cache's next columns, 0..T-1 without one);
+        attention_mask ``[B, S]`` with 1 for real tokens over cached + new positions (left
+        padding; a `StaticKVCache` holds its own); cache: any `moelab.model.cache.Cache`,
+        which this call writes to and advances; last_only: logits for the last position
+        only; telemetry=False (generation): no MoE losses (returned as 0) and no
+        ``layer_stats``; return_logits=False with targets (training): ``lm_loss`` by
+        `chunked_lm_loss`, no ``logits`` (None) -- the same loss and gradients without the
+        [B, T, V] tensor. Inside a compiled graph the input checks (host syncs) are skipped:
+        the compiled step's inputs come from `generate`, which checked them.
         """
         cfg = self.cfg
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        offset = cache.length if cache is not None else 0
-        if offset + T > cfg.max_seq_len:
-            raise ValueError(f"sequence of {offset + T} tokens exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
-        if T and not _ids_in_range(input_ids, cfg.vocab_size):
-            raise ValueError(f"input_ids must be in [0, vocab_size={cfg.vocab_size})")
-        if targets is not None:
-            if targets.shape != input_ids.shape:
-                raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(targets.shape)}")
-            real = targets[targets != -100]
-            if real.numel() and not _ids_in_range(real, cfg.vocab_size):
-                raise ValueError(f"targets must be in [0, vocab_size={cfg.vocab_size}) or -100 (ignored)")
+        if not torch.compiler.is_compiling():
+            self._check_inputs(input_ids, targets, cache)
         if positions is None:
-            positions = torch.arange(offset, offset + T, device=input_ids.device).unsqueeze(0).expand(B, T)
+            positions = cache.positions(B, T) if cache is not None else None
+            if positions is None and cache is not None:
+                raise ValueError(f"{type(cache).__name__} needs positions= (left padding makes them differ from columns)")
+            if positions is None:
+                positions = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope(positions, cache, x.dtype)
-        mask = self._attention_mask(B, T, offset, attention_mask, input_ids.device)
+        if cache is not None:
+            mask = cache.attention_mask(B, T, cfg.sliding_window, attention_mask)
+        else:
+            mask = prefix_attention_mask(B, T, 0, cfg.sliding_window, attention_mask, input_ids.device)
 
         zero = x.new_zeros((), dtype=torch.float32)
         aux, z, moe_loss = zero, zero, zero
         stats: dict[int, RoutingStats] = {}
         routing: dict[int, RoutingDecision] | None = {} if return_routing else None
         for i, block in enumerate(self.layers):
-            x, moe_out = block(x, cos, sin, mask, cache, return_routing, telemetry)
+            x, moe_out = block(x, cos, sin, mask, cache, return_routing=return_routing, telemetry=telemetry)
             if moe_out is not None and telemetry:
                 aux = aux + moe_out.aux_loss
                 z = z + moe_out.z_loss
@@ -156,53 +156,40 @@ class Transformer(nn.Module):
             lm_loss = lm_loss_reference(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
         return ModelOutput(logits, aux, z, moe_loss, stats, routing, lm_loss)
 
-    def _rope(self, positions_BT: torch.Tensor, cache: KVCache | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_inputs(self, input_ids: torch.Tensor, targets: torch.Tensor | None, cache: Cache | None) -> None:
+        cfg = self.cfg
+        T = input_ids.shape[1]
+        offset = getattr(cache, "length", 0) if cache is not None else 0
+        if offset + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+        if T and not _ids_in_range(input_ids, cfg.vocab_size):
+            raise ValueError(f"input_ids must be in [0, vocab_size={cfg.vocab_size})")
+        if targets is not None:
+            if targets.shape != input_ids.shape:
+                raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(targets.shape)}")
+            real = targets[targets != -100]
+            if real.numel() and not _ids_in_range(real, cfg.vocab_size):
+                raise ValueError(f"targets must be in [0, vocab_size={cfg.vocab_size}) or -100 (ignored)")
+
+    def _rope(self, positions_BT: torch.Tensor, cache: Cache | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[B, 1, T, Dh]``. With a cache, rows of a table over the cache's positions
         built once per cache (the same values: same function, same dtype); decode then costs
         one gather instead of float64 cos/sin, which ATen runs multithreaded even for a few
         hundred elements (~0.4 ms per step at batch 8 on the 2-core machine, measured)."""
         cfg = self.cfg
         # Positions past the table (caller-chosen positions can exceed the cache length)
-        # are computed directly: one host sync per call for the check.
-        if cache is None or int(positions_BT.max()) >= cache.max_len:
+        # are computed directly: one host sync per call for the check (not in a compiled
+        # graph, whose positions `generate` keeps inside its static cache).
+        if cache is None or (not torch.compiler.is_compiling() and int(positions_BT.max()) >= cache.max_len):
             return rope_cos_sin(positions_BT, cfg.dim_head, cfg.rope_theta, dtype)
         cos_SD, sin_SD = self.rope_table(cache, dtype)
         return cos_SD[positions_BT].unsqueeze(1), sin_SD[positions_BT].unsqueeze(1)
 
-    def rope_table(self, cache: KVCache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_table(self, cache: Cache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[S, Dh]`` for positions 0..S-1 of `cache`, built once and kept on it."""
         if cache.rope is None or cache.rope[0].dtype != dtype:
-            all_pos = torch.arange(cache.max_len, device=cache.k[0].device).unsqueeze(0)
+            all_pos = torch.arange(cache.max_len, device=cache.device).unsqueeze(0)
             cos, sin = rope_cos_sin(all_pos, self.cfg.dim_head, self.cfg.rope_theta, dtype)
             cache.rope = (cos[0, 0], sin[0, 0])
         return cache.rope
-
-    def _attention_mask(
-        self, B: int, T: int, offset: int, attention_mask: torch.Tensor | None, device: torch.device
-    ) -> torch.Tensor | None:
-        """Boolean ``[B, 1, T, S]`` mask (True = may attend), or None for plain causal.
-
-        Plain causal (`is_causal=True`, the fastest SDPA path) applies when there is no
-        cache offset, no padding and no sliding window cutting in; a single new token
-        (decode) without padding or window needs no mask at all.
-        """
-        window = self.cfg.sliding_window
-        S = offset + T
-        needs_window = window is not None and S > window
-        # One new query with nothing masked may attend to every cached key: no mask needed.
-        if attention_mask is None and not needs_window and (offset == 0 or T == 1):
-            return None
-        q_pos = torch.arange(offset, S, device=device).unsqueeze(1)  # [T, 1]
-        k_pos = torch.arange(S, device=device).unsqueeze(0)  # [1, S]
-        allowed = k_pos <= q_pos
-        if needs_window:
-            allowed = allowed & (q_pos - k_pos < window)
-        allowed = allowed.unsqueeze(0).unsqueeze(0).expand(B, 1, T, S)
-        if attention_mask is not None:
-            if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask must be [batch, cached+new]=({B}, {S}), got {tuple(attention_mask.shape)}")
-            allowed = allowed & attention_mask.bool().view(B, 1, 1, S)
-            # A fully masked row (a padding query) would give NaN; let it see itself.
-            diag = (k_pos == q_pos).view(1, 1, T, S)
-            allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
-        return allowed

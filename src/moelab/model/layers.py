@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelab.infer.kv_cache import KVCache
+from moelab.model.cache import Cache
 from moelab.model.config import ModelConfig
 from moelab.moe import FeedForward, MoE, MoEOutput
 
@@ -71,7 +71,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x_BTD.shape
@@ -118,7 +118,8 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
+        *,
         return_routing: bool = False,
         telemetry: bool = True,
     ) -> tuple[torch.Tensor, MoEOutput | None]:

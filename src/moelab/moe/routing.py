@@ -16,6 +16,22 @@ import math
 import torch
 import torch.nn.functional as F
 
+from moelab.errors import MoelabError
+
+
+class NonFiniteRouterError(MoelabError, ValueError):
+    """Router logits contain NaN or Inf (training has diverged, or the input is bad)."""
+
+
+def check_router_logits(logits_TE: torch.Tensor, x_TD: torch.Tensor | None = None) -> None:
+    """Raise `NonFiniteRouterError` if any logit is NaN/Inf (one host sync); the message
+    says whether the router's input ``x_TD`` (when given) was finite."""
+    if not bool(torch.isfinite(logits_TE).all()):
+        where = "" if x_TD is None else f" (input finite: {bool(torch.isfinite(x_TD).all())})"
+        raise NonFiniteRouterError(
+            f"router logits contain NaN/Inf: training has diverged or the input is not finite{where}"
+        )
+
 
 def softmax_topk(
     logits_TE: torch.Tensor, top_k: int, *, normalize: bool, scaling_factor: float = 1.0
