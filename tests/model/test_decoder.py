@@ -9,6 +9,7 @@ import torch
 
 from moelab.errors import ConfigError
 from moelab.model import PRESETS, KVCache, ModelConfig, Transformer, get_preset
+from moelab.model.cache import prefix_attention_mask
 from moelab.model.layers import apply_rope, rope_cos_sin
 from moelab.moe import MoE, MoEConfig, active_ffn_hidden
 
@@ -51,7 +52,7 @@ def test_attention_matches_naive_reference(window):
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     pos = torch.arange(9).unsqueeze(0).expand(2, 9)
     cos, sin = rope_cos_sin(pos, cfg.dim_head, cfg.rope_theta, x.dtype)
-    mask = model._attention_mask(2, 9, 0, None, x.device)
+    mask = prefix_attention_mask(2, 9, 0, cfg.sliding_window, None, x.device)
     got = attn(x, cos, sin, mask)
     torch.testing.assert_close(got, naive_attention_block(attn, x, pos, window), rtol=1e-10, atol=1e-10)
 
