@@ -2,7 +2,13 @@
 
 from moelab.moe.config import MoEConfig
 from moelab.moe.dispatch import Dispatched, Dispatcher, LocalDispatcher
-from moelab.moe.experts import BACKENDS, ExpertsBackend, FeedForward, RoutedExperts, register_backend
+from moelab.moe.experts import (
+    BACKENDS,
+    ExpertsBackend,
+    FeedForward,
+    RoutedExperts,
+    register_backend,
+)
 from moelab.moe.layer import (
     MoE,
     MoEOutput,
