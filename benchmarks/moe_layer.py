@@ -11,6 +11,12 @@ For each shape and pass (forward; forward+backward) it times, in one process:
   - ``dense``: a SwiGLU FFN of hidden K*F (the same active FLOPs);
   - a square fp32 GEMM, for this machine's peak.
 
+``--dtypes float32 bfloat16`` (the default) repeats the whole comparison in bf16: every
+contender's weights and input cast to bf16, so ours runs the ``cpu_bf16`` experts
+backend (bf16 GEMMs where the CPU has native bf16: AMX-BF16 or AVX512-BF16, see
+`moelab.hardware`) against HF's implementations in the same dtype, and the table adds
+ours fp32 / ours bf16, measured in the same process.
+
 Forward runs under ``torch.no_grad()`` (inference); forward+backward back-propagates a
 fixed random output gradient into the input and all weights. Expert FLOPs counted:
 2*T*K*D*3F forward (gate_up is 2F x D, down is D x F), three times that for fwd+bwd;
@@ -111,7 +117,8 @@ def _runner(
 
 
 def bench_shape(
-    name: str, D: int, F: int, E: int, K: int, T: int, *, budget_s: float, peak: float
+    name: str, D: int, F: int, E: int, K: int, T: int, *, budget_s: float, peak: float,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     torch.manual_seed(0)
     ours = build_ours(D, F, E, K)
@@ -120,6 +127,9 @@ def bench_shape(
     x = torch.randn(1, T, D)
     dense = FeedForward(D, K * F)
     hf = {impl: build_hf(ours, impl) for impl in HF_IMPLS}
+    if dtype != torch.float32:
+        ours, dense, x = ours.to(dtype), dense.to(dtype), x.to(dtype)
+        hf = {impl: m.to(dtype) for impl, m in hf.items()}
 
     with torch.no_grad():
         ref = ours(x).output
@@ -136,6 +146,8 @@ def bench_shape(
 
     result: dict = {
         "shape": {"D": D, "F": F, "E": E, "K": K, "T": T},
+        "dtype": str(dtype).removeprefix("torch."),
+        "experts_backend": ours.experts.backend(x.reshape(-1, D)).name,
         "max_abs_diff_vs_hf": parity,
         "passes": {},
     }
@@ -189,8 +201,13 @@ def _fits(impl: str, D: int, F: int, K: int, T: int) -> bool:
 
 
 def targets(results: dict) -> dict:
-    """The three claims this benchmark checks, evaluated on the measured numbers."""
+    """The three claims this benchmark checks (fp32), evaluated on the measured numbers,
+    and the bf16 one: ours in bf16 >= HF's best in bf16."""
     out = {}
+    for name, r in results.get("shapes_bf16", {}).items():
+        for pass_, p in r["passes"].items():
+            ratio = p["hf_best_ms / ours_ms"]
+            out[f"bf16 {name}/{pass_}: ours >= 1.0x hf_best"] = None if ratio is None else bool(ratio >= 1.0)
     for name, r in results["shapes"].items():
         for pass_, p in r["passes"].items():
             ratio = p["hf_best_ms / ours_ms"]
@@ -205,13 +222,31 @@ def targets(results: dict) -> dict:
     return out
 
 
-def format_table(results: dict) -> str:
+def format_bf16_table(results: dict) -> str:
+    """bf16 rows: ours vs HF's implementations in bf16, and ours fp32 / ours bf16."""
+    cols = ["ours", *(f"hf_{i}" for i in HF_IMPLS), "dense"]
+    head = f"| shape | pass | {' | '.join(c + ' ms' for c in cols)} | hf_best/ours | ours fp32/bf16 | GF/s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results["shapes_bf16"].items():
+        for pass_, p in r["passes"].items():
+            cells = [f"{p['ms'][c]['median_ms']:.1f}" if p["ms"][c]["ran"] else "n/a" for c in cols]
+            ratio = p["hf_best_ms / ours_ms"]
+            fp32 = results["shapes"].get(name, {}).get("passes", {}).get(pass_)
+            speedup = f"{fp32['ours_ms'] / p['ours_ms']:.2f}x" if fp32 else "n/a"
+            lines.append(
+                f"| {name} | {'fwd' if pass_ == 'forward' else 'fwd+bwd'} | {' | '.join(cells)} | "
+                f"{'n/a' if ratio is None else f'{ratio:.2f}x'} | {speedup} | {p['achieved_gflops']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def format_table(results: dict, key: str = "shapes") -> str:
     cols = ["ours", *(f"hf_{i}" for i in HF_IMPLS), "dense"]
     head = (
         f"| shape | pass | {' | '.join(c + ' ms' for c in cols)} | hf_best/ours | GF/s | % peak |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, r in results["shapes"].items():
+    for name, r in results[key].items():
         for pass_, p in r["passes"].items():
             cells = []
             for c in cols:
@@ -250,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="intra-op threads (default: all available)"
     )
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                        help="run the comparison in these dtypes (default both; float32 is always run "
+                             "first when bfloat16 is asked, for the fp32/bf16 ratio)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -262,19 +300,30 @@ def main(argv: list[str] | None = None) -> int:
         peak["peak_gflops"],
         {k: round(v["gflops"], 1) for k, v in peak["per_size"].items()},
     )
-    results: dict = {"machine": machine_info(), "quick": args.quick, "gemm": peak, "shapes": {}}
+    from moelab import hardware
+
+    results: dict = {"machine": machine_info(), "quick": args.quick, "gemm": peak, "shapes": {},
+                     "cpu_native_bf16": hardware.cpu_native_bf16()}
+    dtypes = [torch.float32] + ([torch.bfloat16] if "bfloat16" in args.dtypes else [])
+    if "bfloat16" in args.dtypes:
+        results["shapes_bf16"] = {}
     for name in args.shapes:
         D, F, E, K, T = SHAPES[name]
         if args.quick:
             T = max(16, T // 16) if T > 16 else T
-        log.info("shape %s: D=%d F=%d E=%d K=%d T=%d", name, D, F, E, K, T)
-        results["shapes"][name] = bench_shape(
-            name, D, F, E, K, T, budget_s=budget, peak=peak["peak_gflops"]
-        )
+        for dtype in dtypes:
+            log.info("shape %s: D=%d F=%d E=%d K=%d T=%d %s", name, D, F, E, K, T, dtype)
+            key = "shapes" if dtype == torch.float32 else "shapes_bf16"
+            results[key][name] = bench_shape(
+                name, D, F, E, K, T, budget_s=budget, peak=peak["peak_gflops"], dtype=dtype
+            )
     results["targets"] = targets(results)
     results["loadavg_at_end"] = list(os.getloadavg())
     atomic_write_json(args.json, results)
     print(format_table(results))
+    if "shapes_bf16" in results:
+        print(f"\nbf16 (cpu_native_bf16={results['cpu_native_bf16']}):")
+        print(format_bf16_table(results))
     print()
     for claim, ok in results["targets"].items():
         print(f"{'MET   ' if ok else 'MISSED' if ok is not None else 'N/A   '} {claim}")

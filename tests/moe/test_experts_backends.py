@@ -1,0 +1,97 @@
+"""The experts-backend table: which backend a call takes, that each equals the loop
+reference, and that a new backend plugs in with one `register_backend` call."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moelab.moe import BACKENDS, ExpertsBackend, MoE, MoEConfig, experts, register_backend
+
+CFG = MoEConfig(d_model=32, d_expert=16, num_experts=8, top_k=2)
+
+
+def _layer(cfg=CFG, seed=0) -> MoE:
+    torch.manual_seed(seed)
+    m = MoE(cfg)
+    m.reset_parameters(std=0.2)
+    return m
+
+
+def test_table_picks_by_device_and_dtype():
+    m = _layer()
+    x32 = torch.randn(4, 32)
+    assert m.experts.backend(x32).name == "segmented"
+    assert m.experts.backend(x32.double()).name == "segmented"
+    assert _layer(dataclasses.replace(CFG, impl="loop")).experts.backend(x32).name == "loop"
+    m.experts.to(torch.bfloat16)
+    assert m.experts.backend(x32).name == "cpu_bf16"
+    assert {"loop", "segmented", "cpu_bf16", "cuda_grouped_mm"} <= set(BACKENDS)
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native_bf16", "emulated_bf16_upcast"])
+@pytest.mark.parametrize("T", [1, 9, 40])
+def test_cpu_bf16_backend_equals_reference_on_the_same_weights(monkeypatch, native, T):
+    """bf16 expert weights in an fp32 layer: the bf16 backend (native bf16 GEMMs, or the
+    float32 upcast where the CPU has none) against the loop reference on the same
+    bf16-rounded weights in float64; outputs and gradients, to bf16 precision."""
+    monkeypatch.setenv("MOELAB_CPU_BF16", native)
+    kernel_dtypes = []
+    segmented = experts.cpu_kernels.segmented_ffn
+    monkeypatch.setattr(experts.cpu_kernels, "segmented_ffn",
+                        lambda x, w_in, *a: kernel_dtypes.append((x.dtype, w_in.dtype)) or segmented(x, w_in, *a))
+    fast = _layer()
+    fast.experts.to(torch.bfloat16)
+    ref = _layer(dataclasses.replace(CFG, impl="loop")).double()
+    ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    x = torch.randn(T, 32)
+    xf, xr = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+    of, orf = fast(xf), ref(xr)
+    assert of.output.dtype == torch.float32
+    # The capability decides the arithmetic: bf16 GEMMs only where the CPU has them.
+    want = torch.bfloat16 if native == "1" else torch.float32
+    assert kernel_dtypes == [(want, want)]
+    # bf16 rounds the expert inputs and products: ~3 significant digits.
+    tol = dict(rtol=3e-2, atol=3e-2 * float(orf.output.detach().abs().max()))
+    torch.testing.assert_close(of.output.double(), orf.output, **tol)
+    assert torch.equal(of.stats.tokens_per_expert, orf.stats.tokens_per_expert)
+    g = torch.randn(T, 32)
+    (of.output * g).sum().backward()
+    (orf.output * g.double()).sum().backward()
+    assert fast.experts.down_proj.grad.dtype == torch.bfloat16
+    for a, b in ((xf.grad, xr.grad), (fast.experts.down_proj.grad, ref.experts.down_proj.grad),
+                 (fast.router.weight.grad, ref.router.weight.grad)):
+        torch.testing.assert_close(a.double(), b, rtol=5e-2, atol=5e-2 * float(b.abs().max()))
+
+
+def test_a_new_backend_is_one_register_call(monkeypatch):
+    """A backend registered for float64 is chosen for float64 calls and nothing else."""
+    calls = []
+
+    def forward(ex, x_AD, counts_E, weight_A):
+        calls.append(x_AD.shape[0])
+        return BACKENDS["loop"].forward(ex, x_AD, counts_E, weight_A)
+
+    monkeypatch.setattr(experts, "_AUTO", list(experts._AUTO))
+    monkeypatch.setattr(experts, "BACKENDS", dict(experts.BACKENDS))
+    register_backend(ExpertsBackend("f64_counting", forward, lambda ex, x: x.dtype == torch.float64, "test"))
+    m = _layer().double()
+    with torch.no_grad():
+        m(torch.randn(5, 32, dtype=torch.float64))
+        m.float()(torch.randn(5, 32))
+    assert calls == [10]
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend(ExpertsBackend("f64_counting", forward, lambda ex, x: False, "again"))
+
+
+def test_nothing_routed_keeps_the_graph_connected():
+    """Every assignment dropped (capacity): zero output, and backward still runs."""
+    m = _layer(dataclasses.replace(CFG, capacity_factor=1e-9))
+    x = torch.randn(1, 32, requires_grad=True)
+    out = m(x)
+    if out.stats.tokens_per_expert.sum() == 0:
+        assert torch.equal(out.output, torch.zeros_like(out.output))
+    out.output.sum().backward()
+    assert m.experts.down_proj.grad is not None
