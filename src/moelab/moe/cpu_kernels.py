@@ -116,11 +116,13 @@ def _seg_weight_grad(
         torch.mm(dy_RO[s:t].t(), x_RI[s:t], out=dw_EOI[e])
 
 
-def act_forward(h_AH: torch.Tensor, activation: str) -> torch.Tensor:
-    """``silu(gate) * up`` (swiglu, ``h = [gate | up]``) or ``gelu(h)``."""
+def act_forward(h_AH: torch.Tensor, activation: str, *, inplace: bool = True) -> torch.Tensor:
+    """``silu(gate) * up`` (swiglu, ``h = [gate | up]``) or ``gelu(h)``. ``inplace``: the
+    product reuses silu's output buffer (no autograd here: the kernels' own backward)."""
     if activation == "swiglu":
         gate_AF, up_AF = h_AH.chunk(2, dim=-1)
-        return F.silu(gate_AF).mul_(up_AF)
+        silu_AF = F.silu(gate_AF)
+        return silu_AF.mul_(up_AF) if inplace else silu_AF * up_AF
     return F.gelu(h_AH)
 
 

@@ -33,11 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The readable activation: ``silu(gate) * up`` (swiglu) or ``gelu(h)``."""
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h)
+    """The activation under autograd: ``silu(gate) * up`` (swiglu) or ``gelu(h)``."""
+    return cpu_kernels.act_forward(h, activation, inplace=False)
 
 
 # ---------------------------------------------------------------------------- backends
