@@ -1,7 +1,30 @@
-"""The Mixtral-style decoder, its config and named presets."""
+"""The Mixtral-style decoder, its config and named presets.
 
-from moelab.model.config import ModelConfig
-from moelab.model.decoder import ModelOutput, Transformer
-from moelab.model.presets import PRESETS, get_preset
+Names are imported from their submodule on first use (PEP 562), so importing the
+torch-free `moelab.model.config` or `moelab.model.presets` does not pull in torch.
+"""
+
+import importlib
+
+# name -> submodule that defines it
+_EXPORTS = {
+    "ModelConfig": "moelab.model.config",
+    "ModelOutput": "moelab.model.decoder",
+    "PRESETS": "moelab.model.presets",
+    "Transformer": "moelab.model.decoder",
+    "get_preset": "moelab.model.presets",
+}
 
 __all__ = ["PRESETS", "ModelConfig", "ModelOutput", "Transformer", "get_preset"]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

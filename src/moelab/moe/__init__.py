@@ -1,15 +1,23 @@
-"""The MoE layer: config, routing maths, losses, dispatch, experts."""
+"""The MoE layer: config, routing maths, losses, dispatch, experts.
 
-from moelab.moe.config import MoEConfig
-from moelab.moe.experts import FeedForward, RoutedExperts
-from moelab.moe.layer import (
-    MoE,
-    MoEOutput,
-    NonFiniteRouterError,
-    RoutingDecision,
-    RoutingStats,
-    active_ffn_hidden,
-)
+Names are imported from their submodule on first use (PEP 562), so importing the
+torch-free `moelab.moe.config` does not pull in torch.
+"""
+
+import importlib
+
+# name -> submodule that defines it
+_EXPORTS = {
+    "FeedForward": "moelab.moe.experts",
+    "MoE": "moelab.moe.layer",
+    "MoEConfig": "moelab.moe.config",
+    "MoEOutput": "moelab.moe.layer",
+    "NonFiniteRouterError": "moelab.moe.layer",
+    "RoutedExperts": "moelab.moe.experts",
+    "RoutingDecision": "moelab.moe.layer",
+    "RoutingStats": "moelab.moe.layer",
+    "active_ffn_hidden": "moelab.moe.config",
+}
 
 __all__ = [
     "FeedForward",
@@ -22,3 +30,15 @@ __all__ = [
     "RoutingStats",
     "active_ffn_hidden",
 ]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
