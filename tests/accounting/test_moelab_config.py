@@ -52,7 +52,7 @@ def test_cli_accepts_moelab_presets_and_saved_configs(tmp_path, capsys):
     assert main(["size", name, "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["total_params"] == _count(model.PRESETS[name])
-    saved = {"format": "moelab", "model": model.PRESETS[name].to_dict()}
+    saved = {"format": "moelab-run", "version": 1, "model": model.PRESETS[name].to_dict()}
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert main(["size", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total_params"] == r["total_params"]
