@@ -7,14 +7,11 @@ import json
 import pytest
 import torch
 
+from moelab import model
 from moelab.accounting.moelab_config import spec_from_moelab_config
 from moelab.accounting.params import count_params
 from moelab.cli.main import main
-
-model = pytest.importorskip(
-    "moelab.model", reason="moelab.model is not importable yet: nothing of moelab's own to size"
-)
-from moelab.moe import MoEConfig  # noqa: E402
+from moelab.moe import MoEConfig
 
 
 def _count(cfg) -> int:
