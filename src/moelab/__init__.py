@@ -4,11 +4,11 @@ The names below are imported on first use (PEP 562): ``import moelab.accounting`
 not pay for torch. Layer order (lower never imports higher; enforced by
 tests/test_layering.py, the table is `moelab.layers.LAYERS`):
 
-    errors, io -> moe -> model -> rundir -> data -> train, infer, quant, offload
-        -> hf, dist -> lab, serve, playground -> cli
+    errors, io -> moe -> model -> rundir -> accounting -> data
+        -> train, infer, quant, offload -> hf, dist -> lab, serve, playground -> cli
 
-`accounting` is pure arithmetic beside them: it imports only errors, io, itself and the
-torch-free config modules (moe.config, model.config, model.presets, rundir.files).
+`accounting` is pure arithmetic: it imports only errors, io, itself and the torch-free
+config modules (moe.config, model.config, model.presets, rundir.files).
 """
 
 import importlib
