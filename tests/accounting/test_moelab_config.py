@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from moelab import model
 from moelab.accounting.moelab_config import spec_from_moelab_config
 from moelab.accounting.params import count_params
-from moelab.cli.main import main
 from moelab.moe import MoEConfig
 
 
@@ -42,14 +39,3 @@ VARIANTS = _variants()
 def test_total_equals_transformer_parameters(name):
     cfg = VARIANTS[name]
     assert count_params(spec_from_moelab_config(cfg)).total == _count(cfg)
-
-
-def test_cli_accepts_moelab_presets_and_saved_configs(tmp_path, capsys):
-    name = next(iter(model.PRESETS))
-    assert main(["size", name, "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert r["total_params"] == _count(model.PRESETS[name])
-    saved = {"format": "moelab-run", "version": 1, "model": model.PRESETS[name].to_dict()}
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert main(["size", str(tmp_path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["total_params"] == r["total_params"]

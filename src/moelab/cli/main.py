@@ -42,9 +42,16 @@ def _command_in(argv: list[str]) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (flag and value), no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser with every subcommand, or with just `only` (the one about to run)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moelab",
         description="Build, size, train, break, analyse and serve sparse Mixture-of-Experts models.",
         epilog="Benchmarks: python -m benchmarks.moe_layer (and the other scripts in benchmarks/).",
