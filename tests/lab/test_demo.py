@@ -10,6 +10,7 @@ from moelab.lab.failures import SCALES
 from moelab.lab.report import SECTIONS
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     cfg = DemoConfig(compare_steps=2, batch_size=2, seq_len=32, eval_interval=0, eval_batches=1,
                      collapse=SCALES["test"].with_(steps=4), analysis_tokens=64)

@@ -22,6 +22,7 @@ def lab_dir(data, lab_cfg, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_report_is_one_self_contained_file_with_every_section(data, lab_dir, tmp_path) -> None:
     run = lab_dir / "dropless"  # a full run directory: analyse it like any checkpoint
     analyze_checkpoint(run, cache_dir=data.cache_dir.parent,

@@ -1,16 +1,20 @@
 """moelab's own `ModelConfig` (and its presets and saved configs) -> `ArchSpec`.
 
 So a user can size what they are about to train: `moelab size tiny-moe`, or a
-folder whose config.json was written by moelab. `moelab.model` is imported
-lazily: accounting must work (and its tests run) without torch models built.
+run directory (its config.json read by `moelab.rundir.files.read_run_config`, the one
+reader of a run's config). Only torch-free modules are imported here (`moelab.model.config`,
+`moelab.model.presets`, `moelab.rundir.files`): sizing must start without torch.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from moelab.accounting.spec import ArchSpec, AttentionSpec, LayerSpec, MLPSpec, MoESpec
-from moelab.errors import ConfigError
+from moelab.model.config import ModelConfig
+from moelab.model.presets import PRESETS as MODEL_PRESETS
+from moelab.rundir.files import config_path, model_config_of, read_run_config
 
 
 def spec_from_moelab_config(cfg: Any, *, name: str = "moelab") -> ArchSpec:
@@ -54,30 +58,14 @@ def spec_from_moelab_config(cfg: Any, *, name: str = "moelab") -> ArchSpec:
     )
 
 
-def moelab_presets() -> dict[str, Any]:
-    """moelab's model presets ({} while `moelab.model` is not importable)."""
-    try:
-        from moelab.model.presets import PRESETS
-    except ImportError:
-        return {}
-    return dict(PRESETS)
+def moelab_presets() -> dict[str, ModelConfig]:
+    """moelab's model presets (`moelab.model.presets`)."""
+    return dict(MODEL_PRESETS)
 
 
-def is_moelab_config(raw: dict[str, Any]) -> bool:
-    """A config.json written by moelab carries a "moelab" key or a "format" naming moelab."""
-    return "moelab" in raw or "moelab" in str(raw.get("format", ""))
-
-
-def spec_from_moelab_json(raw: dict[str, Any], *, source: str) -> ArchSpec:
-    """The `ModelConfig.to_dict()` inside a moelab config.json: under "model" (or
-    "model_config"), else the top-level object without its marker keys."""
-    from moelab.model.config import ModelConfig
-
-    body = raw.get("model", raw.get("model_config"))
-    if not isinstance(body, dict):
-        body = {k: v for k, v in raw.items() if k not in ("moelab", "format")}
-    try:
-        cfg = ModelConfig.from_dict(body)
-    except (ConfigError, TypeError) as e:
-        raise ConfigError(f"{source}: not a valid moelab model config: {e}") from e
-    return spec_from_moelab_config(cfg, name=str(raw.get("name", source)))
+def spec_from_moelab_run(path: str | Path) -> tuple[ArchSpec, str]:
+    """The spec of a run's model and the config file it came from; a broken run config
+    raises the `CheckpointError` every other reader of runs raises."""
+    cfg = read_run_config(path)
+    source = str(config_path(path))
+    return spec_from_moelab_config(model_config_of(cfg, path), name=source), source

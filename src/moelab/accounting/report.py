@@ -20,15 +20,15 @@ from moelab.accounting.memory import (
     weight_bytes,
 )
 from moelab.accounting.moelab_config import (
-    is_moelab_config,
     moelab_presets,
     spec_from_moelab_config,
-    spec_from_moelab_json,
+    spec_from_moelab_run,
 )
 from moelab.accounting.params import ParamCount, count_params
 from moelab.accounting.published import PRESETS, Preset
 from moelab.accounting.spec import ArchSpec, Spec
 from moelab.errors import ConfigError
+from moelab.rundir.files import is_run_dir
 
 SCHEMA_VERSION = 1
 
@@ -48,8 +48,8 @@ CONVENTIONS = {
 
 def resolve(name_or_path: str) -> tuple[Spec, str, Preset | None]:
     """A size preset, a moelab model preset (`moelab.model.presets`), or a path to a
-    config.json (file or folder): Hugging Face, or moelab's own when it carries
-    the "moelab" marker."""
+    config.json (file or folder): a moelab run directory when its config names the
+    moelab format (read by `moelab.rundir.files.read_run_config`), else Hugging Face."""
     if name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
         return preset.build(), f"preset {preset.name} ({preset.source})", preset
@@ -59,9 +59,10 @@ def resolve(name_or_path: str) -> tuple[Spec, str, Preset | None]:
         return spec, f"moelab model preset {name_or_path}", None
     path = Path(name_or_path)
     if path.exists():
+        if is_run_dir(path):
+            spec, source = spec_from_moelab_run(path)
+            return spec, source, None
         cfg, source = load_hf_config(path)
-        if is_moelab_config(cfg):
-            return spec_from_moelab_json(cfg, source=source), source, None
         return spec_from_hf_config(cfg, source=source), source, None
     raise ConfigError(
         f"{name_or_path!r} is neither a preset nor an existing path; presets: "

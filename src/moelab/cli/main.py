@@ -4,6 +4,10 @@ Each subcommand module defines `register(subparsers)` that adds its parser and
 sets `func=run` via `set_defaults`; `run(args) -> int | None` does the work by
 calling library functions. Errors the user caused (`MoelabError`, `ValueError`,
 `OSError`) are printed as one line naming the problem, with exit status 2.
+
+Subcommand modules are imported lazily: ``moelab size ...`` imports only
+`moelab.cli.size` (and so never torch); ``moelab --help`` imports them all to list them.
+Benchmarks are not a subcommand: run ``python -m benchmarks.moe_layer`` (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -27,30 +31,41 @@ SUBCOMMANDS = [
     "demo",
     "convert",
     "generate",
-    "bench",
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in `argv` (the first word that is not an option), if known."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in SUBCOMMANDS else None
+    return None
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (flag and value), no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand, or with just `only` (the one about to run)."""
+    parser = _Parser(
         prog="moelab",
         description="Build, size, train, break, analyse and serve sparse Mixture-of-Experts models.",
+        epilog="Benchmarks: python -m benchmarks.moe_layer (and the other scripts in benchmarks/).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"moelab.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"moelab.cli.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(sub)
+    for name in [only] if only else SUBCOMMANDS:
+        importlib.import_module(f"moelab.cli.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -15,7 +15,8 @@ from pathlib import Path
 from moelab.data import DataConfig, PreparedData, prepare_data, prepare_data_from_config
 from moelab.errors import ConfigError, DataError
 from moelab.model import ModelConfig, get_preset
-from moelab.train import TrainConfig, read_run_config, train
+from moelab.rundir import is_run_dir, model_config_from_run, model_config_of, read_run_config
+from moelab.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = 
 
 def resolve_model(name_or_path: str) -> ModelConfig:
     """A preset name, a JSON file with a `ModelConfig.to_dict()`, or a run's config.json / run dir."""
+    if is_run_dir(name_or_path):
+        return model_config_from_run(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "config.json"
@@ -140,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR, the run directory to continue")
         saved = read_run_config(args.out)
-        model_cfg = resolve_model(args.model) if args.model else ModelConfig.from_dict(saved["model"])
+        model_cfg = resolve_model(args.model) if args.model else model_config_of(saved, args.out)
         train_cfg = train_config_from_args(args, TrainConfig.from_dict(saved["train"]))
         saved_data = (saved.get("data") or {}).get("config")
         if args.data or not saved_data:

@@ -29,6 +29,7 @@ from moelab.io import atomic_write_text
 from moelab.lab import plots
 from moelab.lab.failures import load_experiment, verdict_table
 from moelab.lab.plots import data_uri, img_tag, read_metrics
+from moelab.rundir.files import CONFIG_FILE, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,7 @@ def build_report(
         rows = []
         for run in src.runs:
             val, steps = _final_val(run)
-            cfg = _read_json(run / "config.json")
-            model = (cfg or {}).get("model") or {}
+            model = read_run_config(run)["model"] if (run / CONFIG_FILE).is_file() else {}
             moe = model.get("moe")
             kind = f"MoE {moe['num_experts']}x top-{moe['top_k']}" if moe else "dense"
             rows.append(f"<tr><td>{html.escape(_run_label(run))}</td><td>{kind}</td><td>{steps if steps is not None else '-'}</td>"

@@ -1,8 +1,42 @@
-"""The Mixtral-style decoder, its config and named presets."""
+"""The Mixtral-style decoder, its KV caches, its config and named presets.
 
-from moelab.model.cache import Cache, KVCache, StaticKVCache
-from moelab.model.config import ModelConfig
-from moelab.model.decoder import ModelOutput, Transformer
-from moelab.model.presets import PRESETS, get_preset
+Names are imported from their submodule on first use (PEP 562), so importing the
+torch-free `moelab.model.config` or `moelab.model.presets` does not pull in torch.
+"""
 
-__all__ = ["PRESETS", "Cache", "KVCache", "ModelConfig", "ModelOutput", "StaticKVCache", "Transformer", "get_preset"]
+import importlib
+
+# name -> submodule that defines it
+_EXPORTS = {
+    "Cache": "moelab.model.cache",
+    "KVCache": "moelab.model.cache",
+    "ModelConfig": "moelab.model.config",
+    "ModelOutput": "moelab.model.decoder",
+    "PRESETS": "moelab.model.presets",
+    "StaticKVCache": "moelab.model.cache",
+    "Transformer": "moelab.model.decoder",
+    "get_preset": "moelab.model.presets",
+}
+
+__all__ = [
+    "Cache",
+    "KVCache",
+    "ModelConfig",
+    "ModelOutput",
+    "PRESETS",
+    "StaticKVCache",
+    "Transformer",
+    "get_preset",
+]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

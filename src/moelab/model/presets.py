@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from moelab.errors import ConfigError
 from moelab.model.config import ModelConfig
-from moelab.moe import MoEConfig, active_ffn_hidden
+from moelab.moe.config import MoEConfig, active_ffn_hidden
 
 
 def _moe_family(name: str, *, d_model: int, n_layers: int, n_heads: int, n_kv_heads: int,

@@ -1,23 +1,31 @@
-"""The MoE layer: config, routing maths, router, dispatcher, experts backends, losses."""
+"""The MoE layer: config, routing maths, router, dispatcher, experts backends, losses.
 
-from moelab.moe.config import MoEConfig
-from moelab.moe.dispatch import Dispatched, Dispatcher, LocalDispatcher
-from moelab.moe.experts import (
-    BACKENDS,
-    ExpertsBackend,
-    FeedForward,
-    RoutedExperts,
-    register_backend,
-)
-from moelab.moe.layer import (
-    MoE,
-    MoEOutput,
-    RoutingDecision,
-    RoutingStats,
-    active_ffn_hidden,
-)
-from moelab.moe.router import Router, RouterOutput
-from moelab.moe.routing import NonFiniteRouterError
+Names are imported from their submodule on first use (PEP 562), so importing the
+torch-free `moelab.moe.config` does not pull in torch.
+"""
+
+import importlib
+
+# name -> submodule that defines it
+_EXPORTS = {
+    "BACKENDS": "moelab.moe.experts",
+    "Dispatched": "moelab.moe.dispatch",
+    "Dispatcher": "moelab.moe.dispatch",
+    "ExpertsBackend": "moelab.moe.experts",
+    "FeedForward": "moelab.moe.experts",
+    "LocalDispatcher": "moelab.moe.dispatch",
+    "MoE": "moelab.moe.layer",
+    "MoEConfig": "moelab.moe.config",
+    "MoEOutput": "moelab.moe.layer",
+    "NonFiniteRouterError": "moelab.moe.routing",
+    "RoutedExperts": "moelab.moe.experts",
+    "Router": "moelab.moe.router",
+    "RouterOutput": "moelab.moe.router",
+    "RoutingDecision": "moelab.moe.layer",
+    "RoutingStats": "moelab.moe.layer",
+    "active_ffn_hidden": "moelab.moe.config",
+    "register_backend": "moelab.moe.experts",
+}
 
 __all__ = [
     "BACKENDS",
@@ -38,3 +46,15 @@ __all__ = [
     "active_ffn_hidden",
     "register_backend",
 ]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

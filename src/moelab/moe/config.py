@@ -166,3 +166,12 @@ class MoEConfig:
         if unknown:
             raise ConfigError(f"MoEConfig: unknown field(s) {sorted(unknown)}; known fields are {sorted(known)}")
         return cls(**d)
+
+
+def active_ffn_hidden(cfg: MoEConfig) -> int:
+    """Hidden width a token actually runs through: K routed experts + the shared ones.
+
+    A dense FFN of this width spends the same FLOPs per token as the MoE layer
+    (router aside), which is what a fair dense baseline must match.
+    """
+    return cfg.top_k * cfg.d_expert + cfg.shared_hidden

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moelab.moe.config import MoEConfig
+from moelab.moe.config import MoEConfig, active_ffn_hidden
 from moelab.moe.dispatch import Dispatched, Dispatcher, LocalDispatcher
 from moelab.moe.experts import FeedForward, RoutedExperts
 from moelab.moe.losses import load_balancing_loss, router_z_loss, update_expert_bias
@@ -206,15 +206,6 @@ class MoE(nn.Module):
             self.shared_experts.reset_parameters(std, out_std)
             if self.cfg.shared_expert_gate:
                 nn.init.normal_(self.shared_expert_gate.weight, std=std)
-
-
-def active_ffn_hidden(cfg: MoEConfig) -> int:
-    """Hidden width a token actually runs through: K routed experts + the shared ones.
-
-    A dense FFN of this width spends the same FLOPs per token as the MoE layer
-    (router aside), which is what a fair dense baseline must match.
-    """
-    return cfg.top_k * cfg.d_expert + cfg.shared_hidden
 
 
 __all__ = [

@@ -1,7 +1,10 @@
-"""Training: the loop (`train`), checkpoints and run directories, metrics, and the
-MoE-vs-dense comparison."""
+"""Training: the loop (`train`), checkpoints, metrics, and the MoE-vs-dense comparison.
 
-from moelab.train.checkpoint import LoadedModel, load_model, read_run_config
+`LoadedModel`, `load_model` and `read_run_config` are `moelab.rundir`'s, re-exported here
+for callers that load a trained run from `moelab.train`.
+"""
+
+from moelab.rundir import LoadedModel, load_model, read_run_config
 from moelab.train.metrics import MetricsWriter, read_metrics
 from moelab.train.trainer import TrainConfig, TrainResult, evaluate, lr_at, train
 

@@ -1,13 +1,10 @@
-"""Run directories and checkpoints: save, verify, resume, load for inference.
+"""Trainer checkpoints: optimizer state, RNG states, sha256-verified saves and exact resume.
 
-A run directory (the contract shared by trainer, lab, analysis and HF interop):
+The run directory itself (file names, ``config.json``, weights, `load_model`) is
+`moelab.rundir`; this module adds what only the trainer writes:
 
-    config.json            {"format": "moelab-run", "version": 1, "model", "train", "data"}
-    model.safetensors      weights of the latest checkpoint (a tied head stored once)
     optimizer.safetensors  optimizer tensors (AdamW moments and step counts) by parameter name
-    trainer_state.json     step, optimizer scalars, RNG states, sha256 of the two files above
-    tokenizer.json         the tokenizer the run used
-    metrics.jsonl, tb/     telemetry (`moelab.train.metrics`)
+    trainer_state.json     step, optimizer scalars, RNG states, sha256 of the two safetensors files
 
 Atomicity: each file goes through `moelab.io.atomic_path`. A checkpoint is three files, so
 all three are first written and fsynced under temporary names and only then renamed, with
@@ -23,63 +20,29 @@ import contextlib
 import hashlib
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from moelab.errors import CheckpointError, ConfigError
-from moelab.io import atomic_path, atomic_write_json
-from moelab.model import ModelConfig, Transformer
+from moelab.errors import CheckpointError
+from moelab.io import atomic_path
+from moelab.rundir.files import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
 
-RUN_FORMAT = "moelab-run"
-RUN_VERSION = 1
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
-TOKENIZER_FILE = "tokenizer.json"
+# LoadedModel and load_model are re-exported for lab/demo.py and lab/specialization.py,
+# which still import them from here; new code imports them from `moelab.rundir`.
+from moelab.rundir.weights import (  # noqa: F401
+    LoadedModel,
+    load_model,
+    load_weights,
+    read_tensors,
+    save_weights,
+)
 
-
-# ---------------------------------------------------------------------------- config.json
-
-
-def write_run_config(run_dir: Path, model_cfg: ModelConfig, train: dict, data: dict) -> None:
-    atomic_write_json(
-        Path(run_dir) / CONFIG_FILE,
-        {"format": RUN_FORMAT, "version": RUN_VERSION, "model": model_cfg.to_dict(), "train": train, "data": data},
-    )
-
-
-def read_run_config(run_dir: str | Path) -> dict:
-    """The parsed `config.json` of a run, checked for format and version."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: {Path(run_dir)} is not a moelab run directory")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the run config is corrupt") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != RUN_FORMAT:
-        raise CheckpointError(f"{path}: expected an object with \"format\": \"{RUN_FORMAT}\"")
-    if cfg.get("version") != RUN_VERSION:
-        raise CheckpointError(f"{path}: run format version {cfg.get('version')!r} is not supported (expected {RUN_VERSION})")
-    if not isinstance(cfg.get("model"), dict):
-        raise CheckpointError(f"{path}: the \"model\" entry is missing")
-    return cfg
-
-
-def model_config_from_run(run_dir: str | Path) -> ModelConfig:
-    path = Path(run_dir) / CONFIG_FILE
-    try:
-        return ModelConfig.from_dict(read_run_config(run_dir)["model"])
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path}: the model config is invalid: {e}") from None
+# ---------------------------------------------------------------------------- config
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -92,84 +55,6 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{prefix}{key}: {va!r} != {vb!r}")
     return out
-
-
-# ---------------------------------------------------------------------------- weights
-
-
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each storage once: a tied LM head shares the embedding's tensor
-    and is left out (safetensors refuses shared tensors); `load_weights` re-ties it."""
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        key = t.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().to("cpu").contiguous()
-    return out
-
-
-def _open(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
-
-
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file; damage raises `CheckpointError`."""
-    with _open(path) as f:
-        try:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read tensor data (corrupt or truncated?): {e}") from None
-
-
-def load_weights(model: nn.Module, path: Path) -> dict[str, str]:
-    """Copy the tensors of `path` into `model`, checking names and shapes first.
-
-    Every parameter and persistent buffer must be present with its shape (a tied head may
-    be absent); any difference raises `CheckpointError` naming the file and tensor.
-    Returns the file's metadata.
-    """
-    tensors, meta = read_tensors(path)
-    expected = model.state_dict()
-    tied = _tied_names(model)
-    for name, t in expected.items():
-        if name not in tensors:
-            if name in tied:
-                continue
-            raise CheckpointError(f"{path}: tensor {name!r} is missing (shape {tuple(t.shape)} expected)")
-        got = tensors[name]
-        if tuple(got.shape) != tuple(t.shape):
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(got.shape)}, the model expects {tuple(t.shape)} "
-                "(the checkpoint was saved from a different model config)"
-            )
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]} for this model config")
-    with torch.no_grad():
-        for name, t in expected.items():
-            if name in tensors:
-                t.copy_(tensors[name].to(t.dtype))
-    return meta
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """State-dict names whose storage another, earlier name already holds."""
-    seen: set[int] = set()
-    tied = set()
-    for name, t in model.state_dict().items():
-        key = t.untyped_storage().data_ptr()
-        if key in seen:
-            tied.add(name)
-        seen.add(key)
-    return tied
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -244,15 +129,15 @@ def save_checkpoint(
 ) -> None:
     """Write model, optimizer and trainer state for `step` (see the module docstring)."""
     run_dir = Path(run_dir)
-    meta = {"format": "pt", "moelab_step": str(step)}
+    meta = {"moelab_step": str(step)}
     opt_tensors, opt_json = _optimizer_payload(model, optimizer)
     with contextlib.ExitStack() as stack:
         # Entered state-first so it is renamed last (ExitStack unwinds in reverse).
         state_tmp = stack.enter_context(atomic_path(run_dir / STATE_FILE))
         model_tmp = stack.enter_context(atomic_path(run_dir / MODEL_FILE))
         opt_tmp = stack.enter_context(atomic_path(run_dir / OPTIMIZER_FILE))
-        save_file(model_state(model), str(model_tmp), metadata=meta)
-        save_file(opt_tensors, str(opt_tmp), metadata=meta)
+        save_weights(model, model_tmp, metadata=meta)
+        save_file(opt_tensors, str(opt_tmp), metadata={"format": "pt", **meta})
         full = {
             "step": step,
             "optimizer": opt_json,
@@ -330,33 +215,3 @@ def _load_optimizer(
         optimizer.load_state_dict({"state": by_param, "param_groups": groups})
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{run_dir / OPTIMIZER_FILE}: optimizer state does not fit: {e}") from None
-
-
-# ---------------------------------------------------------------------------- inference
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    model: Transformer  # in eval mode
-    config: ModelConfig
-    tokenizer_path: Path | None
-    run_dir: Path
-
-
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """A trained model from a run directory (or its `model.safetensors`), in eval mode.
-
-    The model is built from the run's `config.json`; a missing, corrupt or mismatched file
-    raises `CheckpointError` naming the file (and the tensor).
-    """
-    path = Path(path)
-    run_dir = path.parent if path.suffix == ".safetensors" else path
-    weights = path if path.suffix == ".safetensors" else run_dir / MODEL_FILE
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist")
-    cfg = model_config_from_run(run_dir)
-    model = Transformer(cfg)
-    load_weights(model, weights)
-    model.to(device).eval()
-    tok = run_dir / TOKENIZER_FILE
-    return LoadedModel(model=model, config=cfg, tokenizer_path=tok if tok.is_file() else None, run_dir=run_dir)

@@ -1,7 +1,7 @@
 """The training loop: AdamW, warmup + cosine, clipping, MoE losses, eval, checkpoints.
 
 `train(model_cfg, train_cfg, data, out_dir)` trains a `Transformer` on a `PreparedData`
-and writes a run directory (see `moelab.train.checkpoint`). Design points:
+and writes a run directory (`moelab.rundir`, `moelab.train.checkpoint`). Design points:
 
 * Exact resume. Training batches are a pure function of ``(seed, step)``
   (`moelab.data.TokenBatcher`), the learning rate a pure function of the step, and the
@@ -45,6 +45,7 @@ from moelab.errors import CheckpointError, ConfigError
 from moelab.io import atomic_write_text
 from moelab.model import ModelConfig, Transformer
 from moelab.moe import NonFiniteRouterError
+from moelab.rundir import files as run_files
 from moelab.train import checkpoint as ckpt
 from moelab.train.metrics import METRICS_FILE, TB_DIR, MetricsWriter, read_metrics, truncate_metrics
 
@@ -229,8 +230,8 @@ def evaluate(
 def _saved_with_defaults(saved: dict, run_dir: Path) -> tuple[dict, dict]:
     """The run's saved model and train configs with every field present: a run written
     before a field existed (e.g. ``precision``, ``router_dtype``) used its default."""
+    model = run_files.model_config_of(saved, run_dir).to_dict()
     try:
-        model = ModelConfig.from_dict(saved["model"]).to_dict()
         train_d = TrainConfig.from_dict(saved.get("train", {})).to_dict()
     except (ConfigError, TypeError, KeyError) as e:
         raise CheckpointError(f"cannot resume {run_dir}: its config.json does not describe a valid run ({e})") from None
@@ -238,7 +239,7 @@ def _saved_with_defaults(saved: dict, run_dir: Path) -> tuple[dict, dict]:
 
 
 def _check_resume(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData) -> dict:
-    saved = ckpt.read_run_config(run_dir)
+    saved = run_files.read_run_config(run_dir)
     saved_model, saved_train_all = _saved_with_defaults(saved, run_dir)
     diffs = ckpt.config_differences(saved_model, model_cfg.to_dict())
     if diffs:
@@ -266,7 +267,7 @@ def _check_resume(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
 def _copy_tokenizer(data: PreparedData, run_dir: Path) -> None:
     src = Path(data.tokenizer_path)
     if src.is_file():
-        atomic_write_text(run_dir / ckpt.TOKENIZER_FILE, src.read_text(encoding="utf-8"))
+        atomic_write_text(run_dir / run_files.TOKENIZER_FILE, src.read_text(encoding="utf-8"))
 
 
 def train(
@@ -302,7 +303,7 @@ def train(
         )
     if resume:
         _check_resume(run_dir, model_cfg, train_cfg, data)
-    elif (run_dir / ckpt.STATE_FILE).exists() or (run_dir / METRICS_FILE).exists():
+    elif (run_dir / run_files.STATE_FILE).exists() or (run_dir / METRICS_FILE).exists():
         if not overwrite:
             raise ConfigError(
                 f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
@@ -327,10 +328,10 @@ def train(
         logger.info("resumed %s at step %d", run_dir, start_step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
+        run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
         _copy_tokenizer(data, run_dir)
     if resume:  # a longer --steps is allowed: record the config that is now in force
-        ckpt.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
+        run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
 
     use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
 
@@ -463,8 +464,8 @@ def train(
 
 def _clear_run(run_dir: Path) -> None:
     """Remove the files a previous run wrote (only those: never a user's other files)."""
-    for name in (ckpt.CONFIG_FILE, ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, ckpt.TOKENIZER_FILE,
-                 METRICS_FILE):
+    for name in (run_files.CONFIG_FILE, run_files.MODEL_FILE, run_files.OPTIMIZER_FILE, run_files.STATE_FILE,
+                 run_files.TOKENIZER_FILE, METRICS_FILE):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
 

@@ -1,0 +1,214 @@
+"""A run directory's weights (torch): save a model, load it back, check every tensor.
+
+* One tie rule (`tied_names`): a state-dict entry that is the *same* tensor as an earlier
+  one (a tied LM head) is stored once; `load_weights` / `load_model` re-tie it.
+* `load_model` builds the `Transformer` on the ``meta`` device (no memory, no random
+  init), checks every name and shape against the safetensors header, then reads one
+  tensor at a time from the file (opened with `safe_open`, which memory-maps it) and
+  assigns it with ``load_state_dict(assign=True)``: the model's own tensors are the only
+  full copy of the weights. They are owned copies, not views of the file mapping: a
+  mapped tensor decodes ~2x slower on CPU (page-cache pages, no huge pages) and would pin
+  the file (see `moelab.hf.loader`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from moelab.errors import CheckpointError
+from moelab.io import atomic_path
+from moelab.model import ModelConfig, Transformer
+from moelab.rundir.files import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    model_config_from_run,
+    run_dir_of,
+    tokenizer_of,
+    write_run_config,
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Transformer  # in eval mode
+    config: ModelConfig
+    tokenizer_path: Path | None
+    run_dir: Path
+    kind: str = "moelab"  # "moelab", or the HF model_type for a model read by `moelab.hf.load_any`
+
+
+# ---------------------------------------------------------------------------- ties
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """``{name: earlier name}`` for state-dict entries that are the same tensor as an
+    earlier entry (a tied LM head: ``lm_head.weight -> embed_tokens.weight``)."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            tied[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return tied
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict on CPU with each tied tensor once (safetensors refuses shared
+    tensors); `load_weights` and `load_model` re-tie it."""
+    tied = tied_names(model)
+    return {
+        name: t.detach().to("cpu").contiguous()
+        for name, t in model.state_dict().items()
+        if name not in tied
+    }
+
+
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    for name, source in tied.items():
+        prefix, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(prefix), leaf, model.get_parameter(source))
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+    with handle as f:
+        yield f
+
+
+def _get(f: Any, path: Path, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read tensor data (corrupt or truncated?): {e}") from None
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; damage raises `CheckpointError`."""
+    path = Path(path)
+    with _open(path) as f:
+        return {k: _get(f, path, k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def _check_names_and_shapes(f: Any, path: Path, model: nn.Module, tied: dict[str, str]) -> None:
+    """Every parameter and persistent buffer present with its shape (a tied one may be
+    absent), nothing else; read from the header, before any tensor data."""
+    stored = set(f.keys())
+    for name, t in model.state_dict().items():
+        if name not in stored:
+            if name in tied:
+                continue
+            raise CheckpointError(f"{path}: tensor {name!r} is missing (shape {tuple(t.shape)} expected)")
+        got = tuple(f.get_slice(name).get_shape())
+        if got != tuple(t.shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {got}, the model expects {tuple(t.shape)} "
+                "(the checkpoint was saved from a different model config)"
+            )
+    unexpected = sorted(stored - set(model.state_dict()))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]} for this model config")
+
+
+def load_weights(model: nn.Module, path: Path) -> dict[str, str]:
+    """Copy the tensors of `path` into `model` in place, checking names and shapes first.
+
+    Every parameter and persistent buffer must be present with its shape (a tied head may
+    be absent); any difference raises `CheckpointError` naming the file and tensor.
+    Returns the file's metadata.
+    """
+    path = Path(path)
+    tied = tied_names(model)
+    with _open(path) as f:
+        _check_names_and_shapes(f, path, model, tied)
+        with torch.no_grad():
+            for name, t in model.state_dict().items():
+                if name not in tied:
+                    t.copy_(_get(f, path, name).to(t.dtype))
+        return dict(f.metadata() or {})
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """A trained model from a run directory (or its ``model.safetensors``), in eval mode.
+
+    The model is built from the run's ``config.json`` on the meta device and its tensors
+    assigned from the file (module docstring); a missing, corrupt or mismatched file
+    raises `CheckpointError` naming the file (and the tensor).
+    """
+    path = Path(path)
+    run_dir = run_dir_of(path)
+    weights = path if path.suffix == ".safetensors" else run_dir / MODEL_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    cfg = model_config_from_run(run_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    tied = tied_names(model)
+    expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    with _open(weights) as f:
+        _check_names_and_shapes(f, weights, model, tied)
+        for name, ref in expected.items():
+            if name not in tied:
+                # copy=True: own the memory instead of viewing the file mapping (docstring).
+                state[name] = _get(f, weights, name).to(device=device, dtype=ref.dtype, copy=True)
+    for name, source in tied.items():
+        state[name] = state[source]
+    model.load_state_dict(state, strict=True, assign=True)
+    _retie(model, tied)
+    for name, t in model.state_dict().items():
+        if t.is_meta:
+            raise CheckpointError(f"internal: {name!r} of {weights} was not loaded")
+    return LoadedModel(model=model.eval(), config=cfg, tokenizer_path=tokenizer_of(run_dir), run_dir=run_dir)
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def save_weights(model: nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> None:
+    """Write `model_state(model)` to `path` as is (callers make it atomic)."""
+    save_file(model_state(model), str(path), metadata={"format": "pt", **(metadata or {})})
+
+
+def save_model(
+    model: Transformer,
+    out_dir: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    source: dict | None = None,
+    train: dict | None = None,
+    data: dict | None = None,
+) -> Path:
+    """Write `model` as a run directory (weights, tokenizer, config.json); returns it.
+
+    Each file is written atomically; ``config.json`` comes last, so a folder that
+    `is_run_dir` recognises has its weights complete.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / MODEL_FILE) as tmp:
+        save_weights(model, tmp)
+    if tokenizer_path is not None:
+        with atomic_path(out / TOKENIZER_FILE) as tmp:
+            shutil.copyfile(tokenizer_path, tmp)
+    write_run_config(out, model.cfg, train, data, source=source)
+    return out
