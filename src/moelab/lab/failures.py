@@ -43,7 +43,7 @@ from moelab.data import val_batches
 from moelab.errors import ConfigError, DataError
 from moelab.io import atomic_write_json
 from moelab.lab import plots
-from moelab.lab.plots import RunMetrics, read_metrics
+from moelab.lab.metrics import RunMetrics
 from moelab.model import ModelConfig, Transformer
 from moelab.moe import MoEConfig, NonFiniteRouterError
 
@@ -587,10 +587,9 @@ class _Diverged:
 
 def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
     try:
-        m = read_metrics(run_dir)
+        return RunMetrics.from_run(run_dir).train
     except DataError:
         return []
-    return m.train
 
 
 def run_experiment(
@@ -624,7 +623,7 @@ def run_experiment(
         run_dir = out / spec.name
         logger.info("lab %s: run %s (%s)", experiment, spec.name, spec.description)
         res, model = _train_one(spec, cfg, data, run_dir, progress)
-        metrics[spec.name] = read_metrics(run_dir)
+        metrics[spec.name] = RunMetrics.from_run(run_dir)
         flips = None
         if experiment == "instability" and not getattr(res, "stopped_reason", None):
             val = val_batches(data.val, cfg.batch_size, cfg.seq_len, max_batches_per_domain=cfg.eval_batches)

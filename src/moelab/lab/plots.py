@@ -8,17 +8,16 @@ is a function of data on disk (`metrics.jsonl`, `analysis.json`), so it can be r
 from __future__ import annotations
 
 import base64
-import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moelab.errors import DataError
 from moelab.io import atomic_path
+from moelab.lab.metrics import RunMetrics, num
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -26,74 +25,6 @@ if TYPE_CHECKING:
     from moelab.lab.specialization import SpecializationResult
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- metrics on disk
-
-
-@dataclass
-class RunMetrics:
-    """The rows of one run's ``metrics.jsonl``, split by kind."""
-
-    train: list[dict[str, Any]] = field(default_factory=list)
-    eval: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def layers(self) -> list[str]:
-        """MoE layer keys (strings, as in the JSON) seen in the train rows, in numeric order."""
-        keys: set[str] = set()
-        for row in self.train:
-            keys.update((row.get("layers") or {}).keys())
-        return sorted(keys, key=int)
-
-    def steps(self) -> np.ndarray:
-        return np.array([row["step"] for row in self.train], dtype=np.int64)
-
-    def series(self, key: str) -> np.ndarray:
-        """A top-level train-row value per step (NaN where missing or null)."""
-        return np.array([_num(row.get(key)) for row in self.train], dtype=np.float64)
-
-    def layer_series(self, key: str, layer: str) -> np.ndarray:
-        """A `RoutingStats` value of one layer per step (NaN where missing)."""
-        return np.array([_num((row.get("layers") or {}).get(layer, {}).get(key)) for row in self.train])
-
-    def load_matrix(self, layer: str) -> np.ndarray:
-        """``[steps, E]`` tokens per expert of one layer (rows of zeros where missing)."""
-        rows = [(row.get("layers") or {}).get(layer, {}).get("tokens_per_expert") for row in self.train]
-        width = max((len(r) for r in rows if r), default=0)
-        return np.array([r if r else [0] * width for r in rows], dtype=np.float64).reshape(len(rows), width)
-
-
-def _num(v: Any) -> float:
-    try:
-        return float(v) if v is not None else float("nan")
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def read_metrics(run_dir: str | Path) -> RunMetrics:
-    """Parse ``RUN_DIR/metrics.jsonl``. A truncated last line (a killed run) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: not a moelab run directory (or the run wrote no metrics yet)")
-    out = RunMetrics()
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                logger.warning("%s: last line is incomplete; skipped", path)
-                continue
-            raise DataError(f"{path} line {i + 1} is not valid JSON: {e}") from e
-        kind = row.get("kind")
-        if kind == "train":
-            out.train.append(row)
-        elif kind == "eval":
-            out.eval.append(row)
-    return out
 
 
 # --------------------------------------------------------------------------- figure helpers
@@ -157,7 +88,7 @@ def plot_training_curves(runs: Mapping[str, RunMetrics], path: str | Path, *, ti
                 loss = m.series("loss")
             ax.plot(steps, _smooth(loss, max(1, len(steps) // 50)), color=colour, lw=1.2, label=f"{name} train")
         if m.eval:
-            ax.plot([r["step"] for r in m.eval], [_num(r.get("val_loss")) for r in m.eval], "o--",
+            ax.plot([r["step"] for r in m.eval], [num(r.get("val_loss")) for r in m.eval], "o--",
                     color=colour, ms=4, label=f"{name} val")
     ax.set_xlabel("step")
     ax.set_ylabel("LM loss (nats/token)")
@@ -340,7 +271,7 @@ def plot_coactivation(result: SpecializationResult, path: str | Path) -> Path:
 def plot_run(run_dir: str | Path, *, names: Sequence[str] = ("loss", "load")) -> dict[str, Path]:
     """Redraw a run's standard plots into ``RUN_DIR/plots/`` from its metrics."""
     run_dir = Path(run_dir)
-    m = read_metrics(run_dir)
+    m = RunMetrics.from_run(run_dir)
     out: dict[str, Path] = {}
     if "loss" in names:
         out["loss"] = plot_training_curves({run_dir.name: m}, run_dir / "plots" / "loss.png", title=run_dir.name)

@@ -28,7 +28,8 @@ from moelab.errors import DataError
 from moelab.io import atomic_write_text
 from moelab.lab import plots
 from moelab.lab.failures import load_experiment, verdict_table
-from moelab.lab.plots import data_uri, img_tag, read_metrics
+from moelab.lab.metrics import RunMetrics
+from moelab.lab.plots import data_uri, img_tag
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _run_label(run: Path) -> str:
 
 
 def _final_val(run: Path) -> tuple[float | None, int | None]:
-    m = read_metrics(run)
+    m = RunMetrics.from_run(run)
     val = next((r.get("val_loss") for r in reversed(m.eval) if r.get("val_loss") is not None), None)
     return val, (int(m.train[-1]["step"]) if m.train else None)
 
@@ -229,7 +230,7 @@ def _training_html(runs: Sequence[Path]) -> tuple[list[str], list[str]]:
     loads: list[str] = []
     if not runs:
         return curves, loads
-    metrics = {_run_label(r): read_metrics(r) for r in runs}
+    metrics = {_run_label(r): RunMetrics.from_run(r) for r in runs}
     with tempfile.TemporaryDirectory(prefix="moelab-report-") as tmp:
         tmp_dir = Path(tmp)
         curves.append(img_tag(data_uri(plots.plot_training_curves(metrics, tmp_dir / "loss.png")), "training curves"))
