@@ -12,13 +12,13 @@ from moelab.errors import ConfigError
 from moelab.lab.failures import (
     LabConfig,
     RunSpec,
-    _train_one,
     bf16_routing_flips,
     count_spikes,
     experiment_runs,
     run_experiment,
     skew_router,
     summarize_run,
+    train_run,
 )
 from moelab.lab.metrics import RunMetrics
 from moelab.model import Transformer
@@ -102,7 +102,7 @@ def test_a_diverging_run_is_stopped_and_reported_not_raised(data, lab_cfg, tmp_p
 
     cfg = lab_cfg.with_(steps=5)
     spec = RunSpec("broken-nan", "router weights set to inf", cfg.model_config(data.vocab_size), cfg.lr, poison)
-    res, _ = _train_one(spec, cfg, data, tmp_path / "run", progress=False)
+    res = train_run(spec, cfg, data, tmp_path / "run", progress=False)
     assert res.nan_steps >= 1 and res.stopped_reason
     summary = summarize_run("broken-nan", RunMetrics.from_run(tmp_path / "run"), run_dir=tmp_path / "run",
                             nan_steps=res.nan_steps, stopped_reason=res.stopped_reason, steps_done=res.steps_done)
