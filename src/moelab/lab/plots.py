@@ -2,7 +2,8 @@
 
 Uses matplotlib's object API (`Figure` + the Agg canvas), never `pyplot`, so no global
 figure state or GUI backend is touched and plotting is safe from any thread. Every plot
-is a function of data on disk (`metrics.jsonl`, `analysis.json`), so it can be redrawn.
+is a function of data on disk (`metrics.jsonl`, `analysis.json`), so it can be redrawn:
+run metrics (`RunMetrics`) and plain arrays, never the analysis objects themselves.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from moelab.lab.metrics import RunMetrics, num
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from moelab.lab.specialization import SpecializationResult
 
 logger = logging.getLogger(__name__)
 
@@ -220,22 +219,27 @@ def plot_bars(values: Mapping[str, float], path: str | Path, *, ylabel: str, tit
 # --------------------------------------------------------------------------- specialisation
 
 
-def plot_domain_heatmaps(result: SpecializationResult, path: str | Path) -> Path:
-    """Per MoE layer, a domains x experts heatmap of assignment shares (rows sum to 1)."""
-    n = len(result.layers)
+def plot_domain_heatmaps(share_by_layer: Mapping[int, np.ndarray], domains: Sequence[str], path: str | Path) -> Path:
+    """Per MoE layer, a domains x experts heatmap of assignment shares.
+
+    `share_by_layer` maps a layer index to its ``[D, E]`` share matrix (rows sum to 1),
+    rows in the order of `domains`.
+    """
+    mats = {layer: np.asarray(m, dtype=np.float64) for layer, m in share_by_layer.items()}
+    n = len(mats)
     rows, cols = _grid(n, max_cols=2)
-    D, E = len(result.domains), result.num_experts
+    D = len(domains)
+    E = next(iter(mats.values())).shape[1]
     fig = _figure(max(3.2, 0.42 * E + 1.6) * cols, (0.38 * D + 1.3) * rows)
-    vmax = max(max(max(r) for r in ls.domain_expert_share.values()) for ls in result.layers)
+    vmax = max(float(m.max()) for m in mats.values())
     im = None
-    for i, ls in enumerate(result.layers):
+    for i, (layer, mat) in enumerate(mats.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        mat = np.array([ls.domain_expert_share[d] for d in result.domains])
         im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
-        ax.set_yticks(range(D), result.domains, fontsize=8)
+        ax.set_yticks(range(D), list(domains), fontsize=8)
         ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=7)
         ax.set_xlabel("expert", fontsize=8)
-        ax.set_title(f"layer {ls.layer}", fontsize=9)
+        ax.set_title(f"layer {layer}", fontsize=9)
         if E <= 16:
             for d in range(D):
                 for e in range(E):
@@ -247,19 +251,19 @@ def plot_domain_heatmaps(result: SpecializationResult, path: str | Path) -> Path
     return _save(fig, path)
 
 
-def plot_coactivation(result: SpecializationResult, path: str | Path) -> Path:
+def plot_coactivation(coactivation_by_layer: Mapping[int, np.ndarray], path: str | Path) -> Path:
     """Per MoE layer, the ``[E, E]`` co-activation matrix (diagonal hidden: it is the load)."""
-    n = len(result.layers)
+    n = len(coactivation_by_layer)
     rows, cols = _grid(n)
-    E = result.num_experts
     fig = _figure(3.3 * cols, 3.0 * rows)
     im = None
-    for i, ls in enumerate(result.layers):
+    for i, (layer, co) in enumerate(coactivation_by_layer.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        mat = np.array(ls.coactivation, dtype=np.float64)
+        mat = np.array(co, dtype=np.float64)  # a copy: the diagonal is blanked
+        E = mat.shape[0]
         np.fill_diagonal(mat, np.nan)
         im = ax.imshow(mat, cmap="magma", vmin=0)
-        ax.set_title(f"layer {ls.layer}", fontsize=9)
+        ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=6)
         ax.set_yticks(range(E), [str(e) for e in range(E)], fontsize=6)
     if im is not None:
