@@ -12,15 +12,15 @@ from moelab.errors import ConfigError
 from moelab.lab.failures import (
     LabConfig,
     RunSpec,
-    _train_one,
     bf16_routing_flips,
     count_spikes,
     experiment_runs,
     run_experiment,
     skew_router,
     summarize_run,
+    train_run,
 )
-from moelab.lab.plots import read_metrics
+from moelab.lab.metrics import RunMetrics
 from moelab.model import Transformer
 
 
@@ -76,7 +76,7 @@ def test_experiment_json_and_plots_are_on_disk(collapse) -> None:
         assert __import__("pathlib").Path(path).is_file()
     # Each run keeps its metrics: the summary can be recomputed from disk.
     for name, r in d["runs"].items():
-        again = summarize_run(name, read_metrics(r["run_dir"]), run_dir=r["run_dir"])
+        again = summarize_run(name, RunMetrics.from_run(r["run_dir"]), run_dir=r["run_dir"])
         assert again.busiest_expert_share == pytest.approx(r["busiest_expert_share"])
     summary = collapse.json_summary()
     for r in summary["runs"].values():
@@ -102,9 +102,9 @@ def test_a_diverging_run_is_stopped_and_reported_not_raised(data, lab_cfg, tmp_p
 
     cfg = lab_cfg.with_(steps=5)
     spec = RunSpec("broken-nan", "router weights set to inf", cfg.model_config(data.vocab_size), cfg.lr, poison)
-    res, _ = _train_one(spec, cfg, data, tmp_path / "run", progress=False)
+    res = train_run(spec, cfg, data, tmp_path / "run", progress=False)
     assert res.nan_steps >= 1 and res.stopped_reason
-    summary = summarize_run("broken-nan", read_metrics(tmp_path / "run"), run_dir=tmp_path / "run",
+    summary = summarize_run("broken-nan", RunMetrics.from_run(tmp_path / "run"), run_dir=tmp_path / "run",
                             nan_steps=res.nan_steps, stopped_reason=res.stopped_reason, steps_done=res.steps_done)
     assert summary.nan_steps >= 1 and summary.steps_done == 0
 

@@ -10,7 +10,7 @@ import pytest
 
 from moelab.cli.main import main
 from moelab.errors import DataError
-from moelab.lab.failures import run_experiment
+from moelab.lab.failures import load_experiment, run_experiment
 from moelab.lab.report import SECTIONS, build_report
 from moelab.lab.specialization import AnalysisConfig, analyze_checkpoint
 
@@ -39,9 +39,25 @@ def test_report_is_one_self_contained_file_with_every_section(data, lab_dir, tmp
     assert "url(" not in doc and "@import" not in doc
     assert doc.count("data:image/png;base64,") >= 4  # curves, load, lab plots, heatmaps
     assert 'class="coloured-text"' in doc
-    assert "effect shown as claimed" in doc or "NOT shown" in doc
+    # The inputs fix the verdict: at capacity factor 0.5 about half the assignments cannot
+    # fit, dropless drops none, so the capacity effect is shown, and the report must say so.
+    assert load_experiment(lab_dir)["passed"] is True
+    assert "effect shown as claimed" in doc and "NOT shown" not in doc
     # Nothing is left empty when every kind of input was given.
     assert "No training runs" not in doc and "No lab experiments" not in doc and "No specialisation" not in doc
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_report_shows_the_verdict_that_experiment_json_holds(lab_dir, tmp_path, passed: bool) -> None:
+    exp = tmp_path / "capacity"
+    exp.mkdir()
+    d = load_experiment(lab_dir) | {"passed": passed}
+    (exp / "experiment.json").write_text(json.dumps(d), encoding="utf-8")
+    doc = build_report([exp], tmp_path / "r.html").read_text(encoding="utf-8")
+    shown, not_shown = "effect shown as claimed", "effect NOT shown at this scale"
+    assert (shown in doc, not_shown in doc) == (passed, not passed)
+    assert ("<span class='ok'>shown</span>" in doc) == passed  # the summary's mark
+    assert ("<span class='bad'>not shown</span>" in doc) == (not passed)
 
 
 def test_report_refuses_a_folder_with_nothing_to_report(tmp_path) -> None:

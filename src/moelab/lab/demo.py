@@ -91,8 +91,8 @@ def run_demo(
     """Run the five demo stages into `out_dir`; see the module docstring."""
     from moelab.data.loader import prepare_data
     from moelab.model import get_preset
+    from moelab.rundir import load_model
     from moelab.train import TrainConfig
-    from moelab.train.checkpoint import load_model
     from moelab.train.compare import compare, render_table
 
     cfg = config or DemoConfig()

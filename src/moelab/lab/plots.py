@@ -2,98 +2,28 @@
 
 Uses matplotlib's object API (`Figure` + the Agg canvas), never `pyplot`, so no global
 figure state or GUI backend is touched and plotting is safe from any thread. Every plot
-is a function of data on disk (`metrics.jsonl`, `analysis.json`), so it can be redrawn.
+is a function of data on disk (`metrics.jsonl`, `analysis.json`), so it can be redrawn:
+run metrics (`RunMetrics`) and plain arrays, never the analysis objects themselves.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moelab.errors import DataError
 from moelab.io import atomic_path
+from moelab.lab.metrics import RunMetrics, num
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from moelab.lab.specialization import SpecializationResult
-
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- metrics on disk
-
-
-@dataclass
-class RunMetrics:
-    """The rows of one run's ``metrics.jsonl``, split by kind."""
-
-    train: list[dict[str, Any]] = field(default_factory=list)
-    eval: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def layers(self) -> list[str]:
-        """MoE layer keys (strings, as in the JSON) seen in the train rows, in numeric order."""
-        keys: set[str] = set()
-        for row in self.train:
-            keys.update((row.get("layers") or {}).keys())
-        return sorted(keys, key=int)
-
-    def steps(self) -> np.ndarray:
-        return np.array([row["step"] for row in self.train], dtype=np.int64)
-
-    def series(self, key: str) -> np.ndarray:
-        """A top-level train-row value per step (NaN where missing or null)."""
-        return np.array([_num(row.get(key)) for row in self.train], dtype=np.float64)
-
-    def layer_series(self, key: str, layer: str) -> np.ndarray:
-        """A `RoutingStats` value of one layer per step (NaN where missing)."""
-        return np.array([_num((row.get("layers") or {}).get(layer, {}).get(key)) for row in self.train])
-
-    def load_matrix(self, layer: str) -> np.ndarray:
-        """``[steps, E]`` tokens per expert of one layer (rows of zeros where missing)."""
-        rows = [(row.get("layers") or {}).get(layer, {}).get("tokens_per_expert") for row in self.train]
-        width = max((len(r) for r in rows if r), default=0)
-        return np.array([r if r else [0] * width for r in rows], dtype=np.float64).reshape(len(rows), width)
-
-
-def _num(v: Any) -> float:
-    try:
-        return float(v) if v is not None else float("nan")
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def read_metrics(run_dir: str | Path) -> RunMetrics:
-    """Parse ``RUN_DIR/metrics.jsonl``. A truncated last line (a killed run) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: not a moelab run directory (or the run wrote no metrics yet)")
-    out = RunMetrics()
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                logger.warning("%s: last line is incomplete; skipped", path)
-                continue
-            raise DataError(f"{path} line {i + 1} is not valid JSON: {e}") from e
-        kind = row.get("kind")
-        if kind == "train":
-            out.train.append(row)
-        elif kind == "eval":
-            out.eval.append(row)
-    return out
 
 
 # --------------------------------------------------------------------------- figure helpers
@@ -157,7 +87,7 @@ def plot_training_curves(runs: Mapping[str, RunMetrics], path: str | Path, *, ti
                 loss = m.series("loss")
             ax.plot(steps, _smooth(loss, max(1, len(steps) // 50)), color=colour, lw=1.2, label=f"{name} train")
         if m.eval:
-            ax.plot([r["step"] for r in m.eval], [_num(r.get("val_loss")) for r in m.eval], "o--",
+            ax.plot([r["step"] for r in m.eval], [num(r.get("val_loss")) for r in m.eval], "o--",
                     color=colour, ms=4, label=f"{name} val")
     ax.set_xlabel("step")
     ax.set_ylabel("LM loss (nats/token)")
@@ -289,22 +219,27 @@ def plot_bars(values: Mapping[str, float], path: str | Path, *, ylabel: str, tit
 # --------------------------------------------------------------------------- specialisation
 
 
-def plot_domain_heatmaps(result: SpecializationResult, path: str | Path) -> Path:
-    """Per MoE layer, a domains x experts heatmap of assignment shares (rows sum to 1)."""
-    n = len(result.layers)
+def plot_domain_heatmaps(share_by_layer: Mapping[int, np.ndarray], domains: Sequence[str], path: str | Path) -> Path:
+    """Per MoE layer, a domains x experts heatmap of assignment shares.
+
+    `share_by_layer` maps a layer index to its ``[D, E]`` share matrix (rows sum to 1),
+    rows in the order of `domains`.
+    """
+    mats = {layer: np.asarray(m, dtype=np.float64) for layer, m in share_by_layer.items()}
+    n = len(mats)
     rows, cols = _grid(n, max_cols=2)
-    D, E = len(result.domains), result.num_experts
+    D = len(domains)
+    E = next(iter(mats.values())).shape[1]
     fig = _figure(max(3.2, 0.42 * E + 1.6) * cols, (0.38 * D + 1.3) * rows)
-    vmax = max(max(max(r) for r in ls.domain_expert_share.values()) for ls in result.layers)
+    vmax = max(float(m.max()) for m in mats.values())
     im = None
-    for i, ls in enumerate(result.layers):
+    for i, (layer, mat) in enumerate(mats.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        mat = np.array([ls.domain_expert_share[d] for d in result.domains])
         im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
-        ax.set_yticks(range(D), result.domains, fontsize=8)
+        ax.set_yticks(range(D), list(domains), fontsize=8)
         ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=7)
         ax.set_xlabel("expert", fontsize=8)
-        ax.set_title(f"layer {ls.layer}", fontsize=9)
+        ax.set_title(f"layer {layer}", fontsize=9)
         if E <= 16:
             for d in range(D):
                 for e in range(E):
@@ -316,19 +251,19 @@ def plot_domain_heatmaps(result: SpecializationResult, path: str | Path) -> Path
     return _save(fig, path)
 
 
-def plot_coactivation(result: SpecializationResult, path: str | Path) -> Path:
+def plot_coactivation(coactivation_by_layer: Mapping[int, np.ndarray], path: str | Path) -> Path:
     """Per MoE layer, the ``[E, E]`` co-activation matrix (diagonal hidden: it is the load)."""
-    n = len(result.layers)
+    n = len(coactivation_by_layer)
     rows, cols = _grid(n)
-    E = result.num_experts
     fig = _figure(3.3 * cols, 3.0 * rows)
     im = None
-    for i, ls in enumerate(result.layers):
+    for i, (layer, co) in enumerate(coactivation_by_layer.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        mat = np.array(ls.coactivation, dtype=np.float64)
+        mat = np.array(co, dtype=np.float64)  # a copy: the diagonal is blanked
+        E = mat.shape[0]
         np.fill_diagonal(mat, np.nan)
         im = ax.imshow(mat, cmap="magma", vmin=0)
-        ax.set_title(f"layer {ls.layer}", fontsize=9)
+        ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=6)
         ax.set_yticks(range(E), [str(e) for e in range(E)], fontsize=6)
     if im is not None:
@@ -340,7 +275,7 @@ def plot_coactivation(result: SpecializationResult, path: str | Path) -> Path:
 def plot_run(run_dir: str | Path, *, names: Sequence[str] = ("loss", "load")) -> dict[str, Path]:
     """Redraw a run's standard plots into ``RUN_DIR/plots/`` from its metrics."""
     run_dir = Path(run_dir)
-    m = read_metrics(run_dir)
+    m = RunMetrics.from_run(run_dir)
     out: dict[str, Path] = {}
     if "loss" in names:
         out["loss"] = plot_training_curves({run_dir.name: m}, run_dir / "plots" / "loss.png", title=run_dir.name)

@@ -10,6 +10,9 @@ What a folder is, is read from its files: ``experiment.json`` (a lab experiment,
 runs are sub-folders), ``metrics.jsonl`` (a training run), ``analysis.json`` (a
 specialisation analysis, usually inside a run folder). A folder with none of these is
 searched down to two levels below it.
+
+This module owns every piece of analysis HTML too (tables, coloured text, the
+``analysis.html`` fragment): functions of ``analysis.json``'s dict, not of the statistics code.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,8 @@ from moelab.errors import DataError
 from moelab.io import atomic_write_text
 from moelab.lab import plots
 from moelab.lab.failures import load_experiment, verdict_table
-from moelab.lab.plots import data_uri, img_tag, read_metrics
+from moelab.lab.metrics import RunMetrics
+from moelab.lab.plots import data_uri, img_tag
 from moelab.rundir.files import CONFIG_FILE, read_run_config
 
 logger = logging.getLogger(__name__)
@@ -108,7 +112,7 @@ def _run_label(run: Path) -> str:
 
 
 def _final_val(run: Path) -> tuple[float | None, int | None]:
-    m = read_metrics(run)
+    m = RunMetrics.from_run(run)
     val = next((r.get("val_loss") for r in reversed(m.eval) if r.get("val_loss") is not None), None)
     return val, (int(m.train[-1]["step"]) if m.train else None)
 
@@ -131,6 +135,113 @@ def _experiment_html(exp_dir: Path) -> str:
         if path.is_file():
             parts.append(img_tag(data_uri(path), f"{d['experiment']} {name}"))
     return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- analysis HTML
+# Functions of the dict form of an analysis (``analysis.json``): the report embeds them,
+# and `write_analysis` saves `analysis_html_fragment` as ``analysis.html``.
+
+
+def expert_colours(num_experts: int) -> list[str]:
+    """One distinct, light background colour per expert (hex), readable under black text.
+
+    Qualitative palettes (tab10/tab20) up to 20 experts; beyond that (fine-grained models,
+    64-256 experts) evenly spaced hues, which stay distinct though adjacent ones are close.
+    """
+    import matplotlib
+
+    colours = []
+    for e in range(num_experts):
+        if num_experts <= 20:
+            cmap = matplotlib.colormaps["tab20" if num_experts > 10 else "tab10"]
+            r, g, b, _ = cmap(e)
+        else:
+            r, g, b, _ = matplotlib.colormaps["hsv"](e / num_experts)
+        # Blend towards white so text stays legible (Mixtral's Fig. 8 uses pastel backgrounds).
+        r, g, b = (0.45 * c + 0.55 for c in (r, g, b))
+        colours.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
+    return colours
+
+
+def coloured_text_html(analysis: Mapping[str, Any]) -> str:
+    """HTML (inline styles, no scripts) of the samples coloured by first-choice expert.
+
+    `analysis` is the dict form (`SpecializationResult.to_dict()`, i.e. ``analysis.json``).
+    """
+    colours = expert_colours(int(analysis["num_experts"]))
+    legend = " ".join(
+        f'<span class="tok" style="background:{c}">expert {e}</span>' for e, c in enumerate(colours)
+    )
+    parts = [f'<div class="legend">{legend}</div>']
+    for s in analysis["samples"]:
+        spans = []
+        for piece, e in zip(s["pieces"], s["first_expert"], strict=True):
+            shown = html.escape(piece).replace("\n", "⏎<br>")
+            spans.append(f'<span class="tok" style="background:{colours[e]}" title="expert {e}">{shown}</span>')
+        parts.append(
+            f'<h4>{html.escape(s["domain"])}, layer {s["layer"]}</h4>'
+            f'<div class="coloured-text">{"".join(spans)}</div>'
+        )
+    return "\n".join(parts)
+
+
+def consistency_table_html(analysis: Mapping[str, Any]) -> str:
+    rows = []
+    for layer, ls in analysis["layers"].items():
+        for d, c in ls["consistency"].items():
+            rows.append(
+                f"<tr><td>{layer}</td><td>{html.escape(d)}</td>"
+                f"<td>{c['first_choice_same']:.3f}</td><td>{c['random_first_choice']:.3f}</td>"
+                f"<td>{c['topk_overlap']:.3f}</td><td>{c['random_topk_overlap']:.3f}</td></tr>"
+            )
+    return (
+        "<table><tr><th>layer</th><th>domain</th><th>same 1st choice</th><th>random</th>"
+        f"<th>top-{analysis['top_k']} overlap</th><th>random</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def top_tokens_html(analysis: Mapping[str, Any], layer: str) -> str:
+    rows = []
+    for e, ts in enumerate(analysis["layers"][layer]["top_tokens"]):
+        cells = ", ".join(
+            f"<code>{html.escape(repr(t['text'])[1:-1])}</code> {t['fraction']:.0%} (n={t['count']})" for t in ts[:6]
+        )
+        rows.append(f"<tr><td>{e}</td><td>{cells}</td></tr>")
+    return ("<table><tr><th>expert</th><th>tokens it takes most (share of the token's occurrences)</th></tr>"
+            f"{''.join(rows)}</table>")
+
+
+def intro_html(analysis: Mapping[str, Any]) -> str:
+    E = int(analysis["num_experts"])
+    return (
+        f"<p>{E} experts, top-{analysis['top_k']}; held-out tokens per domain: "
+        + ", ".join(f"{html.escape(d)} {n}" for d, n in analysis["tokens_per_domain"].items())
+        + f". Uniform routing gives each expert 1/E = {1 / E:.3f} of a domain's assignments "
+        "and a specialisation score of 1.</p>"
+    )
+
+
+def analysis_html_fragment(analysis: Mapping[str, Any], images: Mapping[str, str]) -> str:
+    """The analysis as an HTML fragment (no <html>/<head>); `images` maps name -> data URI."""
+    parts = ['<div class="moelab-analysis">', intro_html(analysis)]
+    parts.append("<h3>Domain x expert distribution (rows sum to 1)</h3>")
+    if "heatmap" in images:
+        parts.append(img_tag(images["heatmap"], "domain x expert heatmaps"))
+    parts.append("<h3>Routing consistency of consecutive tokens</h3>")
+    parts.append(consistency_table_html(analysis))
+    if "coactivation" in images:
+        parts.append("<h3>Expert co-activation</h3>")
+        parts.append(img_tag(images["coactivation"], "expert co-activation"))
+    last = list(analysis["layers"])[-1]
+    parts.append(f"<h3>Vocabulary specialisation (layer {last})</h3>")
+    parts.append(top_tokens_html(analysis, last))
+    parts.append("<h3>Text coloured by first-choice expert</h3>")
+    parts.append(coloured_text_html(analysis))
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- the report
 
 
 def build_report(
@@ -180,13 +291,6 @@ def build_report(
     fm = [_experiment_html(e) for e in src.experiments]
     # Specialisation
     spec, text = [], []
-    from moelab.lab.specialization import (
-        coloured_text_html,
-        consistency_table_html,
-        intro_html,
-        top_tokens_html,
-    )
-
     for a_path in src.analyses:
         a = _read_json(a_path)
         if not a or a.get("format") != "moelab-analysis":
@@ -229,7 +333,7 @@ def _training_html(runs: Sequence[Path]) -> tuple[list[str], list[str]]:
     loads: list[str] = []
     if not runs:
         return curves, loads
-    metrics = {_run_label(r): read_metrics(r) for r in runs}
+    metrics = {_run_label(r): RunMetrics.from_run(r) for r in runs}
     with tempfile.TemporaryDirectory(prefix="moelab-report-") as tmp:
         tmp_dir = Path(tmp)
         curves.append(img_tag(data_uri(plots.plot_training_curves(metrics, tmp_dir / "loss.png")), "training curves"))

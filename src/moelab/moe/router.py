@@ -86,12 +86,13 @@ class Router(nn.Module):
                 routing.check_router_logits(logits_TE, x_TD)
         return self.select(logits_TE)
 
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def logits(self, x_TD: torch.Tensor, *, router_dtype: str | None = None) -> torch.Tensor:
         """``x W^T`` in float32 at least (float64 stays float64, for reference tests and
-        gradcheck); ``router_dtype="bfloat16"`` rounds through a bf16 product first."""
+        gradcheck); ``router_dtype="bfloat16"`` (default: the config's) rounds through a
+        bf16 product first."""
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            if self.cfg.router_dtype == "bfloat16":
+            if (router_dtype or self.cfg.router_dtype) == "bfloat16":
                 bf16 = torch.bfloat16
                 logits_TE = F.linear(x_TD.to(bf16), self.weight.to(bf16)).to(dtype)
             else:

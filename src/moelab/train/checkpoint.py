@@ -31,16 +31,7 @@ from torch import nn
 from moelab.errors import CheckpointError
 from moelab.io import atomic_path
 from moelab.rundir.files import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
-
-# LoadedModel and load_model are re-exported for lab/demo.py and lab/specialization.py,
-# which still import them from here; new code imports them from `moelab.rundir`.
-from moelab.rundir.weights import (  # noqa: F401
-    LoadedModel,
-    load_model,
-    load_weights,
-    read_tensors,
-    save_weights,
-)
+from moelab.rundir.weights import load_weights, read_tensors, save_weights
 
 # ---------------------------------------------------------------------------- config
 

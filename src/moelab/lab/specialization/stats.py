@@ -16,28 +16,24 @@ Route a held-out sample of each domain through a model and measure, per MoE laye
 * a text sample coloured token by token by its first-choice expert (Mixtral Fig. 8).
 
 Legend: B sequences, T positions, K experts per token, E experts, N tokens (B*T).
-The pure statistics functions take routing tensors; `analyze_model` runs a model;
-`write_analysis` saves `analysis.json`, `analysis.html` (a fragment `moelab report`
-includes) and PNG heatmaps.
+The pure statistics functions take routing tensors; `analyze_model` runs a model and
+returns them all as a `SpecializationResult`. Nothing here writes files or HTML: that is
+`moelab.lab.specialization.analysis` (files, checkpoints) and `moelab.lab.report` (HTML).
 """
 
 from __future__ import annotations
 
-import codecs
-import html
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from moelab.errors import ConfigError, DataError
-from moelab.io import atomic_write_json, atomic_write_text
+from moelab.lab.specialization.token_text import TokenText
 
 logger = logging.getLogger(__name__)
 
@@ -198,64 +194,6 @@ def vocabulary_specialization(
     return out
 
 
-# --------------------------------------------------------------------------- token text
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2 byte-level alphabet: printable unicode char -> byte (inverse of bytes_to_unicode)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-class TokenText:
-    """Turn token ids into display strings, for a `tokenizers.Tokenizer` (or None: ids)."""
-
-    def __init__(self, tokenizer: Any | None):
-        self.tokenizer = tokenizer
-
-    def token_bytes(self, token_id: int) -> bytes | None:
-        """The bytes a byte-level BPE token stands for, or None (special / not byte-level)."""
-        if self.tokenizer is None:
-            return None
-        piece = self.tokenizer.id_to_token(token_id)
-        table = _byte_decoder()
-        if piece is None or piece.startswith("<|") or any(ch not in table for ch in piece):
-            return None
-        return bytes(table[ch] for ch in piece)
-
-    def one(self, token_id: int) -> str:
-        """Readable text of one token (partial UTF-8 shown with replacement chars)."""
-        if self.tokenizer is None:
-            return f"<{token_id}>"
-        b = self.token_bytes(token_id)
-        if b is not None:
-            return b.decode("utf-8", errors="replace")
-        return self.tokenizer.id_to_token(token_id) or self.tokenizer.decode([token_id])
-
-    def pieces(self, token_ids: list[int]) -> list[str]:
-        """Text of each token such that ''.join(pieces) is the decoded text.
-
-        A character split across tokens is given to the token that completes it, so
-        colouring by token never shows broken characters.
-        """
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        out = []
-        for tid in token_ids:
-            b = self.token_bytes(tid)
-            out.append(dec.decode(b) if b is not None else self.one(tid))
-        if out:
-            out[-1] += dec.decode(b"", final=True)
-        return out
-
-
 # --------------------------------------------------------------------------- results
 
 
@@ -300,6 +238,14 @@ class SpecializationResult:
     samples: list[ColouredSample]
     source: str = ""
     files: dict[str, str] = field(default_factory=dict)  # what -> path written
+
+    def domain_share_by_layer(self) -> dict[int, np.ndarray]:
+        """Layer -> ``[domains, E]`` assignment shares (heatmap rows, each sums to 1)."""
+        return {ls.layer: np.array([ls.domain_expert_share[d] for d in self.domains]) for ls in self.layers}
+
+    def coactivation_by_layer(self) -> dict[int, np.ndarray]:
+        """Layer -> the ``[E, E]`` co-activation matrix."""
+        return {ls.layer: np.array(ls.coactivation, dtype=np.float64) for ls in self.layers}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -467,203 +413,3 @@ def analyze_model(
     )
 
 
-# --------------------------------------------------------------------------- output
-
-
-def expert_colours(num_experts: int) -> list[str]:
-    """One distinct, light background colour per expert (hex), readable under black text.
-
-    Qualitative palettes (tab10/tab20) up to 20 experts; beyond that (fine-grained models,
-    64-256 experts) evenly spaced hues, which stay distinct though adjacent ones are close.
-    """
-    import matplotlib
-
-    colours = []
-    for e in range(num_experts):
-        if num_experts <= 20:
-            cmap = matplotlib.colormaps["tab20" if num_experts > 10 else "tab10"]
-            r, g, b, _ = cmap(e)
-        else:
-            r, g, b, _ = matplotlib.colormaps["hsv"](e / num_experts)
-        # Blend towards white so text stays legible (Mixtral's Fig. 8 uses pastel backgrounds).
-        r, g, b = (0.45 * c + 0.55 for c in (r, g, b))
-        colours.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
-    return colours
-
-
-def coloured_text_html(analysis: Mapping[str, Any]) -> str:
-    """HTML (inline styles, no scripts) of the samples coloured by first-choice expert.
-
-    `analysis` is the dict form (`SpecializationResult.to_dict()`, i.e. ``analysis.json``).
-    """
-    colours = expert_colours(int(analysis["num_experts"]))
-    legend = " ".join(
-        f'<span class="tok" style="background:{c}">expert {e}</span>' for e, c in enumerate(colours)
-    )
-    parts = [f'<div class="legend">{legend}</div>']
-    for s in analysis["samples"]:
-        spans = []
-        for piece, e in zip(s["pieces"], s["first_expert"], strict=True):
-            shown = html.escape(piece).replace("\n", "⏎<br>")
-            spans.append(f'<span class="tok" style="background:{colours[e]}" title="expert {e}">{shown}</span>')
-        parts.append(
-            f'<h4>{html.escape(s["domain"])}, layer {s["layer"]}</h4>'
-            f'<div class="coloured-text">{"".join(spans)}</div>'
-        )
-    return "\n".join(parts)
-
-
-def consistency_table_html(analysis: Mapping[str, Any]) -> str:
-    rows = []
-    for layer, ls in analysis["layers"].items():
-        for d, c in ls["consistency"].items():
-            rows.append(
-                f"<tr><td>{layer}</td><td>{html.escape(d)}</td>"
-                f"<td>{c['first_choice_same']:.3f}</td><td>{c['random_first_choice']:.3f}</td>"
-                f"<td>{c['topk_overlap']:.3f}</td><td>{c['random_topk_overlap']:.3f}</td></tr>"
-            )
-    return (
-        "<table><tr><th>layer</th><th>domain</th><th>same 1st choice</th><th>random</th>"
-        f"<th>top-{analysis['top_k']} overlap</th><th>random</th></tr>" + "".join(rows) + "</table>"
-    )
-
-
-def top_tokens_html(analysis: Mapping[str, Any], layer: str) -> str:
-    rows = []
-    for e, ts in enumerate(analysis["layers"][layer]["top_tokens"]):
-        cells = ", ".join(
-            f"<code>{html.escape(repr(t['text'])[1:-1])}</code> {t['fraction']:.0%} (n={t['count']})" for t in ts[:6]
-        )
-        rows.append(f"<tr><td>{e}</td><td>{cells}</td></tr>")
-    return ("<table><tr><th>expert</th><th>tokens it takes most (share of the token's occurrences)</th></tr>"
-            f"{''.join(rows)}</table>")
-
-
-def intro_html(analysis: Mapping[str, Any]) -> str:
-    E = int(analysis["num_experts"])
-    return (
-        f"<p>{E} experts, top-{analysis['top_k']}; held-out tokens per domain: "
-        + ", ".join(f"{html.escape(d)} {n}" for d, n in analysis["tokens_per_domain"].items())
-        + f". Uniform routing gives each expert 1/E = {1 / E:.3f} of a domain's assignments "
-        "and a specialisation score of 1.</p>"
-    )
-
-
-def analysis_html_fragment(analysis: Mapping[str, Any], images: Mapping[str, str]) -> str:
-    """The analysis as an HTML fragment (no <html>/<head>); `images` maps name -> data URI."""
-    from moelab.lab.plots import img_tag
-
-    parts = ['<div class="moelab-analysis">', intro_html(analysis)]
-    parts.append("<h3>Domain x expert distribution (rows sum to 1)</h3>")
-    if "heatmap" in images:
-        parts.append(img_tag(images["heatmap"], "domain x expert heatmaps"))
-    parts.append("<h3>Routing consistency of consecutive tokens</h3>")
-    parts.append(consistency_table_html(analysis))
-    if "coactivation" in images:
-        parts.append("<h3>Expert co-activation</h3>")
-        parts.append(img_tag(images["coactivation"], "expert co-activation"))
-    last = list(analysis["layers"])[-1]
-    parts.append(f"<h3>Vocabulary specialisation (layer {last})</h3>")
-    parts.append(top_tokens_html(analysis, last))
-    parts.append("<h3>Text coloured by first-choice expert</h3>")
-    parts.append(coloured_text_html(analysis))
-    parts.append("</div>")
-    return "\n".join(parts)
-
-
-def write_analysis(result: SpecializationResult, out_dir: str | Path) -> SpecializationResult:
-    """Write ``analysis.json``, ``analysis.html`` and PNG plots into `out_dir`.
-
-    Returns the result with `files` filled in (paths relative to `out_dir`).
-    """
-    from moelab.lab import plots
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    heat = plots.plot_domain_heatmaps(result, out / "plots" / "specialization_heatmap.png")
-    co = plots.plot_coactivation(result, out / "plots" / "coactivation.png")
-    result.files = {
-        "json": "analysis.json",
-        "html": "analysis.html",
-        "heatmap": str(heat.relative_to(out)),
-        "coactivation": str(co.relative_to(out)),
-    }
-    images = {"heatmap": plots.data_uri(heat), "coactivation": plots.data_uri(co)}
-    d = result.to_dict()
-    atomic_write_text(out / "analysis.html", analysis_html_fragment(d, images))
-    atomic_write_json(out / "analysis.json", d)
-    return result
-
-
-def summary_lines(result: SpecializationResult) -> list[str]:
-    """Short human summary (the CLI prints these)."""
-    lines = [f"{result.num_experts} experts, top-{result.top_k}; domains: {', '.join(result.domains)}"]
-    head = f"{'layer':>5}  {'max score':>9}  {'1st same':>8}  {'(random)':>8}  {'top-k ovl':>9}  {'(random)':>8}  most specialised"
-    lines.append(head)
-    for ls in result.layers:
-        c = ls.consistency["all"]
-        best_d, best_e, best = "", 0, -1.0
-        for d, row in ls.specialization_score.items():
-            e = int(np.argmax(row))
-            if row[e] > best:
-                best_d, best_e, best = d, e, row[e]
-        lines.append(
-            f"{ls.layer:>5}  {ls.max_score:>9.2f}  {c.first_choice_same:>8.3f}  {c.random_first_choice:>8.3f}  "
-            f"{c.topk_overlap:>9.3f}  {c.random_topk_overlap:>8.3f}  expert {best_e} on {best_d} ({best:.2f}x uniform)"
-        )
-    return lines
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def held_out_tokens(data: Any, tokenizer: Any | None, tokens_per_domain: int) -> dict[str, np.ndarray]:
-    """Each domain's validation tokens in the *model's* tokenizer.
-
-    When the model was trained with the data's tokenizer (the same ``tokenizer.json``),
-    the prepared arrays are used as they are; otherwise the validation text is decoded
-    with the data's tokenizer and re-encoded with the model's (imported checkpoints).
-    """
-    same = tokenizer is None or tokenizer.to_str() == data.tokenizer.to_str()
-    out: dict[str, np.ndarray] = {}
-    for d in data.domains:
-        arr = np.asarray(data.val[d])
-        if same:
-            out[d] = arr[: tokens_per_domain + 1]
-        else:
-            text = data.tokenizer.decode(arr[: 2 * tokens_per_domain].tolist(), skip_special_tokens=False)
-            out[d] = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids[:tokens_per_domain + 1])
-    return out
-
-
-def analyze_checkpoint(
-    path: str | Path,
-    *,
-    data_paths: Sequence[str | Path] | None = None,
-    cache_dir: str | Path | None = None,
-    config: AnalysisConfig | None = None,
-    out_dir: str | Path | None = None,
-) -> SpecializationResult:
-    """Analyse a moelab run directory or ``model.safetensors`` on held-out data.
-
-    Held-out data: the validation split of the default corpus, or of `data_paths`
-    (prepared with `moelab.data.prepare_data`, cached). Writes the analysis into
-    `out_dir` (default: the run directory) and returns it.
-    """
-    from moelab.data.loader import prepare_data
-    from moelab.data.tokenizer import load_tokenizer
-    from moelab.train.checkpoint import load_model
-
-    cfg = config or AnalysisConfig()
-    loaded = load_model(path)
-    tokenizer = load_tokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
-    data = prepare_data(cache_dir, data_paths=list(data_paths) if data_paths else None)
-    if tokenizer is None and data.vocab_size > loaded.config.vocab_size:
-        raise DataError(
-            f"{path} has no tokenizer.json and its vocab_size={loaded.config.vocab_size} is smaller than the "
-            f"data's tokenizer ({data.vocab_size}); put the model's tokenizer.json beside it"
-        )
-    tokens = held_out_tokens(data, tokenizer, cfg.tokens_per_domain)
-    result = analyze_model(loaded.model, tokens, tokenizer=tokenizer or data.tokenizer, config=cfg,
-                           source=str(path))
-    return write_analysis(result, out_dir if out_dir is not None else loaded.run_dir)
