@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.moe import MoEConfig, cpu_kernels, dispatch
+from moelab.moe import LocalDispatcher, MoEConfig, cpu_kernels
 
 
 @pytest.fixture(
@@ -22,7 +22,20 @@ def chunking(request, monkeypatch):
     with a tiny serial threshold, with gathers/scatters split into row pieces)."""
     chunk_bytes, serial_elems = request.param
     monkeypatch.setattr(cpu_kernels, "CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(dispatch, "_SERIAL_ELEMS", serial_elems)
+    monkeypatch.setattr(cpu_kernels, "_SERIAL_ELEMS", serial_elems)
+    return request.param
+
+
+@pytest.fixture(autouse=True, params=["fused", "unfused"])
+def dispatch_path(request, monkeypatch):
+    """Run every comparison through the local dispatcher's fused path (gather and combine
+    inside the segmented kernel) and through the protocol's unfused one (materialised
+    ``x_AD``, the experts backend, then `combine`), which an expert-parallel dispatcher uses."""
+    if request.param == "unfused":
+        def unfused(self, experts, d):
+            return self.combine(experts(d.x_AD, d.tokens_per_expert_E, d.weight_A), d)
+
+        monkeypatch.setattr(LocalDispatcher, "run_experts", unfused)
     return request.param
 
 
@@ -164,12 +177,12 @@ def test_chunks_cover_every_row_once():
 
 
 def test_row_pieces_split_only_small_ops():
-    row_elems = dispatch._SERIAL_ELEMS // 8  # 8 rows per piece
-    assert dispatch._row_pieces(num_rows=5, row_elems=row_elems) is None  # one piece anyway
-    pieces = dispatch._row_pieces(num_rows=30, row_elems=row_elems)
+    row_elems = cpu_kernels._SERIAL_ELEMS // 8  # 8 rows per piece
+    assert cpu_kernels._row_pieces(num_rows=5, row_elems=row_elems) is None  # one piece anyway
+    pieces = cpu_kernels._row_pieces(num_rows=30, row_elems=row_elems)
     assert pieces is not None and pieces[0] == (0, 8) and pieces[-1] == (24, 30)
-    assert dispatch._row_pieces(num_rows=8 * dispatch._MAX_PIECES + 1, row_elems=row_elems) is None
-    assert dispatch._row_pieces(num_rows=10**6, row_elems=row_elems) is None  # large: one call
+    assert cpu_kernels._row_pieces(num_rows=8 * cpu_kernels._MAX_PIECES + 1, row_elems=row_elems) is None
+    assert cpu_kernels._row_pieces(num_rows=10**6, row_elems=row_elems) is None  # large: one call
 
 
 def test_fast_path_saves_nothing_without_grad(make_pair):
@@ -203,8 +216,9 @@ def test_single_token_decode_path_equals_reference(make_pair, monkeypatch, D, E,
     cfg = MoEConfig(d_model=D, d_expert=8, num_experts=E, top_k=K, **router_kw)
     fast, ref = make_pair(cfg)
     calls = []
-    orig = cpu_kernels._one_row_each
-    monkeypatch.setattr(cpu_kernels, "_one_row_each", lambda *a: calls.append(1) or orig(*a))
+    for name in ("_one_row_each", "_one_token"):  # unfused rows / fused: the token's GEMV pairs
+        orig = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, orig=orig: calls.append(1) or orig(*a))
     for seed in range(5):
         x = torch.randn(1, 1, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():

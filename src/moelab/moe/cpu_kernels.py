@@ -17,6 +17,47 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# ATen runs index_select/index_add_ with OpenMP once an op has more than 32768 elements
+# (at::internal::GRAIN_SIZE). For decode-sized ops that costs more than the work, and on a
+# shared 2-core machine a worker that is descheduled stalls the op for a whole scheduler
+# tick: a [128, 512] index_add_ took 140 ms with 2 threads vs 11 us with 1 (measured
+# here). Small gathers/scatters are therefore issued in pieces below the grain size,
+# which ATen runs serially; large ones stay one call (the work dwarfs the sync). At most
+# 4 pieces: at training shapes (tiny-moe, ~700-row chunks of D=128) 16 pieces of 128
+# rows cost ~1 ms more per layer fwd+bwd than one parallel call (measured, interleaved).
+_SERIAL_ELEMS = 16384
+_MAX_PIECES = 4
+
+
+def _row_pieces(num_rows: int, row_elems: int) -> list[tuple[int, int]] | None:
+    """Row ranges that each stay below the parallel grain, or None for one call."""
+    rows = max(1, _SERIAL_ELEMS // max(1, row_elems))
+    if num_rows <= rows or num_rows > rows * _MAX_PIECES:
+        return None
+    return [(i, min(i + rows, num_rows)) for i in range(0, num_rows, rows)]
+
+
+def gather_rows(x_TD: torch.Tensor, idx_R: torch.Tensor) -> torch.Tensor:
+    """``x_TD[idx_R]`` (no autograd), in serial pieces when that is faster (see above)."""
+    pieces = _row_pieces(idx_R.shape[0], x_TD.shape[1])
+    if pieces is None:
+        return x_TD.index_select(0, idx_R)
+    out_RD = x_TD.new_empty(idx_R.shape[0], x_TD.shape[1])
+    for a, b in pieces:
+        torch.index_select(x_TD, 0, idx_R[a:b], out=out_RD[a:b])
+    return out_RD
+
+
+def scatter_add_rows(out_TD: torch.Tensor, idx_R: torch.Tensor, y_RD: torch.Tensor) -> None:
+    """``out_TD[idx_R] += y_RD`` in place, rows in order (deterministic sums)."""
+    pieces = _row_pieces(idx_R.shape[0], y_RD.shape[1])
+    if pieces is None:
+        out_TD.index_add_(0, idx_R, y_RD)
+        return
+    for a, b in pieces:
+        out_TD.index_add_(0, idx_R[a:b], y_RD[a:b])
+
+
 # Rows are processed in chunks of whole experts, each chunk holding about this many bytes
 # of pre-activation ``h``. Measured on the 2-core dev CPU, running GEMM -> activation ->
 # GEMM chunk by chunk while the chunk is in cache beats doing each step over all A rows
@@ -159,29 +200,48 @@ def _zero_unused(dw_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 def _forward_chunks(
-    x_AD: torch.Tensor,
+    x: torch.Tensor,
     w_in_EHD: torch.Tensor,
     w_out_EDF: torch.Tensor,
     weight_A: torch.Tensor,
     chunks: list[Chunk],
     activation: str,
     h_AH: torch.Tensor | None,
+    token_idx_A: torch.Tensor | None,
 ) -> torch.Tensor:
     """``y_A = (act(x_A W_in[e]^T) * w_A) W_out[e]^T`` chunk by chunk; ``h`` kept in
-    ``h_AH`` when given (for the backward)."""
-    y_AD = x_AD.new_empty(x_AD.shape[0], w_out_EDF.shape[1])
-    w_A1 = weight_A.to(x_AD.dtype).unsqueeze(-1)
+    ``h_AH`` when given (for the backward).
+
+    ``token_idx_A`` None: ``x`` is ``x_AD`` (rows grouped by expert) and the result is
+    ``y_AD``. Given: ``x`` is ``x_TD``, each chunk's rows are gathered from it and its
+    outputs scatter-added into ``y_TD`` while the chunk is in cache (the local
+    dispatcher's fused path: at fine-grained shapes A = T*K rows of x_AD and y_AD are
+    64 MB each, and writing them out costs 20-33% of the forward, measured).
+    """
+    fused = token_idx_A is not None
+    D = w_out_EDF.shape[1]
+    out = torch.zeros_like(x) if fused else x.new_empty(x.shape[0], D)
+    w_A1 = weight_A.to(x.dtype).unsqueeze(-1)
     for b0, b1, segs in chunks:
-        h_RH = seg_mm(x_AD[b0:b1], w_in_EHD, segs, transpose=True,
+        if fused:
+            tok_R = token_idx_A[b0:b1]
+            x_RD = gather_rows(x, tok_R)
+        else:
+            x_RD = x[b0:b1]
+        h_RH = seg_mm(x_RD, w_in_EHD, segs, transpose=True,
                       out_RO=None if h_AH is None else h_AH[b0:b1], grouped=h_AH is None)
         a_RF = act_forward(h_RH, activation).mul_(w_A1[b0:b1])
-        seg_mm(a_RF, w_out_EDF, segs, transpose=True, out_RO=y_AD[b0:b1])
-    return y_AD
+        if fused:
+            scatter_add_rows(out, tok_R, seg_mm(a_RF, w_out_EDF, segs, transpose=True))
+        else:
+            seg_mm(a_RF, w_out_EDF, segs, transpose=True, out_RO=out[b0:b1])
+    return out
 
 
 class SegmentedFFN(torch.autograd.Function):
     """W_in -> act -> (x combine weight) -> W_out over rows grouped by expert, as one
-    autograd node.
+    autograd node; with ``token_idx_A`` the gather before and the scatter-add after are
+    fused in (rows gathered from ``x_TD`` and outputs summed into ``y_TD`` chunk by chunk).
 
     Forward (H = 2F for swiglu, F for gelu):
         h_A = x_A W_in[e]^T;  a_A = act(h_A) * w_A;  y_A = a_A W_out[e]^T
@@ -201,31 +261,33 @@ class SegmentedFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_AD, w_in_EHD, w_out_EDF, weight_A, counts, activation, save):
+    def forward(ctx, x, w_in_EHD, w_out_EDF, weight_A, token_idx_A, counts, activation, save):
         # ``save``: grad mode is on at the call site (inside forward it is always off,
         # and ``needs_input_grad`` ignores `torch.no_grad()`).
-        A, H = x_AD.shape[0], w_in_EHD.shape[1]
-        chunks = chunks_of(counts, H * x_AD.element_size())
-        h_AH = x_AD.new_empty(A, H) if save else None
-        y_AD = _forward_chunks(x_AD, w_in_EHD, w_out_EDF, weight_A, chunks, activation, h_AH)
+        A, H = weight_A.shape[0], w_in_EHD.shape[1]
+        chunks = chunks_of(counts, H * x.element_size())
+        h_AH = x.new_empty(A, H) if save else None
+        y = _forward_chunks(x, w_in_EHD, w_out_EDF, weight_A, chunks, activation, h_AH, token_idx_A)
         if save:
-            ctx.save_for_backward(x_AD, w_in_EHD, w_out_EDF, weight_A, h_AH)
+            ctx.save_for_backward(x, w_in_EHD, w_out_EDF, weight_A, h_AH, token_idx_A)
             ctx.chunks, ctx.counts, ctx.activation = chunks, counts, activation
-        return y_AD
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_AD):
-        x_AD, w_in_EHD, w_out_EDF, weight_A, h_AH = ctx.saved_tensors
+    def backward(ctx, grad):
+        x, w_in_EHD, w_out_EDF, weight_A, h_AH, token_idx_A = ctx.saved_tensors
+        fused = token_idx_A is not None
         need_x, need_win, need_wout, need_w = ctx.needs_input_grad[:4]
         w_A1 = weight_A.to(h_AH.dtype).unsqueeze(-1)
-        g_AD = g_AD.contiguous()
-        dx_AD = torch.empty_like(x_AD) if need_x else None
+        grad = grad.contiguous()
+        dx = (torch.zeros_like(x) if fused else torch.empty_like(x)) if need_x else None
         dw_in = _zero_unused(torch.empty_like(w_in_EHD), ctx.counts) if need_win else None
         dw_out = _zero_unused(torch.empty_like(w_out_EDF), ctx.counts) if need_wout else None
         dweight_A = h_AH.new_empty(h_AH.shape[0]) if need_w else None
         for b0, b1, segs in ctx.chunks:
-            g_RD = g_AD[b0:b1]
+            tok_R = token_idx_A[b0:b1] if fused else None
+            g_RD = gather_rows(grad, tok_R) if fused else grad[b0:b1]
             h_RH = h_AH[b0:b1]
             act_RF, silu_RF = _act_recompute(h_RH, ctx.activation)  # recomputed, not saved
             if need_wout:
@@ -238,12 +300,14 @@ class SegmentedFFN(torch.autograd.Function):
             if need_x or need_win:
                 dh_RH = _act_backward(u_RF.mul_(w_A1[b0:b1]), h_RH, ctx.activation, silu_RF)
                 if need_win:
-                    _seg_weight_grad(dw_in, dh_RH, x_AD[b0:b1], segs)
-                if need_x:
-                    seg_mm(dh_RH, w_in_EHD, segs, transpose=False, out_RO=dx_AD[b0:b1])
+                    _seg_weight_grad(dw_in, dh_RH, gather_rows(x, tok_R) if fused else x[b0:b1], segs)
+                if need_x and fused:
+                    scatter_add_rows(dx, tok_R, seg_mm(dh_RH, w_in_EHD, segs, transpose=False))
+                elif need_x:
+                    seg_mm(dh_RH, w_in_EHD, segs, transpose=False, out_RO=dx[b0:b1])
         if dweight_A is not None:
             dweight_A = dweight_A.to(weight_A.dtype)
-        return dx_AD, dw_in, dw_out, dweight_A, None, None, None
+        return dx, dw_in, dw_out, dweight_A, None, None, None, None
 
 
 def _one_row_each(
@@ -265,32 +329,59 @@ def _one_row_each(
     return y_AD
 
 
+def _one_token(
+    x_1D: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor, weight_A: torch.Tensor,
+    counts: list[int], activation: str,
+) -> torch.Tensor:
+    """``sum_e w_e * down_e(act(W_in[e] x))`` over the experts of one token (no gather,
+    no scatter: at decode those ops cost more than the GEMVs they organise)."""
+    out_1D = None
+    a = 0
+    for e, n in enumerate(counts):
+        if n:
+            a_1F = act_forward(F.linear(x_1D, w_in_EHD[e]), activation).mul_(weight_A[a].to(x_1D.dtype))
+            y_1D = F.linear(a_1F, w_out_EDF[e])
+            out_1D = y_1D if out_1D is None else out_1D.add_(y_1D)
+            a += 1
+    return out_1D if out_1D is not None else torch.zeros_like(x_1D)
+
+
 def segmented_ffn(
-    x_AD: torch.Tensor,
+    x: torch.Tensor,
     w_in_EHD: torch.Tensor,
     w_out_EDF: torch.Tensor,
     weight_A: torch.Tensor,
     counts_E: torch.Tensor,
     activation: str,
+    token_idx_A: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The segmented expert FFN of rows grouped by expert, with autograd when needed."""
+    """The segmented expert FFN, with autograd when needed: ``x_AD -> y_AD``, or with
+    ``token_idx_A`` (fused gather and scatter) ``x_TD -> y_TD``."""
     counts = counts_E.tolist()  # one host sync for the whole layer
-    inputs = (x_AD, w_in_EHD, w_out_EDF, weight_A)
+    inputs = (x, w_in_EHD, w_out_EDF, weight_A)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return SegmentedFFN.apply(*inputs, counts, activation, True)
-    return segmented_ffn_no_grad(x_AD, w_in_EHD, w_out_EDF, weight_A, counts, activation)
+        return SegmentedFFN.apply(*inputs, token_idx_A, counts, activation, True)
+    return segmented_ffn_no_grad(x, w_in_EHD, w_out_EDF, weight_A, counts, activation, token_idx_A)
 
 
 def segmented_ffn_no_grad(
-    x_AD: torch.Tensor,
+    x: torch.Tensor,
     w_in_EHD: torch.Tensor,
     w_out_EDF: torch.Tensor,
     weight_A: torch.Tensor,
     counts: list[int],
     activation: str,
+    token_idx_A: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inference: GEMV pairs when every expert has at most one row, chunks otherwise."""
     if counts and max(counts) <= 1:
-        return _one_row_each(x_AD, w_in_EHD, w_out_EDF, weight_A, counts, activation)
-    chunks = chunks_of(counts, w_in_EHD.shape[1] * x_AD.element_size())
-    return _forward_chunks(x_AD, w_in_EHD, w_out_EDF, weight_A, chunks, activation, None)
+        if token_idx_A is None:
+            return _one_row_each(x, w_in_EHD, w_out_EDF, weight_A, counts, activation)
+        if x.shape[0] == 1:  # one token, fused: its expert outputs summed as they come
+            return _one_token(x, w_in_EHD, w_out_EDF, weight_A, counts, activation)
+        y_AD = _one_row_each(gather_rows(x, token_idx_A), w_in_EHD, w_out_EDF, weight_A, counts, activation)
+        out_TD = torch.zeros_like(x)
+        scatter_add_rows(out_TD, token_idx_A, y_AD)
+        return out_TD
+    chunks = chunks_of(counts, w_in_EHD.shape[1] * x.element_size())
+    return _forward_chunks(x, w_in_EHD, w_out_EDF, weight_A, chunks, activation, None, token_idx_A)

@@ -54,6 +54,9 @@ class ExpertsBackend:
     forward: BackendForward
     applies: Callable[[RoutedExperts, torch.Tensor], bool]
     summary: str
+    # Optional: ``(experts, x_TD, token_idx_A, tokens_per_expert_E, weight_A) -> y_TD``, the
+    # gather and the combine fused in (the local dispatcher uses it when present).
+    forward_gathered: Callable[..., torch.Tensor] | None = None
 
 
 # Auto-selection order: the first backend that applies wins. `register_backend` puts a
@@ -114,10 +117,19 @@ register_backend(ExpertsBackend(
     "loop", _loop_forward, lambda experts, x_AD: True,
     "the readable reference: one F.linear pair per expert slice, autograd by torch",
 ), auto=False)
+def _segmented_gathered(experts: RoutedExperts, x_TD: torch.Tensor, token_idx_A: torch.Tensor,
+                        counts_E: torch.Tensor, weight_A: torch.Tensor) -> torch.Tensor:
+    if token_idx_A.numel() == 0:
+        return torch.zeros_like(x_TD) + 0.0 * experts.down_proj.sum()  # keep the graph connected
+    return cpu_kernels.segmented_ffn(x_TD, experts.w_in, experts.down_proj, weight_A, counts_E,
+                                     experts.activation, token_idx_A)
+
+
 register_backend(ExpertsBackend(
     "segmented", _segmented_forward, lambda experts, x_AD: True,
     "per-expert GEMMs over row segments in cache-sized chunks, hand-written backward, "
     "torch._grouped_mm for small chunks on CPU (any device, any float dtype)",
+    forward_gathered=_segmented_gathered,
 ))
 
 
@@ -127,18 +139,35 @@ register_backend(ExpertsBackend(
 # one dtype) and the output back to the rows' dtype. Without native bf16 a bf16 GEMM is
 # emulated (~400x slower than fp32 on one machine we had), so there the weights are
 # upcast to float32 for the call instead, said once in the log.
-def _cpu_bf16_forward(experts: RoutedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor):
+def _cpu_bf16(experts: RoutedExperts, x: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor,
+              token_idx_A: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``x_AD`` (or, with ``token_idx_A``, tokens ``x_TD``: the fused local path)."""
+    if token_idx_A is not None and token_idx_A.numel() == 0:
+        return torch.zeros_like(x) + 0.0 * experts.down_proj.sum()
     if hardware.cpu_native_bf16():
-        y_AD = _segmented_forward(experts, x_AD.to(torch.bfloat16), counts_E, weight_A)
-        return y_AD.to(x_AD.dtype)
+        if token_idx_A is None and not torch.is_grad_enabled():
+            return _segmented_forward(experts, x.to(torch.bfloat16), counts_E, weight_A).to(x.dtype)
+        y = cpu_kernels.segmented_ffn(x.to(torch.bfloat16), experts.w_in, experts.down_proj, weight_A,
+                                      counts_E, experts.activation, token_idx_A)
+        return y.to(x.dtype)
     if not _warned_emulated_bf16:
         _warned_emulated_bf16.append(True)
         log.warning("this CPU has no native bf16 (no amx_bf16/avx512_bf16 flag): bf16 expert weights "
                     "are upcast to float32 for every call (slower than storing them in float32)")
-    x32_AD = x_AD.float()
-    y_AD = cpu_kernels.segmented_ffn(x32_AD, experts.w_in.float(), experts.down_proj.float(), weight_A,
-                                     counts_E, experts.activation)
-    return y_AD.to(x_AD.dtype)
+    y = cpu_kernels.segmented_ffn(x.float(), experts.w_in.float(), experts.down_proj.float(), weight_A,
+                                  counts_E, experts.activation, token_idx_A)
+    return y.to(x.dtype)
+
+
+def _cpu_bf16_forward(experts: RoutedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor):
+    if x_AD.shape[0] == 0:
+        return _empty_output(experts, x_AD)
+    return _cpu_bf16(experts, x_AD, counts_E, weight_A)
+
+
+def _cpu_bf16_gathered(experts: RoutedExperts, x_TD: torch.Tensor, token_idx_A: torch.Tensor,
+                       counts_E: torch.Tensor, weight_A: torch.Tensor) -> torch.Tensor:
+    return _cpu_bf16(experts, x_TD, counts_E, weight_A, token_idx_A)
 
 
 _warned_emulated_bf16: list[bool] = []
@@ -147,6 +176,7 @@ register_backend(ExpertsBackend(
     "cpu_bf16", _cpu_bf16_forward,
     lambda experts, x_AD: x_AD.device.type == "cpu" and experts.w_in.dtype == torch.bfloat16,
     "bf16 expert weights on CPU: bf16 GEMMs where the CPU has native bf16, else float32",
+    forward_gathered=_cpu_bf16_gathered,
 ))
 
 

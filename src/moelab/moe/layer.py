@@ -151,8 +151,7 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, cfg.d_model)
         route = self.router(x_TD)
         routed = self.dispatcher.dispatch(x_TD, route)
-        y_AD = self.experts(routed.x_AD, routed.tokens_per_expert_E, routed.weight_A)
-        y_TD = self.dispatcher.combine(y_AD, routed)
+        y_TD = self.dispatcher.run_experts(self.experts, routed)  # experts, then combine
         if cfg.num_shared_experts:
             shared_TD = self.shared_experts(x_TD)
             if cfg.shared_expert_gate:
