@@ -168,17 +168,31 @@ def test_config_validation_names_field():
         TrainConfig(precision="fp16")
 
 
-def test_precision_bf16_autocasts_and_auto_is_fp32_on_cpu(data, tmp_path):
-    # "auto" on CPU is plain fp32 (identical to "fp32"); "bf16" autocasts, so its losses
+@pytest.mark.parametrize("native_bf16", ["0", "1"])
+def test_precision_bf16_autocasts_and_auto_follows_the_cpu(data, tmp_path, monkeypatch, native_bf16):
+    # "auto" on CPU is plain fp32 (identical to "fp32") where the CPU has no native bf16,
+    # bf16 autocast (identical to "bf16") where it has; "bf16" autocasts, so its losses
     # differ in the low bits but it still trains.
+    monkeypatch.setenv("MOELAB_CPU_BF16", native_bf16)
     runs = {p: train(tiny_moe(), tiny_train(steps=6, precision=p), data, tmp_path / p, progress=False,
                      tensorboard=False)
             for p in ("auto", "fp32", "bf16")}
     loss = {p: [r["loss"] for r in read_metrics(tmp_path / p, kind="train")] for p in runs}
-    assert loss["auto"] == loss["fp32"]
+    assert loss["auto"] == loss["bf16" if native_bf16 == "1" else "fp32"]
     assert loss["bf16"] != loss["fp32"]
     assert max(abs(a - b) for a, b in zip(loss["bf16"], loss["fp32"], strict=True)) < 0.1
     assert runs["bf16"].stopped_reason is None
+
+
+def test_resolve_precision_rule(monkeypatch):
+    from moelab.train.trainer import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, want in (("0", "fp32"), ("1", "bf16")):
+        monkeypatch.setenv("MOELAB_CPU_BF16", native)
+        assert resolve_precision("auto", cpu) == want
+        assert resolve_precision("auto", cuda) == "bf16"
+        assert resolve_precision("fp32", cuda) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
 
 
 def test_refuses_vocab_smaller_than_tokenizer(data, run_dir):

@@ -47,7 +47,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"(default {default})")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="(default auto)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
-                   help="(default auto: bf16 autocast on CUDA, fp32 on CPU)")
+                   help="(default auto: bf16 autocast on CUDA and on CPUs with native bf16, AMX/AVX512-BF16; fp32 elsewhere)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice)")

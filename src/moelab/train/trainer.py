@@ -15,11 +15,18 @@ and writes a run directory (`moelab.rundir`, `moelab.train.checkpoint`). Design 
   that domain's tokens; overall it is token-weighted: the mean over all validation tokens
   of all domains (equal to the mean of the domains when they have equal token counts,
   which `val_batches` gives unless a domain is shorter than ``eval_batches`` batches).
-* Precision (``TrainConfig.precision``): ``"auto"`` is fp32 on CPU (bf16 matmuls are two
-  orders of magnitude slower on CPUs without AMX) and bf16 autocast on CUDA (no loss
-  scaling needed: bf16 has fp32's exponent range). ``"fp32"`` forces fp32 everywhere (a
-  GPU run then follows the CPU's maths, e.g. to sweep settings for a CPU experiment);
-  ``"bf16"`` forces bf16 autocast, on CPU too. Parameters and optimizer state stay fp32.
+* Precision (``TrainConfig.precision``, resolved by `resolve_precision`): ``"auto"`` is
+  bf16 autocast on CUDA (no loss scaling needed: bf16 has fp32's exponent range), and on
+  a CPU only where the CPU computes bf16 natively (`moelab.hardware.cpu_native_bf16`:
+  AMX-BF16 or AVX512-BF16 in its flags), fp32 elsewhere. Measured, 2 threads, one step of
+  batch 8 x 128 interleaved in one process: on an AVX512-BF16 CPU (AMD EPYC, 2026-12-01)
+  bf16 autocast was faster for every model tried (tiny-moe 1.10x, tiny-dense 1.46x,
+  small-moe 1.03x, a d_model-512 MoE 1.17x); on a CPU without native bf16 the bf16 GEMMs
+  are emulated and ran about 400x *slower*. ``"fp32"`` forces fp32 everywhere (a GPU run
+  then follows the CPU's maths, e.g. to sweep settings for a CPU experiment; also the
+  choice for bit-exact comparisons across machines); ``"bf16"`` forces bf16 autocast.
+  Parameters and optimizer state stay fp32. ``MOELAB_CPU_BF16=0/1`` overrides the CPU
+  detection.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moelab import hardware
 from moelab.data import PreparedData, TokenBatcher, val_batches
 from moelab.errors import CheckpointError, ConfigError
 from moelab.io import atomic_write_text
@@ -89,7 +97,7 @@ class TrainConfig:
     log_interval: int = 10
     checkpoint_interval: int = 100
     device: str = "auto"
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU (module docstring)
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA and on CPUs with native bf16 (module docstring)
     compile: bool = False
     num_threads: int | None = None
 
@@ -270,6 +278,16 @@ def _copy_tokenizer(data: PreparedData, run_dir: Path) -> None:
         atomic_write_text(run_dir / run_files.TOKENIZER_FILE, src.read_text(encoding="utf-8"))
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"fp32"`` or ``"bf16"`` (autocast) for `TrainConfig.precision` on `device`; the
+    rule for ``"auto"`` and the measurements behind it are in the module docstring."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if device.type == "cpu" and hardware.cpu_native_bf16() else "fp32"
+
+
 def train(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -333,7 +351,8 @@ def train(
     if resume:  # a longer --steps is allowed: record the config that is now in force
         run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
 
-    use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+    use_bf16 = resolve_precision(train_cfg.precision, device) == "bf16"
+    logger.info("precision %s -> %s on %s", train_cfg.precision, "bf16 autocast" if use_bf16 else "fp32", device)
 
     def autocast() -> contextlib.AbstractContextManager:
         if use_bf16:
