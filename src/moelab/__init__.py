@@ -4,14 +4,14 @@ The names below are imported on first use (PEP 562): ``import moelab.accounting`
 not pay for torch. Layer order (lower never imports higher; enforced by
 tests/test_layering.py, the table is `moelab.layers.LAYERS`):
 
-    errors, io -> moe -> model -> rundir -> accounting -> data
+    errors, io, layers, lazy, hardware -> moe -> model -> rundir -> accounting -> data
         -> train, infer, quant, offload -> hf, dist -> lab, serve, playground -> cli
 
 `accounting` is pure arithmetic: it imports only errors, io, itself and the torch-free
 config modules (moe.config, model.config, model.presets, rundir.files).
 """
 
-import importlib
+from moelab.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -26,13 +26,4 @@ _EXPORTS = {
 __all__ = ["MoE", "MoEConfig", "MoEOutput", "RoutingStats", "__version__"]
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

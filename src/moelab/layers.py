@@ -4,7 +4,7 @@ A module may import its own layer and any *lower* layer, never a higher one, nor
 sibling beside it in the same tier (not even inside a function; imports under
 ``if TYPE_CHECKING:`` are exempt). Tiers, lowest first:
 
-    errors, io, hardware -> moe -> model -> rundir -> accounting -> data
+    errors, io, lazy, hardware -> moe -> model -> rundir -> accounting -> data
         -> train, infer, quant, offload -> hf, dist -> lab, serve, playground -> cli
 
 `accounting` is pure arithmetic: besides itself it imports only `ACCOUNTING_MAY_IMPORT`,
@@ -16,7 +16,7 @@ serve, playground) have their place before their code exists.
 from __future__ import annotations
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "io", "layers", "hardware"),  # layers: this table; hardware: capability probes
+    ("errors", "io", "layers", "lazy", "hardware"),  # layers: this table; lazy: PEP 562 namespaces; hardware: capability probes
     ("moe",),
     ("model",),
     ("rundir",),
@@ -34,6 +34,7 @@ ACCOUNTING_MAY_IMPORT = frozenset({
     "moelab",
     "moelab.errors",
     "moelab.io",
+    "moelab.lazy",
     "moelab.moe",
     "moelab.moe.config",
     "moelab.model",

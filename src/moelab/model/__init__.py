@@ -4,7 +4,7 @@ Names are imported from their submodule on first use (PEP 562), so importing the
 torch-free `moelab.model.config` or `moelab.model.presets` does not pull in torch.
 """
 
-import importlib
+from moelab.lazy import lazy_exports
 
 # name -> submodule that defines it
 _EXPORTS = {
@@ -30,13 +30,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

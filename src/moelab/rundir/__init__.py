@@ -16,45 +16,35 @@ use (PEP 562), so ``import moelab.rundir`` alone pulls in neither.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from moelab.lazy import lazy_exports
 
 _EXPORTS = {
-    "CONFIG_FILE": "files",
-    "MODEL_FILE": "files",
-    "OPTIMIZER_FILE": "files",
-    "RUN_FORMAT": "files",
-    "RUN_VERSION": "files",
-    "STATE_FILE": "files",
-    "TOKENIZER_FILE": "files",
-    "config_path": "files",
-    "is_run_dir": "files",
-    "model_config_from_run": "files",
-    "model_config_of": "files",
-    "read_run_config": "files",
-    "run_dir_of": "files",
-    "tokenizer_of": "files",
-    "write_run_config": "files",
-    "LoadedModel": "weights",
-    "load_model": "weights",
-    "load_weights": "weights",
-    "model_state": "weights",
-    "read_tensors": "weights",
-    "save_model": "weights",
-    "save_weights": "weights",
-    "tied_names": "weights",
+    "CONFIG_FILE": "moelab.rundir.files",
+    "MODEL_FILE": "moelab.rundir.files",
+    "OPTIMIZER_FILE": "moelab.rundir.files",
+    "RUN_FORMAT": "moelab.rundir.files",
+    "RUN_VERSION": "moelab.rundir.files",
+    "STATE_FILE": "moelab.rundir.files",
+    "TOKENIZER_FILE": "moelab.rundir.files",
+    "config_path": "moelab.rundir.files",
+    "is_run_dir": "moelab.rundir.files",
+    "model_config_from_run": "moelab.rundir.files",
+    "model_config_of": "moelab.rundir.files",
+    "read_run_config": "moelab.rundir.files",
+    "run_dir_of": "moelab.rundir.files",
+    "tokenizer_of": "moelab.rundir.files",
+    "write_run_config": "moelab.rundir.files",
+    "LoadedModel": "moelab.rundir.weights",
+    "load_model": "moelab.rundir.weights",
+    "load_weights": "moelab.rundir.weights",
+    "model_state": "moelab.rundir.weights",
+    "read_tensors": "moelab.rundir.weights",
+    "save_model": "moelab.rundir.weights",
+    "save_weights": "moelab.rundir.weights",
+    "tied_names": "moelab.rundir.weights",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
