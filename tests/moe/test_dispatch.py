@@ -23,7 +23,7 @@ def test_rows_are_grouped_by_expert(T, E, K):
     cfg, x, route = _route(T, E, K)
     d = LocalDispatcher(E, K, None, "probability").dispatch(x, route)
     counts = d.tokens_per_expert_E.tolist()
-    assert sum(counts) == T * K == d.x_AD.shape[0] and int(d.dropped) == 0
+    assert sum(counts) == T * K == d.x_AD.shape[0] and d.dropped is None
     assert counts == torch.bincount(route.expert_idx_TK.reshape(-1), minlength=E).tolist()
     start = 0
     for e, n in enumerate(counts):  # expert e's rows: its tokens, in token order, with their weights

@@ -44,7 +44,7 @@ class Dispatched:
     weight_A: torch.Tensor  # combine weight of each row (carries the router's gradient)
     token_idx_A: torch.Tensor  # the token each row came from, rows grouped by expert in expert order
     num_tokens: int
-    dropped: torch.Tensor  # [] long: dropped assignments (token choice) or unpicked tokens (expert choice)
+    dropped: torch.Tensor | None  # [] long: dropped assignments or unpicked tokens (expert choice); None: none
     keep_TK: torch.Tensor | None = None  # token choice with a capacity: which assignments were kept
     _x_AD: torch.Tensor | None = field(default=None, repr=False)
 
@@ -164,15 +164,19 @@ class LocalDispatcher:
                 keep_TK = routing.capacity_keep_mask(
                     route.expert_idx_TK, route.weights_TK, E, capacity, self.drop_policy
                 )
-            token_A, expert_A, weight_A = assignments_token_choice(route.expert_idx_TK, route.weights_TK, keep_TK)
-            dropped = (~keep_TK).sum() if keep_TK is not None else torch.zeros((), dtype=torch.long)
+            if T == 1 and keep_TK is None:
+                # One token (decode): its rows all come from token 0, which costs a few ops
+                # fewer per layer than the general flattening (measured per decode step).
+                expert_A, weight_A = route.expert_idx_TK.view(-1), route.weights_TK.view(-1)
+                token_A = None
+            else:
+                token_A, expert_A, weight_A = assignments_token_choice(route.expert_idx_TK, route.weights_TK, keep_TK)
+            dropped = (~keep_TK).sum() if keep_TK is not None else None
         # Stable: tokens keep their order inside each expert, so sums are deterministic.
         order_A = torch.argsort(expert_A, stable=True)
         counts_E = count_per_expert(expert_A, E)
-        if T == 1:  # one token (decode): its rows all come from token 0; a few ops fewer per layer
-            token_A, weight_A = token_A.new_zeros(token_A.shape), weight_A[order_A]
-        else:
-            token_A, weight_A = token_A[order_A], weight_A[order_A]
+        weight_A = weight_A[order_A]
+        token_A = expert_A.new_zeros(expert_A.shape) if token_A is None else token_A[order_A]
         return Dispatched(x_TD, counts_E, weight_A, token_A, T, dropped, keep_TK)
 
     def combine(self, y_AD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:

@@ -157,10 +157,11 @@ class MoE(nn.Module):
             if cfg.shared_expert_gate:
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
+        zero = route.logits_TE.new_zeros(())
         out = MoEOutput(
             output=y_TD.view(x.shape),
-            aux_loss=route.logits_TE.new_zeros(()),
-            z_loss=route.logits_TE.new_zeros(()),
+            aux_loss=zero,
+            z_loss=zero,
             stats=None,
             routing=RoutingDecision.of(route, routed) if return_routing else None,
             aux_loss_coef=cfg.aux_loss_coef,
@@ -182,7 +183,7 @@ class MoE(nn.Module):
                 tokens_per_expert=routed.tokens_per_expert_E,
                 num_tokens=route.num_tokens,
                 top_k=cfg.top_k,
-                dropped=routed.dropped.to(torch.long),
+                dropped=torch.zeros((), dtype=torch.long) if routed.dropped is None else routed.dropped.to(torch.long),
                 router_entropy=-(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean(),
                 max_router_logit=logits_TE.abs().max() if route.num_tokens else logits_TE.new_zeros(()),
             )
