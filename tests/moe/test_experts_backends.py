@@ -95,3 +95,24 @@ def test_nothing_routed_keeps_the_graph_connected():
         assert torch.equal(out.output, torch.zeros_like(out.output))
     out.output.sum().backward()
     assert m.experts.down_proj.grad is not None
+
+
+def test_autocast_runs_the_expert_gemms_in_its_dtype(monkeypatch):
+    """Under bf16 autocast the segmented kernel gets bf16 rows and weights (autocast does not
+    cast its GEMMs itself); gradients reach the fp32 parameters; the result is close to fp32."""
+    kernel_dtypes = []
+    segmented = experts.cpu_kernels.segmented_ffn
+    monkeypatch.setattr(experts.cpu_kernels, "segmented_ffn",
+                        lambda x, w_in, *a: kernel_dtypes.append((x.dtype, w_in.dtype)) or segmented(x, w_in, *a))
+    m = _layer()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        want = m(x).output
+    kernel_dtypes.clear()
+    xg = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(xg).output
+    assert kernel_dtypes == [(torch.bfloat16, torch.bfloat16)]
+    out.float().sum().backward()
+    assert m.experts.gate_up_proj.grad.dtype == torch.float32 and xg.grad is not None
+    torch.testing.assert_close(out.float(), want, rtol=5e-2, atol=5e-2 * float(want.abs().max()))
