@@ -96,6 +96,16 @@ def test_state_dict_round_trip(fmt):
     assert torch.equal(y_a, y_b)  # for int4 the kernel's packed copy was rebuilt after the load
 
 
+def test_int4_under_inference_mode():
+    """Built and run under `torch.inference_mode` (as in generation): no version counters."""
+    moe = _layer("swiglu")
+    with torch.inference_mode():
+        q = QuantizedExperts.from_experts(moe.experts, FORMATS["int4"])
+        x_TD = torch.randn(3, D).to(torch.bfloat16).float()
+        (y_q, _), (y_ref, _) = _outputs(moe, q, q.dequantized(), x_TD)
+    assert _rel(y_q, y_ref) < 1e-2
+
+
 def test_grad_is_refused():
     moe = _layer("swiglu")
     moe.experts = QuantizedExperts.from_experts(moe.experts, FORMATS["int8"])

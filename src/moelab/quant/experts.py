@@ -43,7 +43,8 @@ from moelab.quant.formats import QuantFormat
 log = logging.getLogger(__name__)
 
 KERNEL_DTYPE = torch.bfloat16  # the activations the kernels see
-INT4_ROW_MULTIPLE = 16  # torch's int4 CPU packing needs output rows divisible by 16
+# torch's int4 CPU packing also needs output rows in multiples of 16: always so here,
+# since a group size (>= 32) divides both D and F, and the output rows are D, F or 2F.
 
 
 # ---------------------------------------------------------------------------- kernel probes
@@ -124,7 +125,7 @@ def _int4_mm(experts: QuantizedExperts, proj: str, e: int, x_RI: torch.Tensor) -
 
 
 def _dequant_mm(experts: QuantizedExperts, proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
-    return x_RI @ experts.dequantized_weight(proj, e).t()
+    return x_RI @ experts.dequantized_weight(proj, e).to(x_RI.dtype).t()
 
 
 def check_inference(x: torch.Tensor, weight_A: torch.Tensor) -> None:
@@ -259,7 +260,7 @@ class QuantizedExperts(nn.Module):
                     getattr(q, f"{name}_qweight").copy_(formats.pack_int4(qw))
                     getattr(q, f"{name}_scale").copy_(scale)
                     getattr(q, f"{name}_zero").copy_(zero)
-        if fmt.name == "int4" and q.int4_kernel_fits() and kernel_runs("int4"):
+        if fmt.name == "int4" and kernel_runs("int4"):
             for proj in ("in", "out"):
                 q.int4_kernel_weights(proj)  # packed once, now rather than on the first token
         return q
@@ -293,18 +294,14 @@ class QuantizedExperts(nn.Module):
 
     # -- the int4 kernel's copy
 
-    def int4_kernel_fits(self) -> bool:
-        """torch's int4 CPU packing takes output rows in multiples of 16 (H and D here)."""
-        H = self.qweight("in").shape[1]
-        return H % INT4_ROW_MULTIPLE == 0 and self.d_model % INT4_ROW_MULTIPLE == 0
-
     def int4_kernel_weights(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(packed_EOP uint8, scales_and_zeros_ENO2 bf16)`` for the int4 CPU kernel, made
         once from the saved buffers (`torch._convert_weight_to_int4pack_for_cpu` takes the
         nibbles as int32 ``[O, I]``; P = I/2 bytes per row)."""
         name = self._name(proj)
         qw, scale, zero = (getattr(self, f"{name}_{s}") for s in ("qweight", "scale", "zero"))
-        key = tuple((t.data_ptr(), t._version) for t in (qw, scale, zero))
+        # (Inference tensors, made under torch.inference_mode, keep no version counter.)
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in (qw, scale, zero))
         hit = self._int4_cache.get(proj)
         if hit is None or hit[0] != key:
             q_EOI = formats.unpack_int4(qw).to(torch.int32)
@@ -336,12 +333,6 @@ class QuantizedExperts(nn.Module):
                       "expert is dequantised per call", x.device.type)
             return DEQUANT
         if not kernel_runs(name):
-            return DEQUANT
-        if name == "int4" and not self.int4_kernel_fits():
-            _say_once(f"int4-rows-{self.qweight('in').shape[1]}-{self.d_model}",
-                      "int4 experts with %d/%d output rows: torch's int4 CPU kernel needs multiples of "
-                      "%d, so these experts are dequantised per call", self.qweight("in").shape[1],
-                      self.d_model, INT4_ROW_MULTIPLE)
             return DEQUANT
         return KERNEL_BACKENDS[name]
 
