@@ -28,6 +28,7 @@ import torch._inductor.config
 
 from moelab.errors import ConfigError
 from moelab.model import StaticKVCache, Transformer
+from moelab.moe import MoE, RoutedExperts
 
 # Cache lengths are rounded up to a power of two (at least this) so that prompts of
 # similar length share one compiled graph; each new (B, S) compiles again.
@@ -57,6 +58,14 @@ def check_compilable(model: Transformer) -> None:
             f"generate: compile=True needs ModelConfig.moe.impl='grouped', got {moe.impl!r} (the loop "
             "reference syncs with the host per expert); use compile=False"
         )
+    for layer in model.modules():
+        # The compiled step's experts op (`moelab.moe.ops`) runs float RoutedExperts only.
+        if isinstance(layer, MoE) and not isinstance(layer.experts, RoutedExperts):
+            raise ConfigError(
+                f"generate: compile=True does not support {type(layer.experts).__name__} experts (quantised "
+                "experts run torch's weight-only kernels eagerly, outside the compiled graph, in this version); "
+                "use compile=False"
+            )
 
 
 def decode_one_token(

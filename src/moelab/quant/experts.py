@@ -1,0 +1,349 @@
+"""Quantised routed experts: int8 / int4 weights behind the experts-backend seam.
+
+Legend: A rows (kept assignments, grouped by expert), T tokens, D model dim, F expert
+hidden dim, E experts, H = 2F (swiglu) or F (gelu) rows of the input projection, O / I a
+projection's output / input dim, N groups per row (int4), R rows of one expert.
+
+`QuantizedExperts` is a sibling of `moelab.moe.RoutedExperts` that an MoE layer holds as
+``moe.experts`` after a runtime module swap (gpt-fast style: `quantize_model`). It
+computes the same ``y_A = (act(x_A W_in[e]^T) * w_A) W_out[e]^T`` with each ``W`` the
+dequantised weight of its format (`moelab.quant.formats`), and offers ``backend(x)`` and
+``forward(x_AD, tokens_per_expert_E, weight_A)`` like the float experts do, so the local
+dispatcher runs it unchanged (and takes its fused ``forward_gathered``).
+
+Backends, picked per call:
+  ``int8``/``int4``: per expert with rows, torch's weight-only CPU kernels
+      (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`) on **bf16**
+      activations: with float32 activations the int8 kernel measured 2.4x slower than a
+      plain float32 GEMM. The activation between the two GEMMs is computed in float32;
+      the output is cast back to the input dtype.
+  ``dequant``: where a kernel is missing or does not run (torch versions differ; probed
+      once per process on a tiny input, said once in the log) or the shapes do not fit
+      it, each used expert's weights are dequantised to float32 for the call and run as
+      plain GEMMs: slower, same weights.
+
+Inference only: these weights have no gradient, so a call that would need one is
+refused (`ConfigError`) rather than silently cutting the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from moelab.errors import ConfigError
+from moelab.moe.cpu_kernels import act_forward, gather_rows, scatter_add_rows
+from moelab.moe.experts import ExpertsBackend, RoutedExperts
+from moelab.quant import formats
+from moelab.quant.formats import QuantFormat
+
+log = logging.getLogger(__name__)
+
+KERNEL_DTYPE = torch.bfloat16  # the activations the kernels see
+# torch's int4 CPU packing also needs output rows in multiples of 16: always so here,
+# since a group size (>= 32) divides both D and F, and the output rows are D, F or 2F.
+
+
+# ---------------------------------------------------------------------------- kernel probes
+
+
+def _probe_int8() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (16, 32), generator=g, dtype=torch.int8)
+    s = torch.rand(16, generator=g).add_(0.5).to(KERNEL_DTYPE)
+    x = torch.randn(3, 32, generator=g).to(KERNEL_DTYPE)
+    y = torch._weight_int8pack_mm(x, q, s)
+    _check_probe("int8", y, x.float() @ formats.dequantize_int8(q, s).t())
+
+
+def _probe_int4() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (16, 64), generator=g, dtype=torch.uint8)
+    s = torch.rand(16, 2, generator=g).add_(0.5).to(KERNEL_DTYPE)
+    z = torch.randn(16, 2, generator=g).to(KERNEL_DTYPE)
+    x = torch.randn(3, 64, generator=g).to(KERNEL_DTYPE)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    y = torch._weight_int4pack_mm_for_cpu(x, packed, 32, int4_scales_and_zeros(s, z))
+    _check_probe("int4", y, x.float() @ formats.dequantize_int4(q, s, z).t())
+
+
+def _check_probe(name: str, y: torch.Tensor, ref: torch.Tensor) -> None:
+    # bf16 output: a relative error of a few 2^-9 is rounding; more is a different contract.
+    if not torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max())):
+        raise RuntimeError(f"the {name} kernel ran but disagrees with the dequantised weights")
+
+
+_PROBES: dict[str, Callable[[], None]] = {"int8": _probe_int8, "int4": _probe_int4}
+_PROBED: dict[str, bool] = {}
+
+
+def kernel_runs(name: str) -> bool:
+    """Whether the CPU kernel of format `name` exists and computes what the format says
+    (probed once per process on a tiny input)."""
+    if name not in _PROBED:
+        try:
+            _PROBES[name]()
+            _PROBED[name] = True
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError) as e:
+            log.warning("the %s experts kernel does not run in torch %s (%s): quantised experts are "
+                        "dequantised for each call instead (slower, same weights)", name, torch.__version__, e)
+            _PROBED[name] = False
+    return _PROBED[name]
+
+
+def int4_scales_and_zeros(scale_ON: torch.Tensor, zero_ON: torch.Tensor) -> torch.Tensor:
+    """The int4 CPU kernel's ``qScaleAndZeros``: ``[N, O, 2]`` (scale, zero) per group and
+    output row, contiguous, in the activations' dtype (bf16 here)."""
+    return torch.stack([scale_ON, zero_ON], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+
+
+_said: set[str] = set()
+
+
+def _say_once(key: str, msg: str, *args: object) -> None:
+    if key not in _said:
+        _said.add(key)
+        log.warning(msg, *args)
+
+
+# ---------------------------------------------------------------------------- the runner
+
+# mm(experts, proj, e, x_RI) -> y_RO: one expert's GEMM with one projection ("in"/"out").
+ExpertMM = Callable[["QuantizedExperts", str, int, torch.Tensor], torch.Tensor]
+
+
+def _int8_mm(experts: QuantizedExperts, proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x_RI, experts.qweight(proj)[e], experts.scale(proj)[e])
+
+
+def _int4_mm(experts: QuantizedExperts, proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
+    packed_EOP, sz_ENO2 = experts.int4_kernel_weights(proj)
+    return torch._weight_int4pack_mm_for_cpu(x_RI, packed_EOP[e], experts.fmt.group_size, sz_ENO2[e])
+
+
+def _dequant_mm(experts: QuantizedExperts, proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
+    return x_RI @ experts.dequantized_weight(proj, e).to(x_RI.dtype).t()
+
+
+def check_inference(x: torch.Tensor, weight_A: torch.Tensor) -> None:
+    """Refuse a call that would need a gradient through the quantised experts."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight_A.requires_grad):
+        raise ConfigError(
+            "quantised experts are inference-only; run the model under torch.no_grad() or "
+            "torch.inference_mode() (generate does), or train the float experts "
+            "(QuantizedExperts.dequantized()) and quantise again"
+        )
+
+
+def run_quantized(
+    experts: QuantizedExperts,
+    x: torch.Tensor,
+    counts_E: torch.Tensor,
+    weight_A: torch.Tensor,
+    mm: ExpertMM,
+    act_dtype: torch.dtype,
+    token_idx_A: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x_AD -> y_AD``, or with ``token_idx_A`` (fused gather and combine) ``x_TD -> y_TD``:
+    per expert with rows, ``h = x W_in^T`` (``mm``), ``a = act(h) * w`` in float32,
+    ``y = a W_out^T`` (``mm``), the GEMM inputs in ``act_dtype``."""
+    check_inference(x, weight_A)
+    counts = counts_E.tolist()  # one host sync for the whole layer
+    fused = token_idx_A is not None
+    one_token = fused and x.shape[0] == 1  # decode: every row is token 0, outputs just add
+    x_q = x.to(act_dtype)
+    out = torch.zeros(x.shape[0] if fused else weight_A.shape[0], experts.d_model, dtype=x.dtype, device=x.device)
+    w_A1 = weight_A.float().unsqueeze(-1)
+    a = 0
+    for e, n in enumerate(counts):
+        if not n:
+            continue
+        rows = slice(a, a + n)
+        a += n
+        if one_token:
+            x_RD = x_q.expand(n, -1)
+        elif fused:
+            x_RD = gather_rows(x_q, token_idx_A[rows])
+        else:
+            x_RD = x_q[rows]
+        h_RH = mm(experts, "in", e, x_RD).float()
+        a_RF = act_forward(h_RH, experts.activation).mul_(w_A1[rows])
+        y_RD = mm(experts, "out", e, a_RF.to(act_dtype)).to(x.dtype)
+        if one_token:
+            out.add_(y_RD.sum(0, keepdim=True) if n > 1 else y_RD)
+        elif fused:
+            scatter_add_rows(out, token_idx_A[rows], y_RD)
+        else:
+            out[rows] = y_RD
+    return out
+
+
+def _backend(name: str, mm: ExpertMM, act_dtype: torch.dtype | None, summary: str) -> ExpertsBackend:
+    """An `ExpertsBackend` over `run_quantized` (``act_dtype`` None: the input's dtype,
+    promoted to float32)."""
+
+    def dtype_for(x: torch.Tensor) -> torch.dtype:
+        return act_dtype if act_dtype is not None else torch.promote_types(x.dtype, torch.float32)
+
+    def forward(experts, x_AD, counts_E, weight_A):
+        return run_quantized(experts, x_AD, counts_E, weight_A, mm, dtype_for(x_AD))
+
+    def forward_gathered(experts, x_TD, token_idx_A, counts_E, weight_A):
+        return run_quantized(experts, x_TD, counts_E, weight_A, mm, dtype_for(x_TD), token_idx_A)
+
+    return ExpertsBackend(name, forward, lambda experts, x: True, summary, forward_gathered=forward_gathered)
+
+
+INT8 = _backend("int8", _int8_mm, KERNEL_DTYPE,
+                "int8 experts on CPU: torch._weight_int8pack_mm per expert, bf16 activations")
+INT4 = _backend("int4", _int4_mm, KERNEL_DTYPE,
+                "int4 experts on CPU: torch._weight_int4pack_mm_for_cpu per expert, bf16 activations")
+DEQUANT = _backend("dequant", _dequant_mm, None,
+                   "quantised experts without a kernel: each used expert dequantised to float32 per call")
+KERNEL_BACKENDS = {"int8": INT8, "int4": INT4}
+
+
+# ---------------------------------------------------------------------------- the module
+
+class QuantizedExperts(nn.Module):
+    """E routed experts with int8 or int4 weights (buffers: `state_dict` saves them).
+
+    Per projection ``p`` (``gate_up_proj`` or ``up_proj``, and ``down_proj``):
+      int8: ``p_qweight [E, O, I]`` int8, ``p_scale [E, O]`` bf16;
+      int4: ``p_qweight [E, O, I/2]`` uint8 (`formats.pack_int4`), ``p_scale`` and
+            ``p_zero [E, O, N]`` bf16.
+    Build one with `from_experts`; `dequantized` gives the float reference.
+    """
+
+    def __init__(self, d_model: int, d_expert: int, num_experts: int, activation: str, fmt: QuantFormat,
+                 impl: str = "grouped"):
+        super().__init__()
+        self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
+        self.activation, self.fmt, self.impl = activation, fmt, impl
+        self.in_name = "gate_up_proj" if activation == "swiglu" else "up_proj"
+        H = 2 * d_expert if activation == "swiglu" else d_expert
+        fmt.check_input_dim(d_model, f"{self.in_name} (d_model)")
+        fmt.check_input_dim(d_expert, "down_proj (d_expert)")
+        E = num_experts
+        for name, (d_out, d_in) in ((self.in_name, (H, d_model)), ("down_proj", (d_model, d_expert))):
+            if fmt.name == "int8":
+                self.register_buffer(f"{name}_qweight", torch.zeros(E, d_out, d_in, dtype=torch.int8))
+                self.register_buffer(f"{name}_scale", torch.zeros(E, d_out, dtype=formats.SCALE_DTYPE))
+            else:
+                N = d_in // fmt.group_size
+                self.register_buffer(f"{name}_qweight", torch.zeros(E, d_out, d_in // 2, dtype=torch.uint8))
+                self.register_buffer(f"{name}_scale", torch.zeros(E, d_out, N, dtype=formats.SCALE_DTYPE))
+                self.register_buffer(f"{name}_zero", torch.zeros(E, d_out, N, dtype=formats.SCALE_DTYPE))
+        # int4: the kernel's packed copy, made from the portable buffers (its layout is
+        # blocked per CPU build, so it is not what we save). Keyed by the buffers' identity
+        # and version: loading a state_dict rebuilds it.
+        self._int4_cache: dict[str, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # -- construction and the reference
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts, fmt: QuantFormat) -> QuantizedExperts:
+        """Quantise `experts`' weights (float, any dtype) to `fmt` (RTN, `moelab.quant.formats`)."""
+        q = cls(experts.d_model, experts.d_expert, experts.num_experts, experts.activation, fmt, experts.impl)
+        q.to(experts.down_proj.device)
+        with torch.no_grad():
+            for name, w in ((q.in_name, experts.w_in), ("down_proj", experts.down_proj)):
+                if fmt.name == "int8":
+                    qw, scale = formats.quantize_int8(w)
+                    getattr(q, f"{name}_qweight").copy_(qw)
+                    getattr(q, f"{name}_scale").copy_(scale)
+                else:
+                    qw, scale, zero = formats.quantize_int4(w, fmt.group_size)
+                    getattr(q, f"{name}_qweight").copy_(formats.pack_int4(qw))
+                    getattr(q, f"{name}_scale").copy_(scale)
+                    getattr(q, f"{name}_zero").copy_(zero)
+        if fmt.name == "int4" and kernel_runs("int4"):
+            for proj in ("in", "out"):
+                q.int4_kernel_weights(proj)  # packed once, now rather than on the first token
+        return q
+
+    def _name(self, proj: str) -> str:
+        return self.in_name if proj == "in" else "down_proj"
+
+    def qweight(self, proj: str) -> torch.Tensor:
+        return getattr(self, f"{self._name(proj)}_qweight")
+
+    def scale(self, proj: str) -> torch.Tensor:
+        return getattr(self, f"{self._name(proj)}_scale")
+
+    def dequantized_weight(self, proj: str, e: int | None = None) -> torch.Tensor:
+        """The float32 weight of projection ``proj`` ("in"/"out"): ``[E, O, I]``, or expert e's ``[O, I]``."""
+        name = self._name(proj)
+        pick = (lambda t: t) if e is None else (lambda t: t[e])
+        qw, scale = pick(getattr(self, f"{name}_qweight")), pick(getattr(self, f"{name}_scale"))
+        if self.fmt.name == "int8":
+            return formats.dequantize_int8(qw, scale)
+        return formats.dequantize_int4(formats.unpack_int4(qw), scale, pick(getattr(self, f"{name}_zero")))
+
+    def dequantized(self) -> RoutedExperts:
+        """A float32 `RoutedExperts` holding the dequantised weights: the reference."""
+        ref = RoutedExperts(self.d_model, self.d_expert, self.num_experts, self.activation, impl=self.impl)
+        ref.to(self.down_proj_qweight.device)
+        with torch.no_grad():
+            ref.w_in.copy_(self.dequantized_weight("in"))
+            ref.down_proj.copy_(self.dequantized_weight("out"))
+        return ref
+
+    # -- the int4 kernel's copy
+
+    def int4_kernel_weights(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed_EOP uint8, scales_and_zeros_ENO2 bf16)`` for the int4 CPU kernel, made
+        once from the saved buffers (`torch._convert_weight_to_int4pack_for_cpu` takes the
+        nibbles as int32 ``[O, I]``; P = I/2 bytes per row)."""
+        name = self._name(proj)
+        qw, scale, zero = (getattr(self, f"{name}_{s}") for s in ("qweight", "scale", "zero"))
+        # (Inference tensors, made under torch.inference_mode, keep no version counter.)
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in (qw, scale, zero))
+        hit = self._int4_cache.get(proj)
+        if hit is None or hit[0] != key:
+            q_EOI = formats.unpack_int4(qw).to(torch.int32)
+            # innerKTiles is ignored by the CPU packing (same result for 1, 2, 4, 8: checked).
+            packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(q_EOI[e], 1)
+                                  for e in range(self.num_experts)])
+            sz = torch.stack([int4_scales_and_zeros(scale[e], zero[e]) for e in range(self.num_experts)])
+            hit = (key, (packed, sz))
+            self._int4_cache[proj] = hit
+        return hit[1]
+
+    # -- accounting
+
+    def nbytes(self) -> int:
+        """Bytes of the saved buffers (what `state_dict` holds)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def kernel_nbytes(self) -> int:
+        """Bytes held beside the buffers for a kernel (int4: its packed copy; int8: none)."""
+        return sum(t.numel() * t.element_size() for _, ts in self._int4_cache.values() for t in ts)
+
+    # -- the experts protocol
+
+    def backend(self, x: torch.Tensor) -> ExpertsBackend:
+        """The kernel of this format where it runs on this input, else `DEQUANT`."""
+        name = self.fmt.name
+        if x.device.type != "cpu":
+            _say_once(f"device-{x.device.type}", "quantised experts on %s: no kernel here, each used "
+                      "expert is dequantised per call", x.device.type)
+            return DEQUANT
+        if not kernel_runs(name):
+            return DEQUANT
+        return KERNEL_BACKENDS[name]
+
+    def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor, weight_A: torch.Tensor) -> torch.Tensor:
+        """``y_A = w_A * expert_e(x_A)`` for rows grouped by expert, as `RoutedExperts` does."""
+        return self.backend(x_AD).forward(self, x_AD, tokens_per_expert_E, weight_A)
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        raise ConfigError("quantised experts have no parameters to initialise; quantise initialised float experts")
+
+    def extra_repr(self) -> str:
+        fmt = self.fmt.name + (f", group_size={self.fmt.group_size}" if self.fmt.name == "int4" else "")
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_expert={self.d_expert}, "
+                f"activation={self.activation}, format={fmt}")

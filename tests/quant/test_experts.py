@@ -1,0 +1,165 @@
+"""`QuantizedExperts` against its float reference (`dequantized()`), through the MoE layer.
+
+The kernels see bf16 activations, so the reference is fed the same bf16-rounded input
+(routing is then identical) and run in float32 with the dequantised weights: the only
+differences left are the kernel path's three bf16 roundings (the first GEMM's output, the
+activation fed to the second, its output; ~2^-9 relative each), hence a tolerance of
+1e-2 of the output's scale. The dequantise fallback runs in float32 throughout: 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moelab.quant.experts as qexperts
+from moelab.errors import ConfigError
+from moelab.infer.generate import generate
+from moelab.model import ModelConfig, Transformer
+from moelab.moe import MoE, MoEConfig, RoutedExperts
+from moelab.quant import QuantFormat, QuantizedExperts, quantize_model
+
+D, F, E, K = 64, 32, 4, 2
+FORMATS = {"int8": QuantFormat(name="int8"), "int4": QuantFormat(name="int4", group_size=32)}
+
+
+def _layer(activation: str, seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(MoEConfig(d_model=D, d_expert=F, num_experts=E, top_k=K, activation=activation)).eval()
+    moe.reset_parameters(std=0.3)  # O(1) expert outputs, clear routing margins
+    return moe
+
+
+def _outputs(moe: MoE, experts_a, experts_b, x_TD: torch.Tensor):
+    """(fused y_TD, unfused y_AD) of the same layer with two experts modules, same routing."""
+    out = []
+    with torch.no_grad():
+        route = moe.router(x_TD)
+        d = moe.dispatcher.dispatch(x_TD, route)
+        for experts in (experts_a, experts_b):
+            moe.experts = experts
+            out.append((moe(x_TD, telemetry=False).output, experts(d.x_AD, d.tokens_per_expert_E, d.weight_A)))
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("T", [1, 7, 64])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_kernel_equals_dequantised_reference(activation, fmt, T):
+    if not qexperts.kernel_runs(fmt):
+        pytest.skip(f"the {fmt} kernel does not run in this torch build")
+    moe = _layer(activation)
+    q = QuantizedExperts.from_experts(moe.experts, FORMATS[fmt])
+    x_TD = torch.randn(T, D).to(torch.bfloat16).float()  # what the kernel sees
+    assert q.backend(x_TD).name == fmt
+    (y_q, yA_q), (y_ref, yA_ref) = _outputs(moe, q, q.dequantized(), x_TD)
+    assert y_q.dtype == torch.float32
+    assert _rel(y_q, y_ref) < 1e-2 and _rel(yA_q, yA_ref) < 1e-2
+
+
+@pytest.mark.parametrize("T", [1, 7, 64])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_fallback_equals_dequantised_reference(activation, fmt, T, monkeypatch):
+    monkeypatch.setattr(qexperts, "kernel_runs", lambda name: False)
+    moe = _layer(activation, seed=1)
+    q = QuantizedExperts.from_experts(moe.experts, FORMATS[fmt])
+    x_TD = torch.randn(T, D)
+    assert q.backend(x_TD).name == "dequant"
+    (y_q, yA_q), (y_ref, yA_ref) = _outputs(moe, q, q.dequantized(), x_TD)
+    assert _rel(y_q, y_ref) < 1e-5 and _rel(yA_q, yA_ref) < 1e-5
+
+
+def test_dequantized_is_close_to_the_float_experts():
+    moe = _layer("swiglu")
+    for fmt, tol in (("int8", 0.01), ("int4", 0.1)):  # 2^-8 and 2^-4 of each row/group's range
+        ref = QuantizedExperts.from_experts(moe.experts, FORMATS[fmt]).dequantized()
+        assert isinstance(ref, RoutedExperts)
+        assert _rel(ref.w_in, moe.experts.w_in) < tol and _rel(ref.down_proj, moe.experts.down_proj) < tol
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_state_dict_round_trip(fmt):
+    moe = _layer("swiglu")
+    q = QuantizedExperts.from_experts(moe.experts, FORMATS[fmt])
+    sd = q.state_dict()
+    assert {k.rsplit("_", 1)[-1] for k in sd} >= {"qweight", "scale"}
+    fresh = QuantizedExperts(D, F, E, "swiglu", FORMATS[fmt])
+    x_TD = torch.randn(5, D)
+    fresh.load_state_dict(sd)
+    (y_a, _), (y_b, _) = _outputs(moe, q, fresh, x_TD)
+    assert torch.equal(y_a, y_b)  # for int4 the kernel's packed copy was rebuilt after the load
+
+
+def test_int4_under_inference_mode():
+    """Built and run under `torch.inference_mode` (as in generation): no version counters."""
+    moe = _layer("swiglu")
+    with torch.inference_mode():
+        q = QuantizedExperts.from_experts(moe.experts, FORMATS["int4"])
+        x_TD = torch.randn(3, D).to(torch.bfloat16).float()
+        (y_q, _), (y_ref, _) = _outputs(moe, q, q.dequantized(), x_TD)
+    assert _rel(y_q, y_ref) < 1e-2
+
+
+def test_grad_is_refused():
+    moe = _layer("swiglu")
+    moe.experts = QuantizedExperts.from_experts(moe.experts, FORMATS["int8"])
+    x = torch.randn(3, D, requires_grad=True)
+    with pytest.raises(ConfigError, match="quantised experts are inference-only"):
+        moe(x)
+    with torch.no_grad():
+        moe(x)
+
+
+def test_group_size_must_divide_the_experts_dims():
+    torch.manual_seed(0)
+    experts = RoutedExperts(64, 96, 2)
+    with pytest.raises(ConfigError, match=r"QuantFormat.group_size=64 does not divide the input dim of down_proj"):
+        QuantizedExperts.from_experts(experts, QuantFormat(name="int4", group_size=64))
+
+
+def _tiny_model() -> Transformer:
+    moe = MoEConfig(d_model=D, d_expert=F, num_experts=E, top_k=K)
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=64, d_model=D, n_layers=2, n_heads=4, d_ff=64, moe=moe,
+                                   max_seq_len=64)).eval()
+
+
+def test_quantize_model_swaps_and_reports():
+    model = _tiny_model()
+    report = quantize_model(model, "int8")
+    H = 2 * F
+    per_layer_q = E * (H * D + D * F)  # one byte per weight
+    per_layer_scales = 2 * E * (H + D)  # one bf16 scale per output row
+    assert report.layers == 2 and report.format == "int8" and report.kernel_bytes == 0
+    assert report.bytes_before == 2 * 4 * E * (H * D + D * F)
+    assert report.bytes_after == 2 * (per_layer_q + per_layer_scales)
+    assert all(isinstance(b.mlp.experts, QuantizedExperts) for b in model.layers)
+    with pytest.raises(ConfigError, match="already QuantizedExperts"):
+        quantize_model(model, "int8")
+    with pytest.raises(ConfigError, match="what='all' is not supported"):
+        quantize_model(_tiny_model(), "int8", what="all")
+
+
+def test_quantize_model_int4_report():
+    report = quantize_model(_tiny_model(), QuantFormat(name="int4", group_size=32))
+    G, H = 32, 2 * F
+    per_layer = E * (H * D + D * F) // 2 + 4 * E * (H * D + D * F) // G  # nibbles + bf16 (scale, zero) a group
+    assert report.bytes_after == 2 * per_layer
+    # The kernel's packed copy is held beside the saved buffers, the same size again (its
+    # layout is the CPU build's, so it is not what state_dict saves).
+    if qexperts.kernel_runs("int4"):
+        assert report.kernel_bytes == report.bytes_after
+    assert report.ratio == (report.bytes_after + report.kernel_bytes) / report.bytes_before
+
+
+def test_compiled_generation_refuses_quantised_experts():
+    model = _tiny_model()
+    quantize_model(model, "int8")
+    with pytest.raises(ConfigError, match="compile=True does not support QuantizedExperts experts"):
+        generate(model, [[1, 2, 3]], max_new_tokens=2, compile=True)
