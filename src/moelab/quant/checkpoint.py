@@ -98,7 +98,9 @@ def _check_model_is(model: nn.Module, fmt: QuantFormat | str) -> None:
                               "quantise the model to that format first (moelab.quant.quantize_model)")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that `save_quantized` may not write: a file, a non-empty folder
+    without `overwrite`, or (even with it) a non-empty folder that is not a moelab run."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -131,7 +133,7 @@ def save_quantized(
     fmt = _as_format(fmt)
     _check_model_is(model, fmt)
     out = Path(out_dir)
-    _check_out(out, overwrite)
+    check_out_dir(out, overwrite)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise CheckpointError(f"{tokenizer_path}: tokenizer file not found")
     with atomic_dir(out) as tmp:
