@@ -180,6 +180,9 @@ def test_save_refuses_a_model_not_in_that_format(tmp_path):
     with pytest.raises(ConfigError, match="fmt='int5' is not a format"):
         save_quantized(_quantized("int8"), tmp_path / "q", fmt="int5")
     assert not (tmp_path / "q").exists()
+    # int8 has no groups: a QuantFormat's group_size does not matter there
+    save_quantized(_quantized(QuantFormat(name="int8", group_size=32)), tmp_path / "q", fmt="int8")
+    assert load_quantized(tmp_path / "q").kind == "moelab-int8"
 
 
 def test_out_exists_overwrite_and_no_half_written_folder(tmp_path, int8_run, monkeypatch):
