@@ -33,7 +33,7 @@ def test_parser_with_one_subcommand_matches_the_full_one():
 
 def _minimal(name: str) -> list[str]:
     return {"analyze": ["run"], "generate": ["run", "--prompt", "x"], "convert": ["x", "--to-hf", "y"],
-            "lab": ["collapse"], "report": ["run"]}.get(name, [])
+            "lab": ["collapse"], "report": ["run"], "quantize": ["run", "out", "--format", "int8"]}.get(name, [])
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -42,6 +42,8 @@ def _minimal(name: str) -> list[str]:
     (["train", "--steps", "many"], "--steps"),
     (["generate", "run", "--prompt", "x", "--temperature", "hot"], "--temperature"),
     (["convert", "x", "--to-hf", "y", "--dtype", "int3"], "--dtype"),
+    (["quantize", "x", "y", "--format", "int3"], "--format"),
+    (["quantize", "x", "y", "--format", "int4", "--group-size", "big"], "--group-size"),
 ])
 def test_bad_flag_value_is_one_line_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

@@ -30,6 +30,7 @@ SUBCOMMANDS = [
     "report",
     "demo",
     "convert",
+    "quantize",
     "generate",
 ]
 

@@ -2,7 +2,8 @@
 
 `save_moelab` writes a run directory (``config.json``, ``model.safetensors``, ``tokenizer.json``
 when known) with `moelab.rundir.save_model`; `load_moelab` reads one with
-`moelab.rundir.load_model`; `load_any` accepts either a moelab run or a Hugging Face folder.
+`moelab.rundir.load_model`; `load_any` accepts either a moelab run (float, or quantised:
+`moelab.quant.load_quantized`) or a Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from moelab.errors import CheckpointError, ConfigError
 from moelab.model import Transformer
-from moelab.rundir import LoadedModel, is_run_dir, load_model, save_model
+from moelab.rundir import LoadedModel, is_run_dir, load_model, quant_of, read_run_config, save_model
 
 __all__ = ["LoadedModel", "load_any", "load_moelab", "save_moelab"]
 
@@ -34,8 +35,10 @@ def load_any(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
     """A moelab checkpoint (run dir or model.safetensors) or a Hugging Face model folder.
 
     A folder whose config.json names the moelab format is a run (and a broken one raises
-    the `CheckpointError` of `moelab.rundir.read_run_config`); any other folder with a
-    config.json is read as Hugging Face.
+    the `CheckpointError` of `moelab.rundir.read_run_config`); a run with a "quant" entry
+    is loaded by `moelab.quant.load_quantized` (``kind`` "moelab-int8", "moelab-int4",
+    "moelab-bf16"); any other folder with a config.json is read as Hugging Face (`dtype`
+    applies to those only).
     """
     from moelab.hf.loader import load_hf
 
@@ -43,6 +46,10 @@ def load_any(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
     if is_run_dir(p):
+        if quant_of(read_run_config(p)) is not None:
+            from moelab.quant.checkpoint import load_quantized
+
+            return load_quantized(p, device=device)
         return load_moelab(p, device=device)
     if p.is_dir() and (p / "config.json").is_file():
         imp = load_hf(p, dtype=dtype, device=device)

@@ -90,8 +90,8 @@ def run_demo(
 ) -> DemoResult:
     """Run the five demo stages into `out_dir`; see the module docstring."""
     from moelab.data.loader import prepare_data
+    from moelab.hf.native import load_any
     from moelab.model import get_preset
-    from moelab.rundir import load_model
     from moelab.train import TrainConfig
     from moelab.train.compare import compare, render_table
 
@@ -135,7 +135,7 @@ def run_demo(
 
     t = time.perf_counter()
     moe_dir = out / "compare" / "tiny-moe"
-    loaded = load_model(moe_dir)
+    loaded = load_any(moe_dir)
     from moelab.lab.specialization import held_out_tokens
 
     tokens = held_out_tokens(data, None, cfg.analysis_tokens)

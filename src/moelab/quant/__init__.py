@@ -1,4 +1,5 @@
-"""Quantised experts: int8 / int4 formats, the quantised experts backend, the module swap.
+"""Quantised experts: int8 / int4 formats, the quantised experts backend, the module swap,
+and quantised checkpoints on disk (`save_quantized`, `load_quantized`).
 
 Names are imported from their submodule on first use (PEP 562).
 """
@@ -10,6 +11,8 @@ _EXPORTS = {
     "QuantFormat": "moelab.quant.formats",
     "QuantReport": "moelab.quant.quantize",
     "QuantizedExperts": "moelab.quant.experts",
+    "load_quantized": "moelab.quant.checkpoint",
+    "save_quantized": "moelab.quant.checkpoint",
     "dequantize_int4": "moelab.quant.formats",
     "dequantize_int8": "moelab.quant.formats",
     "quantize_int4": "moelab.quant.formats",

@@ -1,9 +1,12 @@
-"""`quantize_model`: the runtime module swap (gpt-fast style) from float to quantised experts."""
+"""`quantize_model`: the runtime module swap (gpt-fast style) from float to quantised experts
+(int8, int4), or the cast of the float experts to bf16 (``"bf16"``: `moelab.moe`'s
+``cpu_bf16`` backend runs them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from moelab.errors import ConfigError
@@ -12,6 +15,7 @@ from moelab.quant.experts import QuantizedExperts
 from moelab.quant.formats import QuantFormat
 
 WHAT = ("experts",)  # "all" (attention, dense FFNs, LM head) comes later
+BF16 = "bf16"  # not a `QuantFormat`: the experts stay `RoutedExperts`, their weights in bf16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,8 +36,9 @@ class QuantReport:
 
 def quantize_model(model: nn.Module, fmt: QuantFormat | str, *, what: str = "experts") -> QuantReport:
     """Swap every MoE layer's `RoutedExperts` in `model` for `QuantizedExperts` of `fmt`,
-    in place (inference only from then on). ``fmt`` may be a format name ("int8", "int4")."""
-    if isinstance(fmt, str):
+    in place (inference only from then on). ``fmt`` may be a format name ("int8", "int4"),
+    or "bf16": cast each MoE layer's float experts to bf16 instead (they stay `RoutedExperts`)."""
+    if isinstance(fmt, str) and fmt != BF16:
         fmt = QuantFormat(name=fmt)
     if what not in WHAT:
         extra = " ('all' is not implemented yet)" if what == "all" else ""
@@ -43,6 +48,8 @@ def quantize_model(model: nn.Module, fmt: QuantFormat | str, *, what: str = "exp
         if not isinstance(moe.experts, RoutedExperts):
             raise ConfigError(f"quantize_model: the experts are already {type(moe.experts).__name__}; "
                               "quantise the float model")
+    if fmt == BF16:
+        return _cast_experts_bf16(layers)
     before = after = kernel = 0
     for moe in layers:
         experts = moe.experts
@@ -52,3 +59,15 @@ def quantize_model(model: nn.Module, fmt: QuantFormat | str, *, what: str = "exp
         kernel += moe.experts.kernel_nbytes()
     return QuantReport(format=fmt.name, layers=len(layers), bytes_before=before, bytes_after=after,
                        kernel_bytes=kernel)
+
+
+def _cast_experts_bf16(layers: list[MoE]) -> QuantReport:
+    def nbytes(m: nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    before = after = 0
+    for moe in layers:
+        before += nbytes(moe.experts)
+        moe.experts.to(torch.bfloat16)
+        after += nbytes(moe.experts)
+    return QuantReport(format=BF16, layers=len(layers), bytes_before=before, bytes_after=after, kernel_bytes=0)

@@ -1,12 +1,16 @@
 """Run directories: the one on-disk contract shared by trainer, lab, analysis, HF interop,
 generation and accounting.
 
-    config.json            {"format": "moelab-run", "version": 1, "model", "train", "data"[, "source"]}
+    config.json            {"format": "moelab-run", "version": 1, "model", "train", "data"[, "source"][, "quant"]}
     model.safetensors      the weights (a tied head stored once)
     tokenizer.json         the tokenizer the run used
     optimizer.safetensors  trainer only: optimizer tensors   (`moelab.train.checkpoint`)
     trainer_state.json     trainer only: step, RNG, sha256s  (`moelab.train.checkpoint`)
     metrics.jsonl, tb/     trainer only: telemetry           (`moelab.train.metrics`)
+
+A quantised run (`moelab.quant.checkpoint`) is the same folder with a "quant" entry in
+config.json and quantised expert buffers in model.safetensors; `load_model` refuses it
+(load it with `moelab.hf.load_any` or `moelab.quant.load_quantized`).
 
 `files` is torch-free (names, `read_run_config`, `is_run_dir`, `write_run_config`), so
 `moelab size` can read a run without importing torch; `weights` holds the torch part
@@ -22,6 +26,8 @@ _EXPORTS = {
     "CONFIG_FILE": "moelab.rundir.files",
     "MODEL_FILE": "moelab.rundir.files",
     "OPTIMIZER_FILE": "moelab.rundir.files",
+    "QUANT_KEY": "moelab.rundir.files",
+    "QUANT_METADATA_KEY": "moelab.rundir.files",
     "RUN_FORMAT": "moelab.rundir.files",
     "RUN_VERSION": "moelab.rundir.files",
     "STATE_FILE": "moelab.rundir.files",
@@ -30,11 +36,13 @@ _EXPORTS = {
     "is_run_dir": "moelab.rundir.files",
     "model_config_from_run": "moelab.rundir.files",
     "model_config_of": "moelab.rundir.files",
+    "quant_of": "moelab.rundir.files",
     "read_run_config": "moelab.rundir.files",
     "run_dir_of": "moelab.rundir.files",
     "tokenizer_of": "moelab.rundir.files",
     "write_run_config": "moelab.rundir.files",
     "LoadedModel": "moelab.rundir.weights",
+    "assign_weights": "moelab.rundir.weights",
     "load_model": "moelab.rundir.weights",
     "load_weights": "moelab.rundir.weights",
     "model_state": "moelab.rundir.weights",

@@ -26,6 +26,10 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 TOKENIZER_FILE = "tokenizer.json"
+# A quantised run (`moelab.quant.checkpoint`) carries this top-level config entry, and its
+# model.safetensors this metadata key; `moelab.rundir.load_model` refuses such a run.
+QUANT_KEY = "quant"
+QUANT_METADATA_KEY = "moelab_quant"
 
 
 def run_dir_of(path: str | Path) -> Path:
@@ -82,6 +86,12 @@ def read_run_config(path: str | Path) -> dict:
     return cfg
 
 
+def quant_of(cfg: dict) -> dict | None:
+    """A run config's "quant" entry (a quantised run), or None for a float run. Only its
+    presence is the run directory's business; `moelab.quant.checkpoint` validates it."""
+    return cfg.get(QUANT_KEY)
+
+
 def model_config_of(cfg: dict, path: str | Path) -> ModelConfig:
     """The `ModelConfig` of a run config `cfg` read from `path` by `read_run_config`
     (fields added since the run was written take their defaults)."""
@@ -102,8 +112,10 @@ def write_run_config(
     data: dict | None = None,
     *,
     source: dict | None = None,
+    quant: dict | None = None,
 ) -> Path:
-    """Write ``config.json`` (atomically); `source` records where converted weights came from."""
+    """Write ``config.json`` (atomically); `source` records where converted weights came
+    from, `quant` how the experts are quantised (`moelab.quant.checkpoint`)."""
     body: dict[str, Any] = {
         "format": RUN_FORMAT,
         "version": RUN_VERSION,
@@ -113,6 +125,8 @@ def write_run_config(
     }
     if source is not None:
         body["source"] = source
+    if quant is not None:
+        body[QUANT_KEY] = quant
     path = Path(run_dir) / CONFIG_FILE
     atomic_write_json(path, body)
     return path

@@ -9,6 +9,8 @@
   full copy of the weights. They are owned copies, not views of the file mapping: a
   mapped tensor decodes ~2x slower on CPU (page-cache pages, no huge pages) and would pin
   the file (see `moelab.hf.loader`).
+* `assign_weights` is that second half on its own, for loaders that build a different
+  module tree on meta first (`moelab.quant.load_quantized`: quantised experts).
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ from moelab.io import atomic_path
 from moelab.model import ModelConfig, Transformer
 from moelab.rundir.files import (
     MODEL_FILE,
+    QUANT_METADATA_KEY,
     TOKENIZER_FILE,
-    model_config_from_run,
+    config_path,
+    model_config_of,
+    quant_of,
+    read_run_config,
     run_dir_of,
     tokenizer_of,
     write_run_config,
@@ -44,7 +50,9 @@ class LoadedModel:
     config: ModelConfig
     tokenizer_path: Path | None
     run_dir: Path
-    kind: str = "moelab"  # "moelab", or the HF model_type for a model read by `moelab.hf.load_any`
+    # "moelab"; "moelab-int8" / "moelab-int4" / "moelab-bf16" for a quantised run
+    # (`moelab.quant.load_quantized`); or the HF model_type for a model read by `moelab.hf.load_any`
+    kind: str = "moelab"
 
 
 # ---------------------------------------------------------------------------- ties
@@ -109,9 +117,16 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: _get(f, path, k) for k in f.keys()}, dict(f.metadata() or {})
 
 
-def _check_names_and_shapes(f: Any, path: Path, model: nn.Module, tied: dict[str, str]) -> None:
+# safetensors' dtype names, for the checks of tensors whose dtype must match exactly.
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def _check_names_and_shapes(f: Any, path: Path, model: nn.Module, tied: dict[str, str],
+                            exact_dtype: frozenset[str] = frozenset()) -> None:
     """Every parameter and persistent buffer present with its shape (a tied one may be
-    absent), nothing else; read from the header, before any tensor data."""
+    absent), nothing else, and the names in `exact_dtype` stored in the model's dtype;
+    read from the header, before any tensor data."""
     stored = set(f.keys())
     for name, t in model.state_dict().items():
         if name not in stored:
@@ -124,6 +139,11 @@ def _check_names_and_shapes(f: Any, path: Path, model: nn.Module, tied: dict[str
                 f"{path}: tensor {name!r} has shape {got}, the model expects {tuple(t.shape)} "
                 "(the checkpoint was saved from a different model config)"
             )
+        if name in exact_dtype:
+            got_dtype, want = f.get_slice(name).get_dtype(), _ST_DTYPES.get(t.dtype, str(t.dtype))
+            if got_dtype != want:
+                raise CheckpointError(f"{path}: tensor {name!r} is stored as {got_dtype}, the model expects {want} "
+                                      "(the file does not match its config.json)")
     unexpected = sorted(stored - set(model.state_dict()))
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]} for this model config")
@@ -147,30 +167,31 @@ def load_weights(model: nn.Module, path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """A trained model from a run directory (or its ``model.safetensors``), in eval mode.
+def assign_weights(
+    model: nn.Module,
+    weights: Path,
+    *,
+    device: str | torch.device = "cpu",
+    exact_dtype: frozenset[str] = frozenset(),
+) -> dict[str, str]:
+    """Give `model` (built on the meta device) the tensors of `weights`, in place.
 
-    The model is built from the run's ``config.json`` on the meta device and its tensors
-    assigned from the file (module docstring); a missing, corrupt or mismatched file
-    raises `CheckpointError` naming the file (and the tensor).
+    Names and shapes (and, for the names in `exact_dtype`, dtypes) are checked against
+    the file's header first; then one tensor at a time is read (an owned copy, in the
+    model's dtype) and assigned with ``load_state_dict(assign=True)``, ties restored. A
+    missing, corrupt or mismatched file raises `CheckpointError` naming the file (and
+    the tensor). Returns the file's metadata.
     """
-    path = Path(path)
-    run_dir = run_dir_of(path)
-    weights = path if path.suffix == ".safetensors" else run_dir / MODEL_FILE
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist")
-    cfg = model_config_from_run(run_dir)
-    with torch.device("meta"):
-        model = Transformer(cfg)
     tied = tied_names(model)
     expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     with _open(weights) as f:
-        _check_names_and_shapes(f, weights, model, tied)
+        _check_names_and_shapes(f, weights, model, tied, exact_dtype)
         for name, ref in expected.items():
             if name not in tied:
                 # copy=True: own the memory instead of viewing the file mapping (docstring).
                 state[name] = _get(f, weights, name).to(device=device, dtype=ref.dtype, copy=True)
+        metadata = dict(f.metadata() or {})
     for name, source in tied.items():
         state[name] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
@@ -178,6 +199,34 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Loade
     for name, t in model.state_dict().items():
         if t.is_meta:
             raise CheckpointError(f"internal: {name!r} of {weights} was not loaded")
+    return metadata
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """A trained model from a run directory (or its ``model.safetensors``), in eval mode.
+
+    The model is built from the run's ``config.json`` on the meta device and its tensors
+    assigned from the file (module docstring); a missing, corrupt or mismatched file
+    raises `CheckpointError` naming the file (and the tensor). A quantised run (a
+    "quant" entry in config.json) is refused: this layer knows no quantised experts.
+    """
+    path = Path(path)
+    run_dir = run_dir_of(path)
+    weights = path if path.suffix == ".safetensors" else run_dir / MODEL_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    run_cfg = read_run_config(run_dir)
+    quant = quant_of(run_cfg)
+    if quant is not None:
+        fmt = quant.get("format") if isinstance(quant, dict) else quant
+        raise CheckpointError(
+            f"{config_path(run_dir)}: a quantised run (\"quant\": format {fmt!r}); "
+            "load it with moelab.hf.load_any or moelab.quant.load_quantized"
+        )
+    cfg = model_config_of(run_cfg, run_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assign_weights(model, weights, device=device)
     return LoadedModel(model=model.eval(), config=cfg, tokenizer_path=tokenizer_of(run_dir), run_dir=run_dir)
 
 
@@ -197,18 +246,22 @@ def save_model(
     source: dict | None = None,
     train: dict | None = None,
     data: dict | None = None,
+    quant: dict | None = None,
 ) -> Path:
     """Write `model` as a run directory (weights, tokenizer, config.json); returns it.
 
     Each file is written atomically; ``config.json`` comes last, so a folder that
-    `is_run_dir` recognises has its weights complete.
+    `is_run_dir` recognises has its weights complete. `quant` (from
+    `moelab.quant.checkpoint`) goes into config.json as its "quant" entry, and its
+    "format" into the safetensors metadata as ``moelab_quant``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    metadata = {QUANT_METADATA_KEY: str(quant["format"])} if quant is not None else None
     with atomic_path(out / MODEL_FILE) as tmp:
-        save_weights(model, tmp)
+        save_weights(model, tmp, metadata=metadata)
     if tokenizer_path is not None:
         with atomic_path(out / TOKENIZER_FILE) as tmp:
             shutil.copyfile(tokenizer_path, tmp)
-    write_run_config(out, model.cfg, train, data, source=source)
+    write_run_config(out, model.cfg, train, data, source=source, quant=quant)
     return out

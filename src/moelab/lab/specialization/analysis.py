@@ -90,7 +90,7 @@ def analyze_checkpoint(
     config: AnalysisConfig | None = None,
     out_dir: str | Path | None = None,
 ) -> SpecializationResult:
-    """Analyse a moelab run directory or ``model.safetensors`` on held-out data.
+    """Analyse a moelab run directory (float or quantised) or ``model.safetensors`` on held-out data.
 
     Held-out data: the validation split of the default corpus, or of `data_paths`
     (prepared with `moelab.data.prepare_data`, cached). Writes the analysis into
@@ -98,10 +98,10 @@ def analyze_checkpoint(
     """
     from moelab.data.loader import prepare_data
     from moelab.data.tokenizer import load_tokenizer
-    from moelab.rundir import load_model
+    from moelab.hf.native import load_any
 
     cfg = config or AnalysisConfig()
-    loaded = load_model(path)
+    loaded = load_any(path)  # float or quantised runs (and Hugging Face folders)
     tokenizer = load_tokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
     data = prepare_data(cache_dir, data_paths=list(data_paths) if data_paths else None)
     if tokenizer is None and data.vocab_size > loaded.config.vocab_size:

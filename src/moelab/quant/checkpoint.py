@@ -1,0 +1,237 @@
+"""Quantised checkpoints on disk: `save_quantized` writes one, `load_quantized` reads it back.
+
+A quantised checkpoint is an ordinary run directory (`moelab.rundir`):
+
+    config.json        the run config plus a top-level entry
+                       "quant": {"format": "int8" | "int4" | "bf16", "group_size": int | null,
+                                 "what": "experts", "moelab_quant_version": 1}
+    model.safetensors  non-expert weights as they are; each MoE layer's routed experts under
+                       the layer's usual prefix ``layers.N.mlp.experts.``:
+                         int8: <proj>_qweight int8 [E, O, I], <proj>_scale bf16 [E, O]
+                         int4: <proj>_qweight uint8 [E, O, I/2] (nibbles, `formats.pack_int4`),
+                               <proj>_scale, <proj>_zero bf16 [E, O, I/G]
+                         bf16: <proj> bf16 (the float experts' names, cast)
+                       with <proj> ``gate_up_proj`` (swiglu) or ``up_proj`` (gelu), and
+                       ``down_proj``; safetensors metadata ``moelab_quant: <format>``
+    tokenizer.json     when the source had one
+
+``group_size`` is the int4 group (null for int8 and bf16). The int4 kernel's own packed copy
+is not saved (its layout is blocked per CPU build): loading rebuilds it.
+
+`moelab.rundir.load_model` (a lower layer, which knows no quantised experts) refuses such a
+run; `moelab.hf.load_any` hands it to `load_quantized`. The `LoadedModel` it returns says
+the format in ``kind``: "moelab-int8", "moelab-int4" or "moelab-bf16".
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moelab.errors import CheckpointError, ConfigError
+from moelab.io import atomic_dir
+from moelab.model import Transformer
+from moelab.moe import MoE, RoutedExperts
+from moelab.quant.experts import QuantizedExperts, kernel_runs
+from moelab.quant.formats import FORMATS, QuantFormat
+from moelab.quant.quantize import BF16, WHAT
+from moelab.rundir import (
+    MODEL_FILE,
+    QUANT_KEY,
+    QUANT_METADATA_KEY,
+    LoadedModel,
+    assign_weights,
+    config_path,
+    is_run_dir,
+    model_config_of,
+    quant_of,
+    read_run_config,
+    run_dir_of,
+    save_model,
+    tokenizer_of,
+)
+
+log = logging.getLogger(__name__)
+
+QUANT_VERSION = 1
+CHECKPOINT_FORMATS = (BF16, *FORMATS)  # what "quant"."format" may say
+
+
+def quant_entry(fmt: QuantFormat | str) -> dict:
+    """The config.json "quant" entry for `fmt` (a `QuantFormat`, "int8" or "bf16")."""
+    name = fmt.name if isinstance(fmt, QuantFormat) else fmt
+    group = fmt.group_size if isinstance(fmt, QuantFormat) and name == "int4" else None
+    return {"format": name, "group_size": group, "what": "experts", "moelab_quant_version": QUANT_VERSION}
+
+
+def _as_format(fmt: QuantFormat | str) -> QuantFormat | str:
+    if isinstance(fmt, QuantFormat) or fmt == BF16:
+        return fmt
+    if fmt not in FORMATS:
+        raise ConfigError(f"fmt={fmt!r} is not a format; allowed: {', '.join(CHECKPOINT_FORMATS)}")
+    return QuantFormat(name=fmt)
+
+
+def _moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def _check_model_is(model: nn.Module, fmt: QuantFormat | str) -> None:
+    """Every MoE layer's experts are of `fmt` (and there is at least one)."""
+    layers = _moe_layers(model)
+    if not layers:
+        raise ConfigError("save_quantized: the model has no MoE layers; there are no experts to quantise")
+    want = fmt.name if isinstance(fmt, QuantFormat) else fmt
+    for name, moe in layers:
+        ex = moe.experts
+        if isinstance(ex, QuantizedExperts):
+            # int8 has no groups: its QuantFormat's group_size means nothing there.
+            ok = ex.fmt.name == want and (want != "int4" or ex.fmt.group_size == fmt.group_size)
+            have = ex.fmt.name + (f" (group_size={ex.fmt.group_size})" if ex.fmt.name == "int4" else "")
+        elif isinstance(ex, RoutedExperts):
+            ok, have = fmt == BF16 and ex.w_in.dtype == torch.bfloat16, f"float experts in {ex.w_in.dtype}"
+        else:
+            ok, have = False, type(ex).__name__
+        if not ok:
+            raise ConfigError(f"save_quantized: fmt={want!r} but {name}.experts are {have}; "
+                              "quantise the model to that format first (moelab.quant.quantize_model)")
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that `save_quantized` may not write: a file, a non-empty folder
+    without `overwrite`, or (even with it) a non-empty folder that is not a moelab run."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
+    if not is_run_dir(out):
+        raise CheckpointError(f"{out}: exists and is not a moelab run directory; refusing to replace it "
+                              "(even with overwrite)")
+
+
+def save_quantized(
+    model: Transformer,
+    out_dir: str | Path,
+    *,
+    fmt: QuantFormat | str,
+    tokenizer_path: str | Path | None = None,
+    source: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model`, whose experts are already quantised to `fmt` (`quantize_model`), as a
+    quantised run directory (module docstring); returns it.
+
+    The folder is assembled beside `out_dir` and renamed into place: a failure leaves no
+    half-written folder, and an existing one (replaced only with ``overwrite``, and only
+    when it is a moelab run) intact.
+    """
+    fmt = _as_format(fmt)
+    _check_model_is(model, fmt)
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise CheckpointError(f"{tokenizer_path}: tokenizer file not found")
+    with atomic_dir(out) as tmp:
+        save_model(model, tmp, tokenizer_path=tokenizer_path, source=source, quant=quant_entry(fmt))
+    return out
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def read_quant_entry(entry: object, cfg_path: Path) -> QuantFormat | str:
+    """The format a config's "quant" entry names (a `QuantFormat`, or "bf16"), checked
+    field by field; a bad one raises `CheckpointError` naming the file and field."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{cfg_path}: \"quant\" must be an object, got {entry!r}")
+    name = entry.get("format")
+    if name not in CHECKPOINT_FORMATS:
+        raise CheckpointError(f"{cfg_path}: \"quant\".format={name!r} is not a format this version reads; "
+                              f"allowed: {', '.join(CHECKPOINT_FORMATS)}")
+    version = entry.get("moelab_quant_version")
+    if version != QUANT_VERSION:
+        raise CheckpointError(f"{cfg_path}: \"quant\".moelab_quant_version={version!r} is not supported "
+                              f"(expected {QUANT_VERSION})")
+    what = entry.get("what")
+    if what not in WHAT:
+        raise CheckpointError(f"{cfg_path}: \"quant\".what={what!r} is not supported; allowed: {', '.join(WHAT)}")
+    group = entry.get("group_size")
+    if name != "int4":
+        if group is not None:
+            raise CheckpointError(f"{cfg_path}: \"quant\".group_size={group!r}, but only int4 has groups "
+                                  f"(expected null for {name})")
+        return name if name == BF16 else QuantFormat(name=name)
+    try:
+        return QuantFormat(name=name, group_size=group)
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_path}: \"quant\".group_size: {e}") from None
+
+
+def _swap_experts(model: Transformer, fmt: QuantFormat | str, cfg_path: Path) -> frozenset[str]:
+    """On the meta device: each MoE layer's experts as `fmt` holds them (empty
+    `QuantizedExperts`, or the float experts cast to bf16). Returns the state-dict names
+    whose stored dtype must be exactly the model's."""
+    exact: set[str] = set()
+    layers = _moe_layers(model)
+    if not layers:
+        raise CheckpointError(f"{cfg_path}: a quantised run whose model has no MoE layers")
+    for name, moe in layers:
+        old = moe.experts
+        if fmt == BF16:
+            old.to(torch.bfloat16)
+            new: nn.Module = old
+        else:
+            try:
+                new = QuantizedExperts(old.d_model, old.d_expert, old.num_experts, old.activation, fmt, old.impl)
+            except ConfigError as e:
+                raise CheckpointError(f"{cfg_path}: \"quant\".group_size: {e}") from None
+            moe.experts = new
+        exact.update(f"{name}.experts.{k}" for k in new.state_dict())
+    return frozenset(exact)
+
+
+def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """A quantised run directory (or its ``model.safetensors``) as a model in eval mode.
+
+    The `Transformer` is built on the meta device from the config's "model", each MoE
+    layer's experts swapped for empty `QuantizedExperts` of the config's "quant" format
+    (bf16: cast), then every tensor is assigned from the file with `moelab.rundir`'s
+    checks (a missing, unexpected, mis-shaped or mis-typed tensor, a truncated file:
+    `CheckpointError` naming the file and tensor). int4's kernel copy is rebuilt. The
+    result's ``kind`` is ``"moelab-<format>"``.
+    """
+    path = Path(path)
+    run_dir = run_dir_of(path)
+    weights = path if path.suffix == ".safetensors" else run_dir / MODEL_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    run_cfg = read_run_config(run_dir)
+    cfg_path = config_path(run_dir)
+    entry = quant_of(run_cfg)
+    if entry is None:
+        raise CheckpointError(f"{cfg_path}: not a quantised run (no \"{QUANT_KEY}\" entry); "
+                              "load it with moelab.rundir.load_model or moelab.hf.load_any")
+    fmt = read_quant_entry(entry, cfg_path)
+    name = fmt.name if isinstance(fmt, QuantFormat) else fmt
+    cfg = model_config_of(run_cfg, run_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        exact = _swap_experts(model, fmt, cfg_path)
+    metadata = assign_weights(model, weights, device=device, exact_dtype=exact)
+    tag = metadata.get(QUANT_METADATA_KEY)
+    if tag != name:
+        raise CheckpointError(f"{weights}: its metadata says {QUANT_METADATA_KEY}={tag!r} but {cfg_path} says "
+                              f"\"quant\".format={name!r}; the file does not match its config")
+    if name == "int4" and torch.device(device).type == "cpu" and kernel_runs("int4"):
+        for _, moe in _moe_layers(model):
+            for proj in ("in", "out"):
+                moe.experts.int4_kernel_weights(proj)  # packed now rather than on the first token
+    return LoadedModel(model=model.eval(), config=cfg, tokenizer_path=tokenizer_of(run_dir), run_dir=run_dir,
+                       kind=f"moelab-{name}")
