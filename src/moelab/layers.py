@@ -9,7 +9,7 @@ sibling beside it in the same tier (not even inside a function; imports under
 
 `accounting` is pure arithmetic: besides itself it imports only `ACCOUNTING_MAY_IMPORT`,
 the torch-free modules (so ``moelab size`` starts instantly, without torch). `infer` sits
-above `model` and hosts nothing the model needs. Reserved layers (quant, offload, dist,
+above `model` and hosts nothing the model needs. Reserved layers (offload, dist,
 serve, playground) have their place before their code exists.
 """
 
