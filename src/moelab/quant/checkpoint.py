@@ -39,17 +39,16 @@ from moelab.quant.experts import QuantizedExperts, kernel_runs
 from moelab.quant.formats import FORMATS, QuantFormat
 from moelab.quant.quantize import BF16, WHAT
 from moelab.rundir import (
-    MODEL_FILE,
     QUANT_KEY,
     QUANT_METADATA_KEY,
     LoadedModel,
     assign_weights,
     config_path,
+    existing_run_paths,
     is_run_dir,
     model_config_of,
     quant_of,
     read_run_config,
-    run_dir_of,
     save_model,
     tokenizer_of,
 )
@@ -207,11 +206,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> L
     `CheckpointError` naming the file and tensor). int4's kernel copy is rebuilt. The
     result's ``kind`` is ``"moelab-<format>"``.
     """
-    path = Path(path)
-    run_dir = run_dir_of(path)
-    weights = path if path.suffix == ".safetensors" else run_dir / MODEL_FILE
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist")
+    run_dir, weights = existing_run_paths(path)
     run_cfg = read_run_config(run_dir)
     cfg_path = config_path(run_dir)
     entry = quant_of(run_cfg)

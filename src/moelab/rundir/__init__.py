@@ -33,6 +33,7 @@ _EXPORTS = {
     "STATE_FILE": "moelab.rundir.files",
     "TOKENIZER_FILE": "moelab.rundir.files",
     "config_path": "moelab.rundir.files",
+    "existing_run_paths": "moelab.rundir.files",
     "is_run_dir": "moelab.rundir.files",
     "model_config_from_run": "moelab.rundir.files",
     "model_config_of": "moelab.rundir.files",

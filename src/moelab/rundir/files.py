@@ -39,6 +39,16 @@ def run_dir_of(path: str | Path) -> Path:
     return path.parent if path.suffix in (".json", ".safetensors") else path
 
 
+def existing_run_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(run directory, weights file)`` of `path` (a run folder or its
+    ``model.safetensors``); a missing folder is a `CheckpointError`."""
+    path = Path(path)
+    run_dir = run_dir_of(path)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    return run_dir, (path if path.suffix == ".safetensors" else run_dir / MODEL_FILE)
+
+
 def config_path(path: str | Path) -> Path:
     """The ``config.json`` that describes `path` (a run dir, its weights or the file itself)."""
     path = Path(path)

@@ -35,10 +35,10 @@ from moelab.rundir.files import (
     QUANT_METADATA_KEY,
     TOKENIZER_FILE,
     config_path,
+    existing_run_paths,
     model_config_of,
     quant_of,
     read_run_config,
-    run_dir_of,
     tokenizer_of,
     write_run_config,
 )
@@ -210,11 +210,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Loade
     raises `CheckpointError` naming the file (and the tensor). A quantised run (a
     "quant" entry in config.json) is refused: this layer knows no quantised experts.
     """
-    path = Path(path)
-    run_dir = run_dir_of(path)
-    weights = path if path.suffix == ".safetensors" else run_dir / MODEL_FILE
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist")
+    run_dir, weights = existing_run_paths(path)
     run_cfg = read_run_config(run_dir)
     quant = quant_of(run_cfg)
     if quant is not None:
