@@ -172,11 +172,7 @@ def _cpu_bf16(experts: RoutedExperts, x: torch.Tensor, counts_E: torch.Tensor, w
     if token_idx_A is not None and token_idx_A.numel() == 0:
         return torch.zeros_like(x) + 0.0 * experts.down_proj.sum()
     if hardware.cpu_native_bf16():
-        if token_idx_A is None and not torch.is_grad_enabled():
-            return _segmented_forward(experts, x.to(torch.bfloat16), counts_E, weight_A).to(x.dtype)
-        y = cpu_kernels.segmented_ffn(x.to(torch.bfloat16), experts.w_in, experts.down_proj, weight_A,
-                                      counts_E, experts.activation, token_idx_A)
-        return y.to(x.dtype)
+        return _segmented(experts, x.to(torch.bfloat16), counts_E, weight_A, token_idx_A).to(x.dtype)
     if not _warned_emulated_bf16:
         _warned_emulated_bf16.append(True)
         log.warning("this CPU has no native bf16 (no amx_bf16/avx512_bf16 flag): bf16 expert weights "
