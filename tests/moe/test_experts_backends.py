@@ -86,15 +86,21 @@ def test_a_new_backend_is_one_register_call(monkeypatch):
         register_backend(ExpertsBackend("f64_counting", forward, lambda ex, x: False, "again"))
 
 
-def test_nothing_routed_keeps_the_graph_connected():
-    """Every assignment dropped (capacity): zero output, and backward still runs."""
-    m = _layer(dataclasses.replace(CFG, capacity_factor=1e-9))
-    x = torch.randn(1, 32, requires_grad=True)
+@pytest.mark.parametrize("unfused", [False, True])
+def test_nothing_routed_keeps_the_graph_connected(monkeypatch, unfused):
+    """No rows at all (an empty batch): zero-size output, and backward still reaches the
+    experts (a zero gradient, not None), fused and unfused."""
+    if unfused:
+        from moelab.moe import LocalDispatcher
+
+        monkeypatch.setattr(LocalDispatcher, "run_experts",
+                            lambda self, ex, d: self.combine(ex(d.x_AD, d.tokens_per_expert_E, d.weight_A), d))
+    m = _layer()
+    x = torch.randn(0, 32, requires_grad=True)
     out = m(x)
-    if out.stats.tokens_per_expert.sum() == 0:
-        assert torch.equal(out.output, torch.zeros_like(out.output))
+    assert out.output.shape == (0, 32) and int(out.stats.tokens_per_expert.sum()) == 0
     out.output.sum().backward()
-    assert m.experts.down_proj.grad is not None
+    assert m.experts.down_proj.grad is not None and not m.experts.down_proj.grad.any()
 
 
 def test_autocast_runs_the_expert_gemms_in_its_dtype(monkeypatch):

@@ -110,3 +110,9 @@ def test_layer_update_bias_moves_load_toward_balance():
     # Softmax router: update_bias is a no-op (no bias buffer).
     soft = MoE(MoEConfig(d_model=8, d_expert=4, num_experts=4, bias_update_rate=0.05))
     soft.update_bias(torch.tensor([4, 0, 0, 0]))
+
+
+def test_losses_of_an_empty_batch_are_zero_not_nan():
+    probs = torch.zeros(0, 4, requires_grad=True)
+    assert float(load_balancing_loss(probs, torch.zeros(0, 2, dtype=torch.long), 4)) == 0.0
+    assert float(router_z_loss(torch.zeros(0, 4))) == 0.0

@@ -184,7 +184,8 @@ class MoE(nn.Module):
                 num_tokens=route.num_tokens,
                 top_k=cfg.top_k,
                 dropped=torch.zeros((), dtype=torch.long) if routed.dropped is None else routed.dropped.to(torch.long),
-                router_entropy=-(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean(),
+                router_entropy=(-(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
+                                if route.num_tokens else probs_TE.new_zeros(())),
                 max_router_logit=logits_TE.abs().max() if route.num_tokens else logits_TE.new_zeros(()),
             )
 

@@ -35,6 +35,8 @@ def load_balancing_loss(
     """
     T, E = probs_TE.shape
     K = expert_idx_TK.shape[-1]
+    if T == 0:  # no tokens, no imbalance (a mean over nothing would be NaN); graph kept
+        return probs_TE.sum() * 0.0
     if seq_len is None:
         seq_len = T
     if T % seq_len:
@@ -61,6 +63,8 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     Penalises large router logits, which overflow in low precision and make the
     softmax saturate; ST-MoE found it removes training instabilities at no quality cost.
     """
+    if logits_TE.shape[0] == 0:  # no tokens: 0, not the NaN of an empty mean
+        return logits_TE.float().sum() * 0.0
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
