@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             export_base(args.base, Path(tmp))
         except subprocess.CalledProcessError as e:
             raise SystemExit(f"--base {args.base!r}: git cannot read src/moelab at that revision "
-                             f"({(e.stderr or '').strip().splitlines()[-1:] or e})") from None
+                             f"({((e.stderr or '').strip().splitlines() or [str(e)])[-1]})") from None
         sys.path.insert(0, tmp)
         base = importlib.import_module("moelab_base.moe")
         import moelab.moe as new
