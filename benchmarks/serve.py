@@ -31,7 +31,6 @@ import contextlib
 import logging
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -13,7 +13,7 @@ from moelab.infer.generate import generate
 from moelab.model import KVCache, Transformer
 from moelab.model.presets import get_preset
 from moelab.serve.engine import Engine, EngineConfig, run_to_completion
-from moelab.serve.slots import SlotKVCache
+from moelab.serve.slots import Segment, SlotKVCache
 from moelab.serve.types import EngineClosedError, GenerationRequest, QueueFullError
 
 V = 256
@@ -75,26 +75,31 @@ def test_batching_is_invisible_greedy(model, slots, budget):
         assert stats.decode_rows > stats.decode_steps
 
 
-def test_slot_view_decode_equals_separate_caches(model):
-    """The reference for `SlotView`: rows of different lengths decoded in one forward give
-    the logits each row gets from its own dynamic `KVCache`."""
+def test_packed_batch_equals_separate_caches(model):
+    """The reference for `PackedBatch`: decoding rows of different lengths and two prefill
+    chunks (one fresh, one continuing) in one packed forward give the logits each request
+    gets from its own dynamic `KVCache`."""
     cfg = model.cfg
-    ps = prompts(2, (5, 11, 2))
-    slot_cache = SlotKVCache(n_layers=cfg.n_layers, slots=4, max_len=32, n_kv_heads=cfg.kv_heads,
-                             head_dim=cfg.dim_head)
+    ps = prompts(2, (5, 11, 2, 9, 12))
+    kw = dict(n_layers=cfg.n_layers, n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_head)
+    slot_cache = SlotKVCache(slots=5, max_len=32, **kw)
     ref = []
     with torch.inference_mode():
-        for s, p in enumerate(ps):
-            model(torch.tensor([p]), cache=slot_cache.view(s, [0]), telemetry=False)
-            kv = KVCache(n_layers=cfg.n_layers, batch_size=1, max_len=32, n_kv_heads=cfg.kv_heads,
-                         head_dim=cfg.dim_head)
+        for s, p in enumerate(ps[:3]):  # three requests with their prompts in slots 0..2
+            model(torch.tensor([p]), cache=slot_cache.packed([Segment(s, 0, len(p))]), telemetry=False)
+        model(torch.tensor([ps[4][:5]]), cache=slot_cache.packed([Segment(4, 0, 5)]), telemetry=False)
+        for p in ps[:3]:
+            kv = KVCache(batch_size=1, max_len=32, **kw)
             model(torch.tensor([p]), cache=kv, telemetry=False)
             ref.append(model(torch.tensor([[7]]), cache=kv, telemetry=False).logits[0, -1])
-        view = slot_cache.view(0, [len(p) for p in ps])
-        got = model(torch.tensor([[7]] * len(ps)), cache=view, telemetry=False).logits[:, -1]
-    for b in range(len(ps)):
-        torch.testing.assert_close(got[b], ref[b], atol=1e-5, rtol=1e-5)
-    assert view.lengths == [len(p) + 1 for p in ps]
+        for p, n in ((ps[3], len(ps[3])), (ps[4], len(ps[4]))):
+            ref.append(model(torch.tensor([p[:n]]), telemetry=False).logits[0, -1])
+        segments = [Segment(0, 5, 1), Segment(1, 11, 1), Segment(2, 2, 1), Segment(3, 0, 9), Segment(4, 5, 7)]
+        ids = [7, 7, 7, *ps[3], *ps[4][5:]]
+        ends = torch.tensor([0, 1, 2, 3 + 9 - 1, len(ids) - 1])
+        got = model(torch.tensor([ids]), cache=slot_cache.packed(segments), logits_at=ends, telemetry=False).logits[0]
+    for i in range(len(ref)):
+        torch.testing.assert_close(got[i], ref[i], atol=1e-5, rtol=1e-5)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(model):

@@ -93,6 +93,7 @@ class Transformer(nn.Module):
         cache: Cache | None = None,
         return_routing: bool = False,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
         telemetry: bool = True,
         return_logits: bool = True,
     ) -> ModelOutput:
@@ -103,7 +104,8 @@ class Transformer(nn.Module):
         attention_mask ``[B, S]`` with 1 for real tokens over cached + new positions (left
         padding; a `StaticKVCache` holds its own); cache: any `moelab.model.cache.Cache`,
         which this call writes to and advances; last_only: logits for the last position
-        only; telemetry=False (generation): no MoE losses (returned as 0) and no
+        only; logits_at ``[P]``: logits for these positions along T only (a serving
+        engine's packed batch: the last token of each request); telemetry=False (generation): no MoE losses (returned as 0) and no
         ``layer_stats``; return_logits=False with targets (training): ``lm_loss`` by
         `chunked_lm_loss`, no ``logits`` (None) -- the same loss and gradients without the
         [B, T, V] tensor. Inside a compiled graph the input checks (host syncs) are skipped:
@@ -143,9 +145,11 @@ class Transformer(nn.Module):
                 routing[i] = moe_out.routing
         if cache is not None:
             cache.advance(T)
-        x = self.norm(x)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[:, logits_at]
+        x = self.norm(x)
         if targets is not None and not return_logits:
             # Training: the loss straight from the hidden states, logits never materialised.
             lm_loss = chunked_lm_loss(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))

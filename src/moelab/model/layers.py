@@ -88,6 +88,11 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q_BHTD, k_BHTD = self.q_norm(q_BHTD), self.k_norm(k_BHTD)
         q_BHTD, k_BHTD = apply_rope(q_BHTD, cos, sin), apply_rope(k_BHTD, cos, sin)
+        attend = getattr(cache, "attend", None)
+        if attend is not None:
+            # A packed batch (several requests' tokens in one row) attends per request itself.
+            y = attend(self.layer_idx, q_BHTD, k_BHTD, v_BHTD, cfg.sliding_window)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
         if cache is not None:
             k_BHTD, v_BHTD = cache.update(self.layer_idx, k_BHTD, v_BHTD)
         y = F.scaled_dot_product_attention(

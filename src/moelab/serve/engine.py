@@ -7,13 +7,17 @@ A step (`Engine.step`), in order:
   1. **Admit** waiting requests first come first served while a slot is free. A slot holds
      ``max_len`` columns and `submit` refused any request whose ``prompt + max_tokens``
      does not fit, so an admitted request is never preempted (SGLang's reservation rule).
-  2. **Decode** every running request that has its prompt in the cache: one forward of
-     ``[B, 1]`` tokens over the slot range ``[0, B)``. This is where an MoE pays off:
-     each expert's weights are read once for all B rows instead of once per request.
-  3. **Prefill** the requests still reading their prompt, in admission order, in chunks
-     that fill the step's token budget (``max_batch_tokens - B``), one ``[1, C]`` forward
-     each. A long prompt is spread over several steps, so it cannot stall the running
-     requests' inter-token latency by more than one chunk (Sarathi's chunked prefill).
+  2. **Batch** one token for every running request that has its prompt in the cache,
+     then prefill chunks of the requests still reading their prompt, in admission order,
+     up to the step's token budget (``max_batch_tokens``). A long prompt is spread over
+     several steps, so it cannot stall the running requests' inter-token latency by more
+     than one chunk (Sarathi's chunked prefill).
+  3. **Forward** all of it as one packed sequence (`moelab.serve.slots.PackedBatch`):
+     every layer but attention is per token, so the MoE layers see the decodes and the
+     prefill chunks together and read each expert's weights once per step -- where an
+     MoE pays off, since an expert costs the same to read for one token as for sixteen.
+     Attention runs per request inside the packed batch. Logits are computed only at
+     each request's last position.
   4. **Sample** each row with its own settings and generator, append, detect stop tokens
      and stop strings, and hand new text to each request's callback.
   5. **Retire** finished or aborted requests at once, freeing their slots, and move the
@@ -23,12 +27,6 @@ Slot layout (`moelab.serve.slots`): the running requests occupy slots ``[0, n)``
 decoding ones first (``[0, n_dec)``), then the prefilling ones, so the decode forward is
 a view of the cache, never a gather. Keeping it packed costs one copy of a request's
 filled columns when a hole opens (`SlotKVCache.move`), once per request.
-
-Why decode and prefill are separate forwards rather than one packed batch: a packed
-batch needs a varlen attention kernel (every row its own length and query count); with
-SDPA over ``[B, T]`` the decode rows would be padded to the chunk length. The price of
-two forwards is one extra read of the weights on steps that prefill, which the prefill
-chunk's many tokens amortise.
 
 What serving changes in the model: token dropping (``capacity_factor``) is switched off,
 because which tokens an expert drops depends on what else is in the batch, and a
@@ -50,7 +48,7 @@ from moelab.errors import ConfigError
 from moelab.infer.generate import Decoder, stream_delta
 from moelab.infer.sampling import SamplingConfig, sample_next
 from moelab.model import Transformer
-from moelab.serve.slots import SlotKVCache
+from moelab.serve.slots import Segment, SlotKVCache
 from moelab.serve.types import (
     EngineClosedError,
     EventCallback,
@@ -144,6 +142,8 @@ class Engine:
             n_layers=cfg.n_layers, slots=self.config.max_num_seqs, max_len=self.max_len,
             n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_head, dtype=weight.dtype, device=weight.device,
         )
+        # A packed step is one sequence for the model's max_seq_len check.
+        self.budget = min(self.config.max_batch_tokens, cfg.max_seq_len)
         self._moe_index = [i for i, b in enumerate(model.layers) if b.is_moe]
         E = cfg.moe.num_experts if cfg.moe is not None else 0
         self._expert_tokens = {i: torch.zeros(E, dtype=torch.long) for i in self._moe_index}
@@ -288,39 +288,51 @@ class Engine:
                 self._slots.append(run)
 
     def _forward(self) -> list[tuple[_Running, torch.Tensor, dict | None]]:
-        """Decode then prefill; (request, next-token logits [V], routing of that position)
+        """One packed forward: a token for every decoding request, then prefill chunks up
+        to the token budget. (request, next-token logits [V], routing of that position)
         for every request that gets a new token this step."""
-        model, rows = self.model, []
-        budget = self.config.max_batch_tokens
+        budget = self.budget
         decoding = self._slots[: self._n_dec]
-        if decoding:
-            ids_B1 = torch.tensor([[r.next_token] for r in decoding], device=self.device)
-            view = self.cache.view(0, [r.length for r in decoding])
-            out = model(ids_B1, cache=view, last_only=True, telemetry=False, return_routing=True)
-            self._count_experts(out.routing)
-            logits_BV = out.logits[:, -1]
-            for b, run in enumerate(decoding):
-                run.length += 1
-                rows.append((run, logits_BV[b], _routing_at(out.routing, b) if run.req.return_routing else None))
-            budget -= len(decoding)
-            self._decode_rows += len(decoding)
-            self._decode_steps += 1
+        segments = [Segment(r.slot, r.length, 1) for r in decoding]
+        ids: list[int] = [r.next_token for r in decoding]
+        budget -= len(decoding)
+        finishing: list[_Running] = list(decoding)  # requests whose last position gets logits
+        prefilled: list[tuple[_Running, int]] = []
         for run in self._slots[self._n_dec :]:
             if budget <= 0:
                 break
             prompt = run.req.prompt_ids
             C = min(budget, len(prompt) - run.fed)
-            ids_1C = torch.tensor([prompt[run.fed : run.fed + C]], device=self.device)
-            view = self.cache.view(run.slot, [run.length])
-            out = model(ids_1C, cache=view, last_only=True, telemetry=False, return_routing=True)
-            self._count_experts(out.routing)
+            segments.append(Segment(run.slot, run.length, C))
+            ids.extend(prompt[run.fed : run.fed + C])
+            prefilled.append((run, C))
+            budget -= C
+            if run.fed + C == len(prompt):
+                finishing.append(run)
+        # The flat position of each segment's last token; only those get logits.
+        ends, p = [], 0
+        for s in segments:
+            p += s.n
+            ends.append(p - 1)
+        last = {id(r): i for i, r in enumerate([*decoding, *(r for r, _ in prefilled)])}
+        at = [ends[last[id(r)]] for r in finishing]
+        out = self.model(
+            torch.tensor([ids], device=self.device), cache=self.cache.packed(segments),
+            logits_at=torch.tensor(at, dtype=torch.long, device=self.device), telemetry=False, return_routing=True,
+        )
+        self._count_experts(out.routing)
+        for run in decoding:
+            run.length += 1
+        for run, C in prefilled:
             run.fed += C
             run.length += C
-            budget -= C
             self._prompt_tokens += C
-            if run.prefilled:
-                rows.append((run, out.logits[0, -1], _routing_at(out.routing, C - 1) if run.req.return_routing else None))
-        return rows
+        if decoding:
+            self._decode_rows += len(decoding)
+            self._decode_steps += 1
+        logits_RV = out.logits[0]
+        return [(run, logits_RV[i], _routing_at(out.routing, at[i]) if run.req.return_routing else None)
+                for i, run in enumerate(finishing)]
 
     def _count_experts(self, routing: dict | None) -> None:
         for layer, decision in (routing or {}).items():

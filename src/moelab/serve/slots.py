@@ -1,18 +1,24 @@
 """The serving engine's KV cache: one row ("slot") per running request, each row with its
 own length. The decoder's third `moelab.model.cache.Cache` implementation.
 
-Legend: N slots, B rows of one forward, T new tokens per row, S columns per slot,
-Hkv key/value heads, Dh head dim.
+Legend: N slots, B decoding requests, P tokens of a packed step, C a prefill chunk,
+S columns per slot, H query heads, Hkv key/value heads, Dh head dim.
 
-`SlotKVCache` holds ``k, v [N, Hkv, S, Dh]`` per layer. A forward runs over a *contiguous*
-range of slots through a `SlotView`, which tells the model each row's positions, writes
-each row's new keys/values at that row's own next columns and attends over
-``[:max(length) + T]`` with a mask hiding each row's unwritten columns. The range is a
-view (no copy): gathering the active rows instead would copy ``B * S * Hkv * Dh`` floats
-per layer per step (16 MB per layer at 16 slots of 512 columns for the 200M benchmark
-model, a fifth of what the weights cost to read). So the engine keeps its running
-requests packed at the front of the cache and `move`s one request's filled columns when a
-hole opens, once per request rather than once per step.
+`SlotKVCache` holds ``k, v [N, Hkv, S, Dh]`` per layer. One engine step is one forward of
+a `PackedBatch`: the tokens of every request in the step side by side in one row
+(``[1, P]``: one token per decoding request, then each prefill chunk), so the MoE layers
+see all of them at once and read each expert's weights once per step. Everything in the
+decoder is per token except attention, which the packed batch does itself
+(`PackedBatch.attend`, the optional hook of the `Cache` protocol): it writes each token's
+key/value at its request's next column and runs SDPA per request -- the decoding requests
+together as ``[B, H, 1, Dh]`` against their slots, each prefill chunk as ``[1, H, C, Dh]``.
+
+The decoding requests occupy the *contiguous* slots ``[0, B)``, so their keys are a view
+of the cache (no copy): gathering scattered rows instead would copy ``B * S * Hkv * Dh``
+floats per layer per step (16 MB per layer at 16 slots of 512 columns for the 200M
+benchmark model, a fifth of what the weights cost to read). So the engine keeps its
+running requests packed at the front of the cache and `move`s one request's filled
+columns when a hole opens, once per request rather than once per step.
 
 Why not paged (vLLM's PagedAttention): paging exists to share memory between requests
 whose final lengths are unknown. Here admission reserves ``prompt + max_tokens`` columns
@@ -24,9 +30,12 @@ the 200M model at 16 x 1024 columns is 16 * 1024 * 8 layers * 2 * 4 * 64 * 4 B =
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from moelab.model.cache import causal_mask
+import torch
+import torch.nn.functional as F
+
+from moelab.model.cache import prefix_attention_mask
 
 
 class SlotKVCache:
@@ -54,10 +63,9 @@ class SlotKVCache:
     def device(self) -> torch.device:
         return self.k[0].device
 
-    def view(self, first_slot: int, lengths: list[int]) -> SlotView:
-        """A cache for one forward over slots ``first_slot .. first_slot + len(lengths) - 1``,
-        whose rows hold ``lengths`` columns already."""
-        return SlotView(self, first_slot, lengths)
+    def packed(self, segments: list[Segment]) -> PackedBatch:
+        """The cache of one packed forward (see `PackedBatch`)."""
+        return PackedBatch(self, segments)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` columns of slot `src` into slot `dst` (all layers)."""
@@ -77,19 +85,45 @@ class SlotKVCache:
             buf[b, :, :n] = tmp
 
 
-class SlotView:
-    """The `Cache` protocol over a contiguous range of slots with per-row lengths."""
+@dataclass(frozen=True)
+class Segment:
+    """The tokens of one request in a packed step: ``n`` tokens for `slot`, whose cache
+    holds ``length`` columns before this step."""
 
-    def __init__(self, cache: SlotKVCache, first_slot: int, lengths: list[int]):
-        B = len(lengths)
-        if B == 0 or first_slot < 0 or first_slot + B > cache.slots:
-            raise ValueError(f"slots {first_slot}..{first_slot + B - 1} are outside the cache's {cache.slots} slots")
-        self.cache, self.lo, self.hi = cache, first_slot, first_slot + B
-        self.lengths = list(lengths)
+    slot: int
+    length: int
+    n: int
+
+
+class PackedBatch:
+    """The `Cache` protocol for one packed forward over `SlotKVCache` (batch size 1).
+
+    ``segments``: first the decoding requests, one token each, in slots ``0 .. B-1`` in
+    order; then any number of prefill chunks. The model's input is their tokens in the
+    same order.
+    """
+
+    def __init__(self, cache: SlotKVCache, segments: list[Segment]):
+        if not segments:
+            raise ValueError("a packed batch needs at least one segment")
+        B = 0
+        while B < len(segments) and segments[B].n == 1 and segments[B].slot == B:
+            B += 1
+        self.cache, self.segments, self.B = cache, segments, B
+        self.P = sum(s.n for s in segments)
+        for s in segments:
+            if s.length + s.n > cache.max_len:
+                raise ValueError(f"slot {s.slot}: {s.length + s.n} columns needed, max_len={cache.max_len}")
         self.max_len = cache.max_len
-        self.length = max(lengths)  # what the model checks against max_seq_len
-        self.uniform = min(lengths) == self.length
-        self.len_B = torch.tensor(lengths, device=cache.device)
+        # The model checks ``length + P`` against max_seq_len for a prefix cache; here each
+        # segment was checked against the slot length above, which is <= max_seq_len.
+        self.length = 0
+        dev = cache.device
+        self.pos_P = torch.cat([torch.arange(s.length, s.length + s.n, device=dev) for s in segments])
+        self.dec_len_B = torch.tensor([s.length for s in segments[:B]], device=dev)
+        self.dec_S = max((s.length for s in segments[:B]), default=0) + 1  # key columns the decoding rows read
+        self.dec_rows_B = torch.arange(B, device=dev)
+        self._dec_mask: dict[int | None, torch.Tensor | None] = {}
 
     @property
     def device(self) -> torch.device:
@@ -105,46 +139,66 @@ class SlotView:
         self.cache.rope = value
 
     def positions(self, B: int, T: int) -> torch.Tensor:
-        return self.len_B.unsqueeze(1) + torch.arange(T, device=self.device)
+        if (B, T) != (1, self.P):
+            raise ValueError(f"a PackedBatch of {self.P} tokens takes input [1, {self.P}], got [{B}, {T}]")
+        return self.pos_P.unsqueeze(0)
 
-    def attention_mask(
-        self, B: int, T: int, window: int | None, attention_mask: torch.Tensor | None
-    ) -> torch.Tensor | None:
+    def attention_mask(self, B: int, T: int, window: int | None, attention_mask: torch.Tensor | None) -> None:
         if attention_mask is not None:
-            raise ValueError("a SlotView masks by each row's length; pass attention_mask=None")
-        S = self.length + T
-        needs_window = window is not None and S > window
-        if self.uniform and not needs_window and (T == 1 or self.length == 0):
-            return None  # every row sees all columns so far: plain causal / no mask
-        if self.uniform:
-            return causal_mask(B, torch.arange(self.length, S, device=self.device), S,
-                               window if needs_window else None, None)
-        # Rows of different lengths: query t of row b sits at column len_b + t.
-        q_col_BT1 = (self.len_B.unsqueeze(1) + torch.arange(T, device=self.device)).unsqueeze(-1)
-        k_col_11S = torch.arange(S, device=self.device).view(1, 1, S)
-        allowed_BTS = k_col_11S <= q_col_BT1
-        if needs_window:
-            allowed_BTS = allowed_BTS & (q_col_BT1 - k_col_11S < window)
-        return allowed_BTS.unsqueeze(1)
+            raise ValueError("a PackedBatch masks per request; pass attention_mask=None")
+        return None  # `attend` builds each request's own mask
 
-    def update(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, _, T, _ = k_BHTD.shape
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(f"slot cache is full: {end} columns needed, max_len={self.max_len}")
+    def update(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor):
+        raise TypeError("a PackedBatch attends itself: the model calls PackedBatch.attend")
+
+    def attend(self, layer: int, q_1HPD: torch.Tensor, k_1HPD: torch.Tensor, v_1HPD: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        """Write this step's keys/values, attend per request; ``[1, H, P, Dh]``."""
         k_buf, v_buf = self.cache.k[layer], self.cache.v[layer]
-        if self.uniform:
-            k_buf[self.lo : self.hi, :, self.length : end] = k_BHTD
-            v_buf[self.lo : self.hi, :, self.length : end] = v_BHTD
-        else:
-            rows_BT = torch.arange(self.lo, self.hi, device=self.device).unsqueeze(1).expand(B, T)
-            cols_BT = self.positions(B, T)
-            # Indexing [rows, :, cols] puts the advanced dims first: values are [B, T, Hkv, Dh].
-            k_buf[rows_BT, :, cols_BT] = k_BHTD.transpose(1, 2)
-            v_buf[rows_BT, :, cols_BT] = v_BHTD.transpose(1, 2)
-        return k_buf[self.lo : self.hi, :, :end], v_buf[self.lo : self.hi, :, :end]
+        H, Hkv = q_1HPD.shape[1], k_1HPD.shape[1]
+        gqa = H != Hkv
+        out = []
+        B = self.B
+        if B:
+            # Decoding requests: token b goes to slot b, column len_b.
+            k_buf[self.dec_rows_B, :, self.dec_len_B] = k_1HPD[0, :, :B].transpose(0, 1)
+            v_buf[self.dec_rows_B, :, self.dec_len_B] = v_1HPD[0, :, :B].transpose(0, 1)
+            S = self.dec_S
+            q_BH1D = q_1HPD[0, :, :B].transpose(0, 1).unsqueeze(2)
+            mask = self._decode_mask(S, window)
+            y = F.scaled_dot_product_attention(q_BH1D, k_buf[:B, :, :S], v_buf[:B, :, :S], attn_mask=mask,
+                                               enable_gqa=gqa)
+            out.append(y.squeeze(2).transpose(0, 1).unsqueeze(0))  # [1, H, B, Dh]
+        p = B
+        for s in self.segments[B:]:
+            end = s.length + s.n
+            k_buf[s.slot, :, s.length : end] = k_1HPD[0, :, p : p + s.n]
+            v_buf[s.slot, :, s.length : end] = v_1HPD[0, :, p : p + s.n]
+            mask = prefix_attention_mask(1, s.n, s.length, window, None, self.device)
+            y = F.scaled_dot_product_attention(
+                q_1HPD[:, :, p : p + s.n], k_buf[s.slot : s.slot + 1, :, :end], v_buf[s.slot : s.slot + 1, :, :end],
+                attn_mask=mask, is_causal=mask is None and s.n > 1, enable_gqa=gqa,
+            )
+            out.append(y)
+            p += s.n
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+    def _decode_mask(self, S: int, window: int | None) -> torch.Tensor | None:
+        """``[B, 1, 1, S]``: row b sees columns ``<= len_b`` (within the window); None
+        when every row sees all S columns. The same for every layer: built once."""
+        if window not in self._dec_mask:
+            lengths = [s.length for s in self.segments[: self.B]]
+            needs_window = window is not None and S > window
+            if min(lengths) == S - 1 and not needs_window:
+                self._dec_mask[window] = None
+            else:
+                q_B11 = self.dec_len_B.view(-1, 1, 1)
+                k_11S = torch.arange(S, device=self.device).view(1, 1, S)
+                allowed = k_11S <= q_B11
+                if needs_window:
+                    allowed = allowed & (q_B11 - k_11S < window)
+                self._dec_mask[window] = allowed.unsqueeze(1)
+        return self._dec_mask[window]
 
     def advance(self, num_tokens: int) -> None:
-        self.lengths = [n + num_tokens for n in self.lengths]
-        self.length += num_tokens
-        self.len_B = self.len_B + num_tokens
+        pass  # the engine keeps each request's length
