@@ -162,7 +162,7 @@ def llama_cpp_reference(path, cfg: ModelConfig, ids: list[int]) -> torch.Tensor:
     x = t["token_embd.weight"][ids]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(cfg.n_layers):
-        b = lambda n: t[f"blk.{i}.{n}.weight"]  # noqa: E731
+        b = lambda n, i=i: t[f"blk.{i}.{n}.weight"]  # noqa: E731
         h = _rms(x, b("attn_norm"), eps)
         q = _rope_interleaved((h @ b("attn_q").T).view(T, H, Dh), cfg.rope_theta)
         k = _rope_interleaved((h @ b("attn_k").T).view(T, Hkv, Dh), cfg.rope_theta)
