@@ -36,14 +36,14 @@ def tiny_cfg(moe: bool = True, **kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.3) -> Transformer:
     """Weights large enough that routing and logits vary (the default init hides mistakes)."""
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.3 if "embed" not in name else 1.0)
+                p.normal_(0, std if "embed" not in name else 1.0)
             else:
                 p.normal_(1, 0.2)
     return model
@@ -310,10 +310,14 @@ def test_refuses_a_tokenizer_llama_cpp_would_split_differently(tmp_path):
 # ---------------------------------------------------------------------------------------
 # 3. llama.cpp itself
 
-# f32 file, float32 model: llama.cpp's CPU kernels sum in another order; the difference is
-# float32 rounding grown through two layers. q8_0: the weights' rounding (~0.4% per
-# element) moves logits by a few hundredths of their spread.
-F32_ATOL, Q8_ATOL = 1e-3, 0.25
+# f32 file, float32 model, float32 KV cache: llama.cpp's CPU kernels sum in another order,
+# so the difference is float32 rounding (measured 1.9e-5 on logits of std 2.4). llama.cpp's
+# default f16 KV cache alone moves the same logits by 2e-2, hence type_k/type_v = F32.
+# q8_0: the weights' rounding, plus llama.cpp quantising the activations to q8_0 for its
+# dot products (measured 0.043 on logits of std 0.8). That model has weights of std 0.1: at
+# 0.3 each d=64 matmul amplifies ~2.4x, the layers are chaotic and one routing flip moves
+# logits by a whole unit, which would test the random model, not the file.
+F32_ATOL, Q8_ATOL = 1e-4, 0.15
 
 
 @pytest.fixture(scope="module")
@@ -323,27 +327,28 @@ def llama_cpp():
     )
 
 
-def _llama_logits(llama_cpp, path, ids: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64, n_threads=2, verbose=False)
-    assert llm.n_vocab() == V
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32), llm
+def _llama(llama_cpp, path, **kw):
+    f32 = llama_cpp.GGML_TYPE_F32
+    return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, type_k=f32, type_v=f32,
+                           verbose=False, **kw)
 
 
-@pytest.mark.parametrize(("file_type", "atol"), [("f32", F32_ATOL), ("q8_0", Q8_ATOL)])
-def test_llama_cpp_logits_match_ours(tmp_path, tokenizer, llama_cpp, file_type, atol):
+@pytest.mark.parametrize(("file_type", "wstd", "atol"), [("f32", 0.3, F32_ATOL), ("q8_0", 0.1, Q8_ATOL)])
+def test_llama_cpp_logits_match_ours(tmp_path, tokenizer, llama_cpp, file_type, wstd, atol):
     cfg = tiny_cfg()
-    model = random_model(cfg, seed=2)
+    model = random_model(cfg, seed=2, std=wstd)
     res = export(model, tmp_path, tokenizer, file_type)
     ids = torch.randint(2, 300, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(ids).logits[0].numpy()
-    theirs, _ = _llama_logits(llama_cpp, res.path, ids[0].tolist())
+    llm = _llama(llama_cpp, res.path, logits_all=True)
+    assert llm.n_vocab() == V
+    llm.eval(ids[0].tolist())
+    theirs = np.array(llm.scores[: ids.shape[1]], dtype=np.float32)
     diff = float(np.abs(theirs - ours).max())
-    print(f"llama.cpp {file_type} logits: max abs diff {diff:.3g} (logit spread {float(ours.std()):.3g})")
+    print(f"llama.cpp {file_type} logits: max abs diff {diff:.3g} (logit std {float(ours.std()):.3g})")
     assert diff < atol
-    if file_type == "f32":
-        assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= (1.0 if file_type == "f32" else 0.9)
 
 
 def test_llama_cpp_greedy_generation_matches_ours(tmp_path, tokenizer, llama_cpp):
@@ -353,7 +358,7 @@ def test_llama_cpp_greedy_generation_matches_ours(tmp_path, tokenizer, llama_cpp
     res = export(model, tmp_path, tokenizer, "f32")
     prompt = [5, 17, 42, 99, 7]
     ours = generate(model, [prompt], max_new_tokens=16).token_ids[0]
-    llm = llama_cpp.Llama(model_path=str(res.path), n_ctx=64, n_threads=2, verbose=False)
+    llm = _llama(llama_cpp, res.path)
     theirs = []
     for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
         theirs.append(int(tok))
