@@ -33,6 +33,7 @@ error flips which experts a token goes to, a discontinuous change, for a tiny sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -274,6 +275,18 @@ class GGUFExport:
     max_abs_err: dict[str, float]  # GGML type -> largest |read back - ours| over its tensors
 
 
+@contextlib.contextmanager
+def _quiet_gguf_writer() -> Iterator[None]:
+    """The gguf package logs the temporary file name at INFO; keep that out of our output."""
+    logger = logging.getLogger("gguf.gguf_writer")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _qtype(name: str) -> Any:
     g = _gguf()
     return {"f32": g.GGMLQuantizationType.F32, "f16": g.GGMLQuantizationType.F16,
@@ -360,7 +373,7 @@ def export_gguf(
 
     expected: dict[str, tuple[np.ndarray, str]] = {}
     types: dict[str, int] = {}
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, _quiet_gguf_writer():
         w = g.GGUFWriter(str(tmp), ARCH)
         try:
             _write_metadata(w, cfg, vocab, file_type, name)
@@ -381,7 +394,7 @@ def export_gguf(
         errs = check_gguf(tmp, expected) if verify else {}
         n_tensors = sum(types.values())
         n_bytes = tmp.stat().st_size
-    log.info("wrote %s: %d tensors, %s, %.1f MB", out, n_tensors, types, n_bytes / 1e6)
+    log.debug("wrote %s: %d tensors, %s, %.1f MB", out, n_tensors, types, n_bytes / 1e6)
     return GGUFExport(out, file_type, n_tensors, n_bytes, types, errs)
 
 
