@@ -307,6 +307,22 @@ def test_refuses_a_tokenizer_llama_cpp_would_split_differently(tmp_path):
         G.gguf_vocab(tmp_path / "t.json", V)
 
 
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda d: d["model"].update(ignore_merges=True), "ignore_merges"),
+    (lambda d: d["model"].update(continuing_subword_prefix="##"), "continuing_subword_prefix"),
+    (lambda d: d.update(normalizer={"type": "NFC"}), "normalizer"),
+    (lambda d: d.update(pre_tokenizer={"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}), "pre-tokenizer"),
+])
+def test_refuses_bpe_options_llama_cpp_does_not_apply(tmp_path, tokenizer, edit, needle):
+    import json
+
+    d = json.loads(tokenizer.read_text(encoding="utf-8"))
+    edit(d)
+    (tmp_path / "t.json").write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(ConfigError, match=needle):
+        G.gguf_vocab(tmp_path / "t.json", V)
+
+
 # ---------------------------------------------------------------------------------------
 # 3. llama.cpp itself
 

@@ -221,6 +221,10 @@ def gguf_vocab(tokenizer_path: str | Path, vocab_size: int) -> GGUFVocab:
         )
     if d.get("normalizer") is not None:
         raise ConfigError(f"{path}: a tokenizer normalizer is not supported for GGUF (llama.cpp's gpt2 tokenizer has none)")
+    # BPE options llama.cpp's gpt2 tokenizer does not apply (it merges by rank, whole words)
+    for opt in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges", "byte_fallback"):
+        if model.get(opt):
+            raise ConfigError(f"{path}: BPE option {opt}={model[opt]!r} is not supported for GGUF")
     by_id: dict[int, str] = {i: tok for tok, i in model.get("vocab", {}).items()}
     added = {a["id"]: a for a in d.get("added_tokens") or []}
     for i, a in added.items():
