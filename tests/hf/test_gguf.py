@@ -95,6 +95,19 @@ def test_read_back_gives_the_tensors_written(tmp_path, tokenizer, file_type):
     assert set(res.max_abs_err) == set(res.types)
 
 
+@pytest.mark.parametrize("file_type", ["f32", "q8_0"])
+def test_the_read_back_check_catches_a_changed_tensor(tmp_path, tokenizer, file_type):
+    model = random_model(tiny_cfg())
+    res = export(model, tmp_path, tokenizer, file_type)
+    assert G.check_gguf(res.path, model, file_type)  # the file as written passes
+    t = next(t for t in gguf.GGUFReader(str(res.path)).tensors if t.name == "blk.1.attn_k.weight")
+    raw = bytearray(res.path.read_bytes())
+    raw[t.data_offset + 8] ^= 0x40  # one byte inside the tensor's data
+    res.path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="blk.1.attn_k.weight"):
+        G.check_gguf(res.path, model, file_type)
+
+
 def test_metadata_is_what_llama_cpp_reads(tmp_path, tokenizer):
     cfg = tiny_cfg()
     res = export(random_model(cfg), tmp_path, tokenizer, "q8_0")
@@ -271,7 +284,7 @@ def test_existing_file_needs_overwrite_and_failure_leaves_nothing(tmp_path, toke
         export(model, tmp_path, tokenizer)
     assert out.read_bytes() == b"old"
 
-    def broken(path, expected):
+    def broken(*args):
         raise CheckpointError("simulated read-back failure")
 
     monkeypatch.setattr(G, "check_gguf", broken)

@@ -356,7 +356,7 @@ def export_gguf(
     The file is written under a temporary name beside `out_path`; with `verify` it is read
     back (`check_gguf`) before being renamed into place, so a failure at any step leaves
     no file and an existing `out_path` untouched. Holds the converted tensors in memory
-    (about the output file's size) while writing.
+    (about the output file's size) while writing; the check holds one tensor at a time.
     """
     g = _gguf()
     if file_type not in GGUF_TYPES:
@@ -375,7 +375,6 @@ def export_gguf(
         raise CheckpointError(f"{tokenizer_path}: tokenizer file not found")
     vocab = gguf_vocab(tokenizer_path, cfg.vocab_size)
 
-    expected: dict[str, tuple[np.ndarray, str]] = {}
     types: dict[str, int] = {}
     with atomic_path(out) as tmp, _quiet_gguf_writer():
         w = g.GGUFWriter(str(tmp), ARCH)
@@ -388,55 +387,56 @@ def export_gguf(
                     w.add_tensor(tname, a)
                 else:
                     w.add_tensor(tname, g.quants.quantize(a, _qtype(ttype)), raw_dtype=_qtype(ttype))
-                if verify:
-                    expected[tname] = (a, ttype)
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
         finally:
             w.close()
-        errs = check_gguf(tmp, expected) if verify else {}
+            del w  # the converted tensors; the check below reads one tensor at a time
+        errs = check_gguf(tmp, model, file_type) if verify else {}
         n_tensors = sum(types.values())
         n_bytes = tmp.stat().st_size
     log.debug("wrote %s: %d tensors, %s, %.1f MB", out, n_tensors, types, n_bytes / 1e6)
     return GGUFExport(out, file_type, n_tensors, n_bytes, types, errs)
 
 
+def _dequantized(t: Any) -> tuple[np.ndarray, str]:
+    g = _gguf()
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # ggml lists ne0 (the row) first
+    a = g.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+    return a, t.tensor_type.name.lower()
+
+
 def read_gguf_tensors(path: str | Path) -> dict[str, tuple[np.ndarray, str]]:
     """name -> (float32 array in numpy order, GGML type name) for every tensor in the file."""
-    g = _gguf()
-    r = g.GGUFReader(str(path))
-    out = {}
-    for t in r.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        a = g.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
-        out[t.name] = (a, t.tensor_type.name.lower())
-    return out
+    return {t.name: _dequantized(t) for t in _gguf().GGUFReader(str(path)).tensors}
 
 
 def q8_0_bound(a: np.ndarray) -> np.ndarray:
     """The largest |dequant(quant(x)) - x| Q8_0 allows per element: half a step of its block
-    (step = amax/127, the scale stored in fp16), with slack for the fp16 rounding of the scale."""
+    (step = amax/127) plus the fp16 rounding of the stored step times the largest code, 127."""
     blocks = a.reshape(-1, _Q8_BLOCK)
     step = np.abs(blocks).max(axis=1, keepdims=True) / 127
     return np.broadcast_to(step * (0.5 + 127 * 2.0**-11) + 1e-12, blocks.shape).reshape(a.shape)
 
 
-def check_gguf(path: str | Path, expected: dict[str, tuple[np.ndarray, str]]) -> dict[str, float]:
-    """Read `path` back and compare every tensor with what was meant to be written.
+def check_gguf(path: str | Path, model: Transformer, file_type: str) -> dict[str, float]:
+    """Read `path` back and compare every tensor with `model`'s, one tensor at a time.
 
-    f32 must be bit-identical; f16 / bf16 equal to our own cast (bf16 compared to a
-    round-to-nearest cast within one bf16 ulp, as gguf rounds); q8_0 within `q8_0_bound`.
-    Returns the largest absolute error per GGML type; raises `CheckpointError` naming the
-    first tensor that is missing, extra, mis-typed, mis-shaped or off.
+    f32 must be bit-identical; f16 equal to our own cast; bf16 within half a bf16 ulp;
+    q8_0 within `q8_0_bound`. Returns the largest absolute error per GGML type; raises
+    `CheckpointError` naming the first tensor that is missing, extra, mis-typed,
+    mis-shaped or off.
     """
-    got = read_gguf_tensors(path)
-    if set(got) != set(expected):
-        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        raise CheckpointError(f"{path}: read back tensors differ (missing {missing}, unexpected {extra})")
+    in_file = {t.name: t for t in _gguf().GGUFReader(str(path)).tensors}
     errs: dict[str, float] = {}
-    for name, (want, ttype) in expected.items():
-        a, gtype = got[name]
+    seen = set()
+    for name, want in gguf_tensors(model):
+        seen.add(name)
+        if name not in in_file:
+            raise CheckpointError(f"{path}: tensor {name} is missing when read back")
+        a, gtype = _dequantized(in_file[name])
+        ttype = tensor_type(name, want, file_type)
         if gtype != ttype or a.shape != want.shape:
             raise CheckpointError(f"{path}: {name} read back as {gtype} {a.shape}, wrote {ttype} {want.shape}")
         err = np.abs(a - want)
@@ -445,12 +445,14 @@ def check_gguf(path: str | Path, expected: dict[str, tuple[np.ndarray, str]]) ->
         elif ttype == "f16":
             ok = np.array_equal(a, want.astype(np.float16).astype(np.float32))
         elif ttype == "bf16":
-            ok = bool(np.all(err <= np.abs(want) * 2.0**-8 + 1e-30))
+            ok = bool(np.all(err <= np.abs(want) * 2.0**-8))
         else:  # q8_0
             ok = bool(np.all(err <= q8_0_bound(want)))
         if not ok:
             raise CheckpointError(f"{path}: {name} ({ttype}) reads back off by up to {float(err.max()):.3g}")
         errs[ttype] = max(errs.get(ttype, 0.0), float(err.max()) if err.size else 0.0)
+    if extra := sorted(set(in_file) - seen):
+        raise CheckpointError(f"{path}: unexpected tensors read back: {extra}")
     return errs
 
 
@@ -485,5 +487,5 @@ def export_gguf_from(
         tokenizer_path=tokenizer_path or loaded.tokenizer_path,
         file_type=file_type,
         overwrite=overwrite,
-        name=Path(source).resolve().name,
+        name=(p.parent if (p := Path(source).resolve()).is_file() else p).name,
     )
