@@ -40,3 +40,75 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("64KiB") == 65536 and parse_size("100") == 100
     with pytest.raises(ConfigError, match="max-shard-size"):
         parse_size("lots")
+
+
+@pytest.fixture
+def gguf_run(tmp_path):
+    """A tiny float MoE run (vocab 320) with a byte-level BPE tokenizer of 300 tokens."""
+    pytest.importorskip("gguf")
+    from moelab import rundir
+    from moelab.data.tokenizer import save_tokenizer, train_tokenizer
+    from moelab.model import ModelConfig, Transformer
+    from moelab.moe import MoEConfig
+
+    tok = save_tokenizer(train_tokenizer(["the quick brown fox jumps over the lazy dog. " * 30], vocab_size=300),
+                         tmp_path / "tokenizer.json")
+    cfg = ModelConfig(vocab_size=320, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=64,
+                      moe=MoEConfig(d_model=64, d_expert=64, num_experts=4, top_k=2))
+    torch.manual_seed(0)
+    return rundir.save_model(Transformer(cfg).eval(), tmp_path / "run", tokenizer_path=tok)
+
+
+def test_convert_to_gguf(gguf_run, tmp_path, capsys):
+    from moelab.hf.gguf import read_gguf_tensors
+
+    out = tmp_path / "m.gguf"
+    assert main(["convert", str(gguf_run), "--to-gguf", str(out), "--type", "q8_0"]) == 0
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "wrote GGUF" in line and "16 q8_0" in line and "7 f32" in line
+    tensors = read_gguf_tensors(out)
+    assert tensors["blk.1.ffn_gate_exps.weight"][0].shape == (4, 64, 64)
+    assert tensors["blk.1.ffn_gate_exps.weight"][1] == "q8_0" and tensors["blk.1.ffn_gate_inp.weight"][1] == "f32"
+
+    assert main(["convert", str(gguf_run), "--to-gguf", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err
+    assert main(["convert", str(gguf_run), "--to-gguf", str(out), "--overwrite"]) == 0  # default f32
+    assert read_gguf_tensors(out)["blk.1.ffn_gate_exps.weight"][1] == "f32"
+
+
+def test_convert_hf_folder_to_gguf(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from moelab.data.tokenizer import save_tokenizer, train_tokenizer
+    from moelab.hf.gguf import read_gguf_tensors
+
+    cfg = transformers.MixtralConfig(vocab_size=320, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    tok = save_tokenizer(train_tokenizer(["a b c " * 30], vocab_size=300), tmp_path / "tokenizer.json")
+    assert main(["convert", str(tmp_path / "hf"), "--to-gguf", str(tmp_path / "m.gguf"), "--tokenizer", str(tok)]) == 0
+    assert len(read_gguf_tensors(tmp_path / "m.gguf")) == 3 + 10
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--to-hf", "OUT", "--type", "q8_0"], "--type does not apply to --to-hf"),
+    (["--to-gguf", "OUT", "--dtype", "bfloat16"], "--dtype does not apply to --to-gguf"),
+    (["--to-gguf", "OUT", "--max-shard-size", "1GB"], "--max-shard-size does not apply to --to-gguf"),
+    (["--to-moelab", "OUT", "--overwrite"], "--overwrite does not apply to --to-moelab"),
+])
+def test_convert_refuses_flags_the_target_ignores(tmp_path, capsys, argv, needle):
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert main(["convert", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_quantised_run_to_gguf(gguf_run, tmp_path, capsys):
+    assert main(["quantize", str(gguf_run), str(tmp_path / "q8"), "--format", "int8"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "q8"), "--to-gguf", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "quantised moelab run (moelab-int8)" in err
+    assert not (tmp_path / "m.gguf").exists()

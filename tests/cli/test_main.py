@@ -42,6 +42,7 @@ def _minimal(name: str) -> list[str]:
     (["train", "--steps", "many"], "--steps"),
     (["generate", "run", "--prompt", "x", "--temperature", "hot"], "--temperature"),
     (["convert", "x", "--to-hf", "y", "--dtype", "int3"], "--dtype"),
+    (["convert", "x", "--to-gguf", "y.gguf", "--type", "q4_k"], "--type"),
     (["quantize", "x", "y", "--format", "int3"], "--format"),
     (["quantize", "x", "y", "--format", "int4", "--group-size", "big"], "--group-size"),
 ])

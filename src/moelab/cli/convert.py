@@ -1,4 +1,4 @@
-"""`moelab convert`: Hugging Face folder -> moelab checkpoint, or moelab -> Hugging Face."""
+"""`moelab convert`: Hugging Face folder -> moelab checkpoint, moelab -> Hugging Face, or either -> GGUF."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 from moelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # moelab.hf.gguf.GGUF_TYPES (not imported: --help stays light)
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,24 +30,37 @@ def parse_size(text: str) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "convert",
-        help="convert checkpoints between Hugging Face and moelab formats",
-        description="HF_DIR --to-moelab OUT, or RUN_OR_CHECKPOINT --to-hf OUT_DIR.",
+        help="convert checkpoints between Hugging Face, moelab and GGUF (llama.cpp) formats",
+        description="HF_DIR --to-moelab OUT, RUN_OR_CHECKPOINT --to-hf OUT_DIR, or RUN_OR_HF_DIR --to-gguf OUT.gguf.",
     )
     p.add_argument("source", help="a Hugging Face model folder, or a moelab run dir / model.safetensors")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--to-moelab", metavar="OUT", help="write a moelab checkpoint folder")
     target.add_argument("--to-hf", metavar="OUT_DIR", help="write a Hugging Face model folder")
-    p.add_argument("--max-shard-size", default="5GB", help="--to-hf: shard safetensors above this size (default 5GB)")
+    target.add_argument("--to-gguf", metavar="OUT.gguf", help="write a GGUF file llama.cpp loads (its llama arch with experts)")
+    p.add_argument("--type", choices=GGUF_TYPES, help="--to-gguf: tensor type (default f32; norms and router stay f32)")
+    p.add_argument("--max-shard-size", default=None, help="--to-hf: shard safetensors above this size (default 5GB)")
     p.add_argument("--tokenizer", help="tokenizer.json to include (default: the source's own)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="--to-hf: weight dtype to write (default: as loaded)")
-    p.add_argument("--overwrite", action="store_true", help="--to-hf: replace a non-empty OUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="--to-hf / --to-gguf: replace an existing output")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from moelab.hf import export_hf, load_hf, load_moelab, save_moelab
 
+    _check_flags(args)
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
+    if args.to_gguf:
+        from moelab.hf.gguf import export_gguf_from
+
+        g = export_gguf_from(args.source, args.to_gguf, tokenizer_path=tokenizer, file_type=args.type or "f32",
+                             overwrite=args.overwrite)
+        types = ", ".join(f"{n} {t}" for t, n in sorted(g.types.items()))
+        errs = ", ".join(f"{t} {e:.2g}" for t, e in sorted(g.max_abs_err.items()))
+        print(f"wrote GGUF {g.path} ({g.file_type}: {g.n_tensors} tensors, {types}; {g.n_bytes / 1e6:.1f} MB; "
+              f"read back, max abs error {errs})")
+        return 0
     if args.to_moelab:
         imp = load_hf(args.source)
         out = save_moelab(imp.model, args.to_moelab, tokenizer_path=tokenizer or imp.tokenizer_path,
@@ -57,9 +72,19 @@ def run(args: argparse.Namespace) -> int:
         loaded.model,
         args.to_hf,
         tokenizer_path=tokenizer or loaded.tokenizer_path,
-        max_shard_size=parse_size(args.max_shard_size),
+        max_shard_size=parse_size(args.max_shard_size or "5GB"),
         dtype=_DTYPES[args.dtype] if args.dtype else None,
         overwrite=args.overwrite,
     )
     print(f"wrote Hugging Face {result.family} model {result.out_dir} ({len(result.files)} safetensors file(s))")
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse an option the chosen target would ignore."""
+    target = "--to-gguf" if args.to_gguf else "--to-hf" if args.to_hf else "--to-moelab"
+    allowed = {"--to-gguf": {"type", "tokenizer", "overwrite"}, "--to-hf": {"max_shard_size", "tokenizer", "dtype", "overwrite"},
+               "--to-moelab": {"tokenizer"}}[target]
+    for name in ("type", "max_shard_size", "dtype", "overwrite"):
+        if getattr(args, name) not in (None, False) and name not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')} does not apply to {target}")
