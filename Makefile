@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-fast install bench lint clean
+.PHONY: demo test test-fast install install-bench bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The benchmarks' external peers (llama.cpp, built from source: several minutes).
+install-bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
 
 demo: $(STAMP)
 	$(BIN)/moelab demo
