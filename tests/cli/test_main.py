@@ -33,7 +33,8 @@ def test_parser_with_one_subcommand_matches_the_full_one():
 
 def _minimal(name: str) -> list[str]:
     return {"analyze": ["run"], "generate": ["run", "--prompt", "x"], "convert": ["x", "--to-hf", "y"],
-            "lab": ["collapse"], "report": ["run"], "quantize": ["run", "out", "--format", "int8"]}.get(name, [])
+            "lab": ["collapse"], "report": ["run"], "quantize": ["run", "out", "--format", "int8"],
+            "serve": ["run"]}.get(name, [])
 
 
 @pytest.mark.parametrize("argv,flag", [
