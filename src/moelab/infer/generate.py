@@ -276,13 +276,13 @@ def _accept(
                 result.finish_reasons[b] = "stop_string"
                 break
         result.texts[b] = text
-        delta = _stream_delta(text, streamed[b], stop_strings, final=done[b])
+        delta = stream_delta(text, streamed[b], stop_strings, final=done[b])
         streamed[b] += len(delta)
     if stream is not None:
         stream(b, token, delta)
 
 
-def _stream_delta(text: str, already: int, stop_strings: Sequence[str] | None, *, final: bool) -> str:
+def stream_delta(text: str, already: int, stop_strings: Sequence[str] | None, *, final: bool) -> str:
     """The text that is safe to show now: hold back a tail that may still become a stop
     string, or an incomplete UTF-8 character (decoded as U+FFFD), until it resolves."""
     end = len(text)

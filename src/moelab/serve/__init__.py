@@ -8,7 +8,11 @@ from moelab.lazy import lazy_exports
 
 # name -> submodule that defines it
 _EXPORTS = {
+    "Engine": "moelab.serve.engine",
     "EngineClosedError": "moelab.serve.types",
+    "EngineConfig": "moelab.serve.engine",
+    "EngineStats": "moelab.serve.engine",
+    "SlotKVCache": "moelab.serve.slots",
     "GenerationRequest": "moelab.serve.types",
     "QueueFullError": "moelab.serve.types",
     "StreamEvent": "moelab.serve.types",
