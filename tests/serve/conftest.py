@@ -23,6 +23,7 @@ pytest.importorskip("openai")
 MAX_LEN = 256
 MODEL_NAME = "tiny-moe"
 KEY = "sk-test-key"
+LONG_TOKENS = 120  # a request that holds its slot for ~2.4 s on `slow_model`
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -103,14 +104,30 @@ def start_server(engine, tokenizer, *, api_key=None, chat_template=None, drain_t
 
 @pytest.fixture(scope="module")
 def server(model, tokenizer):
-    """A server with 4 slots on the tiny model, no API key."""
-    run = start_server(make_engine(model, tokenizer, max_num_seqs=4, max_len=MAX_LEN), tokenizer)
+    """A server with 4 slots on the tiny model, no API key; a step budget of 16 tokens, so
+    longer prompts are prefilled in chunks over several steps."""
+    run = start_server(make_engine(model, tokenizer, max_num_seqs=4, max_batch_tokens=16, max_len=MAX_LEN), tokenizer)
     yield run
     run.stop()
 
 
+@pytest.fixture(scope="session")
+def long_prompt(model, tokenizer) -> list[int]:
+    """A prompt whose greedy continuation runs LONG_TOKENS tokens without an end token (the random
+    model may write one early), so a request on it holds its slot for the whole test."""
+    from moelab.infer.generate import generate
+    from moelab.serve.chat import end_token_ids
+
+    stop = end_token_ids(tokenizer)
+    for start in range(10, 74):  # one at a time: a row that writes an end token stops early
+        prompt = [start, start + 1, start + 2]
+        if generate(model, [prompt], max_new_tokens=LONG_TOKENS, temperature=0, stop_token_ids=stop).finish_reasons[0] == "length":
+            return prompt
+    raise AssertionError(f"no prompt of the tiny model runs {LONG_TOKENS} tokens without an end token")
+
+
 @pytest.fixture()
-def slow_model(model):
+def slow_model(model, long_prompt):
     """The tiny model, 20 ms slower per forward (so a request holds its slot long enough to test)."""
     handle = model.register_forward_pre_hook(lambda *_: time.sleep(0.02))
     yield model
