@@ -33,6 +33,7 @@ SUBCOMMANDS = [
     "quantize",
     "generate",
     "serve",
+    "bench",
 ]
 
 
