@@ -94,6 +94,23 @@ def test_stop_string_cuts_the_text(client):
     assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[: text.find(stop)]
 
 
+def test_ignore_eos_runs_to_max_tokens(client, model, tokenizer):
+    from moelab.infer.generate import generate
+    from moelab.serve.chat import end_token_ids
+
+    stop = end_token_ids(tokenizer)
+    prompts = [[s] for s in range(2, 60)]
+    reasons = generate(model, prompts, max_new_tokens=30, temperature=0, stop_token_ids=stop).finish_reasons
+    early = next((p for p, why in zip(prompts, reasons, strict=True) if why == "stop_token"), None)
+    if early is None:
+        pytest.skip("the random model writes no end token from these prompts")
+    r = client.completions.create(model=MODEL_NAME, prompt=early, max_tokens=30, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 30
+    r = client.completions.create(model=MODEL_NAME, prompt=early, max_tokens=30, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 30
+
+
 # ---- bad requests ---------------------------------------------------------------------
 
 GOOD = {"model": MODEL_NAME, "prompt": "hello", "max_tokens": 2}

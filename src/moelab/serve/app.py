@@ -279,7 +279,8 @@ async def _generate(st: ServerState, request: Request, kind: Kind, r, ids: list[
     fields["stop"] = fields["stop"] + tuple(s for s in extra_stop if s not in fields["stop"])
     rid = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
     try:
-        gen = GenerationRequest(prompt_ids=tuple(ids), max_tokens=max_tokens, stop_token_ids=st.end_ids,
+        gen = GenerationRequest(prompt_ids=tuple(ids), max_tokens=max_tokens,
+                                stop_token_ids=() if r.ignore_eos else st.end_ids,
                                 request_id=rid, **fields)
     except ConfigError as e:
         raise bad_request(_param_of(e), str(e)) from None

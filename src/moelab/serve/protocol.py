@@ -6,8 +6,8 @@ with status 400 rather than FastAPI's 422 list. `parse_completion` and `parse_ch
 pydantic models with OpenAI's defaults filled in; `sampling_fields` maps one onto the
 keyword arguments of `GenerationRequest`.
 
-Extensions (moelab, not OpenAI): ``top_k`` (int >= 1) and ``return_routing`` (bool) in
-requests; a top-level ``"moelab"`` object in responses and chunks carrying the generated
+Extensions (moelab, not OpenAI): ``top_k`` (int >= 1), ``return_routing`` (bool) and
+``ignore_eos`` (bool, as vLLM has it: end-of-text tokens do not stop the request) in requests; a top-level ``"moelab"`` object in responses and chunks carrying the generated
 ``token_ids`` and, with ``return_routing``, per-token ``routing``.
 """
 
@@ -78,9 +78,10 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # moelab extensions
+    # moelab extensions (ignore_eos as vLLM has it)
     top_k: int | None = None
     return_routing: bool | None = False
+    ignore_eos: bool | None = False
 
     @field_validator("stop")
     @classmethod
