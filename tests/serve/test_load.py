@@ -84,6 +84,16 @@ def test_disconnect_after_one_chunk_frees_the_slot(one_slot, LONG):
 
 
 @pytest.mark.slow
+def test_disconnect_before_reading_a_chunk_frees_the_slot(one_slot, LONG):
+    before = _aborts(one_slot)
+    with httpx.stream("POST", f"{one_slot.url}/v1/completions", json={**LONG, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200  # headers only: the request is submitted, no chunk read
+        wait_until(lambda: one_slot.engine.stats().running == 1, what="the request to take the slot")
+    wait_until(lambda: one_slot.engine.stats().running == 0 and _aborts(one_slot) == before + 1,
+               what="the aborted request to leave its slot")
+
+
+@pytest.mark.slow
 def test_disconnect_before_any_chunk_frees_the_queue_place_and_the_slot(one_slot, LONG):
     before = _aborts(one_slot)
     url = f"{one_slot.url}/v1/completions"
