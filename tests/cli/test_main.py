@@ -33,7 +33,8 @@ def test_parser_with_one_subcommand_matches_the_full_one():
 
 def _minimal(name: str) -> list[str]:
     return {"analyze": ["run"], "generate": ["run", "--prompt", "x"], "convert": ["x", "--to-hf", "y"],
-            "lab": ["collapse"], "report": ["run"], "quantize": ["run", "out", "--format", "int8"]}.get(name, [])
+            "lab": ["collapse"], "report": ["run"], "quantize": ["run", "out", "--format", "int8"],
+            "serve": ["run"], "bench": ["serve", "--base-url", "http://127.0.0.1:8000"]}.get(name, [])
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -56,6 +57,6 @@ def test_bad_flag_value_is_one_line_naming_the_flag(argv, flag, capsys):
 
 def test_unknown_subcommand(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["bench"])
+        main(["nosuchcommand"])
     assert e.value.code == 2
-    assert "invalid choice: 'bench'" in capsys.readouterr().err
+    assert "invalid choice: 'nosuchcommand'" in capsys.readouterr().err

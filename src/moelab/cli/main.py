@@ -32,6 +32,7 @@ SUBCOMMANDS = [
     "convert",
     "quantize",
     "generate",
+    "serve",
     "bench",
 ]
 

@@ -1,0 +1,65 @@
+"""`moelab serve`: an OpenAI-compatible HTTP server (continuous batching) for a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from moelab.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint over an OpenAI-compatible HTTP API",
+        description="POST /v1/completions and /v1/chat/completions (streaming with SSE), GET /v1/models, "
+        "/health and /metrics (Prometheus). See docs/serve.md.",
+    )
+    p.add_argument("model", metavar="MODEL", help="moelab run dir / model.safetensors, or a Hugging Face folder")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    net.add_argument("--port", type=int, default=8000)
+    net.add_argument("--api-key", default=os.environ.get("MOELAB_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                     "(default: $MOELAB_API_KEY; none: no auth)")
+    net.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--max-num-seqs", type=int, default=8, help="concurrent running requests (slots)")
+    eng.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step")
+    eng.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    eng.add_argument("--max-len", type=int, help="columns per slot: prompt + max_tokens (default: the model's max_seq_len)")
+    eng.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    eng.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on SIGTERM, seconds running requests get to finish (then they end 'shutdown')")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's own)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from tokenizers import Tokenizer
+
+    from moelab.hf import load_any
+    from moelab.serve.app import create_app
+    from moelab.serve.chat import load_chat_template
+    from moelab.serve.engine import Engine, EngineConfig
+    from moelab.serve.server import make_server
+
+    loaded = load_any(args.model)
+    tok_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
+    if tok_path is None or not Path(tok_path).is_file():
+        raise ConfigError(f"{args.model}: no tokenizer.json found; pass --tokenizer PATH")
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+                          max_queue=args.max_queue, max_len=args.max_len)
+    engine = Engine(loaded.model, config, tokenizer=tokenizer)
+    app = create_app(engine, tokenizer, args.served_model_name or args.model, api_key=args.api_key,
+                     chat_template=load_chat_template(Path(tok_path)), drain_timeout_s=args.drain_timeout)
+    make_server(app, host=args.host, port=args.port).run()
+    return 0
