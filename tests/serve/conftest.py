@@ -115,8 +115,8 @@ def server(model, tokenizer):
 def long_prompt(model, tokenizer) -> list[int]:
     """A prompt whose greedy continuation runs LONG_TOKENS tokens without an end token (the random
     model may write one early), so a request on it holds its slot for the whole test."""
+    from moelab.data.tokenizer import end_token_ids
     from moelab.infer.generate import generate
-    from moelab.serve.chat import end_token_ids
 
     stop = end_token_ids(tokenizer)
     for start in range(10, 74):  # one at a time: a row that writes an end token stops early

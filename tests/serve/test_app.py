@@ -95,8 +95,8 @@ def test_stop_string_cuts_the_text(client):
 
 
 def test_ignore_eos_runs_to_max_tokens(client, model, tokenizer):
+    from moelab.data.tokenizer import end_token_ids
     from moelab.infer.generate import generate
-    from moelab.serve.chat import end_token_ids
 
     stop = end_token_ids(tokenizer)
     prompts = [[s] for s in range(2, 60)]

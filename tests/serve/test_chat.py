@@ -8,7 +8,8 @@ import json
 import httpx
 import pytest
 
-from moelab.serve.chat import PLAIN_STOP, end_token_ids, load_chat_template, plain_template
+from moelab.data.tokenizer import end_token_ids
+from moelab.serve.chat import PLAIN_STOP, load_chat_template, plain_template
 
 from .conftest import MAX_LEN, MODEL_NAME, make_engine, start_server
 

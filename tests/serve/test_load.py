@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
+from moelab.data.tokenizer import end_token_ids
 from moelab.infer.generate import generate
-from moelab.serve.chat import end_token_ids
 
 from .conftest import LONG_TOKENS, MAX_LEN, MODEL_NAME, make_engine, start_server, wait_until
 

@@ -9,8 +9,6 @@ from pathlib import Path
 from moelab.errors import ConfigError
 from moelab.io import atomic_write_json
 
-EOS_STRINGS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -41,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
+    from moelab.data.tokenizer import end_token_ids
     from moelab.hf import load_any
     from moelab.infer.generate import generate
 
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.path}: no tokenizer.json found; pass --tokenizer PATH")
     tokenizer = Tokenizer.from_file(str(tok_path))
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
-    stop_ids = [i for s in EOS_STRINGS if (i := tokenizer.token_to_id(s)) is not None]
+    stop_ids = list(end_token_ids(tokenizer))
     single = len(prompts) == 1
 
     def stream(row: int, token: int, delta: str) -> None:

@@ -30,6 +30,14 @@ PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
 EOS_ID = 0
 PAD_ID = 1
+# End-of-text tokens of the tokenizers people use (ours, Llama/Mistral, Gemma, Llama 3, ChatML):
+# generation stops at whichever of them a tokenizer has.
+EOS_STRINGS = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
+
+
+def end_token_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of the `EOS_STRINGS` that `tokenizer` (``token_to_id``) knows."""
+    return tuple(i for s in EOS_STRINGS if (i := tokenizer.token_to_id(s)) is not None)
 DEFAULT_VOCAB_SIZE = 8192
 # 256 byte symbols plus the special tokens: the smallest vocabulary that can encode anything.
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)

@@ -32,8 +32,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2.exceptions import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from moelab.data.tokenizer import end_token_ids
 from moelab.errors import ConfigError
-from moelab.serve.chat import PLAIN_STOP, ChatTemplate, end_token_ids, plain_template
+from moelab.serve.chat import PLAIN_STOP, ChatTemplate, plain_template
 from moelab.serve.metrics import ServerMetrics
 from moelab.serve.protocol import (
     OPENAI_FINISH_REASON,

@@ -26,10 +26,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Tokens that end a text in the tokenizers we meet (GPT-2/moelab, Llama/Mistral, Gemma,
-# Llama 3, ChatML); the same list as `moelab generate` uses.
-EOS_STRINGS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
-
 PLAIN_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -94,11 +90,6 @@ def load_chat_template(tokenizer_path: Path | None) -> ChatTemplate:
 
 def plain_template() -> ChatTemplate:
     return ChatTemplate(PLAIN_TEMPLATE, {}, "plain")
-
-
-def end_token_ids(tokenizer) -> tuple[int, ...]:
-    """Ids of the tokenizer's end-of-text tokens (`EOS_STRINGS` it knows)."""
-    return tuple(i for s in EOS_STRINGS if (i := tokenizer.token_to_id(s)) is not None)
 
 
 _COMPILED: dict[str, object] = {}
