@@ -11,6 +11,9 @@ Dh head dim.
   - ``update(layer, k, v)``: store the new keys/values of one layer, return the keys and
     values attention reads;
   - ``advance(T)``: the forward is done, T more columns are filled.
+Optionally ``attend(layer, q, k, v, window) -> y``: the cache writes the new keys/values
+and runs attention itself (then ``update`` is not called); a packed batch of several
+requests in one row needs it, since each request attends only to its own columns.
 It also keeps ``rope`` (the cos/sin table over its columns, built once by the model) and
 ``max_len``.
 
@@ -20,7 +23,8 @@ Implementations:
   - `StaticKVCache`: a view of the same buffers with shapes that never change: writes at
     a column held in a tensor and attends over all S columns with a mask, so one
     compiled graph serves every decode step (`generate(compile=True)`).
-A serving engine's slot cache (rows with their own lengths) is a third implementation.
+  - `moelab.serve.slots.PackedBatch`: the serving engine's step, many requests' tokens in
+    one row over a cache of one slot per request (``attend``).
 """
 
 from __future__ import annotations
