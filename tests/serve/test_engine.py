@@ -301,3 +301,20 @@ def test_shutdown_timeout_ends_running_requests_with_shutdown(model):
     assert started.wait(10)
     engine.shutdown(drain_timeout_s=0)
     assert got[-1].finish_reason == "shutdown" and len(tokens(got)) < 120
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_quantised_experts_serve_like_generate(model, fmt):
+    """A quantised model (the memory issue's runtime) is served like any other: batched
+    output equals `generate` alone on the same quantised model."""
+    import copy
+
+    from moelab.quant import quantize_model
+
+    q = copy.deepcopy(model)
+    quantize_model(q, fmt)
+    ps = prompts(10, (7, 3, 12))
+    reqs = [GenerationRequest(prompt_ids=tuple(p), max_tokens=6) for p in ps]
+    events = run_to_completion(Engine(q, EngineConfig(max_num_seqs=3)), reqs)
+    for r, p in zip(reqs, ps, strict=True):
+        assert tokens(events[r.request_id]) == generate(q, [p], max_new_tokens=6).token_ids[0]

@@ -5,7 +5,8 @@ Sends ``num_prompts`` streaming `/v1/completions` requests with Poisson arrivals
 ``max_concurrency`` in flight, and measures what vLLM's ``bench serve`` measures, with
 the same definitions:
 
-  - TTFT: request sent -> first chunk carrying content (text or a token);
+  - TTFT: request sent -> first chunk carrying a token (its text may be empty: held
+    back while it may still become a stop string);
   - ITL: the gap between successive content chunks of a request (all gaps pooled);
   - TPOT: per request, ``(E2E - TTFT) / (output tokens - 1)``;
   - E2E: request sent -> last byte;
@@ -189,7 +190,14 @@ async def _one(client, cfg: LoadConfig, model: str, prompt: list[int], t0: float
                     res.output_tokens = msg["usage"].get("completion_tokens", res.output_tokens)
                     res.prompt_tokens = msg["usage"].get("prompt_tokens", res.prompt_tokens)
                 choices = msg.get("choices") or []
-                if not choices or not (choices[0].get("text") or choices[0].get("token_ids")):
+                if not choices:
+                    continue  # the usage chunk
+                # Every chunk with a choice is a token (vLLM's rule), even when its text is
+                # empty (held back for a stop string or a split UTF-8 character) -- except a
+                # closing chunk that only carries the finish reason.
+                c = choices[0]
+                has_ids = bool((msg.get("moelab") or {}).get("token_ids"))
+                if c.get("finish_reason") and not (c.get("text") or has_ids):
                     continue
                 now = time.perf_counter()
                 chunks += 1
