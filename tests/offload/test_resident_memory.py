@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from moelab.model import ModelConfig, Transformer
 from moelab.moe import MoEConfig

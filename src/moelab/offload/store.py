@@ -12,9 +12,10 @@ the file, found from the header.
 **Reading.** Each range is read with ``os.preadv`` straight into a cache slot (one copy
 from the page cache). Not through the file mapping of ``safe_open``: its
 ``get_slice(name)[e]`` is a view of the mapping, and every page touched through it stays
-in the process's RSS (RssFile) while the file is open -- measured: 16 experts of 25 MB
-read through it, 2 kept, RSS +720 MB; the same with `preadv` +50 MB. So the budget
-would hold for the cache but not for the process.
+in the process's RSS (RssFile) while the file is open -- measured: 16 experts of 24 MiB
+read through it, 2 kept: RSS +720 MiB (RssFile +387 MiB, the rest freed copies the heap
+kept); with ``preadv`` into 2 slots: +50 MiB. So the budget would hold for the cache but
+not for the process.
 
 **Budget.** The cache is fixed slots of one expert each (allocated on first use, then
 reused: no allocator churn, so freed memory cannot pile up in the heap either), and
