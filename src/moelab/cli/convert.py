@@ -19,11 +19,11 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '64KiB' or a plain number of bytes."""
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
+    """'5GB', '500MB', '64KiB' or a plain number of bytes (`flag` names the option in the error)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(f"--max-shard-size: cannot read {text!r}; expected e.g. 5GB, 500MB, 64KiB or bytes")
+        raise ConfigError(f"{flag}: cannot read {text!r}; expected e.g. 5GB, 500MB, 64KiB or bytes")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 

@@ -33,6 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "seconds, counted in the decode rate printed; then ~1.1-1.3x faster per token; not with "
         "--record-routing)",
     )
+    off = p.add_argument_group("offloading (moelab float runs only)")
+    off.add_argument(
+        "--expert-memory", metavar="SIZE",
+        help="keep at most SIZE of routed-expert weights resident (e.g. 2GB, 500MiB, bytes) and read the "
+        "rest from model.safetensors on demand (docs/offload.md); prints the cache stats at the end",
+    )
+    off.add_argument("--offload-policy", choices=("lru", "lfu"), default="lru", help="eviction policy (default lru)")
+    off.add_argument("--offload-scope", choices=("layer", "global"), default="layer",
+                     help="split the budget evenly over the MoE layers (default) or share one pool")
     p.set_defaults(func=run)
 
 
@@ -43,7 +52,18 @@ def run(args: argparse.Namespace) -> int:
     from moelab.hf import load_any
     from moelab.infer.generate import generate
 
-    loaded = load_any(args.path)
+    store = None
+    if args.expert_memory is not None:
+        from moelab.cli.convert import parse_size
+        from moelab.offload import load_offloaded
+
+        if args.compile:
+            raise ConfigError("--compile does not support --expert-memory (the offloaded experts run eagerly)")
+        loaded = load_offloaded(args.path, expert_memory=parse_size(args.expert_memory, "--expert-memory"),
+                                policy=args.offload_policy, scope=args.offload_scope)
+        store = loaded.store
+    else:
+        loaded = load_any(args.path)
     tok_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
     if tok_path is None or not tok_path.is_file():
         raise ConfigError(f"{args.path}: no tokenizer.json found; pass --tokenizer PATH")
@@ -83,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         f"decode {result.decode_tokens_per_s:.1f} tokens/s]",
         file=sys.stderr,
     )
+    if store is not None:
+        print(f"[{store.stats().summary()}]", file=sys.stderr)
     if args.record_routing:
         atomic_write_json(
             args.record_routing,

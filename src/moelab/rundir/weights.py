@@ -123,10 +123,10 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
 
 
 def _check_names_and_shapes(f: Any, path: Path, model: nn.Module, tied: dict[str, str],
-                            exact_dtype: frozenset[str] = frozenset()) -> None:
+                            exact_dtype: frozenset[str] = frozenset(), ignore: frozenset[str] = frozenset()) -> None:
     """Every parameter and persistent buffer present with its shape (a tied one may be
-    absent), nothing else, and the names in `exact_dtype` stored in the model's dtype;
-    read from the header, before any tensor data."""
+    absent), nothing else but the names in `ignore`, and the names in `exact_dtype`
+    stored in the model's dtype; read from the header, before any tensor data."""
     stored = set(f.keys())
     for name, t in model.state_dict().items():
         if name not in stored:
@@ -144,7 +144,7 @@ def _check_names_and_shapes(f: Any, path: Path, model: nn.Module, tied: dict[str
             if got_dtype != want:
                 raise CheckpointError(f"{path}: tensor {name!r} is stored as {got_dtype}, the model expects {want} "
                                       "(the file does not match its config.json)")
-    unexpected = sorted(stored - set(model.state_dict()))
+    unexpected = sorted(stored - set(model.state_dict()) - ignore)
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]} for this model config")
 
@@ -173,6 +173,7 @@ def assign_weights(
     *,
     device: str | torch.device = "cpu",
     exact_dtype: frozenset[str] = frozenset(),
+    ignore: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """Give `model` (built on the meta device) the tensors of `weights`, in place.
 
@@ -180,13 +181,15 @@ def assign_weights(
     the file's header first; then one tensor at a time is read (an owned copy, in the
     model's dtype) and assigned with ``load_state_dict(assign=True)``, ties restored. A
     missing, corrupt or mismatched file raises `CheckpointError` naming the file (and
-    the tensor). Returns the file's metadata.
+    the tensor). Tensors named in `ignore` may be in the file without being in the model
+    (they are left unread: `moelab.offload` reads the experts itself). Returns the
+    file's metadata.
     """
     tied = tied_names(model)
     expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     with _open(weights) as f:
-        _check_names_and_shapes(f, weights, model, tied, exact_dtype)
+        _check_names_and_shapes(f, weights, model, tied, exact_dtype, ignore)
         for name, ref in expected.items():
             if name not in tied:
                 # copy=True: own the memory instead of viewing the file mapping (docstring).

@@ -1,0 +1,137 @@
+"""`OffloadedExperts`: routed experts whose weights live in an `ExpertStore`.
+
+Legend: A rows (kept assignments, grouped by expert), T tokens, D model dim, F expert
+hidden dim, E experts, H = 2F (swiglu) or F (gelu), R rows of one expert.
+
+A sibling of `moelab.moe.RoutedExperts` that an MoE layer holds as ``moe.experts`` (the
+swap `moelab.offload.load_offloaded` makes, as `moelab.quant` swaps in
+`QuantizedExperts`). It computes the same ``y_A = (act(x_A W_in[e]^T) * w_A)
+W_out[e]^T``, asking the store for each expert that has rows, one at a time, and
+offers ``backend(x)`` and ``forward(x_AD, tokens_per_expert_E, weight_A)`` like the
+float experts do, so the local dispatcher drives it unchanged:
+
+* `FUSED` (the default): ``forward_gathered`` too, so the dispatcher hands it the tokens
+  ``x_TD`` and each expert gathers its rows and scatter-adds its output (one token at
+  decode: no gather at all). Also serves the unfused call.
+* `LOOP` (``MoEConfig.impl="loop"``): the readable reference over ``x_AD`` rows, no
+  ``forward_gathered``, so the dispatcher gathers and combines itself.
+
+Experts are fetched one at a time and used at once: a pool of one slot per layer is
+enough for any routing. Inference only (the store's weights have no gradient); a call
+that would need one is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.errors import ConfigError
+from moelab.moe.cpu_kernels import act_forward, gather_rows, scatter_add_rows
+from moelab.moe.experts import ExpertsBackend
+from moelab.offload.store import ExpertStore
+
+
+def _check_inference(x: torch.Tensor, weight_A: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and (x.requires_grad or weight_A.requires_grad):
+        raise ConfigError("offloaded experts are inference-only; run the model under torch.no_grad() or "
+                          "torch.inference_mode() (generate does), or load it resident (moelab.rundir.load_model)")
+
+
+def _loop_forward(experts: OffloadedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
+                  weight_A: torch.Tensor) -> torch.Tensor:
+    """Readable reference: each expert's slice of rows through `OffloadedExperts.expert_ffn`."""
+    _check_inference(x_AD, weight_A)
+    y_AD = x_AD.new_zeros(x_AD.shape[0], experts.d_model)
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            rows = slice(start, start + n)
+            y_AD[rows] = experts.expert_ffn(x_AD[rows], e) * weight_A[rows].to(x_AD.dtype).unsqueeze(-1)
+            start += n
+    return y_AD
+
+
+def _fused(experts: OffloadedExperts, x: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor,
+           token_idx_A: torch.Tensor | None = None) -> torch.Tensor:
+    """``x_AD -> y_AD``, or with ``token_idx_A`` (gather and combine fused) ``x_TD -> y_TD``;
+    the combine weight folded into the activation (a pass over ``[R, F]``, not ``[R, D]``)."""
+    _check_inference(x, weight_A)
+    fused = token_idx_A is not None
+    one_token = fused and x.shape[0] == 1  # decode: every row is token 0, the outputs just add
+    out = x.new_zeros(x.shape[0] if fused else weight_A.shape[0], experts.d_model)
+    w_A1 = weight_A.to(x.dtype).unsqueeze(-1)
+    a = 0
+    for e, n in enumerate(counts_E.tolist()):  # one host sync for the layer
+        if not n:
+            continue
+        rows = slice(a, a + n)
+        a += n
+        if one_token:
+            x_RD = x.expand(n, -1)
+        elif fused:
+            x_RD = gather_rows(x, token_idx_A[rows])
+        else:
+            x_RD = x[rows]
+        w_in_HD, w_out_DF = experts.weights(e)
+        a_RF = act_forward(F.linear(x_RD, w_in_HD), experts.activation).mul_(w_A1[rows])
+        y_RD = F.linear(a_RF, w_out_DF)
+        if one_token:
+            out.add_(y_RD.sum(0, keepdim=True) if n > 1 else y_RD)
+        elif fused:
+            scatter_add_rows(out, token_idx_A[rows], y_RD)
+        else:
+            out[rows] = y_RD
+    return out
+
+
+LOOP = ExpertsBackend(
+    "offload_loop", _loop_forward, lambda experts, x: True,
+    "offloaded experts, the readable reference: per expert with rows, fetch it and run its slice",
+)
+FUSED = ExpertsBackend(
+    "offload", lambda experts, x_AD, counts_E, weight_A: _fused(experts, x_AD, counts_E, weight_A),
+    lambda experts, x: True,
+    "offloaded experts: per expert with rows, fetch it, gather its rows, scatter-add its output",
+    forward_gathered=lambda experts, x_TD, token_idx_A, counts_E, weight_A: _fused(
+        experts, x_TD, counts_E, weight_A, token_idx_A),
+)
+
+
+class OffloadedExperts(nn.Module):
+    """E routed experts of MoE layer `layer` of `store` (no parameters, no buffers: its
+    state dict is empty, so the model's holds only the non-expert weights)."""
+
+    def __init__(self, store: ExpertStore, layer: int, impl: str = "grouped"):
+        super().__init__()
+        lay = store.layouts[layer]
+        self.store, self.layer = store, layer
+        self.num_experts, self.d_model, self.d_expert = lay.num_experts, lay.d_model, lay.d_expert
+        self.activation, self.impl = lay.activation, impl
+
+    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_in [H, D], W_out [D, F])`` of expert e, from the store (valid until the
+        store's next `get` for this layer)."""
+        return self.store.get(self.layer, e)
+
+    def expert_ffn(self, x_ND: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e applied to N rows: down(act(x W_in^T)), as `RoutedExperts.expert_ffn`."""
+        w_in, w_out = self.weights(e)
+        return F.linear(act_forward(F.linear(x_ND, w_in), self.activation, inplace=False), w_out)
+
+    def backend(self, x: torch.Tensor) -> ExpertsBackend:
+        if x.device.type != "cpu":
+            raise ConfigError(f"offloaded experts run on CPU only; the input is on {x.device}")
+        return LOOP if self.impl == "loop" else FUSED
+
+    def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor, weight_A: torch.Tensor) -> torch.Tensor:
+        """``y_A = w_A * expert_e(x_A)`` for rows grouped by expert, as `RoutedExperts` does."""
+        return self.backend(x_AD).forward(self, x_AD, tokens_per_expert_E, weight_A)
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        raise ConfigError("offloaded experts have no parameters to initialise; they are read from the checkpoint")
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_expert={self.d_expert}, "
+                f"activation={self.activation}, layer={self.layer}, store={self.store.policy_name}")

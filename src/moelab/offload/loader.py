@@ -1,0 +1,123 @@
+"""`load_offloaded`: a moelab run as a model whose routed experts stay on disk.
+
+The `Transformer` is built on the meta device (no memory, no random init); each MoE
+layer's ``experts`` is swapped for an `OffloadedExperts` over one shared `ExpertStore`,
+so the model's state dict no longer names the expert tensors; then the non-expert
+tensors are assigned from ``model.safetensors`` with `moelab.rundir.assign_weights`'s
+checks, the expert tensors left unread (``ignore``). The expert weights are never
+materialised: the resident weights are the non-expert ones plus the store's slots,
+which never exceed ``expert_memory``.
+
+Supported: float moelab run directories (or their ``model.safetensors``), CPU. Refused
+with a `CheckpointError` naming the file: quantised runs (a "quant" entry in
+config.json), Hugging Face folders (convert them first: ``moelab convert HF_DIR
+--to-moelab OUT``), anything else that is not a moelab run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelab.errors import CheckpointError, ConfigError
+from moelab.model import ModelConfig, Transformer
+from moelab.moe import MoE
+from moelab.offload.experts import OffloadedExperts
+from moelab.offload.store import ExpertLayout, ExpertStore, OffloadStats
+from moelab.rundir import (
+    assign_weights,
+    config_path,
+    existing_run_paths,
+    is_run_dir,
+    model_config_of,
+    quant_of,
+    read_run_config,
+    tokenizer_of,
+)
+
+
+@dataclass(frozen=True)
+class OffloadedModel:
+    """What `load_offloaded` returns: the fields of `moelab.rundir.LoadedModel` and the store."""
+
+    model: Transformer  # in eval mode; its MoE layers hold `OffloadedExperts`
+    config: ModelConfig
+    tokenizer_path: Path | None
+    run_dir: Path
+    store: ExpertStore
+    kind: str = "moelab-offload"
+
+    def stats(self) -> OffloadStats:
+        return self.store.stats()
+
+    def non_expert_bytes(self) -> int:
+        """Bytes of the resident (non-expert) weights, a tied tensor counted once."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
+            b.numel() * b.element_size() for b in self.model.buffers())
+
+
+def expert_layouts(model: Transformer) -> list[ExpertLayout]:
+    """One `ExpertLayout` per MoE layer of `model`, in layer order."""
+    layouts = []
+    for name, m in model.named_modules():
+        if isinstance(m, MoE):
+            c = m.cfg
+            layouts.append(ExpertLayout(prefix=f"{name}.experts", num_experts=c.num_experts, d_model=c.d_model,
+                                        d_expert=c.d_expert, activation=c.activation))
+    return layouts
+
+
+def _check_source(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if is_run_dir(path):
+        return
+    if path.is_dir() and (path / "config.json").is_file():
+        raise CheckpointError(f"{path / 'config.json'}: not a moelab run (a Hugging Face folder?); offloading "
+                              f"reads moelab run directories only: convert it first with "
+                              f"`moelab convert {path} --to-moelab OUT`")
+    raise CheckpointError(f"{path}: not a moelab run directory or its model.safetensors (no config.json "
+                          "with \"format\": \"moelab-run\" beside it)")
+
+
+def load_offloaded(
+    path: str | Path,
+    *,
+    expert_memory: int,
+    policy: str = "lru",
+    scope: str = "layer",
+) -> OffloadedModel:
+    """A float moelab run (dir or ``model.safetensors``) with its routed experts offloaded:
+    at most `expert_memory` bytes of them resident (module docstring; `ExpertStore` for
+    ``policy`` "lru" / "lfu" and ``scope`` "layer" / "global")."""
+    p = Path(path)
+    _check_source(p)
+    run_dir, weights = existing_run_paths(p)
+    run_cfg = read_run_config(run_dir)
+    quant = quant_of(run_cfg)
+    if quant is not None:
+        fmt = quant.get("format") if isinstance(quant, dict) else quant
+        raise CheckpointError(f"{config_path(run_dir)}: a quantised run (\"quant\": format {fmt!r}); offloading "
+                              "reads float runs only (offload the float run, or run this one resident)")
+    cfg = model_config_of(run_cfg, run_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    layouts = expert_layouts(model)
+    if not layouts:
+        raise ConfigError(f"{run_dir}: the model has no MoE layers; there are no experts to offload")
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    store = ExpertStore(weights, layouts, expert_memory=expert_memory, policy=policy, scope=scope,
+                        dtype=moes[0].experts.down_proj.dtype)
+    ignore = set()
+    for j, (moe, layout) in enumerate(zip(moes, layouts, strict=True)):
+        moe.experts = OffloadedExperts(store, j, impl=moe.cfg.impl)
+        ignore.update((layout.in_name, layout.out_name))
+    try:
+        assign_weights(model, weights, ignore=frozenset(ignore))
+    except BaseException:
+        store.close()
+        raise
+    return OffloadedModel(model=model.eval(), config=cfg, tokenizer_path=tokenizer_of(run_dir), run_dir=run_dir,
+                          store=store)
