@@ -45,3 +45,28 @@ def test_serve_bad_engine_flag_is_one_line(hf_folder, capsys):
     assert main(["serve", str(hf_folder), "--max-num-seqs", "0"]) == 2
     err = capsys.readouterr().err
     assert "max_num_seqs" in err and err.count("\n") == 1
+
+
+def test_serve_expert_memory_offloads_a_moelab_run(tmp_path, monkeypatch):
+    import torch
+
+    from moelab.data.tokenizer import train_tokenizer
+    from moelab.model import ModelConfig, Transformer
+    from moelab.moe import MoEConfig
+    from moelab.offload import OffloadedExperts
+    from moelab.rundir import save_model
+    from moelab.serve.server import Server
+
+    tok = train_tokenizer(["hello world, hello experts"] * 8, vocab_size=300)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=48,
+                      max_seq_len=64, moe=MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2))
+    torch.manual_seed(0)
+    run = save_model(Transformer(cfg), tmp_path / "run")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    seen = {}
+    monkeypatch.setattr(Server, "run", lambda self: seen.update(app=self.config.app))
+    assert main(["serve", str(run), "--tokenizer", str(tmp_path / "tokenizer.json"), "--expert-memory", "20KiB"]) == 0
+    st = seen["app"].state.moelab
+    assert all(isinstance(m.experts, OffloadedExperts) for m in st.engine.model.moe_layers)
+    assert b"moelab_serve_offload_misses_total" in st.metrics.render()
+    assert main(["serve", str(run), "--expert-memory", "lots"]) == 2

@@ -32,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     eng.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     eng.add_argument("--drain-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds running requests get to finish (then they end 'shutdown')")
+    off = p.add_argument_group("offloading (moelab float runs only; docs/offload.md)")
+    off.add_argument("--expert-memory", metavar="SIZE",
+                     help="keep at most SIZE of routed-expert weights resident (e.g. 2GB) and read the rest "
+                     "from model.safetensors on demand; /metrics shows the cache")
+    off.add_argument("--offload-policy", choices=("lru", "lfu"), default="lru", help="eviction policy (default lru)")
+    off.add_argument("--offload-scope", choices=("layer", "global"), default="layer",
+                     help="split the budget evenly over the MoE layers (default) or share one pool")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's own)")
     p.set_defaults(func=run)
 
@@ -51,7 +58,16 @@ def run(args: argparse.Namespace) -> int:
     from moelab.serve.engine import Engine, EngineConfig
     from moelab.serve.server import make_server
 
-    loaded = load_any(args.model)
+    store = None
+    if args.expert_memory is not None:
+        from moelab.cli.convert import parse_size
+        from moelab.offload import load_offloaded
+
+        loaded = load_offloaded(args.model, expert_memory=parse_size(args.expert_memory, "--expert-memory"),
+                                policy=args.offload_policy, scope=args.offload_scope)
+        store = loaded.store
+    else:
+        loaded = load_any(args.model)
     tok_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
     if tok_path is None or not Path(tok_path).is_file():
         raise ConfigError(f"{args.model}: no tokenizer.json found; pass --tokenizer PATH")
@@ -60,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
                           max_queue=args.max_queue, max_len=args.max_len)
     engine = Engine(loaded.model, config, tokenizer=tokenizer)
     app = create_app(engine, tokenizer, args.served_model_name or args.model, api_key=args.api_key,
-                     chat_template=load_chat_template(Path(tok_path)), drain_timeout_s=args.drain_timeout)
+                     chat_template=load_chat_template(Path(tok_path)), drain_timeout_s=args.drain_timeout,
+                     offload_store=store)
     make_server(app, host=args.host, port=args.port).run()
     return 0

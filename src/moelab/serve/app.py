@@ -94,6 +94,7 @@ def create_app(
     chat_template: ChatTemplate | None = None,
     drain_timeout_s: float = 30.0,
     start_engine: bool = True,
+    offload_store=None,
 ) -> FastAPI:
     """The app serving `engine` as `model_name`.
 
@@ -101,11 +102,13 @@ def create_app(
     ``get_vocab_size``); `chat_template` defaults to the plain one (`moelab.serve.chat`).
     `api_key`: every endpoint but ``/health`` needs ``Authorization: Bearer <api_key>``.
     The lifespan starts the engine (unless `start_engine` is False) and drains it at the end.
+    `offload_store`: the `moelab.offload.ExpertStore` of an offloaded model, whose cache
+    statistics `/metrics` then shows.
     """
     st = ServerState(
         engine=engine, tokenizer=tokenizer, model_name=model_name, api_key=api_key or None,
         chat_template=chat_template or plain_template(), drain_timeout_s=drain_timeout_s,
-        metrics=ServerMetrics(engine), end_ids=end_token_ids(tokenizer),
+        metrics=ServerMetrics(engine, offload_store), end_ids=end_token_ids(tokenizer),
     )
 
     @asynccontextmanager

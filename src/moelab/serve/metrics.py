@@ -16,6 +16,12 @@ and the expert load of the served traffic: ``moelab_serve_expert_tokens_total{la
 (tokens routed to each expert, every one of a token's top-k experts counted) and
 ``moelab_serve_expert_busiest_share{layer}``, the busiest expert's share of the layer's
 routed tokens (1/E when perfectly balanced, 1 when one expert takes everything).
+
+A model served with offloaded experts (``moelab serve --expert-memory``) also shows its
+expert cache (`OffloadCollector`, from `moelab.offload.ExpertStore.stats()`):
+``moelab_serve_offload_hits_total`` / ``_misses_total`` / ``_evictions_total``,
+``moelab_serve_offload_read_bytes_total``, ``moelab_serve_offload_stall_seconds_total``
+(time the forward waited for reads) and ``moelab_serve_offload_resident_bytes``.
 """
 
 from __future__ import annotations
@@ -71,10 +77,33 @@ class EngineCollector:
         yield busiest
 
 
+class OffloadCollector:
+    """The expert cache of an offloaded model, read from ``store.stats()`` when scraped."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self.store.stats()
+        for name, value, doc in (
+            ("moelab_serve_offload_hits", s.hits, "expert requests served from the cache"),
+            ("moelab_serve_offload_misses", s.misses, "expert requests read from the checkpoint"),
+            ("moelab_serve_offload_evictions", s.evictions, "experts evicted from the cache"),
+            ("moelab_serve_offload_read_bytes", s.bytes_read, "bytes read from the checkpoint"),
+            ("moelab_serve_offload_stall_seconds", s.stall_s, "time the forward waited for expert reads"),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("moelab_serve_offload_resident_bytes", "expert bytes resident now",
+                                value=s.resident_bytes)
+
+
 class ServerMetrics:
     """The registry of one app and the latency histograms the HTTP layer observes."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, offload_store=None):
         self.registry = CollectorRegistry()
         self.ttft = Histogram(
             "moelab_serve_time_to_first_token_seconds", "request arrival to its first generated token",
@@ -89,6 +118,8 @@ class ServerMetrics:
             "moelab_serve_requests_rejected", "requests refused before reaching the engine",
             labelnames=["reason"], registry=self.registry)
         self.registry.register(EngineCollector(engine))
+        if offload_store is not None:
+            self.registry.register(OffloadCollector(offload_store))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
