@@ -137,14 +137,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def moelab_server(folder: Path, slots: int, budget: int, threads: int):
-    port = _free_port()
-    cmd = [sys.executable, "-m", "moelab.cli.main", "serve", str(folder), "--port", str(port),
-           "--max-num-seqs", str(slots), "--max-batch-tokens", str(budget), "--max-queue", "1024",
-           "--threads", str(threads)]
+def server_process(cmd: list[str], port: int, health: str = "/health"):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_healthy(port, proc)
+        _wait_healthy(port, proc, path=health)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -152,23 +148,24 @@ def moelab_server(folder: Path, slots: int, budget: int, threads: int):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
 
 
-@contextlib.contextmanager
-def llama_cpp_server(gguf: Path, threads: int, slots: int):
+def moelab_server(folder: Path, slots: int, budget: int, threads: int, *extra: str):
     port = _free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-           "--n_threads", str(threads), "--n_ctx", "4096", "--model_alias", "llama"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_healthy(port, proc, path="/v1/models")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        if proc.poll() is None:
-            proc.kill()
+    cmd = [sys.executable, "-m", "moelab.cli.main", "serve", str(folder), "--port", str(port),
+           "--max-num-seqs", str(slots), "--max-batch-tokens", str(budget), "--max-queue", "1024",
+           "--threads", str(threads), *extra]
+    return server_process(cmd, port)
+
+
+def llama_server_binary() -> str | None:
+    """llama.cpp's own `llama-server` ($LLAMA_SERVER, or on PATH): parallel slots with
+    continuous batching, unlike llama-cpp-python's server, which runs one request at a time."""
+    import shutil
+
+    path = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+    return path if path and Path(path).is_file() else None
 
 
 def _wait_healthy(port: int, proc: subprocess.Popen, path: str = "/health", timeout_s: float = 300) -> None:
@@ -204,6 +201,9 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--budget", type=int, default=512, help="--max-batch-tokens of the engine")
     p.add_argument("--repeats", type=int, default=3, help="engine section: alternating repeats (medians)")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="HTTP: Poisson rates (req/s)")
+    p.add_argument("--rate-prompts", type=int, default=24, help="HTTP: requests per rate")
+    p.add_argument("--skip-engine", action="store_true", help="only the HTTP section")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     threads = set_threads(args.threads)
@@ -225,7 +225,7 @@ def main() -> None:
 
         # ---- engine, in process: one at a time and batched alternate, medians of the repeats
         engine_rows = []
-        for c in (1, 4, 16):
+        for c in (() if args.skip_engine else (1, 4, 16)):
             n = 4 if args.quick else max(2 * c, 4)
             reqs = make_requests(n, args.input_len, args.output_len, vocab, seed=c)
             runs: dict[str, list[dict]] = {"one": [], "batched": []}
@@ -258,7 +258,7 @@ def main() -> None:
                      "same tokens %s / HF %s", c, row["batched_tok_s"], row["one_at_a_time_tok_s"],
                      row["speedup_vs_one_at_a_time"], row["hf_one_at_a_time_tok_s"], row["itl_ms"]["p50"],
                      row["itl_ms"]["p99"], row["same_tokens_batched_vs_alone"], row["same_tokens_as_hf"])
-        step1 = engine_rows[0]["one_at_a_time_itl_ms"]["p50"]
+        step1 = engine_rows[0]["one_at_a_time_itl_ms"]["p50"] if engine_rows else None
         for row in engine_rows:
             row["itl_p99_over_batch1_step"] = row["itl_ms"]["p99"] / step1
         result["engine"] = engine_rows
@@ -273,42 +273,63 @@ def main() -> None:
 
 
 def http_section(folder: Path, args, threads: int, vocab: int) -> dict:
-    rows = []
-    n_for = {1: 4, 4: 12, 16: 32}
-    for slots in (16, 1):
-        with moelab_server(folder, slots, args.budget, threads) as url:
-            run_http(url, args, 1, float("inf"), 2, vocab)  # warm-up
-            for c in (1, 4, 16):
-                r = run_http(url, args, c, float("inf"), n_for[c] if not args.quick else 4, vocab)
-                rows.append({"server": f"moelab --max-num-seqs {slots}", **r})
-                log.info("%s c=%d: %.1f tok/s, ITL p99 %.1f ms, TTFT p50 %.0f ms", rows[-1]["server"], c,
-                         r["output_tok_per_s"] or 0, r["itl_ms"]["p99"] or 0, r["ttft_ms"]["p50"] or 0)
-            if slots == 16:
-                for rate in (0.5, 1.0, 2.0, 4.0):
-                    r = run_http(url, args, None, rate, 16 if not args.quick else 4, vocab)
-                    rows.append({"server": "moelab --max-num-seqs 16", **r})
-                    log.info("rate %.1f/s: %.1f tok/s, ITL p99 %.1f ms, E2E p50 %.0f ms", rate,
-                             r["output_tok_per_s"] or 0, r["itl_ms"]["p99"] or 0, r["e2e_ms"]["p50"] or 0)
-    rows.append(llama_cpp_rows(folder, args, threads, vocab, n_for))
+    rows: list[dict] = []
+    n_for = {1: 4, 4: 12, 16: 32} if not args.quick else {1: 2, 4: 4, 16: 8}
+
+    def sweep(server: str, url: str, concurrencies=(1, 4, 16)):
+        run_http(url, args, 1, float("inf"), 2, vocab)  # warm-up
+        for c in concurrencies:
+            r = run_http(url, args, c, float("inf"), n_for[c], vocab)
+            rows.append({"server": server, **r})
+            log.info("%s c=%d: %.1f tok/s, ITL p50/p99 %.1f/%.1f ms, TTFT p50 %.0f ms, client CPU %.0f%%", server, c,
+                     r["output_tok_per_s"] or 0, r["itl_ms"]["p50"] or 0, r["itl_ms"]["p99"] or 0,
+                     r["ttft_ms"]["p50"] or 0, 100 * (r["client_cpu_share"] or 0))
+
+    def rates(server: str, url: str):
+        for rate in args.rates:
+            r = run_http(url, args, None, rate, args.rate_prompts, vocab)
+            rows.append({"server": server, **r})
+            log.info("%s rate %.2f/s: %.1f tok/s, ITL p99 %.1f ms, E2E p50/p99 %.0f/%.0f ms", server, rate,
+                     r["output_tok_per_s"] or 0, r["itl_ms"]["p99"] or 0, r["e2e_ms"]["p50"] or 0,
+                     r["e2e_ms"]["p99"] or 0)
+
+    with moelab_server(folder, 16, args.budget, threads) as url:
+        sweep("moelab continuous, 16 slots", url)
+        rates("moelab continuous, 16 slots", url)
+    with moelab_server(folder, 16, args.budget, threads, "--batching", "dynamic", "--batch-window", "0.05") as url:
+        sweep("moelab dynamic, 16 slots", url, (16,))
+        rates("moelab dynamic, 16 slots", url)
+    with moelab_server(folder, 1, args.budget, threads) as url:
+        sweep("moelab one at a time (1 slot)", url)
+    rows.extend(llama_cpp_rows(folder, args, threads, vocab, sweep))
     return {"rows": rows}
 
 
-def llama_cpp_rows(folder: Path, args, threads: int, vocab: int, n_for: dict) -> dict:
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError as e:
-        return {"server": "llama.cpp (llama-cpp-python)", "skipped": f"llama_cpp.server not importable: {e}"}
+def llama_cpp_rows(folder: Path, args, threads: int, vocab: int, sweep) -> list[dict]:
+    """llama.cpp's server on the same weights exported to GGUF (f32, like ours)."""
+    binary = llama_server_binary()
+    if binary is None:
+        try:
+            import llama_cpp.server.app  # noqa: F401
+        except ImportError as e:
+            return [{"server": "llama.cpp", "skipped": f"no llama-server binary and llama_cpp.server not importable: {e}"}]
     gguf = folder.parent / "model.gguf"
     proc = subprocess.run([sys.executable, "-m", "moelab.cli.main", "convert", str(folder), "--to-gguf", str(gguf),
-                           "--type", "f32"], capture_output=True, text=True, env={**os.environ})
+                           "--type", "f32", "--overwrite"], capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"server": "llama.cpp", "skipped": f"GGUF export failed: {proc.stderr.strip()[-300:]}"}
-    out = []
-    with llama_cpp_server(gguf, threads, 16) as url:
-        for c in (1, 4, 16):
-            r = run_http(url, args, c, float("inf"), n_for[c] if not args.quick else 4, vocab)
-            out.append({"server": "llama.cpp f32", **r})
-    return {"server": "llama.cpp f32", "runs": out}
+        return [{"server": "llama.cpp", "skipped": f"GGUF export failed: {proc.stderr.strip()[-300:]}"}]
+    port = _free_port()
+    if binary is not None:
+        cmd = [binary, "-m", str(gguf), "--port", str(port), "-t", str(threads), "-tb", str(threads), "-np", "16",
+               "-c", str(16 * (args.input_len + args.output_len + 16)), "--no-webui", "-a", "llama"]
+        name = "llama.cpp llama-server f32, 16 slots"
+    else:
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+               "--n_threads", str(threads), "--n_ctx", "4096", "--model_alias", "llama"]
+        name = "llama-cpp-python server f32 (one request at a time)"
+    with server_process(cmd, port, health="/v1/models") as url:
+        sweep(name, url)
+    return []
 
 
 if __name__ == "__main__":

@@ -318,3 +318,42 @@ def test_quantised_experts_serve_like_generate(model, fmt):
     events = run_to_completion(Engine(q, EngineConfig(max_num_seqs=3)), reqs)
     for r, p in zip(reqs, ps, strict=True):
         assert tokens(events[r.request_id]) == generate(q, [p], max_new_tokens=6).token_ids[0]
+
+
+def test_dynamic_batching_waits_for_the_batch_and_gives_the_same_tokens(model):
+    """The request-level batching that continuous batching replaced: a request arriving
+    while a batch runs waits for the whole batch, even though a slot is free."""
+    ps = prompts(11, (4, 6, 5))
+    engine = Engine(model, EngineConfig(max_num_seqs=2, batching="dynamic"))
+    long, short, late = (GenerationRequest(prompt_ids=tuple(p), max_tokens=n) for p, n in zip(ps, (12, 2, 3),
+                                                                                              strict=True))
+    got: dict[str, list] = {r.request_id: [] for r in (long, short, late)}
+    for r in (long, short):
+        engine.submit(r, got[r.request_id].append)
+    for _ in range(3):
+        engine.step()
+    assert got[short.request_id][-1].finish_reason == "length"  # a slot is free now
+    engine.submit(late, got[late.request_id].append)
+    while got[long.request_id][-1].finish_reason is None:
+        engine.step()
+        assert not got[late.request_id]  # ... but the late request waits for the batch
+    while not got[late.request_id] or got[late.request_id][-1].finish_reason is None:
+        engine.step()
+    for r, p in zip((long, short, late), ps, strict=True):
+        assert tokens(got[r.request_id]) == alone(model, p, r.max_tokens)
+    with pytest.raises(ConfigError, match="batching"):
+        EngineConfig(batching="static")
+
+
+def test_dynamic_batch_window_collects_late_arrivals(model):
+    ps = prompts(12, (4, 6))
+    engine = Engine(model, EngineConfig(max_num_seqs=4, batching="dynamic", batch_window_s=0.2))
+    reqs = [GenerationRequest(prompt_ids=tuple(p), max_tokens=3) for p in ps]
+    got: dict[str, list] = {r.request_id: [] for r in reqs}
+    engine.submit(reqs[0], got[reqs[0].request_id].append)
+    assert not engine.step()  # the window is open: nothing runs yet
+    engine.submit(reqs[1], got[reqs[1].request_id].append)
+    import time
+
+    time.sleep(0.25)
+    assert engine.step() and engine.stats().running == 2  # both start together

@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     eng.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step")
     eng.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     eng.add_argument("--max-len", type=int, help="columns per slot: prompt + max_tokens (default: the model's max_seq_len)")
+    eng.add_argument("--batching", choices=("continuous", "dynamic"), default="continuous",
+                     help="continuous (default): admit into any free slot every step; dynamic: request-level "
+                     "batches that run to completion (for comparison; docs/serve.md)")
+    eng.add_argument("--batch-window", type=float, default=0.0, metavar="S",
+                     help="dynamic batching: how long a batch waits for more requests after its first (default 0)")
     eng.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     eng.add_argument("--drain-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds running requests get to finish (then they end 'shutdown')")
@@ -73,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.model}: no tokenizer.json found; pass --tokenizer PATH")
     tokenizer = Tokenizer.from_file(str(tok_path))
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                          max_queue=args.max_queue, max_len=args.max_len)
+                          max_queue=args.max_queue, max_len=args.max_len, batching=args.batching,
+                          batch_window_s=args.batch_window)
     engine = Engine(loaded.model, config, tokenizer=tokenizer)
     app = create_app(engine, tokenizer, args.served_model_name or args.model, api_key=args.api_key,
                      chat_template=load_chat_template(Path(tok_path)), drain_timeout_s=args.drain_timeout,

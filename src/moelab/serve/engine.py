@@ -66,8 +66,19 @@ class EngineConfig:
     max_batch_tokens: int = 512  # tokens per step: one per decoding request plus prefill chunks
     max_queue: int = 64  # waiting requests before `submit` raises QueueFullError
     max_len: int | None = None  # columns per slot (prompt + max_tokens); default: the model's max_seq_len
+    # "continuous": admit into any free slot at every step (the default). "dynamic": the
+    # request-level batching it replaced, kept to measure against: a batch starts only when
+    # the engine is empty, waits up to `batch_window_s` after its first request for more
+    # (up to max_num_seqs), and runs until every request in it is done; requests that arrive
+    # meanwhile wait, and slots freed early stay empty.
+    batching: str = "continuous"
+    batch_window_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.batching not in ("continuous", "dynamic"):
+            raise ConfigError(f"EngineConfig.batching must be 'continuous' or 'dynamic', got {self.batching!r}")
+        if not (isinstance(self.batch_window_s, int | float) and self.batch_window_s >= 0):
+            raise ConfigError(f"EngineConfig.batch_window_s must be a number >= 0, got {self.batch_window_s!r}")
         for name in ("max_num_seqs", "max_batch_tokens", "max_queue"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -111,6 +122,7 @@ class _Running:
     shown: int = 0  # characters of `text` already sent
     next_token: int = -1  # the last sampled token: the next decode step's input
     finish_reason: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
 
     @property
     def prefilled(self) -> bool:
@@ -235,7 +247,9 @@ class Engine:
                 if self._closing and (not (self._waiting or self._slots) or time.monotonic() >= self._drain_deadline):
                     break
             try:
-                self.step()
+                if not self.step():  # only queued requests, held by the dynamic batch window
+                    with self._lock:
+                        self._lock.wait(timeout=0.001)
             except Exception as e:  # the engine must outlive one bad step: fail its requests
                 log.exception("engine step failed")
                 self._end_all("error", error=f"{type(e).__name__}: {e}")
@@ -278,6 +292,13 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:
+            if self.config.batching == "dynamic":
+                if self._slots or not self._waiting:
+                    return  # a batch is running: nobody joins it
+                first = self._waiting[0].submitted
+                full = len(self._waiting) >= self.config.max_num_seqs
+                if not full and time.monotonic() - first < self.config.batch_window_s:
+                    return  # the batch window is still open: wait for more requests
             while self._waiting and len(self._slots) < self.config.max_num_seqs:
                 run = self._waiting.popleft()
                 if run.req.max_tokens == 0:  # nothing to generate: no slot, no forward
@@ -459,5 +480,7 @@ def run_to_completion(engine: Engine, requests: Sequence[GenerationRequest]) -> 
 
     while unfinished():
         if not engine.step() and unfinished():
-            raise RuntimeError("engine stopped stepping with requests unfinished")
+            if not engine.stats().waiting:
+                raise RuntimeError("engine stopped stepping with requests unfinished")
+            time.sleep(0.001)  # the dynamic batch window is open
     return events
