@@ -49,7 +49,7 @@ class Preset:
 
 def _hf(name: str, **cfg: object) -> Callable[[], Spec]:
     def build() -> Spec:
-        return spec_from_hf_config(dict(cfg, _name_or_path=name), source=f"preset {name}")
+        return spec_from_hf_config(dict(cfg, _name_or_path=name), source=f"preset {name}", complete=True)
 
     return build
 
