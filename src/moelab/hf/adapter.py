@@ -1,6 +1,8 @@
 """The Hugging Face <-> moelab mapping: configs (both ways) and tensor names (one table).
 
-Families: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE (MoE) and Llama / Mistral (dense).
+Families: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2, DeepSeek-V3 (and Kimi K2,
+its config under another model_type), gpt-oss (MoE) and Llama / Mistral (dense). Export
+covers the first four and the dense ones; the others are refused by name.
 
 Tensor names. moelab's names are HF's without the ``model.`` prefix, except the MoE
 block, which `_TEMPLATES` rewrites. Expert weights come in two on-disk layouts:
@@ -19,13 +21,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from moelab.accounting.hf_config import check_config_fields, library_config
 from moelab.errors import ConfigError
 from moelab.model.config import ModelConfig
 from moelab.moe import MoEConfig
 
 MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 DENSE_FAMILIES = ("llama", "mistral")
-FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
+IMPORT_ONLY_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss")
+EXPORT_FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
+FAMILIES = MOE_FAMILIES + DENSE_FAMILIES + IMPORT_ONLY_FAMILIES
+DEEPSEEK = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -36,14 +44,18 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
 }
 
-# moelab key -> HF key. `{moe}` is the family's MoE module name; first match wins.
+# moelab key -> HF key. `{moe}` is the family's MoE module name, `{router}` its router's
+# (gpt-oss: "router", the others "gate"), `{shared}` its shared expert's; first match wins.
 _TEMPLATES: tuple[tuple[str, str], ...] = (
-    (r"layers\.(\d+)\.mlp\.router\.weight", r"model.layers.\1.{moe}.gate.weight"),
-    (r"layers\.(\d+)\.mlp\.shared_experts\.(\w+)\.weight", r"model.layers.\1.mlp.shared_expert.\2.weight"),
+    (r"layers\.(\d+)\.mlp\.router\.(weight|bias)", r"model.layers.\1.{moe}.{router}.\2"),
+    (r"layers\.(\d+)\.mlp\.router\.expert_bias", r"model.layers.\1.{moe}.gate.e_score_correction_bias"),
+    (r"layers\.(\d+)\.mlp\.shared_experts\.(\w+)\.weight", r"model.layers.\1.mlp.{shared}.\2.weight"),
     (r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", r"model.layers.\1.{moe}.experts.\2"),
     (r"lm_head\.weight", r"lm_head.weight"),
     (r"(.+)", r"model.\1"),
 )
+_ROUTER_NAMES = {"gpt_oss": "router"}
+_SHARED_NAMES = dict.fromkeys(DEEPSEEK, "shared_experts")
 # Per-expert legacy names: (gate, up, down).
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
 _DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -63,7 +75,8 @@ def hf_key(moelab_key: str, family: str, moe: str | None = None) -> str:
     for pattern, template in _TEMPLATES:
         m = re.fullmatch(pattern, moelab_key)
         if m:
-            return m.expand(template.replace("{moe}", moe))
+            template = template.replace("{moe}", moe).replace("{router}", _ROUTER_NAMES.get(family, "gate"))
+            return m.expand(template.replace("{shared}", _SHARED_NAMES.get(family, "shared_expert")))
     raise AssertionError("the last template matches everything")
 
 
@@ -72,6 +85,27 @@ def per_expert_keys(layer: int, expert: int, family: str, moe: str | None = None
     moe = moe or moe_prefixes(family)[0]
     names = _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
     return tuple(f"model.layers.{layer}.{moe}.experts.{expert}.{n}.weight" for n in names)  # type: ignore[return-value]
+
+
+_GPT_OSS_EXPERTS = re.compile(r"layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
+
+
+def tensor_from_hf(family: str, moelab_key: str, t: torch.Tensor) -> torch.Tensor:
+    """An HF tensor in moelab's layout (most families: as stored).
+
+    gpt-oss stores stacked experts as ``x @ W`` operands with gate and up *interleaved*
+    along the output columns: ``gate_up_proj [E, D, 2F]`` (columns g0 u0 g1 u1 ...),
+    ``down_proj [E, F, D]``; moelab holds ``[E, 2F, D]`` with gate rows then up rows, and
+    ``[E, D, F]``; the gate/up bias ``[E, 2F]`` is de-interleaved the same way.
+    """
+    m = _GPT_OSS_EXPERTS.search(moelab_key) if family == "gpt_oss" else None
+    if m is None:
+        return t
+    which, bias = m.group(1), m.group(2)
+    if which == "gate_up_proj":
+        t = t.transpose(-1, -2) if not bias else t  # [E, 2F, D] / [E, 2F], rows interleaved
+        return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1).contiguous()
+    return t if bias else t.transpose(1, 2).contiguous()
 
 
 def stacked_expert_param(moelab_key: str) -> tuple[int, str] | None:
@@ -162,6 +196,13 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
             f"{source}: model_type {family!r} is not supported for import; supported families: "
             f"{', '.join(FAMILIES)}"
         )
+    if family in IMPORT_ONLY_FAMILIES:
+        # Read as transformers reads it: its class defaults for missing keys (see docs/size.md).
+        check_config_fields(d, source, family)
+        d, _ = library_config(d, source=source)
+        if family in DEEPSEEK:
+            return ImportedConfig(_deepseek_config(_Reader(d, source, family)), family)
+        return ImportedConfig(_gpt_oss_config(_Reader(d, source, family)), family)
     r = _Reader(d, source, family)
     act = r.get("hidden_act", "silu")
     if act != "silu":
@@ -230,6 +271,99 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
     return ImportedConfig(cfg, family)
 
 
+def _common(r: _Reader, *, head_dim: int | None = None) -> dict[str, Any]:
+    act = r.get("hidden_act", "silu")
+    if act != "silu":
+        raise r.error(f"hidden_act {act!r} is not supported (moelab experts are SwiGLU: silu)")
+    d_model, n_heads = r.int("hidden_size"), r.int("num_attention_heads")
+    return dict(
+        vocab_size=r.int("vocab_size"),
+        d_model=d_model,
+        n_layers=r.int("num_hidden_layers"),
+        n_heads=n_heads,
+        head_dim=head_dim or r.int("head_dim", default=d_model // max(n_heads, 1)),
+        max_seq_len=r.int("max_position_embeddings", default=4096),
+        rope_theta=_rope_theta(r),
+        norm_eps=float(r.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(r.get("tie_word_embeddings", False)),
+        d_ff=r.int("intermediate_size"),
+    )
+
+
+def _build(r: _Reader, common: dict[str, Any], moe: dict[str, Any]) -> ModelConfig:
+    try:
+        return ModelConfig(**common, moe=MoEConfig(**moe))
+    except ConfigError as e:
+        raise ConfigError(f"{r.source}: {e}") from e
+
+
+def _deepseek_config(r: _Reader) -> ModelConfig:
+    """DeepSeek-V2 / V3 (Kimi K2): MLA attention, the first `first_k_dense_replace` layers
+    dense, the rest MoE with `n_shared_experts` always-on experts of the routed width.
+
+    V3 routes with sigmoid affinities, the `e_score_correction_bias` (selection only) and
+    group-limited top-k (groups scored by their top-2 sum), renormalised when
+    `norm_topk_prob`; V2 with a softmax, greedy or `group_limited_greedy` (groups scored
+    by their max), never renormalised (its modeling code ignores `norm_topk_prob`). Both
+    scale by `routed_scaling_factor`. Both RoPE layouts are pairwise (V2's complex
+    multiply, V3's `rope_interleave`), the same rotation.
+    """
+    v2 = r.family == "deepseek_v2"
+    r.require_false("mlp_bias", "moelab FFNs have no bias")
+    nope, rope = r.int("qk_nope_head_dim"), r.int("qk_rope_head_dim")
+    q_rank = r.get("q_lora_rank")
+    if q_rank is not None:
+        q_rank = r.int("q_lora_rank")
+    bias = bool(r.get("attention_bias", False))
+    common = _common(r, head_dim=nope + rope)
+    common.update(
+        attention="mla", q_lora_rank=q_rank, kv_lora_rank=r.int("kv_lora_rank"), rotary_dim=rope,
+        v_head_dim=r.int("v_head_dim"), rope_interleave=True if v2 else bool(r.get("rope_interleave", True)),
+        attn_bias=bias, o_bias=bias, first_dense_layers=min(r.int("first_k_dense_replace", default=0), common["n_layers"]),
+    )
+    d_expert = r.int("moe_intermediate_size")
+    moe: dict[str, Any] = dict(
+        d_model=common["d_model"], d_expert=d_expert, num_experts=r.int("n_routed_experts", "num_local_experts"),
+        top_k=r.int("num_experts_per_tok"), num_shared_experts=r.int("n_shared_experts", default=0),
+        d_shared_expert=d_expert, routed_scaling_factor=float(r.get("routed_scaling_factor", 1.0)), aux_loss_coef=0.0,
+    )
+    if v2:
+        method = r.get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise r.error(f"field 'topk_method'={method!r} is not supported (greedy, group_limited_greedy)")
+        grouped = method == "group_limited_greedy"
+        moe.update(router="softmax", norm_topk_prob=False,
+                   n_group=r.int("n_group") if grouped else 1, topk_group=r.int("topk_group") if grouped else 1)
+    else:
+        moe.update(router="sigmoid", norm_topk_prob=bool(r.get("norm_topk_prob", True)),
+                   n_group=r.int("n_group", default=1), topk_group=r.int("topk_group", default=1))
+    return _build(r, common, moe)
+
+
+def _gpt_oss_config(r: _Reader) -> ModelConfig:
+    """gpt-oss: biased q/k/v/o projections, one attention-sink logit per head, sliding and
+    full attention by `layer_types`; experts with biases and the clamped GLU, routed by a
+    biased router (top-k logits, softmax over the k)."""
+    common = _common(r)
+    n = common["n_layers"]
+    bias = bool(r.get("attention_bias", True))
+    types = r.get("layer_types") or ["full_attention"] * n
+    window = r.get("sliding_window")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    common.update(
+        n_kv_heads=r.int("num_key_value_heads", default=common["n_heads"]), attn_bias=bias, o_bias=bias,
+        attn_sinks=True, sliding_window=int(window) if window and sliding else None,
+        sliding_layers=sliding if window and sliding else None,
+    )
+    moe = dict(
+        d_model=common["d_model"], d_expert=common["d_ff"], num_experts=r.int("num_local_experts", "num_experts"),
+        top_k=r.int("num_experts_per_tok"), router="softmax", norm_topk_prob=True, router_bias=True,
+        expert_proj_bias=True, activation="swiglu_oai", swiglu_alpha=float(r.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(r.get("swiglu_limit", 7.0)), aux_loss_coef=0.0,
+    )
+    return _build(r, common, moe)
+
+
 # ---------------------------------------------------------------------------------------
 # ModelConfig -> HF config.json
 
@@ -238,7 +372,22 @@ def hf_family_for(cfg: ModelConfig) -> str:
     """The HF family that expresses `cfg` exactly, or a `ConfigError` naming the feature."""
 
     def no(feature: str) -> ConfigError:
-        return ConfigError(f"cannot export to Hugging Face format: {feature} has no equivalent in the supported families ({', '.join(FAMILIES)})")
+        return ConfigError(f"cannot export to Hugging Face format: {feature} has no equivalent in the supported families ({', '.join(EXPORT_FAMILIES)})")
+
+    # Import-only features (DeepSeek, gpt-oss): refused by name, not mistaken for a family.
+    for name, value, default in (
+        ("attention", cfg.attention, "gqa"), ("attn_sinks", cfg.attn_sinks, False), ("o_bias", cfg.o_bias, False),
+        ("sliding_layers", cfg.sliding_layers, None), ("rotary_dim", cfg.rotary_dim, None),
+        ("rope_interleave", cfg.rope_interleave, False),
+    ):
+        if value != default:
+            raise no(f"ModelConfig.{name}={value!r} (export of DeepSeek / gpt-oss models is not implemented)")
+    if cfg.moe is not None:
+        for name in ("router_bias", "expert_proj_bias"):
+            if getattr(cfg.moe, name):
+                raise no(f"MoEConfig.{name}=True (export of gpt-oss models is not implemented)")
+        if cfg.moe.n_group > 1:
+            raise no(f"MoEConfig.n_group={cfg.moe.n_group} (group-limited routing, DeepSeek)")
 
     if cfg.clip_qkv is not None and cfg.qk_norm != "full":
         raise no(f"clip_qkv={cfg.clip_qkv} without qk_norm='full' (only OLMoE clips q/k/v)")

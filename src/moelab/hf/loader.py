@@ -89,6 +89,7 @@ def _read_state(
     used: set[str] = set()
 
     def check(t: torch.Tensor, name: str, want: tuple[int, ...], ours: str) -> torch.Tensor:
+        t = adapter.tensor_from_hf(family, ours, t)
         if tuple(t.shape) != want:
             raise CheckpointError(
                 f"{st.file_of(name)}: tensor {name!r} has shape {tuple(t.shape)}, expected {want} "

@@ -1,7 +1,9 @@
-"""Decoder building blocks: RMSNorm, rotary embeddings, grouped-query attention, the block.
+"""Decoder building blocks: RMSNorm, rotary embeddings, grouped-query attention, DeepSeek's
+multi-head latent attention, attention with sinks (the reference), the block.
 
 Legend: B batch, T new tokens, S key positions (cache + new), D model dim,
-H query heads, Hkv key/value heads, Dh head dim.
+H query heads, Hkv key/value heads, Dh head dim, Dv value head dim, Dr rotary dims,
+R the KV latent rank (MLA).
 
 Parameter names follow HF Llama/Mixtral (``self_attn.q_proj``, ``input_layernorm``,
 ``post_attention_layernorm``, ``mlp``), so checkpoint mapping is a short table.
@@ -49,6 +51,81 @@ def apply_rope(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return x_BHTD * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def rope_partial(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleave: bool = False) -> torch.Tensor:
+    """RoPE on the first ``Dr = cos.shape[-1]`` dims of each head, the rest passed through.
+
+    ``interleave`` (DeepSeek): the rotated dims pair as (x0, x1), (x2, x3), ...; they are
+    de-interleaved to (evens | odds) and rotated in the half-split layout, as transformers
+    does. Queries and keys get the same permutation, so q.k is that of the paired rotation.
+    """
+    Dr = cos.shape[-1]
+    rot, rest = x_BHTD[..., :Dr], x_BHTD[..., Dr:]
+    if interleave:
+        rot = torch.cat([rot[..., 0::2], rot[..., 1::2]], dim=-1)
+    rot = apply_rope(rot, cos, sin)
+    return rot if rest.shape[-1] == 0 else torch.cat([rot, rest], dim=-1)
+
+
+def sink_attention(
+    q_BHTD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    sinks_H: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+) -> torch.Tensor:
+    """Attention with one sink logit per head (gpt-oss): the reference, an explicit softmax.
+
+    p = softmax([q k^T / sqrt(Dh), s_h]) over the S keys and the sink; the sink's share is
+    dropped (it has no value), so each row's weights sum to 1 - p_sink: a head can attend
+    to "nothing". SDPA has no such term. ``mask``: bool ``[B, 1, T, S]`` (True = attend);
+    ``is_causal``: plain causal over S == T keys when there is no mask.
+    """
+    B, H, T, Dh = q_BHTD.shape
+    S = k_BHSD.shape[2]
+    if k_BHSD.shape[1] != H:  # GQA: each K/V head serves H / Hkv query heads
+        k_BHSD = k_BHSD.repeat_interleave(H // k_BHSD.shape[1], dim=1)
+        v_BHSD = v_BHSD.repeat_interleave(H // v_BHSD.shape[1], dim=1)
+    scores_BHTS = (q_BHTD @ k_BHSD.transpose(-1, -2)) * Dh**-0.5
+    if mask is None and is_causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).tril(S - T)
+    if mask is not None:
+        scores_BHTS = scores_BHTS.masked_fill(~mask, float("-inf"))
+    sink_BHT1 = sinks_H.to(scores_BHTS.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
+    probs = torch.softmax(torch.cat([scores_BHTS, sink_BHT1], dim=-1), dim=-1)[..., :S]
+    return probs @ v_BHSD
+
+
+def attend(
+    module: nn.Module,
+    q_BHTD: torch.Tensor,
+    k_BHTD: torch.Tensor,
+    v_BHTD: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: Cache | None,
+    window: int | None,
+) -> torch.Tensor:
+    """Causal attention of the new queries over the cache and the new keys: ``[B, H, T, Dv]``.
+
+    A cache with the optional ``attend`` hook (a packed serving batch) attends itself;
+    otherwise the cache stores the new K/V and SDPA runs (or the sink reference, when the
+    module has ``sinks``).
+    """
+    T, H, Hkv = q_BHTD.shape[2], q_BHTD.shape[1], k_BHTD.shape[1]
+    hook = getattr(cache, "attend", None)
+    if hook is not None:
+        # A packed batch (several requests' tokens in one row) attends per request itself.
+        return hook(module.layer_idx, q_BHTD, k_BHTD, v_BHTD, window)
+    if cache is not None:
+        k_BHTD, v_BHTD = cache.update(module.layer_idx, k_BHTD, v_BHTD)
+    sinks = getattr(module, "sinks", None)
+    if sinks is not None:
+        return sink_attention(q_BHTD, k_BHTD, v_BHTD, sinks, mask, mask is None and T > 1)
+    return F.scaled_dot_product_attention(
+        q_BHTD, k_BHTD, v_BHTD, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=Hkv != H
+    )
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention via `scaled_dot_product_attention`."""
 
@@ -59,7 +136,9 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(D, H * Dh, bias=cfg.attn_bias)
         self.k_proj = nn.Linear(D, Hkv * Dh, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(D, Hkv * Dh, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.o_bias)
+        if cfg.attn_sinks:
+            self.sinks = nn.Parameter(torch.zeros(H))
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(Dh, cfg.norm_eps), RMSNorm(Dh, cfg.norm_eps)
         elif cfg.qk_norm == "full":
@@ -87,23 +166,74 @@ class Attention(nn.Module):
         v_BHTD = v.view(B, T, Hkv, Dh).transpose(1, 2)
         if cfg.qk_norm == "head":
             q_BHTD, k_BHTD = self.q_norm(q_BHTD), self.k_norm(k_BHTD)
-        q_BHTD, k_BHTD = apply_rope(q_BHTD, cos, sin), apply_rope(k_BHTD, cos, sin)
-        attend = getattr(cache, "attend", None)
-        if attend is not None:
-            # A packed batch (several requests' tokens in one row) attends per request itself.
-            y = attend(self.layer_idx, q_BHTD, k_BHTD, v_BHTD, cfg.sliding_window)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
-        if cache is not None:
-            k_BHTD, v_BHTD = cache.update(self.layer_idx, k_BHTD, v_BHTD)
-        y = F.scaled_dot_product_attention(
-            q_BHTD,
-            k_BHTD,
-            v_BHTD,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            enable_gqa=Hkv != H,
-        )
+        if cfg.rope_dim == Dh and not cfg.rope_interleave:
+            q_BHTD, k_BHTD = apply_rope(q_BHTD, cos, sin), apply_rope(k_BHTD, cos, sin)
+        else:
+            q_BHTD = rope_partial(q_BHTD, cos, sin, interleave=cfg.rope_interleave)
+            k_BHTD = rope_partial(k_BHTD, cos, sin, interleave=cfg.rope_interleave)
+        y = attend(self, q_BHTD, k_BHTD, v_BHTD, mask, cache, cfg.window_of(self.layer_idx))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+# transformers' DeepSeek latent norms use their class default eps, not rms_norm_eps.
+MLA_LATENT_NORM_EPS = 1e-6
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention (MLA), in its decompressed form.
+
+    q = W_qb norm(W_qa x) (or W_q x without a query bottleneck), split per head into a
+    no-RoPE part and Dr RoPE dims; [c_kv | k_rope] = W_kva x, with c_kv (rank R) normed
+    and expanded per head by W_kvb into k_nope and v, and one k_rope shared by all heads.
+    Keys are [k_nope | rope(k_rope)], queries [q_nope | rope(q_rope)]; the scale is
+    1/sqrt(Dh) over the whole query/key head. The cache keeps per-head K ``[.., Dh]`` and
+    V ``[.., Dv]`` (DeepSeek's own kernels cache the latent instead: less memory, the same
+    numbers).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        H, Dh, Dv, Dr, D = cfg.n_heads, cfg.dim_head, cfg.value_dim, cfg.rope_dim, cfg.d_model
+        R = cfg.kv_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * Dh, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.attn_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, MLA_LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * Dh, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, R + Dr, bias=cfg.attn_bias)
+        self.kv_a_layernorm = RMSNorm(R, MLA_LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(R, H * (Dh - Dr + Dv), bias=False)
+        self.o_proj = nn.Linear(H * Dv, D, bias=cfg.o_bias)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        H, Dh, Dv, Dr, R = cfg.n_heads, cfg.dim_head, cfg.value_dim, cfg.rope_dim, cfg.kv_lora_rank
+        Dn = Dh - Dr
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BHTD = q.view(B, T, H, Dh).transpose(1, 2)
+        q_nope, q_rope = q_BHTD.split([Dn, Dr], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([R, Dr], dim=-1)
+        kv_BHTE = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, H, Dn + Dv).transpose(1, 2)
+        k_nope, v_BHTD = kv_BHTE.split([Dn, Dv], dim=-1)
+        q_rope = rope_partial(q_rope, cos, sin, interleave=cfg.rope_interleave)
+        k_rope_B1TD = rope_partial(k_rope.view(B, 1, T, Dr), cos, sin, interleave=cfg.rope_interleave)
+        q_BHTD = torch.cat([q_nope, q_rope], dim=-1)
+        k_BHTD = torch.cat([k_nope, k_rope_B1TD.expand(B, H, T, Dr)], dim=-1)
+        y = attend(self, q_BHTD, k_BHTD, v_BHTD.contiguous(), mask, cache, cfg.window_of(self.layer_idx))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dv))
 
 
 class Block(nn.Module):
@@ -113,7 +243,7 @@ class Block(nn.Module):
         super().__init__()
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = MLAttention(cfg, layer_idx) if cfg.attention == "mla" else Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp: nn.Module = MoE(cfg.moe) if self.is_moe else FeedForward(cfg.d_model, cfg.d_ff)
 
