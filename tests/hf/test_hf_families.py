@@ -38,11 +38,16 @@ def family_config(name: str):
     if name == "gpt_oss":
         return T.GptOssConfig(**dict(BASE, num_hidden_layers=4), intermediate_size=16, num_key_value_heads=2,
                               head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4)
+    if name == "glm4_moe":
+        return T.Glm4MoeConfig(**BASE, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=2,
+                               head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
+                               topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.8, attention_bias=True,
+                               use_qk_norm=True)
     raise ValueError(name)
 
 
 FAMILIES = ["deepseek_v3", "deepseek_v3-no-q-lora-not-interleaved", "deepseek_v2", "deepseek_v2-group-limited",
-            "gpt_oss"]
+            "gpt_oss", "glm4_moe"]
 
 
 def random_model(name: str, seed: int = 0):
@@ -96,7 +101,7 @@ def test_logit_parity_with_transformers(saved, name):
     assert diff <= 1e-4, f"{name}: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe"])
 def test_cached_decode_equals_full_forward(saved, name):
     """Prefill + one token at a time through the KV cache (MLA: value dim != key dim;
     gpt-oss: sinks and a sliding window shorter than the sequence) gives the full logits."""
@@ -127,6 +132,9 @@ def test_imported_features(saved):
     cfg = load_hf(saved("gpt_oss")[1]).config
     assert cfg.attn_sinks and cfg.sliding_layers == (0, 2) and cfg.sliding_window == 4
     assert cfg.moe.activation == "swiglu_oai" and cfg.moe.router_bias and cfg.moe.expert_proj_bias
+    cfg = load_hf(saved("glm4_moe")[1]).config
+    assert cfg.rotary_dim == 6 and cfg.qk_norm == "head" and cfg.attn_bias and cfg.first_dense_layers == 1
+    assert (cfg.moe.router, cfg.moe.n_group, cfg.moe.num_shared_experts) == ("sigmoid", 2, 1)
 
 
 def test_kimi_k2_config_is_deepseek_v3(saved, tmp_path):

@@ -30,7 +30,7 @@ from moelab.moe import MoEConfig
 
 MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 DENSE_FAMILIES = ("llama", "mistral")
-IMPORT_ONLY_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss")
+IMPORT_ONLY_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss", "glm4_moe")
 EXPORT_FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
 FAMILIES = MOE_FAMILIES + DENSE_FAMILIES + IMPORT_ONLY_FAMILIES
 DEEPSEEK = ("deepseek_v2", "deepseek_v3", "kimi_k2")
@@ -55,7 +55,7 @@ _TEMPLATES: tuple[tuple[str, str], ...] = (
     (r"(.+)", r"model.\1"),
 )
 _ROUTER_NAMES = {"gpt_oss": "router"}
-_SHARED_NAMES = dict.fromkeys(DEEPSEEK, "shared_experts")
+_SHARED_NAMES = dict.fromkeys((*DEEPSEEK, "glm4_moe"), "shared_experts")
 # Per-expert legacy names: (gate, up, down).
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
 _DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -200,9 +200,8 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
         # Read as transformers reads it: its class defaults for missing keys (see docs/size.md).
         check_config_fields(d, source, family)
         d, _ = library_config(d, source=source)
-        if family in DEEPSEEK:
-            return ImportedConfig(_deepseek_config(_Reader(d, source, family)), family)
-        return ImportedConfig(_gpt_oss_config(_Reader(d, source, family)), family)
+        reader = {"gpt_oss": _gpt_oss_config, "glm4_moe": _glm4_moe_config}.get(family, _deepseek_config)
+        return ImportedConfig(reader(_Reader(d, source, family)), family)
     r = _Reader(d, source, family)
     act = r.get("hidden_act", "silu")
     if act != "silu":
@@ -337,6 +336,37 @@ def _deepseek_config(r: _Reader) -> ModelConfig:
     else:
         moe.update(router="sigmoid", norm_topk_prob=bool(r.get("norm_topk_prob", True)),
                    n_group=r.int("n_group", default=1), topk_group=r.int("topk_group", default=1))
+    return _build(r, common, moe)
+
+
+def _sigmoid_router(r: _Reader) -> dict[str, Any]:
+    """DeepSeek-V3's router, as GLM-4.5 also uses it."""
+    return dict(router="sigmoid", norm_topk_prob=bool(r.get("norm_topk_prob", True)),
+                n_group=r.int("n_group", default=1), topk_group=r.int("topk_group", default=1),
+                routed_scaling_factor=float(r.get("routed_scaling_factor", 1.0)))
+
+
+def _glm4_moe_config(r: _Reader) -> ModelConfig:
+    """GLM-4.5 / 4.6 (`glm4_moe`): GQA with q/k/v biases (`attention_bias`), optional
+    per-head QK-norm (`use_qk_norm`), RoPE on the first `partial_rotary_factor` of each head;
+    the first `first_k_dense_replace` layers dense, then DeepSeek-V3's MoE (sigmoid router,
+    correction bias, groups, `n_shared_experts` shared experts of the routed width)."""
+    common = _common(r)
+    params = r.get("rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", r.get("partial_rotary_factor", 1.0))
+    rotary = int(common["head_dim"] * factor)
+    common.update(
+        n_kv_heads=r.int("num_key_value_heads", default=common["n_heads"]),
+        attn_bias=bool(r.get("attention_bias", False)), qk_norm="head" if r.get("use_qk_norm", False) else None,
+        rotary_dim=rotary if rotary != common["head_dim"] else None,
+        first_dense_layers=min(r.int("first_k_dense_replace", default=0), common["n_layers"]),
+    )
+    d_expert = r.int("moe_intermediate_size")
+    moe = dict(
+        d_model=common["d_model"], d_expert=d_expert, num_experts=r.int("n_routed_experts", "num_local_experts"),
+        top_k=r.int("num_experts_per_tok"), num_shared_experts=r.int("n_shared_experts", default=0),
+        d_shared_expert=d_expert, aux_loss_coef=0.0, **_sigmoid_router(r),
+    )
     return _build(r, common, moe)
 
 
