@@ -43,11 +43,15 @@ def family_config(name: str):
                                head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
                                topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.8, attention_bias=True,
                                use_qk_norm=True)
+    if name == "llama4_text":
+        return T.Llama4TextConfig(**dict(BASE, num_hidden_layers=4), intermediate_size=16, intermediate_size_mlp=48,
+                                  num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                                  interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=64)
     raise ValueError(name)
 
 
 FAMILIES = ["deepseek_v3", "deepseek_v3-no-q-lora-not-interleaved", "deepseek_v2", "deepseek_v2-group-limited",
-            "gpt_oss", "glm4_moe"]
+            "gpt_oss", "glm4_moe", "llama4_text"]
 
 
 def random_model(name: str, seed: int = 0):
@@ -101,7 +105,7 @@ def test_logit_parity_with_transformers(saved, name):
     assert diff <= 1e-4, f"{name}: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4_text"])
 def test_cached_decode_equals_full_forward(saved, name):
     """Prefill + one token at a time through the KV cache (MLA: value dim != key dim;
     gpt-oss: sinks and a sliding window shorter than the sequence) gives the full logits."""
@@ -135,6 +139,9 @@ def test_imported_features(saved):
     cfg = load_hf(saved("glm4_moe")[1]).config
     assert cfg.rotary_dim == 6 and cfg.qk_norm == "head" and cfg.attn_bias and cfg.first_dense_layers == 1
     assert (cfg.moe.router, cfg.moe.n_group, cfg.moe.num_shared_experts) == ("sigmoid", 2, 1)
+    cfg = load_hf(saved("llama4_text")[1]).config
+    assert cfg.moe_layers == [1, 3] and cfg.nope_layers == (1, 3) and cfg.qk_norm == "l2"
+    assert cfg.moe.weight_on_input and cfg.d_ff == 48 and cfg.max_seq_len == 64  # capped at the chunk size
 
 
 def test_kimi_k2_config_is_deepseek_v3(saved, tmp_path):

@@ -17,6 +17,7 @@ and 5.x both load.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +29,16 @@ from moelab.errors import ConfigError
 from moelab.model.config import ModelConfig
 from moelab.moe import MoEConfig
 
+log = logging.getLogger(__name__)
+
 MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 DENSE_FAMILIES = ("llama", "mistral")
-IMPORT_ONLY_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss", "glm4_moe")
+IMPORT_ONLY_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss", "glm4_moe", "llama4_text")
 EXPORT_FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
 FAMILIES = MOE_FAMILIES + DENSE_FAMILIES + IMPORT_ONLY_FAMILIES
 DEEPSEEK = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+# Sigmoid routers whose checkpoints carry the selection bias (`e_score_correction_bias`).
+CORRECTION_BIAS_FAMILIES = ("deepseek_v3", "kimi_k2", "glm4_moe")
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -49,12 +54,12 @@ ARCHITECTURES = {
 _TEMPLATES: tuple[tuple[str, str], ...] = (
     (r"layers\.(\d+)\.mlp\.router\.(weight|bias)", r"model.layers.\1.{moe}.{router}.\2"),
     (r"layers\.(\d+)\.mlp\.router\.expert_bias", r"model.layers.\1.{moe}.gate.e_score_correction_bias"),
-    (r"layers\.(\d+)\.mlp\.shared_experts\.(\w+)\.weight", r"model.layers.\1.mlp.{shared}.\2.weight"),
+    (r"layers\.(\d+)\.mlp\.shared_experts\.(\w+)\.weight", r"model.layers.\1.{moe}.{shared}.\2.weight"),
     (r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", r"model.layers.\1.{moe}.experts.\2"),
     (r"lm_head\.weight", r"lm_head.weight"),
     (r"(.+)", r"model.\1"),
 )
-_ROUTER_NAMES = {"gpt_oss": "router"}
+_ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router"}
 _SHARED_NAMES = dict.fromkeys((*DEEPSEEK, "glm4_moe"), "shared_experts")
 # Per-expert legacy names: (gate, up, down).
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
@@ -66,12 +71,16 @@ _STACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 def moe_prefixes(family: str) -> tuple[str, ...]:
     """Names the MoE module goes by on disk, the export name first."""
+    if family == "llama4_text":
+        return ("feed_forward",)
     return ("block_sparse_moe", "mlp") if family == "mixtral" else ("mlp",)
 
 
 def hf_key(moelab_key: str, family: str, moe: str | None = None) -> str:
     """The HF name of a moelab tensor (stacked layout for experts)."""
     moe = moe or moe_prefixes(family)[0]
+    if family == "llama4_text":  # every FFN, dense or MoE, is `feed_forward`
+        moelab_key = re.sub(r"^(layers\.\d+)\.mlp\.(?!router|experts\.|shared_experts)", r"\1.feed_forward.", moelab_key)
     for pattern, template in _TEMPLATES:
         m = re.fullmatch(pattern, moelab_key)
         if m:
@@ -96,11 +105,14 @@ def tensor_from_hf(family: str, moelab_key: str, t: torch.Tensor) -> torch.Tenso
     gpt-oss stores stacked experts as ``x @ W`` operands with gate and up *interleaved*
     along the output columns: ``gate_up_proj [E, D, 2F]`` (columns g0 u0 g1 u1 ...),
     ``down_proj [E, F, D]``; moelab holds ``[E, 2F, D]`` with gate rows then up rows, and
-    ``[E, D, F]``; the gate/up bias ``[E, 2F]`` is de-interleaved the same way.
+    ``[E, D, F]``; the gate/up bias ``[E, 2F]`` is de-interleaved the same way. Llama 4
+    stores the same ``x @ W`` operands with gate columns first: a transpose.
     """
-    m = _GPT_OSS_EXPERTS.search(moelab_key) if family == "gpt_oss" else None
+    m = _GPT_OSS_EXPERTS.search(moelab_key) if family in ("gpt_oss", "llama4_text") else None
     if m is None:
         return t
+    if family == "llama4_text":  # [E, D, 2F] (gate columns then up) and [E, F, D]: transposed only
+        return t.transpose(1, 2).contiguous()
     which, bias = m.group(1), m.group(2)
     if which == "gate_up_proj":
         t = t.transpose(-1, -2) if not bias else t  # [E, 2F, D] / [E, 2F], rows interleaved
@@ -200,7 +212,8 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
         # Read as transformers reads it: its class defaults for missing keys (see docs/size.md).
         check_config_fields(d, source, family)
         d, _ = library_config(d, source=source)
-        reader = {"gpt_oss": _gpt_oss_config, "glm4_moe": _glm4_moe_config}.get(family, _deepseek_config)
+        readers = {"gpt_oss": _gpt_oss_config, "glm4_moe": _glm4_moe_config, "llama4_text": _llama4_text_config}
+        reader = readers.get(family, _deepseek_config)
         return ImportedConfig(reader(_Reader(d, source, family)), family)
     r = _Reader(d, source, family)
     act = r.get("hidden_act", "silu")
@@ -370,6 +383,46 @@ def _glm4_moe_config(r: _Reader) -> ModelConfig:
     return _build(r, common, moe)
 
 
+def _llama4_text_config(r: _Reader) -> ModelConfig:
+    """Llama 4 (text): MoE at `moe_layers` (top-k of sigmoid scores, the weight applied to
+    the expert's *input*, plus one shared expert of the routed width), dense layers of
+    `intermediate_size_mlp`; NoPE on layers with `no_rope_layers[i] == 0`, pairwise RoPE
+    and a weightless L2 QK-norm (`use_qk_norm`) on the others.
+
+    Chunked attention (`attention_chunk_size`) and the NoPE layers' attention temperature
+    (from position `floor_scale` on) are not implemented: below both they are the identity
+    (full causal attention, temperature 1), so `max_seq_len` is capped there (logged).
+    """
+    common = _common(r)
+    n = common["n_layers"]
+    rope_layers = r.get("no_rope_layers") or [1] * n
+    nope = tuple(i for i, use in enumerate(rope_layers) if not use)
+    moe_layers = set(r.get("moe_layers") or [])
+    cap = common["max_seq_len"]
+    types = r.get("layer_types") or []
+    if "chunked_attention" in types and r.get("attention_chunk_size"):
+        cap = min(cap, r.int("attention_chunk_size"))
+    if nope and r.get("attn_temperature_tuning", False):
+        cap = min(cap, r.int("floor_scale", default=8192) - 1)
+    if cap < common["max_seq_len"]:
+        log.warning("%s: llama4 chunked attention / attention temperature are not implemented; max_seq_len capped "
+                    "at %d (below it they change nothing)", r.source, cap)
+    bias = bool(r.get("attention_bias", False))
+    common.update(
+        n_kv_heads=r.int("num_key_value_heads", default=common["n_heads"]), attn_bias=bias, o_bias=bias,
+        rope_interleave=True, nope_layers=nope, qk_norm="l2" if r.get("use_qk_norm", False) else None,
+        max_seq_len=cap, d_ff=r.int("intermediate_size_mlp"),
+        dense_layers=tuple(i for i in range(n) if i not in moe_layers),
+    )
+    d_expert = r.int("intermediate_size")
+    moe = dict(
+        d_model=common["d_model"], d_expert=d_expert, num_experts=r.int("num_local_experts"),
+        top_k=r.int("num_experts_per_tok"), router="sigmoid", norm_topk_prob=False, weight_on_input=True,
+        num_shared_experts=1, d_shared_expert=d_expert, aux_loss_coef=0.0,
+    )
+    return _build(r, common, moe)
+
+
 def _gpt_oss_config(r: _Reader) -> ModelConfig:
     """gpt-oss: biased q/k/v/o projections, one attention-sink logit per head, sliding and
     full attention by `layer_types`; experts with biases and the clamped GLU, routed by a
@@ -408,12 +461,13 @@ def hf_family_for(cfg: ModelConfig) -> str:
     for name, value, default in (
         ("attention", cfg.attention, "gqa"), ("attn_sinks", cfg.attn_sinks, False), ("o_bias", cfg.o_bias, False),
         ("sliding_layers", cfg.sliding_layers, None), ("rotary_dim", cfg.rotary_dim, None),
-        ("rope_interleave", cfg.rope_interleave, False),
+        ("rope_interleave", cfg.rope_interleave, False), ("nope_layers", cfg.nope_layers, ()),
+        ("qk_norm", "l2" if cfg.qk_norm == "l2" else None, None),
     ):
         if value != default:
             raise no(f"ModelConfig.{name}={value!r} (export of DeepSeek / gpt-oss models is not implemented)")
     if cfg.moe is not None:
-        for name in ("router_bias", "expert_proj_bias"):
+        for name in ("router_bias", "expert_proj_bias", "weight_on_input"):
             if getattr(cfg.moe, name):
                 raise no(f"MoEConfig.{name}=True (export of gpt-oss models is not implemented)")
         if cfg.moe.n_group > 1:

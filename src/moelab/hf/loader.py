@@ -112,6 +112,9 @@ def _read_state(
             state[key] = _read_experts(st, key, stacked, shape, family, check)
             continue
         name = adapter.hf_key(key, family)
+        if key.endswith("router.expert_bias") and name not in st and family not in adapter.CORRECTION_BIAS_FAMILIES:
+            state[key] = torch.zeros(shape, dtype=torch.float32)  # a sigmoid router without a balancing bias
+            continue
         if name not in st:
             for alt in adapter.moe_prefixes(family)[1:]:
                 if adapter.hf_key(key, family, alt) in st:

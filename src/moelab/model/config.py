@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from moelab.errors import ConfigError
 from moelab.moe.config import MoEConfig
 
-QK_NORMS = (None, "head", "full")
+QK_NORMS = (None, "head", "full", "l2")
 ATTENTIONS = ("gqa", "mla")
 
 
@@ -27,7 +27,8 @@ class ModelConfig:
     (Qwen-MoE ``mlp_only_layers``).
 
     ``qk_norm``: RMSNorm on queries and keys, per head (``"head"``, Qwen3) or over all heads
-    (``"full"``, OLMoE). ``attn_bias``: biases on q/k/v projections (Qwen2).
+    (``"full"``, OLMoE); ``"l2"`` (Llama 4): a weightless RMS normalisation per head after
+    RoPE, on RoPE layers only. ``nope_layers``: layers without RoPE (Llama 4's NoPE layers). ``attn_bias``: biases on q/k/v projections (Qwen2).
     ``clip_qkv``: clamp q, k, v to [-c, c] after projection (and the "full" QK-norm), as
     OLMoE does for stability. ``o_bias``: a bias on the output projection (gpt-oss, MLA
     with attention_bias).
@@ -75,6 +76,7 @@ class ModelConfig:
     rope_interleave: bool = False
     attn_sinks: bool = False
     sliding_layers: tuple[int, ...] | None = None
+    nope_layers: tuple[int, ...] = ()
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -113,6 +115,13 @@ class ModelConfig:
                                   "qk_norm / attn_sinks / clip_qkv")
         elif self.q_lora_rank is not None or self.kv_lora_rank is not None:
             raise ConfigError("ModelConfig.q_lora_rank / kv_lora_rank need attention='mla'")
+        if isinstance(self.nope_layers, list):
+            object.__setattr__(self, "nope_layers", tuple(self.nope_layers))
+        if not isinstance(self.nope_layers, tuple) or not all(
+            isinstance(i, int) and 0 <= i < self.n_layers for i in self.nope_layers
+        ):
+            raise ConfigError(f"ModelConfig.nope_layers must be layer indices in [0, n_layers={self.n_layers}), "
+                              f"got {self.nope_layers!r}")
         if isinstance(self.sliding_layers, list):
             object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
         if self.sliding_layers is not None and (
@@ -202,6 +211,7 @@ class ModelConfig:
         d["dense_layers"] = list(self.dense_layers)
         if self.sliding_layers is not None:
             d["sliding_layers"] = list(self.sliding_layers)
+        d["nope_layers"] = list(self.nope_layers)
         return d
 
     @classmethod

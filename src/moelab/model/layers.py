@@ -51,6 +51,12 @@ def apply_rope(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return x_BHTD * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, no weight, in float32 (Llama 4's QK norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def rope_partial(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleave: bool = False) -> torch.Tensor:
     """RoPE on the first ``Dr = cos.shape[-1]`` dims of each head, the rest passed through.
 
@@ -166,11 +172,15 @@ class Attention(nn.Module):
         v_BHTD = v.view(B, T, Hkv, Dh).transpose(1, 2)
         if cfg.qk_norm == "head":
             q_BHTD, k_BHTD = self.q_norm(q_BHTD), self.k_norm(k_BHTD)
-        if cfg.rope_dim == Dh and not cfg.rope_interleave:
+        if self.layer_idx in cfg.nope_layers:
+            pass  # NoPE (Llama 4): no positions in this layer's attention
+        elif cfg.rope_dim == Dh and not cfg.rope_interleave:
             q_BHTD, k_BHTD = apply_rope(q_BHTD, cos, sin), apply_rope(k_BHTD, cos, sin)
         else:
             q_BHTD = rope_partial(q_BHTD, cos, sin, interleave=cfg.rope_interleave)
             k_BHTD = rope_partial(k_BHTD, cos, sin, interleave=cfg.rope_interleave)
+        if cfg.qk_norm == "l2" and self.layer_idx not in cfg.nope_layers:
+            q_BHTD, k_BHTD = l2_norm(q_BHTD, cfg.norm_eps), l2_norm(k_BHTD, cfg.norm_eps)
         y = attend(self, q_BHTD, k_BHTD, v_BHTD, mask, cache, cfg.window_of(self.layer_idx))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
 

@@ -47,6 +47,8 @@ class MoEConfig:
     is its clamped GLU: ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha g)`` with
     ``g = min(gate, l)``, ``alpha = swiglu_alpha``, ``l = swiglu_limit``. Both run on the
     readable per-expert reference (the fast kernels have no bias or clamp).
+    ``weight_on_input`` (Llama 4): the routing weight scales the expert's *input*,
+    ``expert_e(w x)``, not its output (different for a SwiGLU); also on the reference.
 
     ``impl="grouped"`` is the fast path (sorted tokens + grouped GEMM); ``"loop"`` is the
     readable per-expert reference. Both give the same result.
@@ -61,6 +63,7 @@ class MoEConfig:
     swiglu_limit: float = 7.0  # activation="swiglu_oai" only
     expert_proj_bias: bool = False
     router_bias: bool = False
+    weight_on_input: bool = False  # Llama 4: expert_e(w x) instead of w expert_e(x)
 
     num_shared_experts: int = 0
     d_shared_expert: int | None = None  # hidden size of ONE shared expert; None -> d_expert

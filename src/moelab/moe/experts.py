@@ -105,7 +105,11 @@ def _loop_forward(experts: RoutedExperts, x_AD: torch.Tensor, counts_E: torch.Te
     for e, n in enumerate(counts_E.tolist()):
         if n:
             rows = slice(start, start + n)
-            parts.append(experts.expert_ffn(x_AD[rows], e) * weight_A[rows].to(x_AD.dtype).unsqueeze(-1))
+            w = weight_A[rows].to(x_AD.dtype).unsqueeze(-1)
+            if experts.weight_on_input:  # Llama 4: expert_e(w x)
+                parts.append(experts.expert_ffn(x_AD[rows] * w, e))
+            else:
+                parts.append(experts.expert_ffn(x_AD[rows], e) * w)
             start += n
     if not parts:
         return _empty_output(experts, x_AD)
@@ -264,7 +268,7 @@ class RoutedExperts(nn.Module):
 
     def __init__(self, d_model: int, d_expert: int, num_experts: int, activation: str = "swiglu",
                  impl: str = "grouped", *, bias: bool = False, swiglu_alpha: float = 1.702,
-                 swiglu_limit: float = 7.0):
+                 swiglu_limit: float = 7.0, weight_on_input: bool = False):
         super().__init__()
         self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
         self.activation, self.impl = activation, impl
@@ -281,9 +285,9 @@ class RoutedExperts(nn.Module):
             self.register_parameter(f"{'gate_up_proj' if gated else 'up_proj'}_bias",
                                     nn.Parameter(torch.zeros(num_experts, in_rows)))
             self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, d_model))
-        self.has_bias = bias
-        # Only the per-expert reference computes biases and the clamped GLU.
-        self.reference_only = bias or activation == "swiglu_oai"
+        self.has_bias, self.weight_on_input = bias, weight_on_input
+        # Only the per-expert reference computes biases, the clamped GLU and input weighting.
+        self.reference_only = bias or activation == "swiglu_oai" or weight_on_input
         self.reset_parameters()
 
     @property
