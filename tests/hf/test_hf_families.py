@@ -4,6 +4,7 @@ logits compared with transformers' own forward; then generate and routing analys
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -16,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 T = transformers
 
 V = 96
-BASE = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128,
+_BASE = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128,
             bos_token_id=None, eos_token_id=None, pad_token_id=None, rope_parameters={"rope_type": "default",
                                                                                     "rope_theta": 10000.0})
 MLA = dict(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, intermediate_size=48,
@@ -24,6 +25,7 @@ MLA = dict(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6,
 
 
 def family_config(name: str):
+    BASE = copy.deepcopy(_BASE)  # config classes edit rope_parameters in place (GLM adds its factor)
     if name == "deepseek_v3":
         return T.DeepseekV3Config(**BASE, **MLA, q_lora_rank=12, n_shared_experts=1, n_group=4, topk_group=2,
                                   routed_scaling_factor=2.5, norm_topk_prob=True)
@@ -43,6 +45,17 @@ def family_config(name: str):
                                head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
                                topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.8, attention_bias=True,
                                use_qk_norm=True)
+    if name == "dots1":
+        return T.Dots1Config(**BASE, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=2,
+                             head_dim=8, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2, n_group=2,
+                             topk_group=2, first_k_dense_replace=1, norm_topk_prob=True, attention_bias=True,
+                             sliding_window=6, max_window_layers=1)
+    if name in ("granitemoe", "granitemoeshared"):
+        cls = T.GraniteMoeSharedConfig if name == "granitemoeshared" else T.GraniteMoeConfig
+        extra = dict(shared_intermediate_size=24) if name == "granitemoeshared" else {}
+        return cls(**BASE, intermediate_size=16, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                   attention_bias=True, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                   logits_scaling=4.0, **extra)
     if name == "llama4_text":
         return T.Llama4TextConfig(**dict(BASE, num_hidden_layers=4), intermediate_size=16, intermediate_size_mlp=48,
                                   num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
@@ -51,7 +64,7 @@ def family_config(name: str):
 
 
 FAMILIES = ["deepseek_v3", "deepseek_v3-no-q-lora-not-interleaved", "deepseek_v2", "deepseek_v2-group-limited",
-            "gpt_oss", "glm4_moe", "llama4_text"]
+            "gpt_oss", "glm4_moe", "llama4_text", "dots1", "granitemoe", "granitemoeshared"]
 
 
 def random_model(name: str, seed: int = 0):
@@ -139,6 +152,8 @@ def test_imported_features(saved):
     cfg = load_hf(saved("glm4_moe")[1]).config
     assert cfg.rotary_dim == 6 and cfg.qk_norm == "head" and cfg.attn_bias and cfg.first_dense_layers == 1
     assert (cfg.moe.router, cfg.moe.n_group, cfg.moe.num_shared_experts) == ("sigmoid", 2, 1)
+    cfg = load_hf(saved("dots1")[1]).config
+    assert cfg.sliding_layers == (1, 2) and cfg.o_bias and cfg.qk_norm == "head" and cfg.moe.num_shared_experts == 2
     cfg = load_hf(saved("llama4_text")[1]).config
     assert cfg.moe_layers == [1, 3] and cfg.nope_layers == (1, 3) and cfg.qk_norm == "l2"
     assert cfg.moe.weight_on_input and cfg.d_ff == 48 and cfg.max_seq_len == 64  # capped at the chunk size

@@ -33,12 +33,14 @@ log = logging.getLogger(__name__)
 
 MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 DENSE_FAMILIES = ("llama", "mistral")
-IMPORT_ONLY_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss", "glm4_moe", "llama4_text")
+IMPORT_ONLY_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss", "glm4_moe", "llama4_text", "dots1",
+                        "granitemoe", "granitemoeshared")
+GRANITE = ("granitemoe", "granitemoeshared")
 EXPORT_FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
 FAMILIES = MOE_FAMILIES + DENSE_FAMILIES + IMPORT_ONLY_FAMILIES
 DEEPSEEK = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 # Sigmoid routers whose checkpoints carry the selection bias (`e_score_correction_bias`).
-CORRECTION_BIAS_FAMILIES = ("deepseek_v3", "kimi_k2", "glm4_moe")
+CORRECTION_BIAS_FAMILIES = ("deepseek_v3", "kimi_k2", "glm4_moe", "dots1")
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -60,7 +62,15 @@ _TEMPLATES: tuple[tuple[str, str], ...] = (
     (r"(.+)", r"model.\1"),
 )
 _ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router"}
-_SHARED_NAMES = dict.fromkeys((*DEEPSEEK, "glm4_moe"), "shared_experts")
+# Granite names every projection its own way (fused shared gate/up: see `tensor_from_hf`).
+_GRANITE_TEMPLATES: tuple[tuple[str, str], ...] = (
+    (r"layers\.(\d+)\.mlp\.router\.weight", r"model.layers.\1.block_sparse_moe.router.layer.weight"),
+    (r"layers\.(\d+)\.mlp\.experts\.gate_up_proj", r"model.layers.\1.block_sparse_moe.input_linear.weight"),
+    (r"layers\.(\d+)\.mlp\.experts\.down_proj", r"model.layers.\1.block_sparse_moe.output_linear.weight"),
+    (r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up)_proj\.weight", r"model.layers.\1.shared_mlp.input_linear.weight"),
+    (r"layers\.(\d+)\.mlp\.shared_experts\.down_proj\.weight", r"model.layers.\1.shared_mlp.output_linear.weight"),
+)
+_SHARED_NAMES = dict.fromkeys((*DEEPSEEK, "glm4_moe", "dots1"), "shared_experts")
 # Per-expert legacy names: (gate, up, down).
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
 _DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -79,6 +89,11 @@ def moe_prefixes(family: str) -> tuple[str, ...]:
 def hf_key(moelab_key: str, family: str, moe: str | None = None) -> str:
     """The HF name of a moelab tensor (stacked layout for experts)."""
     moe = moe or moe_prefixes(family)[0]
+    if family in GRANITE:
+        for pattern, template in _GRANITE_TEMPLATES:
+            m = re.fullmatch(pattern, moelab_key)
+            if m:
+                return m.expand(template)
     if family == "llama4_text":  # every FFN, dense or MoE, is `feed_forward`
         moelab_key = re.sub(r"^(layers\.\d+)\.mlp\.(?!router|experts\.|shared_experts)", r"\1.feed_forward.", moelab_key)
     for pattern, template in _TEMPLATES:
@@ -106,8 +121,12 @@ def tensor_from_hf(family: str, moelab_key: str, t: torch.Tensor) -> torch.Tenso
     along the output columns: ``gate_up_proj [E, D, 2F]`` (columns g0 u0 g1 u1 ...),
     ``down_proj [E, F, D]``; moelab holds ``[E, 2F, D]`` with gate rows then up rows, and
     ``[E, D, F]``; the gate/up bias ``[E, 2F]`` is de-interleaved the same way. Llama 4
-    stores the same ``x @ W`` operands with gate columns first: a transpose.
+    stores the same ``x @ W`` operands with gate columns first: a transpose. Granite's
+    shared MLP fuses gate and up rows in one ``input_linear``: each is half of it.
     """
+    if family == "granitemoeshared" and re.search(r"shared_experts\.(gate|up)_proj\.weight$", moelab_key):
+        gate, up = t.chunk(2, dim=0)  # `shared_mlp.input_linear` is [gate | up] rows
+        return (gate if "gate_proj" in moelab_key else up).contiguous()
     m = _GPT_OSS_EXPERTS.search(moelab_key) if family in ("gpt_oss", "llama4_text") else None
     if m is None:
         return t
@@ -212,7 +231,8 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
         # Read as transformers reads it: its class defaults for missing keys (see docs/size.md).
         check_config_fields(d, source, family)
         d, _ = library_config(d, source=source)
-        readers = {"gpt_oss": _gpt_oss_config, "glm4_moe": _glm4_moe_config, "llama4_text": _llama4_text_config}
+        readers = {"gpt_oss": _gpt_oss_config, "glm4_moe": _glm4_moe_config, "llama4_text": _llama4_text_config,
+                   "dots1": _glm4_moe_config, "granitemoe": _granite_config, "granitemoeshared": _granite_config}
         reader = readers.get(family, _deepseek_config)
         return ImportedConfig(reader(_Reader(d, source, family)), family)
     r = _Reader(d, source, family)
@@ -360,17 +380,30 @@ def _sigmoid_router(r: _Reader) -> dict[str, Any]:
 
 
 def _glm4_moe_config(r: _Reader) -> ModelConfig:
-    """GLM-4.5 / 4.6 (`glm4_moe`): GQA with q/k/v biases (`attention_bias`), optional
-    per-head QK-norm (`use_qk_norm`), RoPE on the first `partial_rotary_factor` of each head;
-    the first `first_k_dense_replace` layers dense, then DeepSeek-V3's MoE (sigmoid router,
-    correction bias, groups, `n_shared_experts` shared experts of the routed width)."""
+    """GLM-4.5 / 4.6 (`glm4_moe`) and dots.llm1 (`dots1`): GQA, then DeepSeek-V3's MoE
+    (sigmoid router, correction bias, groups, `n_shared_experts` shared experts of the
+    routed width) after the first `first_k_dense_replace` dense layers.
+
+    GLM: q/k/v biases (`attention_bias`), optional per-head QK-norm (`use_qk_norm`), RoPE on
+    the first `partial_rotary_factor` of each head. dots1: `attention_bias` on q/k/v/o,
+    per-head QK-norm always, sliding windows by `layer_types`.
+    """
     common = _common(r)
+    dots = r.family == "dots1"
     params = r.get("rope_parameters") or {}
-    factor = params.get("partial_rotary_factor", r.get("partial_rotary_factor", 1.0))
+    # Only GLM's modeling code reads partial_rotary_factor (dots1's ignores it).
+    factor = 1.0 if dots else params.get("partial_rotary_factor", r.get("partial_rotary_factor", 1.0))
     rotary = int(common["head_dim"] * factor)
+    if dots:
+        n, window = common["n_layers"], r.get("sliding_window")
+        sliding = tuple(i for i, t in enumerate(r.get("layer_types") or []) if t == "sliding_attention")
+        common.update(sliding_window=int(window) if window and sliding else None,
+                      sliding_layers=sliding if window and sliding and len(sliding) < n else None,
+                      o_bias=bool(r.get("attention_bias", False)))
     common.update(
         n_kv_heads=r.int("num_key_value_heads", default=common["n_heads"]),
-        attn_bias=bool(r.get("attention_bias", False)), qk_norm="head" if r.get("use_qk_norm", False) else None,
+        attn_bias=bool(r.get("attention_bias", False)),
+        qk_norm="head" if dots or r.get("use_qk_norm", False) else None,
         rotary_dim=rotary if rotary != common["head_dim"] else None,
         first_dense_layers=min(r.int("first_k_dense_replace", default=0), common["n_layers"]),
     )
@@ -423,6 +456,28 @@ def _llama4_text_config(r: _Reader) -> ModelConfig:
     return _build(r, common, moe)
 
 
+def _granite_config(r: _Reader) -> ModelConfig:
+    """GraniteMoE (and -shared): Mixtral-style top-k (softmax over the k kept logits) with
+    `attention_bias` on q/k/v/o and muP-style scalars (`embedding_multiplier`,
+    `residual_multiplier`, `attention_multiplier` as the softmax scale, `logits_scaling`);
+    the shared variant adds one always-on MLP of `shared_intermediate_size`."""
+    common = _common(r)
+    bias = bool(r.get("attention_bias", False))
+    common.update(
+        n_kv_heads=r.int("num_key_value_heads", default=common["n_heads"]), attn_bias=bias, o_bias=bias,
+        embedding_multiplier=float(r.get("embedding_multiplier", 1.0)),
+        residual_multiplier=float(r.get("residual_multiplier", 1.0)),
+        attn_scale=float(r.get("attention_multiplier", 1.0)), logits_scaling=float(r.get("logits_scaling", 1.0)),
+    )
+    shared = r.int("shared_intermediate_size", default=0) if r.family == "granitemoeshared" else 0
+    moe = dict(
+        d_model=common["d_model"], d_expert=common["d_ff"], num_experts=r.int("num_local_experts", "num_experts"),
+        top_k=r.int("num_experts_per_tok"), router="softmax", norm_topk_prob=True, aux_loss_coef=0.0,
+        num_shared_experts=1 if shared else 0, d_shared_expert=shared or None,
+    )
+    return _build(r, common, moe)
+
+
 def _gpt_oss_config(r: _Reader) -> ModelConfig:
     """gpt-oss: biased q/k/v/o projections, one attention-sink logit per head, sliding and
     full attention by `layer_types`; experts with biases and the clamped GLU, routed by a
@@ -462,7 +517,9 @@ def hf_family_for(cfg: ModelConfig) -> str:
         ("attention", cfg.attention, "gqa"), ("attn_sinks", cfg.attn_sinks, False), ("o_bias", cfg.o_bias, False),
         ("sliding_layers", cfg.sliding_layers, None), ("rotary_dim", cfg.rotary_dim, None),
         ("rope_interleave", cfg.rope_interleave, False), ("nope_layers", cfg.nope_layers, ()),
-        ("qk_norm", "l2" if cfg.qk_norm == "l2" else None, None),
+        ("qk_norm", "l2" if cfg.qk_norm == "l2" else None, None), ("attn_scale", cfg.attn_scale, None),
+        ("embedding_multiplier", cfg.embedding_multiplier, 1.0), ("residual_multiplier", cfg.residual_multiplier, 1.0),
+        ("logits_scaling", cfg.logits_scaling, 1.0),
     ):
         if value != default:
             raise no(f"ModelConfig.{name}={value!r} (export of DeepSeek / gpt-oss models is not implemented)")

@@ -46,6 +46,11 @@ class ModelConfig:
     probability mass without contributing a value (gpt-oss; "attention sinks").
     ``sliding_layers``: the layers that use ``sliding_window`` (None: all of them), e.g.
     gpt-oss's alternating sliding / full attention.
+
+    Granite's scalars (muP-style): ``embedding_multiplier`` scales the input embeddings,
+    ``residual_multiplier`` each block's attention and FFN output before the residual add,
+    ``attn_scale`` replaces the softmax scale 1/sqrt(head_dim), and the logits are divided by
+    ``logits_scaling``.
     """
 
     vocab_size: int = 8192
@@ -77,6 +82,10 @@ class ModelConfig:
     attn_sinks: bool = False
     sliding_layers: tuple[int, ...] | None = None
     nope_layers: tuple[int, ...] = ()
+    attn_scale: float | None = None  # softmax scale; None = 1/sqrt(head_dim)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0  # logits = lm_head(h) / logits_scaling
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -115,6 +124,10 @@ class ModelConfig:
                                   "qk_norm / attn_sinks / clip_qkv")
         elif self.q_lora_rank is not None or self.kv_lora_rank is not None:
             raise ConfigError("ModelConfig.q_lora_rank / kv_lora_rank need attention='mla'")
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attn_scale"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
         if isinstance(self.nope_layers, list):
             object.__setattr__(self, "nope_layers", tuple(self.nope_layers))
         if not isinstance(self.nope_layers, tuple) or not all(

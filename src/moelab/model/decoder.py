@@ -131,6 +131,8 @@ class Transformer(nn.Module):
             if positions is None:
                 positions = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
         x = self.embed_tokens(input_ids)
+        if cfg.embedding_multiplier != 1.0:
+            x = x * cfg.embedding_multiplier
         cos, sin = self._rope(positions, cache, x.dtype)
         # One mask per distinct window (gpt-oss alternates sliding and full layers).
         masks: dict[int | None, torch.Tensor | None] = {}
@@ -161,6 +163,8 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = x[:, logits_at]
         x = self.norm(x)
+        if cfg.logits_scaling != 1.0:
+            x = x / cfg.logits_scaling  # logits / s, also on the loss-only path
         if targets is not None and not return_logits:
             # Training: the loss straight from the hidden states, logits never materialised.
             lm_loss = chunked_lm_loss(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))

@@ -181,6 +181,10 @@ class Attention(nn.Module):
             k_BHTD = rope_partial(k_BHTD, cos, sin, interleave=cfg.rope_interleave)
         if cfg.qk_norm == "l2" and self.layer_idx not in cfg.nope_layers:
             q_BHTD, k_BHTD = l2_norm(q_BHTD, cfg.norm_eps), l2_norm(k_BHTD, cfg.norm_eps)
+        if cfg.attn_scale is not None:
+            # Granite: softmax scale attn_scale instead of 1/sqrt(Dh), folded into q so every
+            # attention path (SDPA, sinks, a serving batch's own attend) applies it unchanged.
+            q_BHTD = q_BHTD * (cfg.attn_scale * Dh**0.5)
         y = attend(self, q_BHTD, k_BHTD, v_BHTD, mask, cache, cfg.window_of(self.layer_idx))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
 
@@ -252,6 +256,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.residual_multiplier = cfg.residual_multiplier
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = MLAttention(cfg, layer_idx) if cfg.attention == "mla" else Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -268,9 +273,13 @@ class Block(nn.Module):
         return_routing: bool = False,
         telemetry: bool = True,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask, cache)
+        r = self.residual_multiplier
+        a = self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask, cache)
+        x_BTD = x_BTD + (a if r == 1.0 else a * r)
         h = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
             moe_out: MoEOutput = self.mlp(h, return_routing=return_routing, telemetry=telemetry)
-            return x_BTD + moe_out.output, moe_out
-        return x_BTD + self.mlp(h), None
+            y = moe_out.output
+            return x_BTD + (y if r == 1.0 else y * r), moe_out
+        y = self.mlp(h)
+        return x_BTD + (y if r == 1.0 else y * r), None
