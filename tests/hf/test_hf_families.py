@@ -226,3 +226,21 @@ def test_serving_mla_matches_generate_and_refuses_sinks(saved):
         assert got == generate(model, [p], max_new_tokens=5, temperature=0.0).token_ids[0]
     with pytest.raises(ConfigError, match="attention sinks"):
         Engine(load_hf(saved("gpt_oss")[1]).model)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4_text", "dots1",
+                                  "granitemoeshared"])
+def test_specialisation_analysis_runs(saved, tmp_path, name):
+    """`moelab analyze`'s core on the imported model: routing record, statistics, heatmaps."""
+    import numpy as np
+
+    from moelab.lab.specialization.analysis import write_analysis
+    from moelab.lab.specialization.stats import AnalysisConfig, analyze_model
+
+    model = load_hf(saved(name)[1]).model
+    rng = np.random.default_rng(0)
+    tokens = {"code": rng.integers(0, V // 2, 512), "prose": rng.integers(V // 2, V, 512)}
+    res = analyze_model(model, tokens, config=AnalysisConfig(tokens_per_domain=256, seq_len=32))
+    assert [ls.layer for ls in res.layers] == model.cfg.moe_layers
+    written = write_analysis(res, tmp_path)
+    assert all((tmp_path / f).is_file() for f in written.files.values())
