@@ -189,6 +189,7 @@ def test_generate_and_routing_record(saved, name):
     ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "RoPE scaling 'linear'"),
     ("topk_method", "noaux_tc", "field 'topk_method'='noaux_tc' is not supported"),
     ("mlp_bias", True, "field 'mlp_bias'=True is not supported"),
+    ("quantization_config", {"quant_method": "mxfp4"}, "'quantization_config' \\(quant_method 'mxfp4'\\)"),
 ])
 def test_unsupported_option_is_refused_by_name(saved, tmp_path, field, value, message):
     _, folder = saved("deepseek_v2")

@@ -227,6 +227,14 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
             f"{source}: model_type {family!r} is not supported for import; supported families: "
             f"{', '.join(FAMILIES)}"
         )
+    quant = d.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ConfigError(
+            f"{source}: field 'quantization_config' (quant_method {method!r}) is not supported: moelab imports "
+            f"floating-point weights only (gpt-oss MXFP4 and DeepSeek-V3 fp8 checkpoints need dequantising first, "
+            f"e.g. with transformers' dequantize=True)"
+        )
     if family in IMPORT_ONLY_FAMILIES:
         # Read as transformers reads it: its class defaults for missing keys (see docs/size.md).
         check_config_fields(d, source, family)
