@@ -67,6 +67,15 @@ def _cases() -> list[tuple[str, object]]:
             vocab_size=1003, d_model=64, n_heads=4, n_layers=3,
             attn_config={"kv_n_heads": 2},
             ffn_config={"ffn_hidden_size": 40, "moe_num_experts": 5, "moe_top_k": 2})),
+        ("granitemoeshared", T.GraniteMoeSharedConfig(
+            **gqa, intermediate_size=40, num_local_experts=6, num_experts_per_tok=2, shared_intermediate_size=24,
+            attention_bias=True)),
+        ("glm4_moe", T.Glm4MoeConfig(
+            **gqa, intermediate_size=96, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=2, first_k_dense_replace=1, attention_bias=True, use_qk_norm=True, head_dim=20)),
+        ("dots1", T.Dots1Config(
+            **gqa, intermediate_size=96, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=2, attention_bias=True)),
         ("gpt_oss", T.GptOssConfig(
             **gqa, intermediate_size=40, num_local_experts=4, num_experts_per_tok=2,
             head_dim=20, sliding_window=8)),
@@ -155,6 +164,10 @@ MISSING_KEYS = {
                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=8,
                         num_experts_per_tok=2),
     "dbrx": dict(vocab_size=1003, d_model=64, n_heads=4, n_layers=2),  # attn_config, ffn_config
+    "glm4_moe": dict(SMALL, intermediate_size=32, moe_intermediate_size=8, n_routed_experts=8),  # KV heads, shared
+    "dots1": dict(SMALL, num_attention_heads=32, intermediate_size=32, moe_intermediate_size=8, n_routed_experts=8,
+                  num_experts_per_tok=2, n_shared_experts=1),  # 32 KV heads by default
+    "granitemoeshared": dict(SMALL, intermediate_size=32, shared_intermediate_size=16),
 }
 
 

@@ -185,8 +185,12 @@ def _phimoe(f: _Fields) -> ArchSpec:
 
 
 def _granitemoe(f: _Fields) -> ArchSpec:
+    """GraniteMoE: Mixtral-shaped, `attention_bias` on q/k/v/o; the -shared variant adds
+    one gated MLP of `shared_intermediate_size` (0: none)."""
     bias = bool(f.get("attention_bias", False))
-    moe = _moe(f, ("num_local_experts", "num_experts"), MLPSpec(d_ff=f.req("intermediate_size")))
+    shared = f.int("shared_intermediate_size", 0) if f.model_type == "granitemoeshared" else 0
+    moe = _moe(f, ("num_local_experts", "num_experts"), MLPSpec(d_ff=f.req("intermediate_size")),
+               shared=MLPSpec(d_ff=shared) if shared else None, num_shared=1 if shared else 0)
     return _uniform(f, _gqa(f, qkv_bias=bias, o_bias=bias), moe)
 
 
@@ -273,6 +277,45 @@ def _deepseek(f: _Fields) -> ArchSpec:
     return _arch(f, layers, notes=notes)
 
 
+def _v3_style(f: _Fields, attn: AttentionSpec, windows: list[int | None] | None = None) -> ArchSpec:
+    """GQA attention + DeepSeek-V3's MoE (GLM-4.5, dots1): the first
+    `first_k_dense_replace` layers dense (`intermediate_size`), then `n_routed_experts`
+    experts of `moe_intermediate_size` plus `n_shared_experts` of the same width as one MLP.
+    The `e_score_correction_bias` is a buffer; MTP layers (`num_nextn_predict_layers`) are
+    not built by transformers and not counted."""
+    n = f.req("num_hidden_layers")
+    d_expert, n_shared = f.req("moe_intermediate_size"), f.int("n_shared_experts", 0)
+    moe = _moe(f, ("n_routed_experts", "num_local_experts"), MLPSpec(d_ff=d_expert),
+               shared=MLPSpec(d_ff=d_expert * n_shared) if n_shared else None, num_shared=n_shared)
+    dense, first = MLPSpec(d_ff=f.req("intermediate_size")), f.int("first_k_dense_replace", 0)
+    windows = windows or [None] * n
+    layers = tuple(
+        LayerSpec(attention=_with_window(attn, windows[i]), ffn=moe if i >= first else dense) for i in range(n)
+    )
+    notes = ()
+    if f.get("num_nextn_predict_layers"):
+        notes = ("multi-token-prediction modules not counted (not used for inference)",)
+    return _arch(f, layers, notes=notes)
+
+
+def _glm4_moe(f: _Fields) -> ArchSpec:
+    """GLM-4.5 / 4.6: q/k/v biases (`attention_bias`, none on o), optional per-head QK-norm."""
+    bias = bool(f.get("attention_bias", False))
+    return _v3_style(f, _gqa(f, qkv_bias=bias, qk_norm="head" if f.get("use_qk_norm") else "none"))
+
+
+def _dots1(f: _Fields) -> ArchSpec:
+    """dots.llm1: q/k/v/o biases (`attention_bias`), per-head QK-norm, `layer_types` windows."""
+    bias = bool(f.get("attention_bias", False))
+    n, window = f.req("num_hidden_layers"), f.get("sliding_window")
+    if f.get("layer_types") is not None:
+        windows = _windows(f, n)
+    else:  # Dots1Config.__post_init__: sliding from layer max_window_layers on
+        first = f.int("max_window_layers", n)
+        windows = [window if window is not None and i >= first else None for i in range(n)]
+    return _v3_style(f, _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="head"), windows)
+
+
 def _dbrx(f: _Fields) -> ArchSpec:
     """DBRX: nested attn_config/ffn_config, fused Wqkv (same count as q, k, v),
     LayerNorm without bias, GLU experts (w1, v1, w2)."""
@@ -354,6 +397,9 @@ FAMILIES: dict[str, Callable[[_Fields], ArchSpec]] = {
     "mixtral": _mixtral,
     "phimoe": _phimoe,
     "granitemoe": _granitemoe,
+    "granitemoeshared": _granitemoe,
+    "glm4_moe": _glm4_moe,
+    "dots1": _dots1,
     "olmoe": _olmoe,
     "qwen2_moe": lambda f: _qwen_moe(f, qwen3=False),
     "qwen3_moe": lambda f: _qwen_moe(f, qwen3=True),

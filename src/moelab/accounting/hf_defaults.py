@@ -38,6 +38,18 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 256,
         "n_shared_experts": 1, "first_k_dense_replace": 3,
     },
+    "dots1": {
+        "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_size": 4608, "vocab_size": 152064,
+        "num_hidden_layers": 62, "intermediate_size": 10944, "attention_bias": False,
+        "tie_word_embeddings": False, "moe_intermediate_size": 1408, "first_k_dense_replace": 0,
+        "sliding_window": 4096, "max_window_layers": 62,
+    },
+    "glm4_moe": {
+        "num_attention_heads": 96, "num_key_value_heads": 8, "hidden_size": 4096, "vocab_size": 151552,
+        "num_hidden_layers": 46, "intermediate_size": 10944, "attention_bias": False,
+        "tie_word_embeddings": False, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
+        "n_routed_experts": 128, "n_shared_experts": 1, "first_k_dense_replace": 1, "use_qk_norm": False,
+    },
     "gpt_oss": {
         "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "hidden_size": 2880,
         "vocab_size": 201088, "num_hidden_layers": 36, "intermediate_size": 2880,
@@ -48,6 +60,11 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 32, "hidden_size": 4096, "vocab_size": 32000,
         "num_hidden_layers": 32, "intermediate_size": 11008, "attention_bias": False,
         "tie_word_embeddings": False, "num_local_experts": 8, "num_experts_per_tok": 2,
+    },
+    "granitemoeshared": {
+        "num_attention_heads": 32, "hidden_size": 4096, "vocab_size": 32000, "num_hidden_layers": 32,
+        "intermediate_size": 11008, "attention_bias": False, "tie_word_embeddings": False,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "shared_intermediate_size": 0,
     },
     "llama": {
         "num_attention_heads": 32, "hidden_size": 4096, "vocab_size": 32000,
