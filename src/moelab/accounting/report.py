@@ -166,19 +166,28 @@ def size_report(
             "active_params": preset.published_active,
             "source": preset.source,
             "includes_unsized_params": preset.published_extra,
+            "active_convention": "without the input embedding table" if preset.active_excludes_embedding
+            else "with embeddings",
         },
         "conventions": CONVENTIONS,
-        "notes": list(spec.notes) + _preset_notes(preset),
+        "notes": list(spec.notes) + _preset_notes(preset, counts),
     }
 
 
-def _preset_notes(preset: Preset | None) -> list[str]:
-    if preset is None or not preset.published_extra:
-        return []
-    return [
-        f"text model only: the published {fmt_params(preset.published_total)} total also counts "
-        f"{fmt_params(preset.published_extra)} of vision encoder + projector"
-    ]
+def _preset_notes(preset: Preset | None, counts: ParamCount | None = None) -> list[str]:
+    notes = []
+    if preset is not None and preset.published_extra:
+        notes.append(
+            f"text model only: the published {fmt_params(preset.published_total)} total also counts "
+            f"{fmt_params(preset.published_extra)} of vision encoder + projector"
+        )
+    if preset is not None and preset.active_excludes_embedding and counts is not None:
+        notes.append(
+            f"the published {fmt_params(preset.published_active)} active leaves out the input embedding table: "
+            f"{fmt_params(counts.active - counts.embedding)} in that convention, "
+            f"{fmt_params(counts.active)} with it (moelab's 'active')"
+        )
+    return notes
 
 
 def fmt_params(n: float) -> str:
