@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -40,6 +41,15 @@ def family_config(name: str):
     if name == "gpt_oss":
         return T.GptOssConfig(**dict(BASE, num_hidden_layers=4), intermediate_size=16, num_key_value_heads=2,
                               head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4)
+    if name == "deepseek_v3-yarn":  # Kimi K2 / DeepSeek-V3's published rope: YaRN with mscale
+        BASE["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "beta_fast": 32,
+                                   "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                   "original_max_position_embeddings": 16}
+        return T.DeepseekV3Config(**BASE, **MLA, q_lora_rank=12, n_shared_experts=1, n_group=4, topk_group=2)
+    if name == "gpt_oss-yarn":  # the class default: YaRN factor 32 over 4096, truncate=False
+        del BASE["rope_parameters"]
+        return T.GptOssConfig(**dict(BASE, num_hidden_layers=2), intermediate_size=16, num_key_value_heads=2,
+                              head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4)
     if name == "glm4_moe":
         return T.Glm4MoeConfig(**BASE, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=2,
                                head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
@@ -64,7 +74,8 @@ def family_config(name: str):
 
 
 FAMILIES = ["deepseek_v3", "deepseek_v3-no-q-lora-not-interleaved", "deepseek_v2", "deepseek_v2-group-limited",
-            "gpt_oss", "glm4_moe", "llama4_text", "dots1", "granitemoe", "granitemoeshared"]
+            "gpt_oss", "glm4_moe", "llama4_text", "dots1", "granitemoe", "granitemoeshared", "deepseek_v3-yarn",
+            "gpt_oss-yarn"]
 
 
 def random_model(name: str, seed: int = 0):
@@ -152,6 +163,13 @@ def test_imported_features(saved):
     cfg = load_hf(saved("glm4_moe")[1]).config
     assert cfg.rotary_dim == 6 and cfg.qk_norm == "head" and cfg.attn_bias and cfg.first_dense_layers == 1
     assert (cfg.moe.router, cfg.moe.n_group, cfg.moe.num_shared_experts) == ("sigmoid", 2, 1)
+    from moelab.model import ModelConfig
+
+    cfg = load_hf(saved("deepseek_v3-yarn")[1]).config
+    assert cfg.rope_yarn.factor == 8.0 and abs(cfg.attn_scale - (0.1 * math.log(8) + 1) ** 2 / 12**0.5) < 1e-12
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # a run dir round-trips it
+    cfg = load_hf(saved("gpt_oss-yarn")[1]).config
+    assert cfg.rope_yarn.attention_factor == pytest.approx(0.1 * math.log(32) + 1) and not cfg.rope_yarn.truncate
     cfg = load_hf(saved("dots1")[1]).config
     assert cfg.sliding_layers == (1, 2) and cfg.o_bias and cfg.qk_norm == "head" and cfg.moe.num_shared_experts == 2
     cfg = load_hf(saved("llama4_text")[1]).config

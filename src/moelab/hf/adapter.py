@@ -18,6 +18,7 @@ and 5.x both load.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 
 from moelab.accounting.hf_config import check_config_fields, library_config
 from moelab.errors import ConfigError
-from moelab.model.config import ModelConfig
+from moelab.model.config import ModelConfig, YarnRope
 from moelab.moe import MoEConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ EXPORT_FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
 FAMILIES = MOE_FAMILIES + DENSE_FAMILIES + IMPORT_ONLY_FAMILIES
 DEEPSEEK = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 # Sigmoid routers whose checkpoints carry the selection bias (`e_score_correction_bias`).
+# Families whose checkpoints use YaRN RoPE (their modeling code applies it as moelab does).
+YARN_FAMILIES = (*DEEPSEEK, "gpt_oss")
 CORRECTION_BIAS_FAMILIES = ("deepseek_v3", "kimi_k2", "glm4_moe", "dots1")
 
 ARCHITECTURES = {
@@ -184,12 +187,12 @@ class _Reader:
             raise self.error(f"field {name!r}={self.d[name]!r} is not supported: {why}")
 
 
-def _rope_theta(r: _Reader) -> float:
+def _rope_theta(r: _Reader, *, allow_yarn: bool = False) -> float:
     params = r.get("rope_parameters") or r.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise r.error(f"field 'rope_parameters' must be an object, got {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
+    if rope_type not in ("default", None) and not (allow_yarn and rope_type == "yarn"):
         raise r.error(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE, rope_type 'default')")
     theta = params.get("rope_theta", r.get("rope_theta", 10000.0))
     if not isinstance(theta, int | float) or theta <= 0:
@@ -311,6 +314,36 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
     return ImportedConfig(cfg, family)
 
 
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _rope_yarn(r: _Reader) -> tuple[YarnRope | None, float | None]:
+    """(YaRN scaling, softmax-scale multiplier) from `rope_parameters`, as transformers'
+    `_compute_yarn_parameters` reads them; (None, None) for plain RoPE. The multiplier is
+    DeepSeek's `mscale_all_dim` correction (mscale^2 on 1/sqrt(d)), None elsewhere."""
+    params = r.get("rope_parameters") or r.get("rope_scaling") or {}
+    if params.get("rope_type", params.get("type")) != "yarn":
+        return None, None
+    factor = params.get("factor")
+    orig = params.get("original_max_position_embeddings")
+    if not isinstance(factor, int | float) or not isinstance(orig, int):
+        raise r.error("yarn RoPE needs numeric 'rope_parameters.factor' and int "
+                      f"'rope_parameters.original_max_position_embeddings', got {factor!r} / {orig!r}")
+    attention_factor = params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    yarn = YarnRope(factor=float(factor), original_max_position_embeddings=orig,
+                    beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                    truncate=bool(params.get("truncate", True)), attention_factor=float(attention_factor))
+    softmax = _yarn_mscale(factor, mscale_all_dim) ** 2 if mscale_all_dim else None
+    return yarn, softmax
+
+
 def _common(r: _Reader, *, head_dim: int | None = None) -> dict[str, Any]:
     act = r.get("hidden_act", "silu")
     if act != "silu":
@@ -323,7 +356,8 @@ def _common(r: _Reader, *, head_dim: int | None = None) -> dict[str, Any]:
         n_heads=n_heads,
         head_dim=head_dim or r.int("head_dim", default=d_model // max(n_heads, 1)),
         max_seq_len=r.int("max_position_embeddings", default=4096),
-        rope_theta=_rope_theta(r),
+        rope_theta=_rope_theta(r, allow_yarn=r.family in YARN_FAMILIES),
+        rope_yarn=_rope_yarn(r)[0],
         norm_eps=float(r.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(r.get("tie_word_embeddings", False)),
         d_ff=r.int("intermediate_size"),
@@ -356,6 +390,9 @@ def _deepseek_config(r: _Reader) -> ModelConfig:
         q_rank = r.int("q_lora_rank")
     bias = bool(r.get("attention_bias", False))
     common = _common(r, head_dim=nope + rope)
+    softmax = _rope_yarn(r)[1]
+    if softmax is not None:  # transformers' yarn_apply_mscale
+        common["attn_scale"] = softmax * (nope + rope) ** -0.5
     common.update(
         attention="mla", q_lora_rank=q_rank, kv_lora_rank=r.int("kv_lora_rank"), rotary_dim=rope,
         v_head_dim=r.int("v_head_dim"), rope_interleave=True if v2 else bool(r.get("rope_interleave", True)),

@@ -13,6 +13,33 @@ ATTENTIONS = ("gqa", "mla")
 
 
 @dataclass(frozen=True, kw_only=True)
+class YarnRope:
+    """YaRN RoPE scaling (Peng et al. 2023, arXiv:2309.00071), as transformers computes it.
+
+    Frequencies are interpolated by ``factor`` below the ``beta_slow`` rotations (over the
+    ``original_max_position_embeddings`` the model was trained at) and kept above
+    ``beta_fast``, with a linear ramp between (bounds rounded out when ``truncate``);
+    cos/sin are multiplied by ``attention_factor`` (the "mscale" temperature).
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "beta_fast", "beta_slow", "attention_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"YarnRope.{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.original_max_position_embeddings, int) or self.original_max_position_embeddings <= 0:
+            raise ConfigError("YarnRope.original_max_position_embeddings must be a positive integer, "
+                              f"got {self.original_max_position_embeddings!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Decoder-only transformer: embeddings, pre-norm blocks (RMSNorm, RoPE, GQA attention,
     dense SwiGLU or MoE FFN), final norm, LM head.
@@ -68,6 +95,7 @@ class ModelConfig:
     max_seq_len: int = 512
     sliding_window: int | None = None
     rope_theta: float = 10000.0
+    rope_yarn: YarnRope | None = None
     norm_eps: float = 1e-5
     qk_norm: str | None = None
     attn_bias: bool = False
@@ -161,6 +189,10 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.clip_qkv must be a number > 0 or None, got {self.clip_qkv!r}")
         if self.qk_norm not in QK_NORMS:
             raise ConfigError(f"ModelConfig.qk_norm={self.qk_norm!r} is unknown; choose one of {QK_NORMS}")
+        if isinstance(self.rope_yarn, dict):  # from JSON
+            object.__setattr__(self, "rope_yarn", YarnRope(**self.rope_yarn))
+        if self.rope_yarn is not None and not isinstance(self.rope_yarn, YarnRope):
+            raise ConfigError(f"ModelConfig.rope_yarn must be a YarnRope or None, got {type(self.rope_yarn).__name__}")
         if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ConfigError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if not (self.norm_eps > 0 and self.init_std > 0):
@@ -221,6 +253,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["moe"] = self.moe.to_dict() if self.moe is not None else None
+        d["rope_yarn"] = {f.name: getattr(self.rope_yarn, f.name) for f in fields(YarnRope)} if self.rope_yarn else None
         d["dense_layers"] = list(self.dense_layers)
         if self.sliding_layers is not None:
             d["sliding_layers"] = list(self.sliding_layers)

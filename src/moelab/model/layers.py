@@ -11,12 +11,14 @@ Parameter names follow HF Llama/Mixtral (``self_attn.q_proj``, ``input_layernorm
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moelab.model.cache import Cache
-from moelab.model.config import ModelConfig
+from moelab.model.config import ModelConfig, YarnRope
 from moelab.moe import FeedForward, MoE, MoEOutput
 
 
@@ -36,13 +38,38 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(
-    positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, yarn: YarnRope | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for the given positions, ``[B, 1, T, Dh]`` (RoFormer; HF half-split layout)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device, dtype=torch.float64) / head_dim))
+    if yarn is not None:
+        inv_freq = yarn_inv_freq(inv_freq, head_dim, theta, yarn)
     freqs_BTd = positions_BT.to(torch.float64).unsqueeze(-1) * inv_freq
     emb = torch.cat([freqs_BTd, freqs_BTd], dim=-1)
-    return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+    cos, sin = emb.cos(), emb.sin()
+    if yarn is not None and yarn.attention_factor != 1.0:
+        cos, sin = cos * yarn.attention_factor, sin * yarn.attention_factor
+    return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+
+
+def yarn_inv_freq(inv_freq_d: torch.Tensor, dim: int, theta: float, yarn: YarnRope) -> torch.Tensor:
+    """YaRN's blend of extrapolated (``inv_freq``) and interpolated (``inv_freq / factor``)
+    frequencies: dims that rotate more than ``beta_fast`` times over the original context
+    keep their frequency, fewer than ``beta_slow`` times are interpolated, a linear ramp
+    between (the "NTK-by-parts" rule, arXiv:2309.00071 eq. 17)."""
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a one-dim ramp would divide by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device=inv_freq_d.device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+    return inv_freq_d / yarn.factor * (1 - keep) + inv_freq_d * keep
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -245,6 +272,8 @@ class MLAttention(nn.Module):
         q_rope = rope_partial(q_rope, cos, sin, interleave=cfg.rope_interleave)
         k_rope_B1TD = rope_partial(k_rope.view(B, 1, T, Dr), cos, sin, interleave=cfg.rope_interleave)
         q_BHTD = torch.cat([q_nope, q_rope], dim=-1)
+        if cfg.attn_scale is not None:  # YaRN's mscale^2 on the softmax scale (DeepSeek): folded into q
+            q_BHTD = q_BHTD * (cfg.attn_scale * Dh**0.5)
         k_BHTD = torch.cat([k_nope, k_rope_B1TD.expand(B, H, T, Dr)], dim=-1)
         y = attend(self, q_BHTD, k_BHTD, v_BHTD.contiguous(), mask, cache, cfg.window_of(self.layer_idx))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dv))
