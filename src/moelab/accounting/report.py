@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from moelab.accounting.flops import attention_flops_per_token, forward_flops_per_token
+from moelab.accounting.hf_config import ALIASES as HF_ALIASES
+from moelab.accounting.hf_config import FAMILIES as HF_FAMILIES
 from moelab.accounting.hf_config import load_hf_config, spec_from_hf_config
 from moelab.accounting.memory import (
     USABLE_FRACTION,
@@ -63,6 +65,11 @@ def resolve(name_or_path: str) -> tuple[Spec, str, Preset | None]:
             spec, source = spec_from_moelab_run(path)
             return spec, source, None
         cfg, source = load_hf_config(path)
+        if cfg.get("model_type") not in HF_FAMILIES and cfg.get("model_type") not in HF_ALIASES:
+            # No exact reader: transformers' own model, counted on the meta device.
+            from moelab.accounting.generic import spec_from_meta_model
+
+            return spec_from_meta_model(cfg, source=source), source, None
         return spec_from_hf_config(cfg, source=source), source, None
     raise ConfigError(
         f"{name_or_path!r} is neither a preset nor an existing path; presets: "
