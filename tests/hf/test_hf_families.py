@@ -219,13 +219,18 @@ def test_unsupported_option_is_refused_by_name(saved, tmp_path, field, value, me
         load_hf(tmp_path)
 
 
-def test_export_refuses_import_only_families(saved, tmp_path):
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4_text", "dots1",
+                                  "granitemoe", "granitemoeshared"])
+def test_export_refuses_import_only_families(saved, tmp_path, name):
+    """Export to HF and to GGUF refuse by name what the exported families cannot hold
+    (Granite's multipliers would otherwise pass as a plain Mixtral)."""
     from moelab.hf.export import export_hf
+    from moelab.hf.gguf import gguf_refusal
 
-    for name in ("deepseek_v3", "gpt_oss"):
-        model = load_hf(saved(name)[1]).model
-        with pytest.raises(ConfigError, match="cannot export to Hugging Face format: ModelConfig"):
-            export_hf(model, tmp_path / name)
+    cfg = load_hf(saved(name)[1]).config
+    with pytest.raises(ConfigError, match="cannot export to Hugging Face format: (ModelConfig|MoEConfig)"):
+        export_hf(load_hf(saved(name)[1]).model, tmp_path / name)
+    assert gguf_refusal(cfg) is not None
 
 
 def test_serving_mla_matches_generate_and_refuses_sinks(saved):
