@@ -268,3 +268,11 @@ def test_specialisation_analysis_runs(saved, tmp_path, name):
     assert [ls.layer for ls in res.layers] == model.cfg.moe_layers
     written = write_analysis(res, tmp_path)
     assert all((tmp_path / f).is_file() for f in written.files.values())
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "llama4_text"])
+def test_quantize_refuses_reference_only_experts(saved, name):
+    from moelab.quant.quantize import quantize_model
+
+    with pytest.raises(ConfigError, match="no quantised kernel"):
+        quantize_model(load_hf(saved(name)[1]).model, "int8")
