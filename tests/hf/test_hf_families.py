@@ -66,6 +66,11 @@ def family_config(name: str):
         return cls(**BASE, intermediate_size=16, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                    attention_bias=True, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
                    logits_scaling=4.0, **extra)
+    if name == "ernie4_5_moe":
+        return T.Ernie4_5_MoeConfig(**dict(BASE, num_hidden_layers=4, pad_token_id=None), intermediate_size=48,
+                                    num_key_value_heads=2, moe_intermediate_size=16, moe_num_experts=8, moe_k=3,
+                                    moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1,
+                                    tie_word_embeddings=False)
     if name == "llama4_text":
         return T.Llama4TextConfig(**dict(BASE, num_hidden_layers=4), intermediate_size=16, intermediate_size_mlp=48,
                                   num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
@@ -75,7 +80,7 @@ def family_config(name: str):
 
 FAMILIES = ["deepseek_v3", "deepseek_v3-no-q-lora-not-interleaved", "deepseek_v2", "deepseek_v2-group-limited",
             "gpt_oss", "glm4_moe", "llama4_text", "dots1", "granitemoe", "granitemoeshared", "deepseek_v3-yarn",
-            "gpt_oss-yarn"]
+            "gpt_oss-yarn", "ernie4_5_moe"]
 
 
 def random_model(name: str, seed: int = 0):
@@ -129,7 +134,8 @@ def test_logit_parity_with_transformers(saved, name):
     assert diff <= 1e-4, f"{name}: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4_text"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4_text",
+                                  "gpt_oss-yarn", "ernie4_5_moe"])
 def test_cached_decode_equals_full_forward(saved, name):
     """Prefill + one token at a time through the KV cache (MLA: value dim != key dim;
     gpt-oss: sinks and a sliding window shorter than the sequence) gives the full logits."""
@@ -170,6 +176,9 @@ def test_imported_features(saved):
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # a run dir round-trips it
     cfg = load_hf(saved("gpt_oss-yarn")[1]).config
     assert cfg.rope_yarn.attention_factor == pytest.approx(0.1 * math.log(32) + 1) and not cfg.rope_yarn.truncate
+    model = load_hf(saved("ernie4_5_moe")[1]).model
+    assert model.cfg.moe_layers == [1, 2, 3] and model.cfg.moe.selection_bias and model.cfg.rope_interleave
+    assert model.layers[1].mlp.router.expert_bias.abs().sum() > 0  # moe_statics loaded
     cfg = load_hf(saved("dots1")[1]).config
     assert cfg.sliding_layers == (1, 2) and cfg.o_bias and cfg.qk_norm == "head" and cfg.moe.num_shared_experts == 2
     cfg = load_hf(saved("llama4_text")[1]).config
@@ -220,7 +229,7 @@ def test_unsupported_option_is_refused_by_name(saved, tmp_path, field, value, me
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4_text", "dots1",
-                                  "granitemoe", "granitemoeshared"])
+                                  "granitemoe", "granitemoeshared", "ernie4_5_moe"])
 def test_export_refuses_import_only_families(saved, tmp_path, name):
     """Export to HF and to GGUF refuse by name what the exported families cannot hold
     (Granite's multipliers would otherwise pass as a plain Mixtral)."""
@@ -253,7 +262,7 @@ def test_serving_mla_matches_generate_and_refuses_sinks(saved):
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4_text", "dots1",
-                                  "granitemoeshared"])
+                                  "granitemoeshared", "ernie4_5_moe"])
 def test_specialisation_analysis_runs(saved, tmp_path, name):
     """`moelab analyze`'s core on the imported model: routing record, statistics, heatmaps."""
     import numpy as np

@@ -122,3 +122,12 @@ def test_softmax_group_limited_matches_per_token_reference(T, E, K, G, keep):
         assert set(idx[t].tolist()) == set(best)
         assert torch.allclose(w[t], 2.0 * p[idx[t]])
     assert torch.allclose(probs, torch.softmax(logits, -1))
+
+
+def test_softmax_selection_bias_steers_choice_not_weights():
+    """ERNIE 4.5: the bias picks the experts, the weights stay the softmax probabilities."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+    bias = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    w, idx, probs = routing.softmax_topk(logits, 2, normalize=False, bias_E=bias)
+    assert set(idx[0].tolist()) == {0, 3}
+    assert torch.allclose(w[0], probs[0, idx[0]])

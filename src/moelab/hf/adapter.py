@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 DENSE_FAMILIES = ("llama", "mistral")
 IMPORT_ONLY_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss", "glm4_moe", "llama4_text", "dots1",
-                        "granitemoe", "granitemoeshared")
+                        "granitemoe", "granitemoeshared", "ernie4_5_moe")
 GRANITE = ("granitemoe", "granitemoeshared")
 EXPORT_FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
 FAMILIES = MOE_FAMILIES + DENSE_FAMILIES + IMPORT_ONLY_FAMILIES
@@ -43,7 +43,7 @@ DEEPSEEK = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 # Sigmoid routers whose checkpoints carry the selection bias (`e_score_correction_bias`).
 # Families whose checkpoints use YaRN RoPE (their modeling code applies it as moelab does).
 YARN_FAMILIES = (*DEEPSEEK, "gpt_oss")
-CORRECTION_BIAS_FAMILIES = ("deepseek_v3", "kimi_k2", "glm4_moe", "dots1")
+CORRECTION_BIAS_FAMILIES = ("deepseek_v3", "kimi_k2", "glm4_moe", "dots1", "ernie4_5_moe")
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -73,7 +73,7 @@ _GRANITE_TEMPLATES: tuple[tuple[str, str], ...] = (
     (r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up)_proj\.weight", r"model.layers.\1.shared_mlp.input_linear.weight"),
     (r"layers\.(\d+)\.mlp\.shared_experts\.down_proj\.weight", r"model.layers.\1.shared_mlp.output_linear.weight"),
 )
-_SHARED_NAMES = dict.fromkeys((*DEEPSEEK, "glm4_moe", "dots1"), "shared_experts")
+_SHARED_NAMES = dict.fromkeys((*DEEPSEEK, "glm4_moe", "dots1", "ernie4_5_moe"), "shared_experts")
 # Per-expert legacy names: (gate, up, down).
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
 _DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -97,6 +97,8 @@ def hf_key(moelab_key: str, family: str, moe: str | None = None) -> str:
             m = re.fullmatch(pattern, moelab_key)
             if m:
                 return m.expand(template)
+    if family == "ernie4_5_moe" and moelab_key.endswith("mlp.router.expert_bias"):
+        return "model." + moelab_key.replace("mlp.router.expert_bias", "mlp.moe_statics.e_score_correction_bias")
     if family == "llama4_text":  # every FFN, dense or MoE, is `feed_forward`
         moelab_key = re.sub(r"^(layers\.\d+)\.mlp\.(?!router|experts\.|shared_experts)", r"\1.feed_forward.", moelab_key)
     for pattern, template in _TEMPLATES:
@@ -127,6 +129,8 @@ def tensor_from_hf(family: str, moelab_key: str, t: torch.Tensor) -> torch.Tenso
     stores the same ``x @ W`` operands with gate columns first: a transpose. Granite's
     shared MLP fuses gate and up rows in one ``input_linear``: each is half of it.
     """
+    if family == "ernie4_5_moe" and moelab_key.endswith("router.expert_bias"):
+        return t.reshape(-1)  # stored [1, E] (one "group")
     if family == "granitemoeshared" and re.search(r"shared_experts\.(gate|up)_proj\.weight$", moelab_key):
         gate, up = t.chunk(2, dim=0)  # `shared_mlp.input_linear` is [gate | up] rows
         return (gate if "gate_proj" in moelab_key else up).contiguous()
@@ -243,7 +247,8 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
         check_config_fields(d, source, family)
         d, _ = library_config(d, source=source)
         readers = {"gpt_oss": _gpt_oss_config, "glm4_moe": _glm4_moe_config, "llama4_text": _llama4_text_config,
-                   "dots1": _glm4_moe_config, "granitemoe": _granite_config, "granitemoeshared": _granite_config}
+                   "dots1": _glm4_moe_config, "granitemoe": _granite_config, "granitemoeshared": _granite_config,
+                   "ernie4_5_moe": _ernie_config}
         reader = readers.get(family, _deepseek_config)
         return ImportedConfig(reader(_Reader(d, source, family)), family)
     r = _Reader(d, source, family)
@@ -523,6 +528,31 @@ def _granite_config(r: _Reader) -> ModelConfig:
     return _build(r, common, moe)
 
 
+def _ernie_config(r: _Reader) -> ModelConfig:
+    """ERNIE-4.5-MoE: softmax router whose top-k is chosen on probabilities plus the
+    `moe_statics` correction bias (weights: the plain probabilities, renormalised);
+    `moe_num_shared_experts` shared experts; MoE on layers i with (i + 1) % interval == 0
+    and start <= i <= end (`moe_layer_*`); pairwise RoPE."""
+    r.require_false("use_bias", "moelab's attention has no o_proj-only bias form here and its FFNs have no bias")
+    common = _common(r)
+    n = common["n_layers"]
+    start, end = r.int("moe_layer_start_index", default=0), r.get("moe_layer_end_index", n - 1)
+    end = n - 1 if end == -1 else end
+    interval = r.int("moe_layer_interval", default=1)
+    if interval < 1:
+        raise r.error(f"field 'moe_layer_interval' must be an int >= 1, got {interval}")
+    moe_layers = {i for i in range(n) if (i + 1) % interval == 0 and start <= i <= end}
+    common.update(n_kv_heads=r.int("num_key_value_heads", default=common["n_heads"]), rope_interleave=True,
+                  dense_layers=tuple(i for i in range(n) if i not in moe_layers))
+    d_expert = r.int("moe_intermediate_size")
+    moe = dict(
+        d_model=common["d_model"], d_expert=d_expert, num_experts=r.int("moe_num_experts"), top_k=r.int("moe_k"),
+        router="softmax", norm_topk_prob=True, selection_bias=True, aux_loss_coef=0.0,
+        num_shared_experts=r.int("moe_num_shared_experts", default=0), d_shared_expert=d_expert,
+    )
+    return _build(r, common, moe)
+
+
 def _gpt_oss_config(r: _Reader) -> ModelConfig:
     """gpt-oss: biased q/k/v/o projections, one attention-sink logit per head, sliding and
     full attention by `layer_types`; experts with biases and the clamped GLU, routed by a
@@ -569,7 +599,7 @@ def hf_family_for(cfg: ModelConfig) -> str:
         if value != default:
             raise no(f"ModelConfig.{name}={value!r} (export of DeepSeek / gpt-oss models is not implemented)")
     if cfg.moe is not None:
-        for name in ("router_bias", "expert_proj_bias", "weight_on_input"):
+        for name in ("router_bias", "expert_proj_bias", "weight_on_input", "selection_bias"):
             if getattr(cfg.moe, name):
                 raise no(f"MoEConfig.{name}=True (export of gpt-oss models is not implemented)")
         if cfg.moe.n_group > 1:

@@ -84,7 +84,7 @@ def gguf_refusal(cfg: ModelConfig) -> str | None:
             return f"ModelConfig.{name}={getattr(cfg, name)!r} (not expressible in the llama arch)"
     if cfg.moe is not None:
         for name, default in (("router_bias", False), ("expert_proj_bias", False), ("weight_on_input", False),
-                              ("n_group", 1)):
+                              ("n_group", 1), ("selection_bias", False)):
             if getattr(cfg.moe, name) != default:
                 return f"MoEConfig.{name}={getattr(cfg.moe, name)!r} (not expressible in the llama arch)"
     if cfg.qk_norm is not None:

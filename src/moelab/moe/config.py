@@ -24,6 +24,8 @@ class MoEConfig:
         ``norm_topk_prob=True`` renormalises the k kept weights to sum to 1 (Mixtral);
         ``False`` keeps the raw probabilities (Qwen2-MoE / OLMoE default). The weights are
         then multiplied by `routed_scaling_factor` (DeepSeek-V2; 1 elsewhere).
+        ``selection_bias`` (ERNIE 4.5): a per-expert bias added to the probabilities when
+        *choosing* the top-k only (the ``expert_bias`` buffer, as the sigmoid router's).
         ``n_group`` / ``topk_group`` (DeepSeek-V2 ``group_limited_greedy``): only the experts
         of the ``topk_group`` groups with the highest *maximum* probability are eligible.
       - ``"sigmoid"``: DeepSeek-V3. Per-expert sigmoid affinities; a selection-only bias
@@ -64,6 +66,7 @@ class MoEConfig:
     expert_proj_bias: bool = False
     router_bias: bool = False
     weight_on_input: bool = False  # Llama 4: expert_e(w x) instead of w expert_e(x)
+    selection_bias: bool = False  # softmax router: ERNIE 4.5's selection-only bias (the `expert_bias` buffer)
 
     num_shared_experts: int = 0
     d_shared_expert: int | None = None  # hidden size of ONE shared expert; None -> d_expert
@@ -157,6 +160,8 @@ class MoEConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"MoEConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.selection_bias and self.router != "softmax":
+            raise ConfigError("MoEConfig.selection_bias is the softmax router's (the sigmoid router always has one)")
         if self.activation == "swiglu_oai" and self.num_shared_experts:
             raise ConfigError("MoEConfig.activation='swiglu_oai' (gpt-oss) has no shared-expert form; "
                               "set num_shared_experts=0")

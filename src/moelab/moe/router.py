@@ -61,7 +61,7 @@ class Router(nn.Module):
             self.bias = nn.Parameter(torch.zeros(cfg.num_experts))
         if cfg.noisy_gating:
             self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model))
-        if cfg.router == "sigmoid":
+        if cfg.router == "sigmoid" or cfg.selection_bias:
             # Selection-only bias (aux-loss-free balancing). A buffer: updated by
             # `update_expert_bias`, never by the optimizer; saved with the model.
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
@@ -122,7 +122,7 @@ class Router(nn.Module):
         if cfg.router == "softmax":
             weights_TK, expert_idx_TK, probs_TE = routing.softmax_topk(
                 logits_TE, cfg.top_k, normalize=cfg.norm_topk_prob, scaling_factor=cfg.routed_scaling_factor,
-                n_group=cfg.n_group, topk_group=cfg.topk_group,
+                n_group=cfg.n_group, topk_group=cfg.topk_group, bias_E=self.expert_bias if cfg.selection_bias else None,
             )
         elif cfg.router == "switch":
             weights_TK, expert_idx_TK, probs_TE = routing.switch_top1(logits_TE)

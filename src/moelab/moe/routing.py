@@ -41,8 +41,13 @@ def softmax_topk(
     scaling_factor: float = 1.0,
     n_group: int = 1,
     topk_group: int = 1,
+    bias_E: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax over all experts, keep the top-k (Shazeer 2017; Mixtral; Qwen-MoE; OLMoE).
+
+    ``bias_E`` (ERNIE 4.5): added to the probabilities to *choose* the k experts; the
+    weights stay the unbiased probabilities (the aux-loss-free balancing idea of
+    DeepSeek-V3, on a softmax router).
 
     Group-limited (DeepSeek-V2 ``group_limited_greedy``, ``n_group > 1``): the E experts
     form G groups, each scored by its largest probability; only the experts of the best
@@ -63,6 +68,9 @@ def softmax_topk(
         # Masked experts get 0 (probabilities are > 0, so they are never chosen over kept ones).
         choice_TE = probs_TGe.masked_fill(~keep_TG.unsqueeze(-1), 0.0).view(T, E)
         weights_TK, expert_idx_TK = torch.topk(choice_TE, top_k, dim=-1)
+    elif bias_E is not None:
+        expert_idx_TK = torch.topk(probs_TE + bias_E.to(probs_TE.dtype), top_k, dim=-1).indices
+        weights_TK = probs_TE.gather(1, expert_idx_TK)
     else:
         weights_TK, expert_idx_TK = torch.topk(probs_TE, top_k, dim=-1)
     if normalize:
