@@ -285,3 +285,29 @@ def test_quantize_refuses_reference_only_experts(saved, name):
 
     with pytest.raises(ConfigError, match="no quantised kernel"):
         quantize_model(load_hf(saved(name)[1]).model, "int8")
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3-yarn", "gpt_oss", "llama4_text"])
+def test_generate_cli_on_the_folder_and_its_moelab_run(saved, tmp_path, capsys, name):
+    """`moelab generate` on the HF folder, and on the moelab run dir it converts to (the new
+    config fields survive the run dir's config.json), print the same greedy text."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from moelab.cli.main import main
+    from moelab.hf import save_moelab
+
+    folder = tmp_path / "hf"
+    shutil.copytree(saved(name)[1], folder)
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, V)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    imp = load_hf(folder)
+    save_moelab(imp.model, tmp_path / "run", tokenizer_path=imp.tokenizer_path)
+    outs = []
+    for path in (folder, tmp_path / "run"):
+        assert main(["generate", str(path), "--prompt", "w5 w9 w17", "--max-new-tokens", "5"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("w5 w9 w17")
