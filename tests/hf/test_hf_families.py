@@ -71,6 +71,9 @@ def family_config(name: str):
                                     num_key_value_heads=2, moe_intermediate_size=16, moe_num_experts=8, moe_k=3,
                                     moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1,
                                     tie_word_embeddings=False)
+    if name == "hunyuan_v1_moe":
+        return T.HunYuanMoEV1Config(**BASE, intermediate_size=24, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                    moe_topk=2, attention_bias=True)
     if name == "llama4_text":
         return T.Llama4TextConfig(**dict(BASE, num_hidden_layers=4), intermediate_size=16, intermediate_size_mlp=48,
                                   num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
@@ -80,7 +83,7 @@ def family_config(name: str):
 
 FAMILIES = ["deepseek_v3", "deepseek_v3-no-q-lora-not-interleaved", "deepseek_v2", "deepseek_v2-group-limited",
             "gpt_oss", "glm4_moe", "llama4_text", "dots1", "granitemoe", "granitemoeshared", "deepseek_v3-yarn",
-            "gpt_oss-yarn", "ernie4_5_moe"]
+            "gpt_oss-yarn", "ernie4_5_moe", "hunyuan_v1_moe"]
 
 
 def random_model(name: str, seed: int = 0):
@@ -135,7 +138,7 @@ def test_logit_parity_with_transformers(saved, name):
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4_text",
-                                  "gpt_oss-yarn", "ernie4_5_moe"])
+                                  "gpt_oss-yarn", "ernie4_5_moe", "hunyuan_v1_moe"])
 def test_cached_decode_equals_full_forward(saved, name):
     """Prefill + one token at a time through the KV cache (MLA: value dim != key dim;
     gpt-oss: sinks and a sliding window shorter than the sequence) gives the full logits."""
@@ -229,7 +232,7 @@ def test_unsupported_option_is_refused_by_name(saved, tmp_path, field, value, me
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4_text", "dots1",
-                                  "granitemoe", "granitemoeshared", "ernie4_5_moe"])
+                                  "granitemoe", "granitemoeshared", "ernie4_5_moe", "hunyuan_v1_moe"])
 def test_export_refuses_import_only_families(saved, tmp_path, name):
     """Export to HF and to GGUF refuse by name what the exported families cannot hold
     (Granite's multipliers would otherwise pass as a plain Mixtral)."""

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 DENSE_FAMILIES = ("llama", "mistral")
 IMPORT_ONLY_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss", "glm4_moe", "llama4_text", "dots1",
-                        "granitemoe", "granitemoeshared", "ernie4_5_moe")
+                        "granitemoe", "granitemoeshared", "ernie4_5_moe", "hunyuan_v1_moe")
 GRANITE = ("granitemoe", "granitemoeshared")
 EXPORT_FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
 FAMILIES = MOE_FAMILIES + DENSE_FAMILIES + IMPORT_ONLY_FAMILIES
@@ -99,6 +99,11 @@ def hf_key(moelab_key: str, family: str, moe: str | None = None) -> str:
                 return m.expand(template)
     if family == "ernie4_5_moe" and moelab_key.endswith("mlp.router.expert_bias"):
         return "model." + moelab_key.replace("mlp.router.expert_bias", "mlp.moe_statics.e_score_correction_bias")
+    if family == "hunyuan_v1_moe":
+        moelab_key = re.sub(r"self_attn\.q_norm", "self_attn.query_layernorm", moelab_key)
+        moelab_key = re.sub(r"self_attn\.k_norm", "self_attn.key_layernorm", moelab_key)
+        moelab_key = re.sub(r"mlp\.router\.weight$", "mlp.gate.wg.weight", moelab_key)
+        moelab_key = re.sub(r"mlp\.shared_experts\.", "mlp.shared_mlp.", moelab_key)
     if family == "llama4_text":  # every FFN, dense or MoE, is `feed_forward`
         moelab_key = re.sub(r"^(layers\.\d+)\.mlp\.(?!router|experts\.|shared_experts)", r"\1.feed_forward.", moelab_key)
     for pattern, template in _TEMPLATES:
@@ -248,7 +253,7 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
         d, _ = library_config(d, source=source)
         readers = {"gpt_oss": _gpt_oss_config, "glm4_moe": _glm4_moe_config, "llama4_text": _llama4_text_config,
                    "dots1": _glm4_moe_config, "granitemoe": _granite_config, "granitemoeshared": _granite_config,
-                   "ernie4_5_moe": _ernie_config}
+                   "ernie4_5_moe": _ernie_config, "hunyuan_v1_moe": _hunyuan_config}
         reader = readers.get(family, _deepseek_config)
         return ImportedConfig(reader(_Reader(d, source, family)), family)
     r = _Reader(d, source, family)
@@ -553,6 +558,35 @@ def _ernie_config(r: _Reader) -> ModelConfig:
     return _build(r, common, moe)
 
 
+def _hunyuan_config(r: _Reader) -> ModelConfig:
+    """Hunyuan-v1-MoE (Hunyuan-A13B): per-head QK-norm *after* RoPE (`query_layernorm`,
+    `key_layernorm`), `attention_bias` on q/k/v/o, every layer MoE: softmax top-k
+    (`moe_topk`, one value for all layers), renormalised, plus one shared MLP; experts and
+    the shared MLP both of `intermediate_size`."""
+    common = _common(r)
+    top_k = r.get("moe_topk")
+    if isinstance(top_k, list):
+        if len(set(top_k)) != 1:
+            raise r.error(f"field 'moe_topk' varies per layer ({top_k}); moelab has one top-k per model")
+        top_k = top_k[0]
+    num_experts = r.get("num_experts")
+    if isinstance(num_experts, list):
+        if len(set(num_experts)) != 1:
+            raise r.error(f"field 'num_experts' varies per layer ({num_experts}); moelab has one expert count")
+        num_experts = num_experts[0]
+    if r.get("use_mixed_mlp_moe") is False or r.get("num_shared_expert") not in (None, 1, [1]):
+        raise r.error("only the shared-MLP form (one shared MLP per layer) is supported")
+    bias = bool(r.get("attention_bias", False))
+    common.update(n_kv_heads=r.int("num_key_value_heads", default=common["n_heads"]), attn_bias=bias, o_bias=bias,
+                  qk_norm="head_after_rope")
+    moe = dict(
+        d_model=common["d_model"], d_expert=common["d_ff"], num_experts=int(num_experts), top_k=int(top_k),
+        router="softmax", norm_topk_prob=True, aux_loss_coef=0.0, num_shared_experts=1,
+        d_shared_expert=common["d_ff"],
+    )
+    return _build(r, common, moe)
+
+
 def _gpt_oss_config(r: _Reader) -> ModelConfig:
     """gpt-oss: biased q/k/v/o projections, one attention-sink logit per head, sliding and
     full attention by `layer_types`; experts with biases and the clamped GLU, routed by a
@@ -592,7 +626,8 @@ def hf_family_for(cfg: ModelConfig) -> str:
         ("attention", cfg.attention, "gqa"), ("attn_sinks", cfg.attn_sinks, False), ("o_bias", cfg.o_bias, False),
         ("sliding_layers", cfg.sliding_layers, None), ("rotary_dim", cfg.rotary_dim, None),
         ("rope_interleave", cfg.rope_interleave, False), ("nope_layers", cfg.nope_layers, ()),
-        ("qk_norm", "l2" if cfg.qk_norm == "l2" else None, None), ("attn_scale", cfg.attn_scale, None),
+        ("qk_norm", cfg.qk_norm if cfg.qk_norm in ("l2", "head_after_rope") else None, None),
+        ("attn_scale", cfg.attn_scale, None),
         ("embedding_multiplier", cfg.embedding_multiplier, 1.0), ("residual_multiplier", cfg.residual_multiplier, 1.0),
         ("logits_scaling", cfg.logits_scaling, 1.0),
     ):

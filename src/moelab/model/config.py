@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from moelab.errors import ConfigError
 from moelab.moe.config import MoEConfig
 
-QK_NORMS = (None, "head", "full", "l2")
+QK_NORMS = (None, "head", "full", "l2", "head_after_rope")
 ATTENTIONS = ("gqa", "mla")
 
 
@@ -55,7 +55,8 @@ class ModelConfig:
 
     ``qk_norm``: RMSNorm on queries and keys, per head (``"head"``, Qwen3) or over all heads
     (``"full"``, OLMoE); ``"l2"`` (Llama 4): a weightless RMS normalisation per head after
-    RoPE, on RoPE layers only. ``nope_layers``: layers without RoPE (Llama 4's NoPE layers). ``attn_bias``: biases on q/k/v projections (Qwen2).
+    RoPE, on RoPE layers only; ``"head_after_rope"`` (Hunyuan): the per-head RMSNorm applied
+    after RoPE instead of before. ``nope_layers``: layers without RoPE (Llama 4's NoPE layers). ``attn_bias``: biases on q/k/v projections (Qwen2).
     ``clip_qkv``: clamp q, k, v to [-c, c] after projection (and the "full" QK-norm), as
     OLMoE does for stability. ``o_bias``: a bias on the output projection (gpt-oss, MLA
     with attention_bias).

@@ -172,7 +172,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * Dh, D, bias=cfg.o_bias)
         if cfg.attn_sinks:
             self.sinks = nn.Parameter(torch.zeros(H))
-        if cfg.qk_norm == "head":
+        if cfg.qk_norm in ("head", "head_after_rope"):
             self.q_norm, self.k_norm = RMSNorm(Dh, cfg.norm_eps), RMSNorm(Dh, cfg.norm_eps)
         elif cfg.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(H * Dh, cfg.norm_eps), RMSNorm(Hkv * Dh, cfg.norm_eps)
@@ -206,6 +206,8 @@ class Attention(nn.Module):
         else:
             q_BHTD = rope_partial(q_BHTD, cos, sin, interleave=cfg.rope_interleave)
             k_BHTD = rope_partial(k_BHTD, cos, sin, interleave=cfg.rope_interleave)
+        if cfg.qk_norm == "head_after_rope":
+            q_BHTD, k_BHTD = self.q_norm(q_BHTD), self.k_norm(k_BHTD)
         if cfg.qk_norm == "l2" and self.layer_idx not in cfg.nope_layers:
             q_BHTD, k_BHTD = l2_norm(q_BHTD, cfg.norm_eps), l2_norm(k_BHTD, cfg.norm_eps)
         if cfg.attn_scale is not None:
