@@ -142,6 +142,10 @@ class Engine:
         self.max_len = self.config.max_len or cfg.max_seq_len
         if self.max_len > cfg.max_seq_len:
             raise ConfigError(f"EngineConfig.max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        if cfg.attn_sinks:
+            # PackedBatch.attend runs SDPA per request, which has no sink term.
+            raise ConfigError("serving does not support attention sinks (ModelConfig.attn_sinks, gpt-oss) yet: "
+                              "PackedBatch.attend has no sink term; use `moelab generate`")
         model.eval()
         for moe in model.moe_layers:
             if getattr(moe.dispatcher, "capacity_factor", None) is not None:
@@ -152,7 +156,8 @@ class Engine:
         self.device = weight.device
         self.cache = SlotKVCache(
             n_layers=cfg.n_layers, slots=self.config.max_num_seqs, max_len=self.max_len,
-            n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_head, dtype=weight.dtype, device=weight.device,
+            n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_head, v_head_dim=cfg.value_dim, dtype=weight.dtype,
+            device=weight.device,
         )
         # A packed step is one sequence for the model's max_seq_len check.
         self.budget = min(self.config.max_batch_tokens, cfg.max_seq_len)

@@ -49,12 +49,15 @@ class SlotKVCache:
         max_len: int,
         n_kv_heads: int,
         head_dim: int,
+        v_head_dim: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
+        # v_head_dim: value heads of another width than key heads (MLA); None = head_dim.
         shape = (slots, n_kv_heads, max_len, head_dim)
+        v_shape = (slots, n_kv_heads, max_len, v_head_dim or head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slots, self.max_len = slots, max_len
         # RoPE cos/sin for positions 0..max_len-1, built once by the model (`rope_table`).
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
