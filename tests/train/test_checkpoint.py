@@ -210,3 +210,14 @@ def test_subprocess_sigkill_then_resume(data, tmp_path):
     a, b = load_file(tmp_path / "full" / MODEL_FILE), load_file(tmp_path / "cut" / MODEL_FILE)
     assert all(torch.equal(a[k], b[k]) for k in a)
     shutil.rmtree(tmp_path / "cut")
+
+
+def test_trained_run_is_verified_by_load_model(data, finished):
+    """The digest in trainer_state.json covers the loaders of a trained run, not only --resume."""
+    load_model(finished)
+    path = finished / MODEL_FILE
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"sha256 recorded in .*trainer_state\.json"):
+        load_model(finished)

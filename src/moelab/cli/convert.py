@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json to include (default: the source's own)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="--to-hf: weight dtype to write (default: as loaded)")
     p.add_argument("--overwrite", action="store_true", help="--to-hf / --to-gguf: replace an existing output")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of a moelab run's weights (--to-hf, --to-gguf) (~1 s per 1.5 GB)")
     p.set_defaults(func=run)
 
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         from moelab.hf.gguf import export_gguf_from
 
         g = export_gguf_from(args.source, args.to_gguf, tokenizer_path=tokenizer, file_type=args.type or "f32",
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, verify=not args.no_verify)
         types = ", ".join(f"{n} {t}" for t, n in sorted(g.types.items()))
         errs = ", ".join(f"{t} {e:.2g}" for t, e in sorted(g.max_abs_err.items()))
         print(f"wrote GGUF {g.path} ({g.file_type}: {g.n_tensors} tensors, {types}; {g.n_bytes / 1e6:.1f} MB; "
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                           source={"hf_dir": str(Path(args.source).resolve()), "model_type": imp.family})
         print(f"wrote moelab checkpoint {out} ({imp.family}, {imp.model.num_params():,} parameters)")
         return 0
-    loaded = load_moelab(args.source)
+    loaded = load_moelab(args.source, verify=not args.no_verify)
     result = export_hf(
         loaded.model,
         args.to_hf,

@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's own)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of a moelab run's weights (~1 s per 1.5 GB)")
     p.add_argument("--record-routing", metavar="OUT.json", help="write per-token expert routing as JSON")
     p.add_argument(
         "--compile",
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from moelab.hf import load_any
     from moelab.infer.generate import generate
 
-    loaded = load_any(args.path)
+    loaded = load_any(args.path, verify=not args.no_verify)
     tok_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
     if tok_path is None or not tok_path.is_file():
         raise ConfigError(f"{args.path}: no tokenizer.json found; pass --tokenizer PATH")

@@ -51,6 +51,7 @@ from moelab.rundir import (
     read_run_config,
     save_model,
     tokenizer_of,
+    verify_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def _swap_experts(model: Transformer, fmt: QuantFormat | str, cfg_path: Path) ->
     return frozenset(exact)
 
 
-def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
+def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
     """A quantised run directory (or its ``model.safetensors``) as a model in eval mode.
 
     The `Transformer` is built on the meta device from the config's "model", each MoE
@@ -204,7 +205,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> L
     (bf16: cast), then every tensor is assigned from the file with `moelab.rundir`'s
     checks (a missing, unexpected, mis-shaped or mis-typed tensor, a truncated file:
     `CheckpointError` naming the file and tensor). int4's kernel copy is rebuilt. The
-    result's ``kind`` is ``"moelab-<format>"``.
+    result's ``kind`` is ``"moelab-<format>"``. The file is checked against its recorded
+    sha256 first (`moelab.rundir.verify_weights`) unless ``verify=False``.
     """
     run_dir, weights = existing_run_paths(path)
     run_cfg = read_run_config(run_dir)
@@ -216,6 +218,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> L
     fmt = read_quant_entry(entry, cfg_path)
     name = fmt.name if isinstance(fmt, QuantFormat) else fmt
     cfg = model_config_of(run_cfg, run_dir)
+    if verify:
+        verify_weights(run_dir, weights, run_cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
         exact = _swap_experts(model, fmt, cfg_path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -29,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moelab.errors import CheckpointError
-from moelab.io import atomic_path
+from moelab.io import atomic_path, sha256_file
 from moelab.rundir.files import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
 from moelab.rundir.weights import load_weights, read_tensors, save_weights
 
@@ -80,12 +79,7 @@ def restore_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
