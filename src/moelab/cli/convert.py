@@ -41,8 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--type", choices=GGUF_TYPES, help="--to-gguf: tensor type (default f32; norms and router stay f32)")
     p.add_argument("--max-shard-size", default=None, help="--to-hf: shard safetensors above this size (default 5GB)")
     p.add_argument("--tokenizer", help="tokenizer.json to include (default: the source's own)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="--to-hf: weight dtype to write (default: as loaded)")
-    p.add_argument("--overwrite", action="store_true", help="--to-hf / --to-gguf: replace an existing output")
+    p.add_argument("--dtype", choices=sorted(_DTYPES),
+                   help="--to-hf / --to-moelab: weight dtype to write (default: as loaded; --to-moelab: float32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (--to-moelab: only a moelab run, moved aside until the new one is in place)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of a moelab run's weights (--to-hf, --to-gguf) (~1 s per 1.5 GB)")
     p.set_defaults(func=run)
@@ -64,10 +66,19 @@ def run(args: argparse.Namespace) -> int:
               f"read back, max abs error {errs})")
         return 0
     if args.to_moelab:
-        imp = load_hf(args.source)
-        out = save_moelab(imp.model, args.to_moelab, tokenizer_path=tokenizer or imp.tokenizer_path,
-                          source={"hf_dir": str(Path(args.source).resolve()), "model_type": imp.family})
-        print(f"wrote moelab checkpoint {out} ({imp.family}, {imp.model.num_params():,} parameters)")
+        from moelab.io import atomic_dir
+        from moelab.rundir import check_out_dir
+
+        out = Path(args.to_moelab)
+        check_out_dir(out, args.overwrite)  # before the (slow) load: a trained run is never lost silently
+        dtype = _DTYPES[args.dtype or "float32"]
+        imp = load_hf(args.source, dtype=dtype)
+        with atomic_dir(out) as tmp:  # an existing run is moved aside and removed only once this one is in place
+            save_moelab(imp.model, tmp, tokenizer_path=tokenizer or imp.tokenizer_path,
+                        source={"hf_dir": str(Path(args.source).resolve()), "model_type": imp.family})
+        size = (out / "model.safetensors").stat().st_size
+        print(f"wrote moelab checkpoint {out} ({imp.family}, {imp.model.num_params():,} parameters, "
+              f"{str(dtype).removeprefix('torch.')}, {size / 1e6:.1f} MB)")
         return 0
     loaded = load_moelab(args.source, verify=not args.no_verify)
     result = export_hf(
@@ -85,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse an option the chosen target would ignore."""
     target = "--to-gguf" if args.to_gguf else "--to-hf" if args.to_hf else "--to-moelab"
-    allowed = {"--to-gguf": {"type", "tokenizer", "overwrite"}, "--to-hf": {"max_shard_size", "tokenizer", "dtype", "overwrite"},
-               "--to-moelab": {"tokenizer"}}[target]
-    for name in ("type", "max_shard_size", "dtype", "overwrite"):
+    allowed = {"--to-gguf": {"type", "tokenizer", "overwrite", "no_verify"},
+               "--to-hf": {"max_shard_size", "tokenizer", "dtype", "overwrite", "no_verify"},
+               "--to-moelab": {"tokenizer", "dtype", "overwrite"}}[target]
+    for name in ("type", "max_shard_size", "dtype", "overwrite", "no_verify"):
         if getattr(args, name) not in (None, False) and name not in allowed:
             raise ConfigError(f"--{name.replace('_', '-')} does not apply to {target}")

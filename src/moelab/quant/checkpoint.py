@@ -43,9 +43,9 @@ from moelab.rundir import (
     QUANT_METADATA_KEY,
     LoadedModel,
     assign_weights,
+    check_out_dir,
     config_path,
     existing_run_paths,
-    is_run_dir,
     model_config_of,
     quant_of,
     read_run_config,
@@ -98,22 +98,6 @@ def _check_model_is(model: nn.Module, fmt: QuantFormat | str) -> None:
         if not ok:
             raise ConfigError(f"save_quantized: fmt={want!r} but {name}.experts are {have}; "
                               "quantise the model to that format first (moelab.quant.quantize_model)")
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an `out` that `save_quantized` may not write: a file, a non-empty folder
-    without `overwrite`, or (even with it) a non-empty folder that is not a moelab run."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a folder")
-    if not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise CheckpointError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
-    if not is_run_dir(out):
-        raise CheckpointError(f"{out}: exists and is not a moelab run directory; refusing to replace it "
-                              "(even with overwrite)")
 
 
 def save_quantized(

@@ -34,6 +34,7 @@ _EXPORTS = {
     "SHA256_KEY": "moelab.rundir.files",
     "STATE_FILE": "moelab.rundir.files",
     "TOKENIZER_FILE": "moelab.rundir.files",
+    "check_out_dir": "moelab.rundir.files",
     "config_path": "moelab.rundir.files",
     "existing_run_paths": "moelab.rundir.files",
     "is_run_dir": "moelab.rundir.files",

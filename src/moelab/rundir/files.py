@@ -169,6 +169,24 @@ def recorded_sha256(run_dir: str | Path, cfg: dict | None = None) -> str | None:
     return digest if isinstance(digest, str) else None
 
 
+def check_out_dir(out: str | Path, overwrite: bool) -> None:
+    """Refuse an `out` that a writer of a whole run folder (`moelab.quant.save_quantized`,
+    ``convert --to-moelab``) may not replace: a file, a non-empty folder without
+    `overwrite`, or (even with it) a non-empty folder that is not a moelab run."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is a file, not a folder; choose a folder for the run")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
+    if not is_run_dir(out):
+        raise CheckpointError(f"{out}: exists and is not a moelab run directory; refusing to replace it "
+                              "(even with overwrite)")
+
+
 def tokenizer_of(run_dir: str | Path) -> Path | None:
     """The run's ``tokenizer.json``, or None when it has none."""
     tok = Path(run_dir) / TOKENIZER_FILE
