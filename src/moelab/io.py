@@ -10,6 +10,7 @@ it and renamed into place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -115,3 +116,34 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk (or the quota) is full: an `OSError` with ENOSPC/EDQUOT,
+    or a writer's own error carrying the OS message (safetensors raises ``SafetensorError(
+    "... No space left on device (os error 28)")``, no errno)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
+def free_space_text(path: str | os.PathLike) -> str:
+    """The free space of the file system holding `path` (or its nearest existing parent),
+    in words: "12.3 MB free of 1.0 GB"."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return "free space unknown"
+    return f"{_bytes_text(usage.free)} free of {_bytes_text(usage.total)}"
+
+
+def _bytes_text(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -143,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR, the run directory to continue")
         saved = read_run_config(args.out)
+        if not isinstance(saved.get("train"), dict):
+            raise ConfigError(
+                f"--resume: {args.out} was not written by `moelab train` (a converted or quantised checkpoint has "
+                f"no training state); fine-tune it into a new folder with --init-from {args.out} --out NEW_DIR"
+            )
         model_cfg = resolve_model(args.model) if args.model else model_config_of(saved, args.out)
         train_cfg = train_config_from_args(args, TrainConfig.from_dict(saved["train"]))
         saved_data = (saved.get("data") or {}).get("config")
@@ -162,6 +167,11 @@ def run(args: argparse.Namespace) -> int:
         d = dataclasses.asdict(result)
         d["out_dir"] = str(result.out_dir)
         print(json.dumps(d, indent=2))
+    elif result.already_done:
+        print(f"run: {result.out_dir} is already at step {result.steps_done} (--steps {train_cfg.steps}): "
+              "nothing to do, nothing written")
+        if result.val_loss is not None:
+            print(f"val loss {result.val_loss:.4f} (from its last evaluation)")
     else:
         print(f"run: {result.out_dir}  steps: {result.steps_done}  params: {result.num_params / 1e6:.2f}M")
         if result.val_loss is not None:

@@ -33,6 +33,11 @@ QUANT_METADATA_KEY = "moelab_quant"
 # The sha256 of model.safetensors: in trainer_state.json (trained runs, with the optimizer's)
 # or in config.json (runs written by `save_model`: converted, quantised), under this key.
 SHA256_KEY = "sha256"
+# Everything moelab itself writes into a run folder: the trainer's files (metrics.jsonl, tb/
+# are `moelab.train.metrics`'), and `moelab analyze`'s. `train --overwrite` replaces a folder
+# holding only these (and dot-files, temporaries); anything else is a user's, never removed.
+RUN_DIR_NAMES = frozenset({CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TOKENIZER_FILE, "metrics.jsonl",
+                           "tb", "analysis.json", "analysis.html", "plots"})
 
 
 def run_dir_of(path: str | Path) -> Path:

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moelab.errors import CheckpointError
-from moelab.io import atomic_path, sha256_file
+from moelab.io import atomic_path, free_space_text, is_disk_full, sha256_file
 from moelab.rundir.files import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
 from moelab.rundir.weights import load_weights, read_tensors, save_weights
 
@@ -114,6 +114,23 @@ def save_checkpoint(
 ) -> None:
     """Write model, optimizer and trainer state for `step` (see the module docstring)."""
     run_dir = Path(run_dir)
+    try:
+        _save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, state=state)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        # The atomic writes left no partial file and the previous checkpoint as it was.
+        then = ("the previous checkpoint is intact: free some space, then continue with --resume"
+                if (run_dir / STATE_FILE).is_file() else
+                "no file was half-written: free some space, then start again with --overwrite")
+        raise CheckpointError(
+            f"cannot write the step-{step} checkpoint in {run_dir}: the disk is full "
+            f"({free_space_text(run_dir)}); {then}"
+        ) from None
+
+
+def _save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                     state: dict) -> None:
     meta = {"moelab_step": str(step)}
     opt_tensors, opt_json = _optimizer_payload(model, optimizer)
     with contextlib.ExitStack() as stack:

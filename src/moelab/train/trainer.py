@@ -34,9 +34,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -55,7 +57,7 @@ from moelab.model import ModelConfig, Transformer
 from moelab.moe import NonFiniteRouterError
 from moelab.rundir import files as run_files
 from moelab.train import checkpoint as ckpt
-from moelab.train.metrics import METRICS_FILE, TB_DIR, MetricsWriter, read_metrics, truncate_metrics
+from moelab.train.metrics import METRICS_FILE, MetricsWriter, read_metrics, truncate_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +156,8 @@ class TrainResult:
     nan_steps: int = 0
     out_dir: Path | None = None
     num_params: int = 0
+    # True when a resume found the run already at `steps`: nothing was trained or written.
+    already_done: bool = False
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -319,15 +323,44 @@ def train(
         raise ConfigError(
             f"TrainConfig.seq_len={train_cfg.seq_len} exceeds ModelConfig.max_seq_len={model_cfg.max_seq_len}"
         )
+    aside: Path | None = None  # the previous run, moved aside by overwrite until this one has started
     if resume:
-        _check_resume(run_dir, model_cfg, train_cfg, data)
-    elif (run_dir / run_files.STATE_FILE).exists() or (run_dir / METRICS_FILE).exists():
-        if not overwrite:
-            raise ConfigError(
-                f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
-                "overwrite=True (--overwrite) to replace it, or choose a new output directory"
+        if not (run_dir / run_files.STATE_FILE).is_file() and (run_dir / run_files.CONFIG_FILE).is_file():
+            raise CheckpointError(
+                f"{run_dir} holds a run that stopped before its first checkpoint: there is nothing to resume; "
+                "start it again with overwrite=True (--overwrite)"
             )
-        _clear_run(run_dir)
+        _check_resume(run_dir, model_cfg, train_cfg, data)
+        done = _already_done(run_dir, train_cfg, model_cfg)
+        if done is not None:
+            return done
+    elif _holds_a_run(run_dir):
+        if not overwrite:
+            raise ConfigError(_holds_a_run_message(run_dir))
+        aside = _move_aside(run_dir)
+    try:
+        return _train(model_cfg, train_cfg, data, run_dir, resume=resume, progress=progress, model=model,
+                      on_step=on_step, tensorboard=tensorboard, aside=aside)
+    finally:
+        if aside is not None and aside.exists():  # the new run failed before it started: put the old one back
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.replace(aside / run_dir.name, run_dir)
+            aside.rmdir()
+
+
+def _train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data: PreparedData,
+    run_dir: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    model: Transformer | None,
+    on_step: Callable[[int, dict], None] | None,
+    tensorboard: bool,
+    aside: Path | None,
+) -> TrainResult:
 
     if train_cfg.num_threads is not None:
         torch.set_num_threads(train_cfg.num_threads)
@@ -348,6 +381,8 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
         _copy_tokenizer(data, run_dir)
+        if aside is not None:  # the new run has started: the old one goes for good
+            shutil.rmtree(aside)
     if resume:  # a longer --steps is allowed: record the config that is now in force
         run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
 
@@ -481,12 +516,72 @@ def train(
     )
 
 
-def _clear_run(run_dir: Path) -> None:
-    """Remove the files a previous run wrote (only those: never a user's other files)."""
-    for name in (run_files.CONFIG_FILE, run_files.MODEL_FILE, run_files.OPTIMIZER_FILE, run_files.STATE_FILE,
-                 run_files.TOKENIZER_FILE, METRICS_FILE):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+def _holds_a_run(run_dir: Path) -> bool:
+    return (run_dir / run_files.STATE_FILE).exists() or (run_dir / METRICS_FILE).exists() or (
+        run_files.is_run_dir(run_dir))
+
+
+def _holds_a_run_message(run_dir: Path) -> str:
+    if not (run_dir / run_files.STATE_FILE).is_file():
+        return (f"{run_dir} holds a run that stopped before its first checkpoint (nothing to resume); "
+                "pass overwrite=True (--overwrite) to start it again, or choose a new output directory")
+    return (f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
+            "overwrite=True (--overwrite) to replace it, or choose a new output directory")
+
+
+def _move_aside(run_dir: Path) -> Path:
+    """Move the run in `run_dir` to a hidden folder beside it (returned) so the new run starts
+    in an empty folder: overwrite leaves nothing of the old run (analysis.json, plots/ ...)
+    beside the new one. A folder that holds anything moelab does not write is refused."""
+    if run_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise ConfigError(f"{run_dir} is the current folder (or holds it); choose a run folder for --out")
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in run_files.RUN_DIR_NAMES and not p.name.startswith("."))
+    if foreign:
+        raise ConfigError(
+            f"{run_dir} holds files that are not a run's ({', '.join(foreign[:5])}); refusing to replace it "
+            "even with --overwrite: move them, or choose a new output directory"
+        )
+    aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", suffix=".old", dir=run_dir.parent))
+    os.replace(run_dir, aside / run_dir.name)
+    return aside
+
+
+def _already_done(run_dir: Path, train_cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult | None:
+    """On resume: None if there are steps left to train; a result (nothing written) when the
+    checkpoint is already at `train_cfg.steps`. Fewer steps than the checkpoint's is an error:
+    the run's history is never rewritten."""
+    at = int(ckpt.read_trainer_state(run_dir)["step"])
+    if train_cfg.steps > at:
+        return None
+    if train_cfg.steps < at:
+        raise ConfigError(
+            f"cannot resume {run_dir} with steps={train_cfg.steps} (--steps): its checkpoint is already at "
+            f"step {at}; nothing to do (pass a larger --steps to train further)"
+        )
+    history = read_metrics(run_dir, kind="eval") if (run_dir / METRICS_FILE).is_file() else []
+    final = history[-1] if history else None
+    rows = read_metrics(run_dir, kind="train") if (run_dir / METRICS_FILE).is_file() else []
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r]
+    step_time = statistics.median(times) if times else float("nan")
+    logger.info("%s is already at step %d of %d: nothing to do", run_dir, at, train_cfg.steps)
+    return TrainResult(
+        steps_done=at,
+        val_loss=final["val_loss"] if final else None,
+        val_loss_by_domain=dict(final["val_loss_by_domain"]) if final else {},
+        tokens_per_s=train_cfg.batch_size * train_cfg.seq_len / step_time if times else float("nan"),
+        step_time_s=step_time,
+        history=[{"step": r["step"], "val_loss": r["val_loss"], "val_loss_by_domain": r["val_loss_by_domain"]}
+                 for r in history],
+        out_dir=run_dir,
+        num_params=_num_params(model_cfg),
+        already_done=True,
+    )
+
+
+def _num_params(cfg: ModelConfig) -> int:
+    with torch.device("meta"):  # counted without allocating or initialising anything
+        return Transformer(cfg).num_params()
 
 
 def _layer_index(model: Transformer, layer: nn.Module) -> int:
