@@ -221,3 +221,15 @@ def test_trained_run_is_verified_by_load_model(data, finished):
     path.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=r"sha256 recorded in .*trainer_state\.json"):
         load_model(finished)
+
+
+def test_identical_runs_write_identical_safetensors(data, tmp_path):
+    """Byte-reproducible checkpoints: the same run twice gives the same sha256 for both files."""
+    from moelab.io import sha256_file
+
+    digests = []
+    for name in ("a", "b"):
+        train(tiny_moe(), tiny_train(steps=4, checkpoint_interval=2), data, tmp_path / name, progress=False,
+              tensorboard=False)
+        digests.append({f: sha256_file(tmp_path / name / f) for f in (MODEL_FILE, OPTIMIZER_FILE)})
+    assert digests[0] == digests[1]

@@ -53,6 +53,7 @@ _EXPORTS = {
     "model_state": "moelab.rundir.weights",
     "read_tensors": "moelab.rundir.weights",
     "save_model": "moelab.rundir.weights",
+    "save_safetensors": "moelab.rundir.weights",
     "save_weights": "moelab.rundir.weights",
     "tied_names": "moelab.rundir.weights",
     "verify_weights": "moelab.rundir.weights",

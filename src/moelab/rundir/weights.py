@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -258,9 +259,32 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", verify: 
 # ---------------------------------------------------------------------------- writing
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, *, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, byte-reproducible: the same tensors and metadata give
+    the same bytes (and sha256) in every process.
+
+    safetensors writes the header's ``__metadata__`` in its Rust hash map's order, which
+    is randomised per process (20 saves of one dict gave 16 different files); the tensor
+    entries are already in a fixed order. The header is rewritten in place with the
+    metadata keys sorted: the same keys and values, so the same length.
+    """
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw, object_pairs_hook=dict)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > n:
+            raise CheckpointError(f"internal: {path}: the sorted safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))  # safetensors pads its header with spaces
+
+
 def save_weights(model: nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> None:
-    """Write `model_state(model)` to `path` as is (callers make it atomic)."""
-    save_file(model_state(model), str(path), metadata={"format": "pt", **(metadata or {})})
+    """Write `model_state(model)` to `path` as is (callers make it atomic), byte-reproducibly."""
+    save_safetensors(model_state(model), path, metadata={"format": "pt", **(metadata or {})})
 
 
 def save_model(

@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from moelab.errors import CheckpointError
 from moelab.io import atomic_path, free_space_text, is_disk_full, sha256_file
 from moelab.rundir.files import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
-from moelab.rundir.weights import load_weights, read_tensors, save_weights
+from moelab.rundir.weights import load_weights, read_tensors, save_safetensors, save_weights
 
 # ---------------------------------------------------------------------------- config
 
@@ -139,7 +138,7 @@ def _save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.
         model_tmp = stack.enter_context(atomic_path(run_dir / MODEL_FILE))
         opt_tmp = stack.enter_context(atomic_path(run_dir / OPTIMIZER_FILE))
         save_weights(model, model_tmp, metadata=meta)
-        save_file(opt_tensors, str(opt_tmp), metadata={"format": "pt", **meta})
+        save_safetensors(opt_tensors, opt_tmp, metadata={"format": "pt", **meta})
         full = {
             "step": step,
             "optimizer": opt_json,
