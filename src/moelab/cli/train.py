@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR, the run directory to continue")
         saved = read_run_config(args.out)
+        model_config_of(saved, args.out)  # a broken model entry: the one error every reader gives
         if not isinstance(saved.get("train"), dict):
             raise ConfigError(
                 f"--resume: {args.out} was not written by `moelab train` (a converted or quantised checkpoint has "

@@ -325,12 +325,12 @@ def train(
         )
     aside: Path | None = None  # the previous run, moved aside by overwrite until this one has started
     if resume:
-        if not (run_dir / run_files.STATE_FILE).is_file() and (run_dir / run_files.CONFIG_FILE).is_file():
+        _check_resume(run_dir, model_cfg, train_cfg, data)  # a missing or broken config.json: its own error
+        if not (run_dir / run_files.STATE_FILE).is_file():
             raise CheckpointError(
                 f"{run_dir} holds a run that stopped before its first checkpoint: there is nothing to resume; "
                 "start it again with overwrite=True (--overwrite)"
             )
-        _check_resume(run_dir, model_cfg, train_cfg, data)
         done = _already_done(run_dir, train_cfg, model_cfg)
         if done is not None:
             return done
