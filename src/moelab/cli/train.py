@@ -113,13 +113,14 @@ def with_loss_coefs(cfg: ModelConfig, args: argparse.Namespace) -> ModelConfig:
     return cfg.with_(moe=dataclasses.replace(cfg.moe, **changes))
 
 
-def load_data(args: argparse.Namespace, vocab_size: int, *, seed: int = 0) -> PreparedData:
-    """Prepared data for `--data` (or the default corpus) with the model's vocabulary size."""
+def load_data(args: argparse.Namespace, vocab_size: int, *, seed: int = 0, tokenizer: Path | None = None) -> PreparedData:
+    """Prepared data for `--data` (or the default corpus) with the model's vocabulary size
+    (or encoded with `tokenizer`, a fine-tuned model's own)."""
     if args.data:
         for p in args.data:
             if not Path(p).exists():
                 raise DataError(f"--data path {p} does not exist (expected a text file, a folder or a .jsonl file)")
-    return prepare_data(args.cache_dir, data_paths=args.data, vocab_size=vocab_size, seed=seed)
+    return prepare_data(args.cache_dir, data_paths=args.data, vocab_size=vocab_size, seed=seed, tokenizer=tokenizer)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -134,12 +135,63 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="preset name (e.g. tiny-moe, tiny-dense) or a JSON model config (default tiny-moe)")
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--init-from", default=None, metavar="RUN_OR_HF_DIR",
+                   help="fine-tune: start from this checkpoint's weights (a moelab run or a Hugging Face folder "
+                   "moelab imports), its architecture and its tokenizer (the data is encoded with it)")
     add_training_arguments(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _init_from(args: argparse.Namespace):
+    """(model config, model with the source's weights, source entry) for ``--init-from``."""
+    from moelab.hf import load_any
+
+    if args.model:
+        raise ConfigError("--model and --init-from: the architecture comes from --init-from; drop --model")
     if args.resume:
+        raise ConfigError("--init-from starts a new run; --resume continues one (its weights come from --out)")
+    loaded = load_any(args.init_from)
+    if loaded.kind.startswith("moelab-"):
+        raise ConfigError(
+            f"--init-from {args.init_from}: a quantised checkpoint ({loaded.kind}) cannot be fine-tuned (its experts "
+            "hold packed integers, which take no gradient); fine-tune the float checkpoint it was made from"
+        )
+    if loaded.tokenizer_path is None:
+        raise ConfigError(
+            f"--init-from {args.init_from}: no tokenizer.json beside the weights; fine-tuning must encode the data "
+            "with the model's own tokenizer (put it in the folder)"
+        )
+    model_cfg = with_loss_coefs(loaded.config, args)
+    import torch
+
+    from moelab.model import Transformer
+
+    with torch.device("meta"):  # the config may differ in loss coefficients only: same tensors
+        model = Transformer(model_cfg)
+    model.load_state_dict(loaded.model.state_dict(), strict=True, assign=True)
+    if model_cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    source = {"init_from": str(Path(args.init_from).resolve()), "kind": loaded.kind}
+    return model_cfg, model, loaded.tokenizer_path, source
+
+
+def _say_from_scratch(name: str) -> None:
+    """`--model DIR` takes the architecture only: say so when DIR holds weights too."""
+    folder = Path(name)
+    if folder.is_file():
+        folder = folder.parent
+    if folder.is_dir() and any(folder.glob("*.safetensors")):
+        logger.info("--model %s: using its architecture only, training from random weights "
+                    "(to fine-tune its weights, pass --init-from %s)", name, name)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = source = None
+    if args.init_from:
+        model_cfg, model, tokenizer, source = _init_from(args)
+        train_cfg = train_config_from_args(args)
+        data = load_data(args, model_cfg.vocab_size, tokenizer=tokenizer)
+    elif args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR, the run directory to continue")
         saved = read_run_config(args.out)
@@ -158,12 +210,16 @@ def run(args: argparse.Namespace) -> int:
             data = prepare_data_from_config(DataConfig(**saved_data), args.cache_dir)
     else:
         model_cfg = resolve_model(args.model or "tiny-moe")
+        if args.model:
+            _say_from_scratch(args.model)
         train_cfg = train_config_from_args(args)
         data = load_data(args, model_cfg.vocab_size)
-    model_cfg = with_loss_coefs(model_cfg, args)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.model or "tiny-moe").stem
+    if not args.init_from:
+        model_cfg = with_loss_coefs(model_cfg, args)
+    name = args.model or (Path(args.init_from).resolve().name + "-ft" if args.init_from else "tiny-moe")
+    out = Path(args.out) if args.out else Path("runs") / Path(name).stem
     result = train(model_cfg, train_cfg, data, out, resume=args.resume, progress=not args.no_progress,
-                   tensorboard=not args.no_tensorboard, overwrite=args.overwrite)
+                   tensorboard=not args.no_tensorboard, overwrite=args.overwrite, model=model, source=source)
     if args.json:
         d = dataclasses.asdict(result)
         d["out_dir"] = str(result.out_dir)
@@ -179,6 +235,11 @@ def run(args: argparse.Namespace) -> int:
             by_domain = "  ".join(f"{d} {v:.4f}" for d, v in result.val_loss_by_domain.items())
             print(f"val loss {result.val_loss:.4f}  ({by_domain})")
         print(f"{result.tokens_per_s:.0f} tokens/s, {result.step_time_s:.3f} s/step (median)")
+        load = [(r["step"], r["busiest_expert_share"]) for r in result.history if "busiest_expert_share" in r]
+        if len(load) >= 2:
+            uniform = 1 / model_cfg.moe.num_experts if model_cfg.moe else float("nan")
+            print(f"expert load (busiest expert's share of validation assignments, uniform {uniform:.3f}): "
+                  f"step {load[0][0]} {load[0][1]:.3f} -> step {load[-1][0]} {load[-1][1]:.3f}")
         if result.stopped_reason:
             print(f"stopped early: {result.stopped_reason}")
     return 1 if result.stopped_reason else 0

@@ -209,7 +209,6 @@ def describe_data(data: PreparedData) -> dict:
     }
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     batches_by_domain: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
@@ -217,10 +216,25 @@ def evaluate(
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> tuple[float, dict[str, float]]:
     """(overall, per-domain) validation LM loss; overall is token-weighted (module docstring)."""
+    loss, by_domain, _ = evaluate_with_load(model, batches_by_domain, device, autocast)
+    return loss, by_domain
+
+
+@torch.no_grad()
+def evaluate_with_load(
+    model: nn.Module,
+    batches_by_domain: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[float, dict[str, float], dict[str, list[float]]]:
+    """`evaluate`, plus each MoE layer's expert load on the validation tokens: ``{layer:
+    [share of assignments per expert]}`` (1/E each when balanced). Every eval row records
+    it, so a run (a fine-tuning above all) shows how its balance drifts."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
     by_domain: dict[str, float] = {}
+    load: dict[int, torch.Tensor] = {}
     try:
         for domain, batches in batches_by_domain.items():
             d_loss, d_tokens = 0.0, 0
@@ -228,6 +242,9 @@ def evaluate(
                 x, y = x.to(device), y.to(device)
                 with autocast():
                     out = model(x, targets=y, return_logits=False)
+                for layer, stats in out.layer_stats.items():
+                    counts = stats.tokens_per_expert.detach().to("cpu", torch.float64)
+                    load[layer] = load[layer] + counts if layer in load else counts
                 n = int((y != -100).sum())
                 d_loss += float(out.lm_loss) * n
                 d_tokens += n
@@ -236,7 +253,8 @@ def evaluate(
             total_tokens += d_tokens
     finally:
         model.train(was_training)
-    return total_loss / max(1, total_tokens), by_domain
+    shares = {str(layer): (c / c.sum().clamp_min(1)).tolist() for layer, c in sorted(load.items())}
+    return total_loss / max(1, total_tokens), by_domain, shares
 
 
 def _saved_with_defaults(saved: dict, run_dir: Path) -> tuple[dict, dict]:
@@ -304,12 +322,15 @@ def train(
     on_step: Callable[[int, dict], None] | None = None,
     tensorboard: bool = True,
     overwrite: bool = False,
+    source: dict | None = None,
 ) -> TrainResult:
     """Train and write a run directory at `out_dir`; see the module docstring.
 
     ``model`` lets a caller pass a pre-built (e.g. specially initialised) model for
     `model_cfg`; otherwise one is built after seeding. ``on_step(step, row)`` is called
     with every training row. ``resume=True`` continues from the checkpoint in `out_dir`.
+    ``source`` (with a pre-built ``model`` holding a checkpoint's weights: fine-tuning)
+    goes into config.json as its "source" entry, e.g. ``{"init_from": path, "kind": ...}``.
     """
     run_dir = Path(out_dir)
     if data.vocab_size > model_cfg.vocab_size:
@@ -340,7 +361,7 @@ def train(
         aside = _move_aside(run_dir)
     try:
         return _train(model_cfg, train_cfg, data, run_dir, resume=resume, progress=progress, model=model,
-                      on_step=on_step, tensorboard=tensorboard, aside=aside)
+                      on_step=on_step, tensorboard=tensorboard, aside=aside, source=source)
     finally:
         if aside is not None and aside.exists():  # the new run failed before it started: put the old one back
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -360,6 +381,7 @@ def _train(
     on_step: Callable[[int, dict], None] | None,
     tensorboard: bool,
     aside: Path | None,
+    source: dict | None,
 ) -> TrainResult:
 
     if train_cfg.num_threads is not None:
@@ -379,12 +401,13 @@ def _train(
         logger.info("resumed %s at step %d", run_dir, start_step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
+        run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data), source=source)
         _copy_tokenizer(data, run_dir)
         if aside is not None:  # the new run has started: the old one goes for good
             shutil.rmtree(aside)
     if resume:  # a longer --steps is allowed: record the config that is now in force
-        run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
+        run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data),
+                                   source=run_files.read_run_config(run_dir).get("source"))
 
     use_bf16 = resolve_precision(train_cfg.precision, device) == "bf16"
     logger.info("precision %s -> %s on %s", train_cfg.precision, "bf16 autocast" if use_bf16 else "fp32", device)
@@ -411,8 +434,11 @@ def _train(
     writer = MetricsWriter(run_dir, tensorboard=tensorboard, purge_step=start_step if resume else None)
 
     def run_eval(at_step: int) -> None:
-        val_loss, by_domain = evaluate(forward, val, device, autocast)
+        val_loss, by_domain, load = evaluate_with_load(forward, val, device, autocast)
         row = {"kind": "eval", "step": at_step, "val_loss": val_loss, "val_loss_by_domain": by_domain}
+        if load:
+            row["expert_load"] = load
+            row["busiest_expert_share"] = max(max(s) for s in load.values())
         writer.write(row)
         history.append(row)
         logger.debug("step %d: val_loss %.4f %s", at_step, val_loss, by_domain)
@@ -507,13 +533,17 @@ def _train(
         val_loss_by_domain=dict(final["val_loss_by_domain"]) if final else {},
         tokens_per_s=tokens_per_step / step_time if steady else float("nan"),
         step_time_s=step_time,
-        history=[{"step": r["step"], "val_loss": r["val_loss"], "val_loss_by_domain": r["val_loss_by_domain"]}
-                 for r in history],
+        history=[_history_row(r) for r in history],
         stopped_reason=stopped_reason,
         nan_steps=nan_steps,
         out_dir=run_dir,
         num_params=model.num_params(),
     )
+
+
+def _history_row(r: dict) -> dict:
+    keep = ("step", "val_loss", "val_loss_by_domain", "busiest_expert_share", "expert_load")
+    return {k: r[k] for k in keep if k in r}
 
 
 def _holds_a_run(run_dir: Path) -> bool:
@@ -571,8 +601,7 @@ def _already_done(run_dir: Path, train_cfg: TrainConfig, model_cfg: ModelConfig)
         val_loss_by_domain=dict(final["val_loss_by_domain"]) if final else {},
         tokens_per_s=train_cfg.batch_size * train_cfg.seq_len / step_time if times else float("nan"),
         step_time_s=step_time,
-        history=[{"step": r["step"], "val_loss": r["val_loss"], "val_loss_by_domain": r["val_loss_by_domain"]}
-                 for r in history],
+        history=[_history_row(r) for r in history],
         out_dir=run_dir,
         num_params=_num_params(model_cfg),
         already_done=True,
