@@ -233,3 +233,50 @@ def test_identical_runs_write_identical_safetensors(data, tmp_path):
               tensorboard=False)
         digests.append({f: sha256_file(tmp_path / name / f) for f in (MODEL_FILE, OPTIMIZER_FILE)})
     assert digests[0] == digests[1]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(data, tmp_path):
+    """SIGINT to a real `moelab train`: it finishes the step in flight, checkpoints it, prints
+    the exact resume command; running that command gives the uninterrupted run's metrics."""
+    cfg_path = tmp_path / "model.json"
+    cfg_path.write_text(json.dumps(tiny_moe().to_dict()))
+    tok = data.tokenizer
+    docs = [{"text": tok.decode(data.val[d][i : i + 400].tolist()), "domain": d}
+            for d in ("code", "prose") for i in range(0, 8000, 400)]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in docs))
+    common = ["--model", str(cfg_path), "--data", str(jsonl), "--steps", "150", "--batch-size", "4",
+              "--seq-len", "32", "--checkpoint-interval", "1000", "--eval-interval", "25", "--eval-batches", "1",
+              "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-tensorboard",
+              "--device", "cpu", "--precision", "fp32"]
+    cmd = [sys.executable, "-m", "moelab.cli.main", "train", *common]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    full = subprocess.run([*cmd, "--out", str(tmp_path / "full")], env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, "--out", str(cut)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # No checkpoint is due before step 150: wait for a few training rows, then Ctrl-C.
+    while time.monotonic() < deadline and proc.poll() is None:
+        rows = (cut / "metrics.jsonl").read_text().count('"train"') if (cut / "metrics.jsonl").exists() else 0
+        if rows >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = json.loads((cut / STATE_FILE).read_text())["step"]
+    assert 5 <= step < 150
+    assert max(r["step"] for r in read_metrics(cut, kind="train")) == step  # the checkpoint is the last step done
+    line = next(x for x in err.splitlines() if x.startswith("resume with: "))
+    resume = line.removeprefix("resume with: ").split()
+    assert resume[:6] == ["moelab", "train", "--resume", "--out", str(cut), "--cache-dir"]
+    done = subprocess.run([sys.executable, "-m", "moelab.cli.main", *resume[1:], "--no-progress"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    strip = ("tokens_per_s", "step_time_s")
+    rows_a = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / "full")]
+    rows_b = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(cut)]
+    assert rows_a == rows_b
+    a, b = load_file(tmp_path / "full" / MODEL_FILE), load_file(cut / MODEL_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)

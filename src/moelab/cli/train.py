@@ -10,13 +10,15 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 from moelab.data import DataConfig, PreparedData, prepare_data, prepare_data_from_config
 from moelab.errors import ConfigError, DataError
 from moelab.model import ModelConfig, get_preset
 from moelab.rundir import is_run_dir, model_config_from_run, model_config_of, read_run_config
-from moelab.train import TrainConfig, train
+from moelab.train import TrainConfig, TrainingInterrupted, train
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +144,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def resume_command(out: Path, args: argparse.Namespace) -> str:
+    """The command that continues the run in `out` exactly: settings, steps and the data
+    recipe come from its config.json; only the prepared-data cache folder is not recorded."""
+    parts = ["moelab", "train", "--resume", "--out", str(out)]
+    if args.cache_dir:
+        parts += ["--cache-dir", args.cache_dir]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def _init_from(args: argparse.Namespace):
     """(model config, model with the source's weights, source entry) for ``--init-from``."""
     from moelab.hf import load_any
@@ -218,8 +229,13 @@ def run(args: argparse.Namespace) -> int:
         model_cfg = with_loss_coefs(model_cfg, args)
     name = args.model or (Path(args.init_from).resolve().name + "-ft" if args.init_from else "tiny-moe")
     out = Path(args.out) if args.out else Path("runs") / Path(name).stem
-    result = train(model_cfg, train_cfg, data, out, resume=args.resume, progress=not args.no_progress,
-                   tensorboard=not args.no_tensorboard, overwrite=args.overwrite, model=model, source=source)
+    try:
+        result = train(model_cfg, train_cfg, data, out, resume=args.resume, progress=not args.no_progress,
+                       tensorboard=not args.no_tensorboard, overwrite=args.overwrite, model=model, source=source)
+    except TrainingInterrupted as e:
+        print(f"moelab train: interrupted at step {e.step} of {train_cfg.steps}; checkpoint written in {out}\n"
+              f"resume with: {resume_command(out, args)}", file=sys.stderr)
+        return 130
     if args.json:
         d = dataclasses.asdict(result)
         d["out_dir"] = str(result.out_dir)

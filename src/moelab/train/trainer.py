@@ -7,6 +7,10 @@ and writes a run directory (`moelab.rundir`, `moelab.train.checkpoint`). Design 
   (`moelab.data.TokenBatcher`), the learning rate a pure function of the step, and the
   checkpoint holds the model, the AdamW state and every RNG state; so a run resumed from
   step s retraces the uninterrupted run's losses and, on CPU, its parameters bit for bit.
+* Ctrl-C is a request, not a crash: the first SIGINT lets the step in flight finish (an
+  optimizer step cut in half would be a state no run ever had), writes a checkpoint at
+  that step and raises `TrainingInterrupted`; a second SIGINT stops at once (the last
+  checkpoint is intact, as always). Resuming then retraces the uninterrupted run.
 * Non-finite losses never crash: a NaN/Inf loss or gradient norm, or a router that sees
   NaN/Inf logits (`NonFiniteRouterError`), stops the run before the optimizer step, with
   ``stopped_reason`` set, the metrics written and the last good checkpoint untouched.
@@ -37,8 +41,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -142,6 +148,38 @@ class TrainConfig:
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT during `train`: the run stopped after `step`, checkpointed in `run_dir`."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint written in {run_dir}")
+        self.run_dir, self.step = run_dir, step
+
+
+class _DeferredSigint:
+    """While active (main thread only), the first SIGINT sets `requested`; the second one
+    raises KeyboardInterrupt as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _DeferredSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupt: finishing this step, then writing a checkpoint (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass
@@ -447,10 +485,19 @@ def _train(
 
     bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not progress, desc=run_dir.name, unit="step",
                dynamic_ncols=True, leave=False)
+    checkpointed_at = start_step if resume else None
+    interrupt = _DeferredSigint()
     try:
+        interrupt.__enter__()
         if start_step == 0:
             run_eval(0)  # the starting point of every loss curve (ln V at init)
         while step < train_cfg.steps:
+            if interrupt.requested:
+                if checkpointed_at != step:
+                    ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
+                                         state={"train_config": train_cfg.to_dict()})
+                logger.info("interrupted: checkpoint at step %d written in %s", step, run_dir)
+                raise TrainingInterrupted(run_dir, step)
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, train_cfg)
@@ -518,7 +565,9 @@ def _train(
             if last or (train_cfg.checkpoint_interval and step % train_cfg.checkpoint_interval == 0):
                 ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
                                      state={"train_config": train_cfg.to_dict()})
+                checkpointed_at = step
     finally:
+        interrupt.__exit__()
         bar.close()
         writer.close()
 
