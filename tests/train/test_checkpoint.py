@@ -62,7 +62,7 @@ def test_resume_after_interrupt_is_bit_exact(data, tmp_path, cfg):
     oa, ob = load_file(tmp_path / "full" / OPTIMIZER_FILE), load_file(tmp_path / "cut" / OPTIMIZER_FILE)
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
     # The metrics log reads as one run: the rows after the checkpoint were replaced.
-    strip = ("tokens_per_s", "step_time_s")
+    strip = ("tokens_per_s", "step_time_s", "load_avg_1m")
     rows_a = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / "full")]
     rows_b = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / "cut")]
     assert rows_a == rows_b
@@ -274,7 +274,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(data, tmp_pa
     done = subprocess.run([sys.executable, "-m", "moelab.cli.main", *resume[1:], "--no-progress"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    strip = ("tokens_per_s", "step_time_s")
+    strip = ("tokens_per_s", "step_time_s", "load_avg_1m")
     rows_a = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / "full")]
     rows_b = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(cut)]
     assert rows_a == rows_b

@@ -35,6 +35,16 @@ def dtype_type(allowed: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def precision_type(text: str) -> str:
+    """`moelab train --precision`: ``auto``, or fp32 / bf16 in any spelling."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return dtype_type(("fp32", "bf16"))(text)
+
+
+precision_type.__name__ = "precision"
+
+
 def torch_dtype(short: str):
     """The torch dtype of a short name from `dtype_type` (imports torch)."""
     import torch

@@ -14,6 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from moelab.cli.options import precision_type
 from moelab.data import DataConfig, PreparedData, prepare_data, prepare_data_from_config
 from moelab.errors import ConfigError, DataError
 from moelab.model import ModelConfig, get_preset
@@ -48,11 +49,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, metavar="N" if typ is int else "X",
                        help=f"(default {default})")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="(default auto)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+    g.add_argument("--precision", type=precision_type, default=None,
                    help="(default auto: bf16 autocast on CUDA and on CPUs with native bf16, AMX/AVX512-BF16; fp32 elsewhere)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice)")
+                   help="torch CPU threads (default: the CPUs available to this process, from its affinity "
+                   "mask and cgroup CPU quota)")
     g.add_argument("--aux-loss-coef", type=float, default=None, metavar="X",
                    help="MoE load-balancing loss coefficient (default: the model config's)")
     g.add_argument("--z-loss-coef", type=float, default=None, metavar="X",
@@ -250,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
         if result.val_loss is not None:
             by_domain = "  ".join(f"{d} {v:.4f}" for d, v in result.val_loss_by_domain.items())
             print(f"val loss {result.val_loss:.4f}  ({by_domain})")
-        print(f"{result.tokens_per_s:.0f} tokens/s, {result.step_time_s:.3f} s/step (median)")
+        load = "" if result.load_avg is None else f", load average {result.load_avg:.1f}"
+        print(f"{result.tokens_per_s:.0f} tokens/s, {result.step_time_s:.3f} s/step (median; "
+              f"{result.threads} threads{load})")
         load = [(r["step"], r["busiest_expert_share"]) for r in result.history if "busiest_expert_share" in r]
         if len(load) >= 2:
             uniform = 1 / model_cfg.moe.num_experts if model_cfg.moe else float("nan")

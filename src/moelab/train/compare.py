@@ -47,6 +47,8 @@ class ModelSummary:
     history: list[dict] = field(default_factory=list)  # {"step", "val_loss"}
     stopped_reason: str | None = None
     run_dir: str | None = None
+    threads: int = 0
+    load_avg: float | None = None  # median 1-minute load average while it trained: timings depend on it
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ def summarize(name: str, role: str, cfg: ModelConfig, train_cfg: TrainConfig, re
         history=result.history,
         stopped_reason=result.stopped_reason,
         run_dir=str(result.out_dir) if result.out_dir else None,
+        threads=result.threads,
+        load_avg=result.load_avg,
     )
 
 
@@ -278,7 +282,9 @@ def render_table(result: ComparisonResult) -> str:
     else:
         lines.append(f"\n{moe.name} did not reach {dense.name}'s final val loss within {moe.steps_done} steps")
     if result.time_per_step_ratio is not None:
-        lines.append(f"time per step, {moe.name} / {dense.name}: {result.time_per_step_ratio:.2f}x")
+        under = "; ".join(f"{m.name} {m.threads} threads, load {m.load_avg:.1f}" for m in rows if m.load_avg is not None)
+        lines.append(f"time per step, {moe.name} / {dense.name}: {result.time_per_step_ratio:.2f}x"
+                     + (f" (measured under: {under})" if under else ""))
     for m in rows:
         if m.stopped_reason:
             lines.append(f"{m.name} stopped early: {m.stopped_reason}")

@@ -196,6 +196,8 @@ class TrainResult:
     num_params: int = 0
     # True when a resume found the run already at `steps`: nothing was trained or written.
     already_done: bool = False
+    threads: int = 0  # torch's compute threads during the run
+    load_avg: float | None = None  # median 1-minute load average over the steps: what the timings were measured under
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -371,6 +373,8 @@ def train(
     goes into config.json as its "source" entry, e.g. ``{"init_from": path, "kind": ...}``.
     """
     run_dir = Path(out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a folder; choose a folder for the run (--out)")
     if data.vocab_size > model_cfg.vocab_size:
         raise ConfigError(
             f"ModelConfig.vocab_size={model_cfg.vocab_size} is smaller than the data's tokenizer "
@@ -424,6 +428,10 @@ def _train(
 
     if train_cfg.num_threads is not None:
         torch.set_num_threads(train_cfg.num_threads)
+    elif torch.get_num_threads() > hardware.available_cpus():  # an affinity mask or CPU quota leaves fewer
+        torch.set_num_threads(hardware.available_cpus())
+    threads = torch.get_num_threads()
+    loads: list[float] = []
     device = resolve_device(train_cfg.device)
     seed_everything(train_cfg.seed)
     if model is None:
@@ -544,14 +552,20 @@ def _train(
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens_per_step / dt,
                 "step_time_s": dt,
+                "threads": threads,
+                "load_avg_1m": (load := hardware.load_average()),
                 "layers": {str(i): s.to_dict() for i, s in layer_stats.items()},
             }
             writer.write(row)
+            if load is not None:
+                loads.append(load)
             if on_step is not None:
                 on_step(step, row)
             bar.update(1)
             if step % train_cfg.log_interval == 0 or step == train_cfg.steps:
-                postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+                postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}", "thr": threads}
+                if load is not None:  # a slow run explains itself: the machine is busy
+                    postfix["load"] = f"{load:.1f}"
                 if layer_stats:
                     share = max(s["busiest_expert_share"] for s in row["layers"].values())
                     postfix["max_share"] = f"{share:.2f}"
@@ -587,6 +601,8 @@ def _train(
         nan_steps=nan_steps,
         out_dir=run_dir,
         num_params=model.num_params(),
+        threads=threads,
+        load_avg=statistics.median(loads) if loads else None,
     )
 
 
