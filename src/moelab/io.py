@@ -32,16 +32,48 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+class OutputError(OSError):
+    """A file or folder cannot be written where the user asked; the message says why in
+    words (no ``[Errno N]``, no temporary file name). An `OSError`, so callers that catch
+    those (the CLI prints them as one line) still do."""
+
+
+_WHY = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EISDIR: "it is a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "a file of that name is in the way",
+    errno.ENOSPC: "the disk is full",
+    errno.EROFS: "the file system is read-only",
+    errno.ENAMETOOLONG: "the name is too long",
+}
+
+
+def why(e: OSError) -> str:
+    """An OS error's reason in words, without ``[Errno N]`` or the (temporary) file names."""
+    return _WHY.get(e.errno, (e.strerror or str(e)).lower()) if e.errno is not None else str(e)
+
+
+def output_error(path: str | os.PathLike, e: OSError) -> OutputError:
+    """`e`, raised while writing `path`, as one line naming `path` (not a temporary name)."""
+    return OutputError(f"cannot write {path}: {why(e)}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`.
 
     Use this for writers that want a filename (e.g. `safetensors.torch.save_file`).
-    On an exception the temporary file is removed and `path` is untouched.
+    On an exception the temporary file is removed and `path` is untouched. Failing to
+    create the temporary file or to rename it raises `OutputError` naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise output_error(path, e) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -51,7 +83,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask),
         # so reports and checkpoints are readable by others as any written file is.
         os.chmod(tmp_path, 0o666 & ~_UMASK)
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as e:
+            raise output_error(path, e) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

@@ -7,8 +7,7 @@ import logging
 import re
 from pathlib import Path
 
-import torch
-
+from moelab.cli.options import dtype_type, torch_dtype
 from moelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -16,7 +15,6 @@ log = logging.getLogger(__name__)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # moelab.hf.gguf.GGUF_TYPES (not imported: --help stays light)
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_size(text: str) -> int:
@@ -41,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--type", choices=GGUF_TYPES, help="--to-gguf: tensor type (default f32; norms and router stay f32)")
     p.add_argument("--max-shard-size", default=None, help="--to-hf: shard safetensors above this size (default 5GB)")
     p.add_argument("--tokenizer", help="tokenizer.json to include (default: the source's own)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES),
-                   help="--to-hf / --to-moelab: weight dtype to write (default: as loaded; --to-moelab: float32)")
+    p.add_argument("--dtype", type=dtype_type(("fp32", "bf16", "fp16")),
+                   help="--to-hf / --to-moelab: weight dtype to write, fp32/float32, bf16/bfloat16 or fp16/float16 "
+                   "(default: as loaded; --to-moelab: float32)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (--to-moelab: only a moelab run, moved aside until the new one is in place)")
     p.add_argument("--no-verify", action="store_true",
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
         out = Path(args.to_moelab)
         check_out_dir(out, args.overwrite)  # before the (slow) load: a trained run is never lost silently
-        dtype = _DTYPES[args.dtype or "float32"]
+        dtype = torch_dtype(args.dtype or "fp32")
         imp = load_hf(args.source, dtype=dtype)
         with atomic_dir(out) as tmp:  # an existing run is moved aside and removed only once this one is in place
             save_moelab(imp.model, tmp, tokenizer_path=tokenizer or imp.tokenizer_path,
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         args.to_hf,
         tokenizer_path=tokenizer or loaded.tokenizer_path,
         max_shard_size=parse_size(args.max_shard_size or "5GB"),
-        dtype=_DTYPES[args.dtype] if args.dtype else None,
+        dtype=torch_dtype(args.dtype) if args.dtype else None,
         overwrite=args.overwrite,
     )
     print(f"wrote Hugging Face {result.family} model {result.out_dir} ({len(result.files)} safetensors file(s))")

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from moelab.cli.options import dtype_type
 from moelab.errors import ConfigError
 from moelab.io import atomic_write_json
 
@@ -32,20 +33,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--compile",
         action="store_true",
         help="decode with a torch.compile'd static-shape step (the first call compiles for tens of "
-        "seconds, counted in the decode rate printed; then ~1.1-1.3x faster per token; not with "
+        "seconds, printed apart and not counted in the decode rate; then ~1.1-1.3x faster per token; not with "
         "--record-routing)",
     )
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--dtype", type=dtype_type(("fp32", "bf16", "fp16")), default=None,
+                   help="the model's dtype: fp32/float32 (default), bf16/bfloat16, fp16/float16")
     p.set_defaults(func=run)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' values, checked before anything is loaded or printed (messages name the flag)."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.compile and args.record_routing:
+        raise ConfigError("--compile does not record routing (the compiled step returns logits only); "
+                          "drop --compile or --record-routing")
+    if any(not p for p in args.prompt):
+        raise ConfigError("--prompt is empty; give some text")
 
 
 def run(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
+    from moelab.cli.options import check_device, torch_dtype
     from moelab.data.tokenizer import end_token_ids
     from moelab.hf import load_any
     from moelab.infer.generate import generate
 
-    loaded = load_any(args.path, verify=not args.no_verify)
+    check_args(args)
+    loaded = load_any(args.path, verify=not args.no_verify, device=check_device(args.device))
+    if args.dtype:
+        loaded.model.to(torch_dtype(args.dtype))
     tok_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
     if tok_path is None or not tok_path.is_file():
         raise ConfigError(f"{args.path}: no tokenizer.json found; pass --tokenizer PATH")
@@ -80,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         for prompt, text in zip(args.prompt, result.texts or [], strict=True):
             print(f"{prompt}{text}\n---")
+    compiled = f", compile {result.extras['compile_s']:.1f} s (not counted)" if "compile_s" in result.extras else ""
     print(
         f"[{result.new_tokens} new tokens, prefill {result.prefill_s * 1e3:.0f} ms, "
-        f"decode {result.decode_tokens_per_s:.1f} tokens/s]",
+        f"decode {result.decode_tokens_per_s:.1f} tokens/s{compiled}]",
         file=sys.stderr,
     )
     if args.record_routing:
