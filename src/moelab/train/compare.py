@@ -24,6 +24,7 @@ from moelab.accounting.flops import forward_flops_per_token, training_flops_per_
 from moelab.data import PreparedData
 from moelab.errors import ConfigError
 from moelab.model import ModelConfig
+from moelab.rundir.files import STATE_FILE
 from moelab.train.trainer import TrainConfig, TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -128,9 +129,14 @@ def compare(
     progress: bool = True,
     overwrite: bool = False,
     tensorboard: bool = True,
+    resume: bool = False,
 ) -> ComparisonResult:
     """Train each model (``{role: (name, config)}``, roles from `ROLES`; "moe" and "dense"
-    required) under ``out_dir/<name>`` and compare them."""
+    required) under ``out_dir/<name>`` and compare them.
+
+    ``resume=True`` continues an interrupted comparison: a finished run is kept as it is
+    (read back, not retrained), one with a checkpoint resumes from it, one killed before
+    its first checkpoint starts again, a missing one is trained."""
     missing = {"moe", "dense"} - set(models)
     if missing:
         raise ValueError(f"compare needs the roles 'moe' and 'dense'; missing {sorted(missing)}")
@@ -147,8 +153,13 @@ def compare(
             continue
         name, cfg = models[role]
         logger.info("training %s (%s) for %d steps", name, role, train_cfg.steps)
-        result = train(cfg, train_cfg, data, out_dir / name, progress=progress, overwrite=overwrite,
-                       tensorboard=tensorboard)
+        run_dir = out_dir / name
+        if resume and (run_dir / STATE_FILE).is_file():
+            logger.info("%s: resuming %s", name, run_dir)
+            result = train(cfg, train_cfg, data, run_dir, progress=progress, tensorboard=tensorboard, resume=True)
+        else:
+            result = train(cfg, train_cfg, data, run_dir, progress=progress, tensorboard=tensorboard,
+                           overwrite=overwrite or (resume and run_dir.is_dir()))
         summaries[role] = summarize(name, role, cfg, train_cfg, result)
         logger.info("%s: val_loss %s, %.0f tokens/s", name, result.val_loss, result.tokens_per_s)
 
