@@ -77,3 +77,32 @@ def test_model_dir_without_init_from_says_it_trains_from_scratch(setup, caplog):
                      *common]) == 0
     lines = [r.getMessage() for r in caplog.records if "random weights" in r.getMessage()]
     assert len(lines) == 1 and "--init-from" in lines[0]
+
+
+def test_init_from_a_hugging_face_folder(tmp_path):
+    """An imported family: the fine-tuning run starts from the HF model's own loss on its first
+    batch, with the data encoded by the folder's tokenizer."""
+    from moelab.hf import load_hf
+
+    from .conftest import make_hf
+    from .test_generate import _tokenizer
+
+    hf = make_hf("mixtral", seed=1)  # vocab 64
+    hf.save_pretrained(tmp_path / "hf")
+    _tokenizer(tmp_path / "hf" / "tokenizer.json")
+    folder = tmp_path / "text"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"t{i}.txt").write_text("the cat sat on a mat and the dog ran . " * 20)
+    assert main(["train", "--init-from", str(tmp_path / "hf"), "--data", str(folder), "--out", str(tmp_path / "ft"),
+                 "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--precision", "fp32",
+                 "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    data = prepare_data(tmp_path / "cache", data_paths=[folder], tokenizer=tmp_path / "hf" / "tokenizer.json")
+    assert data.eos_id == 0  # the folder's own end-of-text token separates documents
+    x, y = TokenBatcher(data.train, 2, 16, seed=0).get_batch(0)
+    model = load_hf(tmp_path / "hf").model.train()
+    with torch.no_grad():
+        want = float(model(x, targets=y, return_logits=False).lm_loss)
+    assert read_metrics(tmp_path / "ft", kind="train")[0]["lm_loss"] == pytest.approx(want, abs=1e-4)
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["source"]["kind"] == "mixtral"

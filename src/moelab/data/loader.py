@@ -95,7 +95,7 @@ class DataConfig:
                 f"{str(self.data_paths)!r}; wrap it in a list"
             )
         object.__setattr__(self, "data_paths", tuple(str(p) for p in self.data_paths))
-        if (
+        if self.tokenizer is None and (  # a given tokenizer has its own vocabulary
             not isinstance(self.vocab_size, int)
             or not MIN_VOCAB_SIZE <= self.vocab_size <= 2**31 - 1
         ):
