@@ -245,8 +245,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(data, tmp_pa
             for d in ("code", "prose") for i in range(0, 8000, 400)]
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in docs))
-    common = ["--model", str(cfg_path), "--data", str(jsonl), "--steps", "150", "--batch-size", "4",
-              "--seq-len", "32", "--checkpoint-interval", "1000", "--eval-interval", "25", "--eval-batches", "1",
+    common = ["--model", str(cfg_path), "--data", str(jsonl), "--steps", "300", "--batch-size", "4",
+              "--seq-len", "32", "--checkpoint-interval", "1000", "--eval-interval", "50", "--eval-batches", "1",
               "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-tensorboard",
               "--device", "cpu", "--precision", "fp32"]
     cmd = [sys.executable, "-m", "moelab.cli.main", "train", *common]
@@ -256,7 +256,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(data, tmp_pa
     cut = tmp_path / "cut"
     proc = subprocess.Popen([*cmd, "--out", str(cut)], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    # No checkpoint is due before step 150: wait for a few training rows, then Ctrl-C.
+    # No checkpoint is due before step 300: wait for a few training rows, then Ctrl-C.
     while time.monotonic() < deadline and proc.poll() is None:
         rows = (cut / "metrics.jsonl").read_text().count('"train"') if (cut / "metrics.jsonl").exists() else 0
         if rows >= 5:
@@ -266,7 +266,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(data, tmp_pa
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     step = json.loads((cut / STATE_FILE).read_text())["step"]
-    assert 5 <= step < 150
+    assert 5 <= step < 300
     assert max(r["step"] for r in read_metrics(cut, kind="train")) == step  # the checkpoint is the last step done
     line = next(x for x in err.splitlines() if x.startswith("resume with: "))
     resume = line.removeprefix("resume with: ").split()
