@@ -14,6 +14,7 @@ test both paths on one machine, or to correct a wrong guess).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -53,3 +54,87 @@ def _detected_native_bf16() -> bool:
 
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+
+
+# ---------------------------------------------------------------------------- CPUs to use
+#
+# `os.cpu_count()` counts the machine's CPUs, not this process's: a taskset/cpuset
+# affinity or a container's CPU quota (cgroup ``cpu.max`` / ``cpu.cfs_quota_us``) leaves
+# fewer. More compute threads than CPUs is what makes a contended run crawl: OpenMP
+# threads wait at every barrier for a peer that is descheduled (BENCHMARKS.md, "Training
+# on a busy machine").
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_paths() -> list[tuple[str, str]]:
+    """(controllers, path) of this process's cgroups, from /proc/self/cgroup."""
+    try:
+        text = Path("/proc/self/cgroup").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            out.append((parts[1], parts[2]))
+    return out
+
+
+def _read_quota(files: list[Path]) -> float | None:
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8").split()
+        except OSError:
+            continue
+        if f.name == "cpu.max" and len(text) == 2:  # cgroup v2: "<quota> <period>" or "max <period>"
+            if text[0] != "max" and int(text[1]) > 0:
+                return int(text[0]) / int(text[1])
+            return None
+        if f.name == "cpu.cfs_quota_us" and text:  # cgroup v1: -1 = no quota
+            quota = int(text[0])
+            try:
+                period = int((f.parent / "cpu.cfs_period_us").read_text(encoding="utf-8").split()[0])
+            except (OSError, ValueError, IndexError):
+                return None
+            return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def cpu_quota() -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (e.g. 1.5), or None where none is set
+    (or none can be read: not Linux, no cgroup file system)."""
+    files: list[Path] = []
+    for controllers, path in _cgroup_paths():
+        rel = path.lstrip("/")
+        if controllers == "":  # cgroup v2
+            files += [_CGROUP_ROOT / rel / "cpu.max", _CGROUP_ROOT / "cpu.max"]
+        elif "cpu" in controllers.split(","):
+            for mount in (controllers, "cpu", "cpu,cpuacct"):
+                files += [_CGROUP_ROOT / mount / rel / "cpu.cfs_quota_us", _CGROUP_ROOT / mount / "cpu.cfs_quota_us"]
+    try:
+        return _read_quota(list(dict.fromkeys(files)))
+    except ValueError:
+        return None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity mask (``os.sched_getaffinity``), capped
+    by the cgroup CPU quota (rounded up: a quota of 1.5 CPUs still runs 2 threads at once)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes, machine-wide), or None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+

@@ -95,7 +95,9 @@ def test_convert_hf_folder_to_gguf(tmp_path, capsys):
     (["--to-hf", "OUT", "--type", "q8_0"], "--type does not apply to --to-hf"),
     (["--to-gguf", "OUT", "--dtype", "bfloat16"], "--dtype does not apply to --to-gguf"),
     (["--to-gguf", "OUT", "--max-shard-size", "1GB"], "--max-shard-size does not apply to --to-gguf"),
-    (["--to-moelab", "OUT", "--overwrite"], "--overwrite does not apply to --to-moelab"),
+    (["--to-moelab", "OUT", "--max-shard-size", "1GB"], "--max-shard-size does not apply to --to-moelab"),
+    (["--to-moelab", "OUT", "--type", "f16"], "--type does not apply to --to-moelab"),
+    (["--to-moelab", "OUT", "--no-verify"], "--no-verify does not apply to --to-moelab"),
 ])
 def test_convert_refuses_flags_the_target_ignores(tmp_path, capsys, argv, needle):
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
@@ -112,3 +114,42 @@ def test_convert_refuses_a_quantised_run_to_gguf(gguf_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "quantised moelab run (moelab-int8)" in err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_to_moelab_refuses_an_existing_run_without_overwrite(save_hf, tmp_path, capsys):
+    _, folder = save_hf("mixtral")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"format": "moelab-run"}')
+    (out / "optimizer.safetensors").write_bytes(b"trained state")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["convert", str(folder), "--to-moelab", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err and str(out) in err
+    assert (out / "optimizer.safetensors").read_bytes() == b"trained state"  # untouched
+    # --overwrite replaces the whole folder: nothing of the old run is left beside the new one
+    assert main(["convert", str(folder), "--to-moelab", str(out), "--overwrite"]) == 0
+    assert not (out / "optimizer.safetensors").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    load_moelab(out)
+    # a folder that is not a moelab run is never replaced, even with --overwrite
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    assert main(["convert", str(folder), "--to-moelab", str(other), "--overwrite"]) == 2
+    assert (other / "todo.txt").read_text() == "keep me"
+
+
+def test_to_moelab_honours_dtype(save_hf, tmp_path):
+    from safetensors import safe_open
+
+    _, folder = save_hf("mixtral")
+    assert main(["convert", str(folder), "--to-moelab", str(tmp_path / "fp32")]) == 0
+    assert main(["convert", str(folder), "--to-moelab", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    ratio = (tmp_path / "bf16" / "model.safetensors").stat().st_size / (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.55
+    assert load_moelab(tmp_path / "bf16").model is not None
+

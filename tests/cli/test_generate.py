@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from moelab.cli.main import main
@@ -57,4 +58,37 @@ def test_generate_cli_compile_refuses_record_routing(tmp_path, capsys):
     _tokenizer(tmp_path / "hf" / "tokenizer.json")
     assert main(["generate", str(tmp_path / "hf"), "--prompt", "the cat", "--compile",
                  "--record-routing", str(tmp_path / "r.json")]) == 2
-    assert "compile=True does not support record_routing" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "--compile does not record routing" in captured.err and captured.out == ""  # refused before the prompt
+
+
+def _tiny_run(tmp_path):
+    hf = make_hf("mixtral", seed=1)
+    hf.save_pretrained(tmp_path / "hf")
+    _tokenizer(tmp_path / "hf" / "tokenizer.json")
+    imp = load_hf(tmp_path / "hf")
+    return save_moelab(imp.model, tmp_path / "run", tokenizer_path=imp.tokenizer_path)
+
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--device", "tpu"], "--device"),
+])
+def test_generate_validates_flags_before_printing_the_prompt(tmp_path, capsys, flags, needle):
+    run = _tiny_run(tmp_path)
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "the cat", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and needle in captured.err
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "bfloat16"])
+def test_generate_takes_device_and_dtype(tmp_path, capsys, dtype):
+    run = _tiny_run(tmp_path)
+    assert main(["generate", str(run), "--prompt", "the cat", "--max-new-tokens", "3", "--device", "cpu",
+                 "--dtype", dtype]) == 0
+    assert capsys.readouterr().out.startswith("the cat")

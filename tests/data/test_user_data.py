@@ -185,3 +185,22 @@ def test_literal_special_token_in_user_text_is_not_a_boundary(tmp_path: Path) ->
         assert 1 not in tokens
     first = data.val["gpt2"][: int(np.argmax(data.val["gpt2"] == 0))]
     assert "<|endoftext|> continues <|pad|>" in data.tokenizer.decode(first.tolist())
+
+
+def test_a_folder_with_symlinks_reads_each_file_once(tmp_path, caplog):
+    import logging
+
+    from moelab.data.corpus import user_data_files
+
+    folder = tmp_path / "licenses"
+    folder.mkdir()
+    (folder / "GPL-3").write_text("the GNU general public license, version 3\n" * 20)
+    (folder / "MIT").write_text("permission is hereby granted, free of charge\n" * 20)
+    (folder / "GPL").symlink_to("GPL-3")  # as Debian's common-licenses has it
+    (folder / "links").mkdir()
+    (folder / "links" / "MIT-again").symlink_to(folder / "MIT")
+    with caplog.at_level(logging.INFO, logger="moelab.data.corpus"):
+        files = user_data_files([folder, folder / "MIT"])  # the same file named twice, too
+    assert sorted(p.resolve().name for p, _, _ in files) == ["GPL-3", "MIT"]
+    assert "skipped 3 that are the same file as another" in caplog.text
+    assert "GPL-3 (= licenses/GPL)" in caplog.text or "GPL (= licenses/GPL-3)" in caplog.text

@@ -138,3 +138,24 @@ def test_export_refuses_non_empty_dir(tmp_path):
     with pytest.raises(CheckpointError, match="not empty"):
         export_hf(_random_model(CASES["llama"]), tmp_path / "hf")
     assert (tmp_path / "hf" / "keep.txt").read_text() == "x"
+
+
+def test_exported_folder_gets_the_umask_mode(tmp_path):
+    """Not mkdtemp's 0700: the folder is readable by whoever may read the files in it."""
+    import stat
+
+    from moelab import io
+
+    out = export_hf(_random_model(_cfg()), tmp_path / "hf").out_dir
+    want = 0o777 & ~io._UMASK
+    assert stat.S_IMODE(out.stat().st_mode) == want
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o666 & ~io._UMASK
+    export_hf(_random_model(_cfg(), seed=1), out, overwrite=True)  # replaced in place, same mode
+    assert stat.S_IMODE(out.stat().st_mode) == want
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # nothing left beside it
+
+
+def test_export_onto_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        export_hf(_random_model(_cfg()), tmp_path / "f")

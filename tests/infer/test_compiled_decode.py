@@ -101,6 +101,9 @@ def test_compiled_generate_equals_eager():
         eager = generate(model, prompts, max_new_tokens=12)
         compiled = generate(model, prompts, max_new_tokens=12, compile=True)
         assert compiled.token_ids == eager.token_ids
+        # The first compiled step (which compiles, once per batch size) is timed apart, not in the rate.
+        assert compiled.extras["compile_s"] > 0 and compiled.decode_steps == 12 - 2
+        assert eager.decode_steps == 12 - 1 and "compile_s" not in eager.extras
         assert compiled.finish_reasons == eager.finish_reasons
     # Sampling goes through the same logits: same seed, same tokens.
     sampled = dict(max_new_tokens=12, temperature=1.0, top_k=20, seed=3)

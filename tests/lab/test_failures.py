@@ -144,3 +144,31 @@ def test_bf16_routing_flips_counts_top_k_changes(lab_cfg) -> None:
     assert near_ties > 0.1  # ~1/4: tokens with x.w0 > 0, and of those the half that bf16 flips
     dense = Transformer(cfg.with_(moe=None))
     assert bf16_routing_flips(dense, ids) is None
+
+
+def test_an_interrupted_experiment_resumes_keeping_finished_runs(data, lab_cfg, tmp_path, monkeypatch) -> None:
+    """`lab --resume`: the finished run is read back (weights too: its measurements are the
+    same), the one that was cut short runs again, and the summary equals the uninterrupted one."""
+    import moelab.lab.failures as failures
+    from moelab.io import sha256_file
+
+    cfg = lab_cfg.with_(steps=6, capacity_factors=(0.5, None))
+    full = run_experiment("capacity", data, tmp_path / "full", config=cfg, progress=False)
+    real = failures.train_run
+
+    def dies_on_the_second(spec, *args, **kwargs):
+        if spec.name == "dropless":
+            raise KeyboardInterrupt
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(failures, "train_run", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("capacity", data, tmp_path / "cut", config=cfg, progress=False)
+    kept = sha256_file(tmp_path / "cut" / "broken-cf-0.5" / "metrics.jsonl")
+    monkeypatch.setattr(failures, "train_run", real)
+    res = run_experiment("capacity", data, tmp_path / "cut", config=cfg, progress=False, resume=True)
+    assert sha256_file(tmp_path / "cut" / "broken-cf-0.5" / "metrics.jsonl") == kept  # not retrained
+    for name in ("broken-cf-0.5", "dropless"):
+        assert res.runs[name].dropped_fraction == full.runs[name].dropped_fraction
+        assert res.runs[name].val_loss == full.runs[name].val_loss
+    assert res.passed == full.passed

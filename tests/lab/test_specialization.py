@@ -152,3 +152,24 @@ def test_dense_model_is_refused(data) -> None:
     dense = Transformer(ModelConfig(vocab_size=data.vocab_size, d_model=32, n_layers=1, n_heads=2, d_ff=64))
     with pytest.raises(ConfigError, match="dense"):
         analyze_model(dense, data.val)
+
+
+def test_analyze_uses_the_runs_recorded_data(tmp_path):
+    """A run trained on --data is analysed on that data's validation split, not the default
+    corpus, and the result says which data it used."""
+    from moelab.cli.main import main
+    from moelab.lab.specialization import AnalysisConfig, analyze_checkpoint
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"r{i}.txt").write_text(f"Recipe {i}: mix {i} cups of flour with water, bake for {i + 10} minutes.\n" * 8)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "tiny-moe", "--data", str(folder), "--out", str(run), "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--cache-dir", str(tmp_path / "cache"),
+                 "--no-progress", "--no-tensorboard", "--device", "cpu"]) == 0
+    result = analyze_checkpoint(run, cache_dir=tmp_path / "cache",
+                                config=AnalysisConfig(tokens_per_domain=64, seq_len=16, sample_tokens=8))
+    assert result.domains == ["recipes"]  # the folder is the run's one domain
+    assert "the run's training data" in result.data and str(folder) in result.data
+    assert json.loads((run / "analysis.json").read_text())["data"] == result.data

@@ -62,7 +62,7 @@ def test_resume_after_interrupt_is_bit_exact(data, tmp_path, cfg):
     oa, ob = load_file(tmp_path / "full" / OPTIMIZER_FILE), load_file(tmp_path / "cut" / OPTIMIZER_FILE)
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
     # The metrics log reads as one run: the rows after the checkpoint were replaced.
-    strip = ("tokens_per_s", "step_time_s")
+    strip = ("tokens_per_s", "step_time_s", "load_avg_1m")
     rows_a = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / "full")]
     rows_b = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / "cut")]
     assert rows_a == rows_b
@@ -210,3 +210,73 @@ def test_subprocess_sigkill_then_resume(data, tmp_path):
     a, b = load_file(tmp_path / "full" / MODEL_FILE), load_file(tmp_path / "cut" / MODEL_FILE)
     assert all(torch.equal(a[k], b[k]) for k in a)
     shutil.rmtree(tmp_path / "cut")
+
+
+def test_trained_run_is_verified_by_load_model(data, finished):
+    """The digest in trainer_state.json covers the loaders of a trained run, not only --resume."""
+    load_model(finished)
+    path = finished / MODEL_FILE
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"sha256 recorded in .*trainer_state\.json"):
+        load_model(finished)
+
+
+def test_identical_runs_write_identical_safetensors(data, tmp_path):
+    """Byte-reproducible checkpoints: the same run twice gives the same sha256 for both files."""
+    from moelab.io import sha256_file
+
+    digests = []
+    for name in ("a", "b"):
+        train(tiny_moe(), tiny_train(steps=4, checkpoint_interval=2), data, tmp_path / name, progress=False,
+              tensorboard=False)
+        digests.append({f: sha256_file(tmp_path / name / f) for f in (MODEL_FILE, OPTIMIZER_FILE)})
+    assert digests[0] == digests[1]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(data, tmp_path):
+    """SIGINT to a real `moelab train`: it finishes the step in flight, checkpoints it, prints
+    the exact resume command; running that command gives the uninterrupted run's metrics."""
+    cfg_path = tmp_path / "model.json"
+    cfg_path.write_text(json.dumps(tiny_moe().to_dict()))
+    tok = data.tokenizer
+    docs = [{"text": tok.decode(data.val[d][i : i + 400].tolist()), "domain": d}
+            for d in ("code", "prose") for i in range(0, 8000, 400)]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in docs))
+    common = ["--model", str(cfg_path), "--data", str(jsonl), "--steps", "300", "--batch-size", "4",
+              "--seq-len", "32", "--checkpoint-interval", "1000", "--eval-interval", "50", "--eval-batches", "1",
+              "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-tensorboard",
+              "--device", "cpu", "--precision", "fp32"]
+    cmd = [sys.executable, "-m", "moelab.cli.main", "train", *common]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    full = subprocess.run([*cmd, "--out", str(tmp_path / "full")], env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, "--out", str(cut)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # No checkpoint is due before step 300: wait for a few training rows, then Ctrl-C.
+    while time.monotonic() < deadline and proc.poll() is None:
+        rows = (cut / "metrics.jsonl").read_text().count('"train"') if (cut / "metrics.jsonl").exists() else 0
+        if rows >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = json.loads((cut / STATE_FILE).read_text())["step"]
+    assert 5 <= step < 300
+    assert max(r["step"] for r in read_metrics(cut, kind="train")) == step  # the checkpoint is the last step done
+    line = next(x for x in err.splitlines() if x.startswith("resume with: "))
+    resume = line.removeprefix("resume with: ").split()
+    assert resume[:6] == ["moelab", "train", "--resume", "--out", str(cut), "--cache-dir"]
+    done = subprocess.run([sys.executable, "-m", "moelab.cli.main", *resume[1:], "--no-progress"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    strip = ("tokens_per_s", "step_time_s", "load_avg_1m")
+    rows_a = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / "full")]
+    rows_b = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(cut)]
+    assert rows_a == rows_b
+    a, b = load_file(tmp_path / "full" / MODEL_FILE), load_file(cut / MODEL_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)

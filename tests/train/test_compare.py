@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import moelab.train.compare as compare_mod
 from moelab.accounting import count_params, spec_from_moelab_config
 from moelab.cli.main import main
 from moelab.errors import ConfigError
@@ -154,3 +156,41 @@ def test_cli_corrupt_checkpoint_is_one_line(data, tmp_path, capsys):
     assert main(["train", "--resume", "--steps", "3", *common]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "Traceback" not in err
+
+
+def test_an_interrupted_comparison_resumes(data, tmp_path, monkeypatch):
+    """--resume keeps the finished run (not retrained), resumes the interrupted one from its
+    checkpoint, and the comparison equals the uninterrupted one."""
+    from moelab.io import sha256_file
+    from moelab.train import read_metrics
+
+    class Killed(Exception):
+        pass
+
+    models = {"moe": ("m", tiny_moe()), "dense": ("d", tiny_dense(64))}
+    tc = tiny_train(steps=6, eval_interval=3, checkpoint_interval=3)
+    full = compare(models, tc, data, tmp_path / "full", progress=False, tensorboard=False)
+
+    calls = []
+    real_train = compare_mod.train
+
+    def dies_in_dense(*args, **kwargs):  # the moe run finishes; the dense one is killed at step 4
+        if Path(args[3]).name == "d" and not kwargs.get("resume"):
+            def on_step(step, row):
+                if step == 4:
+                    raise Killed
+            kwargs["on_step"] = on_step
+        calls.append((Path(args[3]).name, kwargs.get("resume", False)))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(compare_mod, "train", dies_in_dense)
+    with pytest.raises(Killed):
+        compare(models, tc, data, tmp_path / "cut", progress=False, tensorboard=False)
+    finished = sha256_file(tmp_path / "cut" / "m" / "metrics.jsonl")
+    result = compare(models, tc, data, tmp_path / "cut", progress=False, tensorboard=False, resume=True)
+    assert calls == [("m", False), ("d", False), ("m", True), ("d", True)]
+    assert sha256_file(tmp_path / "cut" / "m" / "metrics.jsonl") == finished  # kept, not retrained
+    assert result.models["moe"].history == full.models["moe"].history
+    assert result.models["dense"].history == full.models["dense"].history
+    assert result.moe_steps_to_dense_loss == full.moe_steps_to_dense_loss
+    assert [r["step"] for r in read_metrics(tmp_path / "cut" / "d", kind="train")] == list(range(1, 7))

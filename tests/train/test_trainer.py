@@ -206,3 +206,11 @@ def test_refuses_to_overwrite_a_run(data, run_dir):
         train(tiny_dense(), tiny_train(steps=1), data, run_dir, progress=False, tensorboard=False)
     r = train(tiny_dense(), tiny_train(steps=2), data, run_dir, progress=False, tensorboard=False, overwrite=True)
     assert [x["step"] for x in read_metrics(run_dir, kind="train")] == [1, 2] and r.steps_done == 2
+
+
+def test_rows_and_result_say_the_threads_and_load(data, run_dir):
+    r = train(tiny_moe(), tiny_train(steps=2), data, run_dir, progress=False, tensorboard=False)
+    assert r.threads == torch.get_num_threads() >= 1
+    rows = read_metrics(run_dir, kind="train")
+    assert all(row["threads"] == r.threads and "load_avg_1m" in row for row in rows)
+    assert r.load_avg is None or r.load_avg >= 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from moelab.cli.options import check_device, dtype_type, torch_dtype
 from moelab.errors import ConfigError
 from moelab.lab.specialization import AnalysisConfig, analyze_checkpoint, summary_lines
 
@@ -25,10 +26,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-experts", type=int, metavar="E",
                    help="--traffic: experts per layer, when the record does not say (default: from the record)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="held-out data from these files (default: the default corpus's validation split)")
+                   help="held-out data from these files (default: the validation split of the data the run "
+                   "was trained on, as its config.json records; the default corpus for imported models)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-data cache (default runs/cache/data)")
     p.add_argument("--tokens", type=int, default=8192, metavar="N", help="held-out tokens per domain (default 8192)")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: the run directory)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--dtype", type=dtype_type(("fp32", "bf16", "fp16")), default=None,
+                   help="the model's dtype: fp32/float32 (default, as saved), bf16/bfloat16, fp16/float16")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of a moelab run's weights (~1 s per 1.5 GB)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=run)
 
@@ -41,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     if args.num_experts is not None:
         raise ConfigError("--num-experts applies to --traffic only")
     cfg = AnalysisConfig(tokens_per_domain=args.tokens)
+    device = check_device(args.device)
     result = analyze_checkpoint(args.path, data_paths=args.data, cache_dir=args.cache_dir, config=cfg,
-                                out_dir=args.out)
+                                out_dir=args.out, verify=not args.no_verify, device=device,
+                                dtype=torch_dtype(args.dtype) if args.dtype else None)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

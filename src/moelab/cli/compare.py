@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from moelab.cli.train import (
@@ -18,6 +19,7 @@ from moelab.cli.train import (
 )
 from moelab.errors import ConfigError
 from moelab.model import PRESETS
+from moelab.train import TrainingInterrupted
 from moelab.train.compare import compare, compare_seeds, render_seeds, render_table
 
 
@@ -39,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="repeat over N seeds (--seed, --seed+1, ...; runs under DIR/seed-<s>/) and report the "
                    "mean and spread (default 1: one run, under DIR)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted comparison in --out: finished runs are kept, the unfinished one "
+                   "resumes from its checkpoint (same flags as the first time)")
     add_training_arguments(p)
     p.set_defaults(func=run)
 
@@ -69,9 +74,21 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--moe {args.moe!r} is a dense model (its config has no 'moe' section)")
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume keeps the finished runs, --overwrite replaces them: choose one")
     train_cfg = train_config_from_args(args)
     data = load_data(args, vocab.pop())
-    kwargs = dict(progress=not args.no_progress, overwrite=args.overwrite, tensorboard=not args.no_tensorboard)
+    kwargs = dict(progress=not args.no_progress, overwrite=args.overwrite, tensorboard=not args.no_tensorboard,
+                  resume=args.resume)
+    try:
+        return _run(args, configs, train_cfg, data, kwargs)
+    except TrainingInterrupted as e:
+        print(f"moelab compare: interrupted in {e.run_dir} at step {e.step}; checkpoint written. To continue, run "
+              "the same command with --resume (and without --overwrite): finished runs are kept", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, configs: dict, train_cfg, data, kwargs: dict) -> int:
     if args.seeds > 1:
         seeds = compare_seeds(configs, train_cfg, data, args.out,
                               [train_cfg.seed + i for i in range(args.seeds)], **kwargs)

@@ -7,8 +7,7 @@ import logging
 import re
 from pathlib import Path
 
-import torch
-
+from moelab.cli.options import dtype_type, torch_dtype
 from moelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -16,7 +15,6 @@ log = logging.getLogger(__name__)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # moelab.hf.gguf.GGUF_TYPES (not imported: --help stays light)
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_size(text: str, flag: str = "--max-shard-size") -> int:
@@ -41,8 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--type", choices=GGUF_TYPES, help="--to-gguf: tensor type (default f32; norms and router stay f32)")
     p.add_argument("--max-shard-size", default=None, help="--to-hf: shard safetensors above this size (default 5GB)")
     p.add_argument("--tokenizer", help="tokenizer.json to include (default: the source's own)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="--to-hf: weight dtype to write (default: as loaded)")
-    p.add_argument("--overwrite", action="store_true", help="--to-hf / --to-gguf: replace an existing output")
+    p.add_argument("--dtype", type=dtype_type(("fp32", "bf16", "fp16")),
+                   help="--to-hf / --to-moelab: weight dtype to write, fp32/float32, bf16/bfloat16 or fp16/float16 "
+                   "(default: as loaded; --to-moelab: float32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (--to-moelab: only a moelab run, moved aside until the new one is in place)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of a moelab run's weights (--to-hf, --to-gguf) (~1 s per 1.5 GB)")
     p.set_defaults(func=run)
 
 
@@ -55,25 +58,34 @@ def run(args: argparse.Namespace) -> int:
         from moelab.hf.gguf import export_gguf_from
 
         g = export_gguf_from(args.source, args.to_gguf, tokenizer_path=tokenizer, file_type=args.type or "f32",
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, verify=not args.no_verify)
         types = ", ".join(f"{n} {t}" for t, n in sorted(g.types.items()))
         errs = ", ".join(f"{t} {e:.2g}" for t, e in sorted(g.max_abs_err.items()))
         print(f"wrote GGUF {g.path} ({g.file_type}: {g.n_tensors} tensors, {types}; {g.n_bytes / 1e6:.1f} MB; "
               f"read back, max abs error {errs})")
         return 0
     if args.to_moelab:
-        imp = load_hf(args.source)
-        out = save_moelab(imp.model, args.to_moelab, tokenizer_path=tokenizer or imp.tokenizer_path,
-                          source={"hf_dir": str(Path(args.source).resolve()), "model_type": imp.family})
-        print(f"wrote moelab checkpoint {out} ({imp.family}, {imp.model.num_params():,} parameters)")
+        from moelab.io import atomic_dir
+        from moelab.rundir import check_out_dir
+
+        out = Path(args.to_moelab)
+        check_out_dir(out, args.overwrite)  # before the (slow) load: a trained run is never lost silently
+        dtype = torch_dtype(args.dtype or "fp32")
+        imp = load_hf(args.source, dtype=dtype)
+        with atomic_dir(out) as tmp:  # an existing run is moved aside and removed only once this one is in place
+            save_moelab(imp.model, tmp, tokenizer_path=tokenizer or imp.tokenizer_path,
+                        source={"hf_dir": str(Path(args.source).resolve()), "model_type": imp.family})
+        size = (out / "model.safetensors").stat().st_size
+        print(f"wrote moelab checkpoint {out} ({imp.family}, {imp.model.num_params():,} parameters, "
+              f"{str(dtype).removeprefix('torch.')}, {size / 1e6:.1f} MB)")
         return 0
-    loaded = load_moelab(args.source)
+    loaded = load_moelab(args.source, verify=not args.no_verify)
     result = export_hf(
         loaded.model,
         args.to_hf,
         tokenizer_path=tokenizer or loaded.tokenizer_path,
         max_shard_size=parse_size(args.max_shard_size or "5GB"),
-        dtype=_DTYPES[args.dtype] if args.dtype else None,
+        dtype=torch_dtype(args.dtype) if args.dtype else None,
         overwrite=args.overwrite,
     )
     print(f"wrote Hugging Face {result.family} model {result.out_dir} ({len(result.files)} safetensors file(s))")
@@ -83,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse an option the chosen target would ignore."""
     target = "--to-gguf" if args.to_gguf else "--to-hf" if args.to_hf else "--to-moelab"
-    allowed = {"--to-gguf": {"type", "tokenizer", "overwrite"}, "--to-hf": {"max_shard_size", "tokenizer", "dtype", "overwrite"},
-               "--to-moelab": {"tokenizer"}}[target]
-    for name in ("type", "max_shard_size", "dtype", "overwrite"):
+    allowed = {"--to-gguf": {"type", "tokenizer", "overwrite", "no_verify"},
+               "--to-hf": {"max_shard_size", "tokenizer", "dtype", "overwrite", "no_verify"},
+               "--to-moelab": {"tokenizer", "dtype", "overwrite"}}[target]
+    for name in ("type", "max_shard_size", "dtype", "overwrite", "no_verify"):
         if getattr(args, name) not in (None, False) and name not in allowed:
             raise ConfigError(f"--{name.replace('_', '-')} does not apply to {target}")

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from moelab.cli.options import dtype_type
 from moelab.errors import ConfigError
 from moelab.io import atomic_write_json
 
@@ -25,14 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's own)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of a moelab run's weights (~1 s per 1.5 GB)")
     p.add_argument("--record-routing", metavar="OUT.json", help="write per-token expert routing as JSON")
     p.add_argument(
         "--compile",
         action="store_true",
         help="decode with a torch.compile'd static-shape step (the first call compiles for tens of "
-        "seconds, counted in the decode rate printed; then ~1.1-1.3x faster per token; not with "
+        "seconds, printed apart and not counted in the decode rate; then ~1.1-1.3x faster per token; not with "
         "--record-routing)",
     )
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--dtype", type=dtype_type(("fp32", "bf16", "fp16")), default=None,
+                   help="the model's dtype: fp32/float32 (default), bf16/bfloat16, fp16/float16")
     off = p.add_argument_group("offloading (moelab float runs only)")
     off.add_argument(
         "--expert-memory", metavar="SIZE",
@@ -45,13 +51,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' values, checked before anything is loaded or printed (messages name the flag)."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.compile and args.record_routing:
+        raise ConfigError("--compile does not record routing (the compiled step returns logits only); "
+                          "drop --compile or --record-routing")
+    if any(not p for p in args.prompt):
+        raise ConfigError("--prompt is empty; give some text")
+
+
 def run(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
+    from moelab.cli.options import check_device, torch_dtype
     from moelab.data.tokenizer import end_token_ids
     from moelab.hf import load_any
     from moelab.infer.generate import generate
 
+    check_args(args)
     store = None
     if args.expert_memory is not None:
         from moelab.cli.convert import parse_size
@@ -59,11 +84,15 @@ def run(args: argparse.Namespace) -> int:
 
         if args.compile:
             raise ConfigError("--compile does not support --expert-memory (the offloaded experts run eagerly)")
+        if check_device(args.device) != "cpu" or args.dtype:
+            raise ConfigError("--expert-memory runs on --device cpu in the checkpoint's dtype (no --dtype)")
         loaded = load_offloaded(args.path, expert_memory=parse_size(args.expert_memory, "--expert-memory"),
                                 policy=args.offload_policy, scope=args.offload_scope)
         store = loaded.store
     else:
-        loaded = load_any(args.path)
+        loaded = load_any(args.path, verify=not args.no_verify, device=check_device(args.device))
+        if args.dtype:
+            loaded.model.to(torch_dtype(args.dtype))
     tok_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
     if tok_path is None or not tok_path.is_file():
         raise ConfigError(f"{args.path}: no tokenizer.json found; pass --tokenizer PATH")
@@ -98,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         for prompt, text in zip(args.prompt, result.texts or [], strict=True):
             print(f"{prompt}{text}\n---")
+    compiled = f", compile {result.extras['compile_s']:.1f} s (not counted)" if "compile_s" in result.extras else ""
     print(
         f"[{result.new_tokens} new tokens, prefill {result.prefill_s * 1e3:.0f} ms, "
-        f"decode {result.decode_tokens_per_s:.1f} tokens/s]",
+        f"decode {result.decode_tokens_per_s:.1f} tokens/s{compiled}]",
         file=sys.stderr,
     )
     if store is not None:

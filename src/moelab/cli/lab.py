@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from moelab.lab.failures import EXPERIMENTS, SCALES, run_experiment, verdict_table
 
@@ -23,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", default=None, metavar="PATH", help="train on these files instead")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-data cache (default runs/cache/data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted experiment in --out: finished runs are kept, an interrupted one "
+                   "resumes from its checkpoint, the others run")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -35,7 +39,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = cfg.with_(**changes)
     data = prepare_data(args.cache_dir, data_paths=args.data)
     out = args.out or f"runs/lab/{args.experiment}"
-    result = run_experiment(args.experiment, data, out, config=cfg, progress=not args.no_progress)
+    from moelab.train import TrainingInterrupted
+
+    try:
+        result = run_experiment(args.experiment, data, out, config=cfg, progress=not args.no_progress,
+                                resume=args.resume)
+    except TrainingInterrupted as e:
+        print(f"moelab lab: interrupted in {e.run_dir} at step {e.step}; checkpoint written. To continue, run "
+              "the same command with --resume: finished runs are kept", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(result.json_summary(), indent=2))
         return 0

@@ -18,7 +18,15 @@ import logging
 import os
 import sys
 
-from moelab.errors import MoelabError
+# OpenMP workers that spin while they wait turn a busy machine's every barrier into a wait
+# for a descheduled peer: tiny-moe steps ran 5x slower with one competing process (HF's
+# Mixtral 3x), and 1.7x with passive waiting (BENCHMARKS.md, "Training on a busy machine").
+# The OpenMP runtime reads this once, when torch loads, so it is set before any subcommand
+# imports torch; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from moelab import __version__  # noqa: E402
+from moelab.errors import MoelabError  # noqa: E402
 
 # Order is the order shown in `moelab --help`.
 SUBCOMMANDS = [
@@ -60,6 +68,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         epilog="Benchmarks: python -m benchmarks.moe_layer (and the other scripts in benchmarks/).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in [only] if only else SUBCOMMANDS:
         importlib.import_module(f"moelab.cli.{name}").register(sub)

@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--what", default="experts", help="what to quantise: experts (the default and, for now, "
                    "the only choice)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing moelab run")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of a moelab run's weights (~1 s per 1.5 GB)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if out.resolve() == (src if src.is_dir() else src.parent).resolve():
         raise ConfigError(f"OUT {out} is SRC; write the quantised run to a new folder")
     check_out_dir(out, args.overwrite)  # before the (slow) load
-    loaded = load_any(src)
+    loaded = load_any(src, verify=not args.no_verify)
     if any(isinstance(m, QuantizedExperts) for m in loaded.model.modules()) or loaded.kind == "moelab-bf16":
         raise ConfigError(f"{src}: already quantised ({loaded.kind}); quantise the float checkpoint")
     try:

@@ -11,6 +11,7 @@ import json
 
 from moelab.accounting.memory import BYTES_PER_PARAM
 from moelab.accounting.report import preset_lines, render_table, resolve, size_report
+from moelab.cli.options import dtype_type
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("models", nargs="*", metavar="NAME_OR_PATH",
                    help="preset name (see --list), config.json, or a model folder")
     p.add_argument("--list", action="store_true", help="list presets and exit")
-    p.add_argument("--dtype", default="bf16", choices=sorted(BYTES_PER_PARAM),
-                   help="dtype for serving memory and the KV cache (default bf16)")
+    p.add_argument("--dtype", default="bf16", type=dtype_type(tuple(BYTES_PER_PARAM)),
+                   help="dtype for serving memory and the KV cache: fp32/float32, bf16/bfloat16 (default), "
+                   "fp16/float16, fp8, int4")
     p.add_argument("--context", type=int, default=4096, help="context length in tokens (default 4096)")
     p.add_argument("--batch", type=int, default=1, help="sequences in the KV cache (default 1)")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",

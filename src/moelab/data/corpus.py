@@ -161,7 +161,29 @@ def user_data_files(paths: Sequence[str | Path]) -> list[tuple[Path, str, str]]:
             found.append((path, path.stem or path.name, path.name))
         else:
             raise DataError(f"data path {str(raw)!r} is neither a regular file nor a folder")
-    return found
+    return _once_each(found)
+
+
+def _once_each(found: list[tuple[Path, str, str]]) -> list[tuple[Path, str, str]]:
+    """`found` with each file once, by resolved path: a symlink to a file already read (or
+    a path given twice) would otherwise weigh that text double (22% of Debian's
+    /usr/share/common-licenses are such links). The first occurrence is kept; the skipped
+    ones are logged."""
+    seen: dict[Path, str] = {}
+    kept: list[tuple[Path, str, str]] = []
+    skipped: list[str] = []
+    for path, domain, label in found:
+        real = path.resolve()
+        if real in seen:
+            skipped.append(f"{label} (= {seen[real]})")
+            continue
+        seen[real] = label
+        kept.append((path, domain, label))
+    if skipped:
+        logger.info("data: read %d file(s) once each; skipped %d that are the same file as another (symlinks or "
+                    "repeated paths): %s%s", len(kept), len(skipped), ", ".join(skipped[:5]),
+                    f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    return kept
 
 
 def _decode(path: Path) -> str:

@@ -47,8 +47,10 @@ from moelab.data.corpus import (
 from moelab.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     EOS_ID,
+    EOS_STRINGS,
     MIN_VOCAB_SIZE,
     PAD_ID,
+    end_token_ids,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
@@ -72,7 +74,9 @@ class DataConfig:
     """What goes into the prepared data; every field is part of the cache key.
 
     `include_default_corpus=None` means: the default corpus unless `data_paths`
-    are given (user data replaces it); `True` mixes both.
+    are given (user data replaces it); `True` mixes both. `tokenizer` (a tokenizer.json)
+    encodes the data instead of a BPE trained on it (`vocab_size` then does not apply):
+    fine-tuning must see its model's own token ids. It is keyed by its bytes.
     """
 
     data_paths: tuple[str, ...] = ()
@@ -82,6 +86,7 @@ class DataConfig:
     vocab_size: int = DEFAULT_VOCAB_SIZE
     val_fraction: float = 0.05
     seed: int = 0
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.data_paths, str | Path):
@@ -90,7 +95,7 @@ class DataConfig:
                 f"{str(self.data_paths)!r}; wrap it in a list"
             )
         object.__setattr__(self, "data_paths", tuple(str(p) for p in self.data_paths))
-        if (
+        if self.tokenizer is None and (  # a given tokenizer has its own vocabulary
             not isinstance(self.vocab_size, int)
             or not MIN_VOCAB_SIZE <= self.vocab_size <= 2**31 - 1
         ):
@@ -108,6 +113,10 @@ class DataConfig:
                 f"max_chars_per_domain must be None or an integer >= 256, "
                 f"got {self.max_chars_per_domain!r}"
             )
+        if self.tokenizer is not None:
+            object.__setattr__(self, "tokenizer", str(self.tokenizer))
+            if not Path(self.tokenizer).is_file():
+                raise ConfigError(f"tokenizer {self.tokenizer!r} is not a file (expected a tokenizer.json)")
         if not self.uses_default_corpus and not self.data_paths and not self.extra_domains:
             raise ConfigError("include_default_corpus=False needs data_paths or extra_domains")
 
@@ -160,10 +169,12 @@ def fingerprint(config: DataConfig, *, extras_root: Path = Path("/")) -> str:
     """
     key: dict[str, Any] = {
         "format": CACHE_FORMAT_VERSION,
-        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "data_paths"},
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("data_paths", "tokenizer")},
         "python": platform.python_version() if config.uses_default_corpus else None,
         "tokenizers": tokenizers.__version__,
     }
+    if config.tokenizer is not None:
+        key["tokenizer"] = _file_digest(Path(config.tokenizer))
     if config.data_paths:
         key["user_files"] = [
             (label, domain, _file_digest(path))
@@ -198,7 +209,7 @@ def _collect_documents(config: DataConfig, extras_root: Path) -> list[Document]:
     return docs
 
 
-def _encode(tokenizer: Tokenizer, docs: list[Document], dtype: np.dtype) -> np.ndarray:
+def _encode(tokenizer: Tokenizer, docs: list[Document], dtype: np.dtype, eos_id: int = EOS_ID) -> np.ndarray:
     """Token ids of `docs`, each document followed by EOS, as one flat array."""
     if not docs:
         return np.zeros(0, dtype=dtype)
@@ -211,7 +222,7 @@ def _encode(tokenizer: Tokenizer, docs: list[Document], dtype: np.dtype) -> np.n
     finally:
         tokenizer.encode_special_tokens = previous
     parts: list[np.ndarray] = []
-    eos = np.array([EOS_ID], dtype=dtype)
+    eos = np.array([eos_id], dtype=dtype)
     for enc in encodings:
         parts.append(np.asarray(enc.ids, dtype=dtype))
         parts.append(eos)
@@ -233,7 +244,16 @@ def _build(entry: Path, config: DataConfig, fp: str, extras_root: Path) -> None:
     docs = _collect_documents(config, extras_root)
     train_docs, val_docs = split_documents(docs, config.val_fraction)
     t_corpus = time.perf_counter()
-    tokenizer = train_tokenizer(train_docs, config.vocab_size, seed=config.seed)
+    eos_id = EOS_ID
+    if config.tokenizer is None:
+        tokenizer = train_tokenizer(train_docs, config.vocab_size, seed=config.seed)
+    else:  # a model's own tokenizer (fine-tuning): its end-of-text token separates documents
+        tokenizer = load_tokenizer(config.tokenizer)
+        ends = end_token_ids(tokenizer)
+        if not ends:
+            raise DataError(f"tokenizer {config.tokenizer}: no end-of-text token ({', '.join(EOS_STRINGS)}) to "
+                            "separate documents")
+        eos_id = ends[0]
     save_tokenizer(tokenizer, entry / "tokenizer.json")
     t_tok = time.perf_counter()
     vocab_size = tokenizer.get_vocab_size()
@@ -245,7 +265,7 @@ def _build(entry: Path, config: DataConfig, fp: str, extras_root: Path) -> None:
         files[domain] = {}
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             mine = [d for d in split_docs if d.domain == domain]
-            tokens = _encode(tokenizer, mine, dtype)
+            tokens = _encode(tokenizer, mine, dtype, eos_id)
             name = f"{split}-{i:03d}.npy"
             with atomic_path(entry / name) as tmp, open(tmp, "wb") as f:
                 np.save(f, tokens, allow_pickle=False)
@@ -267,7 +287,7 @@ def _build(entry: Path, config: DataConfig, fp: str, extras_root: Path) -> None:
         "domains": domains,
         "files": files,
         "vocab_size": vocab_size,
-        "eos_id": EOS_ID,
+        "eos_id": eos_id,
         "pad_id": PAD_ID,
         "dtype": dtype.name,
         "stats": stats,
@@ -356,13 +376,15 @@ def prepare_data(
     include_default_corpus: bool | None = None,
     val_fraction: float = 0.05,
     extras_root: Path = Path("/"),
+    tokenizer: str | Path | None = None,
 ) -> PreparedData:
     """Build (or load from cache) the corpus, tokenizer and token arrays.
 
     `cache_dir` defaults to `runs/cache/data` under the current directory.
     `data_paths` are text files, folders or `.jsonl` files (see
     `load_user_data`); given alone they replace the default corpus. The second
-    call with the same inputs only memory-maps the cached arrays.
+    call with the same inputs only memory-maps the cached arrays. `tokenizer` (a
+    tokenizer.json) encodes the data instead of a BPE trained on it (`DataConfig`).
     """
     if isinstance(data_paths, str | Path):
         data_paths = [data_paths]
@@ -374,6 +396,7 @@ def prepare_data(
         vocab_size=vocab_size,
         val_fraction=val_fraction,
         seed=seed,
+        tokenizer=str(tokenizer) if tokenizer is not None else None,
     )
     return prepare_data_from_config(config, cache_dir, extras_root=extras_root)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from moelab.errors import CheckpointError
 from moelab.hf import adapter
 from moelab.hf.weights import write_sharded
-from moelab.io import atomic_path, atomic_write_json
+from moelab.io import atomic_dir, atomic_path, atomic_write_json
 from moelab.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -94,15 +93,17 @@ def export_hf(
     cfg = model.cfg
     family = adapter.hf_family_for(cfg)  # raises naming the unexpressible feature
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is a file, not a folder; choose a folder for the export")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
     if max_shard_size <= 0:
         raise CheckpointError(f"max_shard_size must be > 0 bytes, got {max_shard_size}")
     weight_dtype = dtype or next(model.parameters()).dtype
     dtype_name = str(weight_dtype).removeprefix("torch.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    # atomic_dir: assembled beside `out` with the umask's mode (not mkdtemp's 0700); an existing
+    # `out` is moved aside and removed only once the new folder is in place.
+    with atomic_dir(out) as tmp:
         files = write_sharded(hf_tensors(model, family, dtype), tmp, max_shard_size=max_shard_size)
         hf_cfg = adapter.config_to_hf(cfg, dtype=dtype_name)
         gen_cfg: dict = {"do_sample": False}
@@ -121,12 +122,6 @@ def export_hf(
             log.warning("no tokenizer given: %s will have weights and config only", out)
         atomic_write_json(tmp / "config.json", hf_cfg)
         atomic_write_json(tmp / "generation_config.json", gen_cfg)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return HFExport(out, family, [out / f.name for f in files])
 
 

@@ -475,6 +475,7 @@ def export_gguf_from(
     tokenizer_path: str | Path | None = None,
     file_type: str = "f32",
     overwrite: bool = False,
+    verify: bool = True,
 ) -> GGUFExport:
     """`export_gguf` of a moelab run / checkpoint or an HF folder (`moelab.hf.load_any`).
 
@@ -488,7 +489,7 @@ def export_gguf_from(
         raise CheckpointError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")
     if file_type not in GGUF_TYPES:
         raise ConfigError(f"GGUF type {file_type!r} is unknown; choose one of {', '.join(GGUF_TYPES)}")
-    loaded = load_any(source)
+    loaded = load_any(source, verify=verify)
     if loaded.kind.startswith("moelab-"):
         raise ConfigError(
             f"cannot export to GGUF: {source} is a quantised moelab run ({loaded.kind}); export the float run it came from"

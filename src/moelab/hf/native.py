@@ -26,19 +26,22 @@ def save_moelab(
     return save_model(model, out_dir, tokenizer_path=tokenizer_path, source=source)
 
 
-def load_moelab(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a moelab run dir (or its model.safetensors), in eval mode."""
-    return load_model(path, device=device)
+def load_moelab(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
+    """Load a moelab run dir (or its model.safetensors), in eval mode (sha256-checked
+    unless ``verify=False``)."""
+    return load_model(path, device=device, verify=verify)
 
 
-def load_any(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_any(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             verify: bool = True) -> LoadedModel:
     """A moelab checkpoint (run dir or model.safetensors) or a Hugging Face model folder.
 
     A folder whose config.json names the moelab format is a run (and a broken one raises
     the `CheckpointError` of `moelab.rundir.read_run_config`); a run with a "quant" entry
     is loaded by `moelab.quant.load_quantized` (``kind`` "moelab-int8", "moelab-int4",
     "moelab-bf16"); any other folder with a config.json is read as Hugging Face (`dtype`
-    applies to those only).
+    applies to those only). A moelab run's weights are checked against their recorded
+    sha256 unless ``verify=False``.
     """
     from moelab.hf.loader import load_hf
 
@@ -49,8 +52,8 @@ def load_any(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
         if quant_of(read_run_config(p)) is not None:
             from moelab.quant.checkpoint import load_quantized
 
-            return load_quantized(p, device=device)
-        return load_moelab(p, device=device)
+            return load_quantized(p, device=device, verify=verify)
+        return load_moelab(p, device=device, verify=verify)
     if p.is_dir() and (p / "config.json").is_file():
         imp = load_hf(p, dtype=dtype, device=device)
         return LoadedModel(imp.model, imp.config, imp.tokenizer_path, p, kind=imp.family)

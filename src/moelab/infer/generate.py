@@ -223,7 +223,12 @@ def generate(
                 pos = L + step - 1  # column of the token being fed
                 pos_B1 = pos_B1 + 1
                 if step_fn is not None:
+                    t_step = time.perf_counter()
                     logits_BV = step_fn(model, token_B.unsqueeze(1), pos_B1, static_cache)
+                    if step == 1:  # the first compiled call compiles (tens of seconds): timed apart
+                        first_s = time.perf_counter() - t_step
+                        result.extras["compile_s"] = first_s
+                        t0 += first_s
                 else:
                     out = model(
                         token_B.unsqueeze(1),
@@ -238,6 +243,8 @@ def generate(
                 token_B = sample_next(logits_BV, sampling, generator)
             result.decode_s = time.perf_counter() - t0
             result.decode_steps = step - 1  # the first token came from prefill
+            if "compile_s" in result.extras:  # ... and the first compiled step is not a decode rate
+                result.decode_steps -= 1
             if stream is not None and texts is not None:
                 for b in range(B):  # flush what was held back for a stop string that never came
                     if len(texts[b]) > streamed[b]:

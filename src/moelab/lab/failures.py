@@ -111,12 +111,16 @@ def experiment_runs(experiment: str, cfg: LabConfig, vocab_size: int) -> list[Ru
 # --------------------------------------------------------------------------- running
 
 
-def train_run(spec: RunSpec, cfg: LabConfig, data: Any, run_dir: Path, progress: bool) -> RunOutcome:
+def train_run(spec: RunSpec, cfg: LabConfig, data: Any, run_dir: Path, progress: bool,
+              resume: bool = False) -> RunOutcome:
     """Train one run through `moelab.train.train` from a model prepared by `spec`.
 
     A run that diverges is stopped (by the trainer, or here when it fails outside a
-    training step) and its outcome says why; it is never raised.
+    training step) and its outcome says why; it is never raised. ``resume=True``: a run
+    with a checkpoint (finished, or interrupted by Ctrl-C) continues from it, a finished
+    one is read back with its weights, not retrained; any other run starts again.
     """
+    from moelab.rundir import MODEL_FILE, STATE_FILE, load_weights
     from moelab.train import TrainConfig, train
 
     torch.manual_seed(cfg.seed)
@@ -130,8 +134,14 @@ def train_run(spec: RunSpec, cfg: LabConfig, data: Any, run_dir: Path, progress:
     )
     # TensorBoard off: the lab reads metrics.jsonl, and event files cost time on short runs.
     try:
-        result = train(spec.model_cfg, train_cfg, data, run_dir, progress=progress, model=model, tensorboard=False,
-                       overwrite=True)
+        if resume and (run_dir / STATE_FILE).is_file():
+            result = train(spec.model_cfg, train_cfg, data, run_dir, progress=progress, model=model,
+                           tensorboard=False, resume=True)
+            if result.already_done:  # kept as it is; the measurements need its trained weights
+                load_weights(model, run_dir / MODEL_FILE)
+        else:
+            result = train(spec.model_cfg, train_cfg, data, run_dir, progress=progress, model=model,
+                           tensorboard=False, overwrite=True)
         steps_done, nan_steps, stopped = result.steps_done, result.nan_steps, result.stopped_reason
         # A run stopped on NaN has no trained model to evaluate: its last evaluation is
         # from before the divergence (often step 0), so report no val loss at all.
@@ -162,12 +172,14 @@ def run_experiment(
     config: LabConfig | None = None,
     progress: bool = True,
     only: Sequence[str] | None = None,
+    resume: bool = False,
 ) -> ExperimentResult:
     """Run the paired runs of `experiment`, summarise them, write plots and ``experiment.json``.
 
     `data` is a `moelab.data.PreparedData`; each run goes to ``out_dir/<run name>/``
     (a full run directory). `only` restricts to some run names (tests, the demo).
     A run that diverges is stopped by the trainer and reported, never raised.
+    ``resume=True`` keeps the finished runs of an interrupted experiment (`train_run`).
     """
     exp = get_experiment(experiment)
     cfg = config or LabConfig()
@@ -182,7 +194,7 @@ def run_experiment(
     metrics: dict[str, RunMetrics] = {}
     for spec in specs:
         logger.info("lab %s: run %s (%s)", experiment, spec.name, spec.description)
-        run = train_run(spec, cfg, data, out / spec.name, progress)
+        run = train_run(spec, cfg, data, out / spec.name, progress, resume=resume)
         metrics[spec.name] = run.metrics
         measured = exp.measure(run.model, data, cfg) if run.finished else {}
         summary = summarize_run(

@@ -63,13 +63,20 @@ class Sources:
     runs: list[Path] = field(default_factory=list)  # training runs (metrics.jsonl)
     experiments: list[Path] = field(default_factory=list)  # lab experiments (experiment.json)
     analyses: list[Path] = field(default_factory=list)  # analysis.json files
+    skipped: list[str] = field(default_factory=list)  # "folder (why)" for folders not searched
+
+
+# Folders that hold no runs of their own: a run's TensorBoard log and plots, the data cache.
+_NOT_RUNS = frozenset({"tb", "plots", "cache"})
 
 
 def find_sources(paths: Sequence[str | Path]) -> Sources:
-    """Classify each folder (and, when it is none of the kinds, its sub-folders)."""
+    """Classify each folder (and, when it is none of the kinds, its sub-folders, at any
+    depth). Hidden folders (``.git``, an overwritten run moved aside), symlinks to folders
+    and the folders in `_NOT_RUNS` are not searched; `Sources.skipped` names them."""
     src = Sources()
 
-    def visit(p: Path, depth: int) -> bool:
+    def visit(p: Path, depth: int = 0) -> bool:
         found = False
         if (p / "experiment.json").is_file():
             src.experiments.append(p)
@@ -80,9 +87,14 @@ def find_sources(paths: Sequence[str | Path]) -> Sources:
         if (p / "analysis.json").is_file():
             src.analyses.append(p / "analysis.json")
             found = True
-        if not found and depth > 0 and p.is_dir():
+        if not found and p.is_dir():
             for child in sorted(c for c in p.iterdir() if c.is_dir()):
-                found |= visit(child, depth - 1)
+                if child.name.startswith("."):
+                    src.skipped.append(f"{child} (hidden)")
+                elif child.is_symlink():
+                    src.skipped.append(f"{child} (a symlink, not followed)")
+                elif child.name not in _NOT_RUNS:
+                    found |= visit(child, depth + 1)
         return found
 
     for raw in paths:
@@ -91,7 +103,7 @@ def find_sources(paths: Sequence[str | Path]) -> Sources:
             raise DataError(f"{p} does not exist (expected a run, lab experiment or analysis folder)")
         if p.is_file():
             p = p.parent
-        if not visit(p, 2):
+        if not visit(p):
             raise DataError(
                 f"{p} holds no metrics.jsonl, experiment.json or analysis.json (nor do its sub-folders): "
                 "nothing to report"
@@ -260,6 +272,10 @@ def build_report(
     """
     src = find_sources(paths)
     out_path = Path(out_path)
+    logger.info("report: %d run(s), %d experiment(s), %d analysis file(s)", len(src.runs), len(src.experiments),
+                len(src.analyses))
+    if src.skipped:
+        logger.info("report: skipped %s", "; ".join(src.skipped))
 
     # Summary
     summary = [f"<p>Generated {html.escape(time.strftime('%Y-%m-%d %H:%M'))} from "

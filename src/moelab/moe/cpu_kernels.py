@@ -277,37 +277,58 @@ class SegmentedFFN(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, w_in_EHD, w_out_EDF, weight_A, h_AH, token_idx_A = ctx.saved_tensors
-        fused = token_idx_A is not None
-        need_x, need_win, need_wout, need_w = ctx.needs_input_grad[:4]
-        w_A1 = weight_A.to(h_AH.dtype).unsqueeze(-1)
-        grad = grad.contiguous()
-        dx = (torch.zeros_like(x) if fused else torch.empty_like(x)) if need_x else None
-        dw_in = _zero_unused(torch.empty_like(w_in_EHD), ctx.counts) if need_win else None
-        dw_out = _zero_unused(torch.empty_like(w_out_EDF), ctx.counts) if need_wout else None
-        dweight_A = h_AH.new_empty(h_AH.shape[0]) if need_w else None
-        for b0, b1, segs in ctx.chunks:
-            tok_R = token_idx_A[b0:b1] if fused else None
-            g_RD = gather_rows(grad, tok_R) if fused else grad[b0:b1]
-            h_RH = h_AH[b0:b1]
-            act_RF, silu_RF = _act_recompute(h_RH, ctx.activation)  # recomputed, not saved
-            if need_wout:
-                _seg_weight_grad(dw_out, g_RD, act_RF * w_A1[b0:b1], segs)
-            if not (need_x or need_win or need_w):
-                continue
-            u_RF = seg_mm(g_RD, w_out_EDF, segs, transpose=False)
-            if need_w:
-                dweight_A[b0:b1] = (act_RF * u_RF).sum(dim=-1)
-            if need_x or need_win:
-                dh_RH = _act_backward(u_RF.mul_(w_A1[b0:b1]), h_RH, ctx.activation, silu_RF)
-                if need_win:
-                    _seg_weight_grad(dw_in, dh_RH, gather_rows(x, tok_R) if fused else x[b0:b1], segs)
-                if need_x and fused:
-                    scatter_add_rows(dx, tok_R, seg_mm(dh_RH, w_in_EHD, segs, transpose=False))
-                elif need_x:
-                    seg_mm(dh_RH, w_in_EHD, segs, transpose=False, out_RO=dx[b0:b1])
-        if dweight_A is not None:
-            dweight_A = dweight_A.to(weight_A.dtype)
-        return dx, dw_in, dw_out, dweight_A, None, None, None, None
+        grads = segmented_ffn_backward(grad, x, w_in_EHD, w_out_EDF, weight_A, h_AH, token_idx_A, ctx.chunks,
+                                       ctx.counts, ctx.activation, tuple(ctx.needs_input_grad[:4]))
+        return *grads, None, None, None, None
+
+
+def segmented_ffn_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w_in_EHD: torch.Tensor,
+    w_out_EDF: torch.Tensor,
+    weight_A: torch.Tensor,
+    h_AH: torch.Tensor,
+    token_idx_A: torch.Tensor | None,
+    chunks: list[Chunk],
+    counts: list[int],
+    activation: str,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`SegmentedFFN`'s backward (its docstring has the maths): ``(dx, dW_in, dW_out,
+    dweight_A)``, each None where `needs` says its input needs no gradient. Also the
+    backward of the opaque training op (`moelab.moe.ops`)."""
+    fused = token_idx_A is not None
+    need_x, need_win, need_wout, need_w = needs
+    w_A1 = weight_A.to(h_AH.dtype).unsqueeze(-1)
+    grad = grad.contiguous()
+    dx = (torch.zeros_like(x) if fused else torch.empty_like(x)) if need_x else None
+    dw_in = _zero_unused(torch.empty_like(w_in_EHD), counts) if need_win else None
+    dw_out = _zero_unused(torch.empty_like(w_out_EDF), counts) if need_wout else None
+    dweight_A = h_AH.new_empty(h_AH.shape[0]) if need_w else None
+    for b0, b1, segs in chunks:
+        tok_R = token_idx_A[b0:b1] if fused else None
+        g_RD = gather_rows(grad, tok_R) if fused else grad[b0:b1]
+        h_RH = h_AH[b0:b1]
+        act_RF, silu_RF = _act_recompute(h_RH, activation)  # recomputed, not saved
+        if need_wout:
+            _seg_weight_grad(dw_out, g_RD, act_RF * w_A1[b0:b1], segs)
+        if not (need_x or need_win or need_w):
+            continue
+        u_RF = seg_mm(g_RD, w_out_EDF, segs, transpose=False)
+        if need_w:
+            dweight_A[b0:b1] = (act_RF * u_RF).sum(dim=-1)
+        if need_x or need_win:
+            dh_RH = _act_backward(u_RF.mul_(w_A1[b0:b1]), h_RH, activation, silu_RF)
+            if need_win:
+                _seg_weight_grad(dw_in, dh_RH, gather_rows(x, tok_R) if fused else x[b0:b1], segs)
+            if need_x and fused:
+                scatter_add_rows(dx, tok_R, seg_mm(dh_RH, w_in_EHD, segs, transpose=False))
+            elif need_x:
+                seg_mm(dh_RH, w_in_EHD, segs, transpose=False, out_RO=dx[b0:b1])
+    if dweight_A is not None:
+        dweight_A = dweight_A.to(weight_A.dtype)
+    return dx, dw_in, dw_out, dweight_A
 
 
 def _one_row_each(

@@ -145,11 +145,19 @@ def _segmented(experts: RoutedExperts, x: torch.Tensor, counts_E: torch.Tensor, 
     cast = _autocast_dtype(experts, x)
     if cast is not None:
         w_in, w_out = w_in.to(cast), w_out.to(cast)
-        y = cpu_kernels.segmented_ffn(x.to(cast), w_in, w_out, weight_A, counts_E, experts.activation, token_idx_A)
-        return y.to(x.dtype)
-    if token_idx_A is None and torch.compiler.is_compiling() and not torch.is_grad_enabled():
-        return ops.segmented_expert_ffn(x, w_in, w_out, weight_A, counts_E, experts.activation)
-    return cpu_kernels.segmented_ffn(x, w_in, w_out, weight_A, counts_E, experts.activation, token_idx_A)
+        return _segmented_call(x.to(cast), w_in, w_out, weight_A, counts_E, experts.activation, token_idx_A).to(x.dtype)
+    return _segmented_call(x, w_in, w_out, weight_A, counts_E, experts.activation, token_idx_A)
+
+
+def _segmented_call(x, w_in, w_out, weight_A, counts_E, activation, token_idx_A):
+    """Eager: the kernel itself. Compiled: an opaque op, so the graph does not specialise
+    on the routing (`moelab.moe.ops`); with gradients when the graph trains."""
+    if token_idx_A is None and torch.compiler.is_compiling():
+        if not torch.is_grad_enabled():
+            return ops.segmented_expert_ffn(x, w_in, w_out, weight_A, counts_E, activation)
+        if x.device.type == "cpu":
+            return ops.segmented_expert_ffn_train(x, w_in, w_out, weight_A, counts_E, activation)
+    return cpu_kernels.segmented_ffn(x, w_in, w_out, weight_A, counts_E, activation, token_idx_A)
 
 
 def _segmented_forward(experts: RoutedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor):

@@ -43,14 +43,15 @@ from moelab.rundir import (
     QUANT_METADATA_KEY,
     LoadedModel,
     assign_weights,
+    check_out_dir,
     config_path,
     existing_run_paths,
-    is_run_dir,
     model_config_of,
     quant_of,
     read_run_config,
     save_model,
     tokenizer_of,
+    verify_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -97,22 +98,6 @@ def _check_model_is(model: nn.Module, fmt: QuantFormat | str) -> None:
         if not ok:
             raise ConfigError(f"save_quantized: fmt={want!r} but {name}.experts are {have}; "
                               "quantise the model to that format first (moelab.quant.quantize_model)")
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an `out` that `save_quantized` may not write: a file, a non-empty folder
-    without `overwrite`, or (even with it) a non-empty folder that is not a moelab run."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a folder")
-    if not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise CheckpointError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
-    if not is_run_dir(out):
-        raise CheckpointError(f"{out}: exists and is not a moelab run directory; refusing to replace it "
-                              "(even with overwrite)")
 
 
 def save_quantized(
@@ -196,7 +181,7 @@ def _swap_experts(model: Transformer, fmt: QuantFormat | str, cfg_path: Path) ->
     return frozenset(exact)
 
 
-def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
+def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
     """A quantised run directory (or its ``model.safetensors``) as a model in eval mode.
 
     The `Transformer` is built on the meta device from the config's "model", each MoE
@@ -204,7 +189,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> L
     (bf16: cast), then every tensor is assigned from the file with `moelab.rundir`'s
     checks (a missing, unexpected, mis-shaped or mis-typed tensor, a truncated file:
     `CheckpointError` naming the file and tensor). int4's kernel copy is rebuilt. The
-    result's ``kind`` is ``"moelab-<format>"``.
+    result's ``kind`` is ``"moelab-<format>"``. The file is checked against its recorded
+    sha256 first (`moelab.rundir.verify_weights`) unless ``verify=False``.
     """
     run_dir, weights = existing_run_paths(path)
     run_cfg = read_run_config(run_dir)
@@ -216,6 +202,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> L
     fmt = read_quant_entry(entry, cfg_path)
     name = fmt.name if isinstance(fmt, QuantFormat) else fmt
     cfg = model_config_of(run_cfg, run_dir)
+    if verify:
+        verify_weights(run_dir, weights, run_cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
         exact = _swap_experts(model, fmt, cfg_path)

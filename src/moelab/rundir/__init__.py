@@ -1,8 +1,9 @@
 """Run directories: the one on-disk contract shared by trainer, lab, analysis, HF interop,
 generation and accounting.
 
-    config.json            {"format": "moelab-run", "version": 1, "model", "train", "data"[, "source"][, "quant"]}
-    model.safetensors      the weights (a tied head stored once)
+    config.json            {"format": "moelab-run", "version": 1, "model", "train", "data"[, "source"][, "quant"]
+                            [, "sha256": {"model.safetensors": hex}]}   (sha256: runs written by `save_model`)
+    model.safetensors      the weights (a tied head stored once); every loader checks its sha256
     tokenizer.json         the tokenizer the run used
     optimizer.safetensors  trainer only: optimizer tensors   (`moelab.train.checkpoint`)
     trainer_state.json     trainer only: step, RNG, sha256s  (`moelab.train.checkpoint`)
@@ -30,8 +31,10 @@ _EXPORTS = {
     "QUANT_METADATA_KEY": "moelab.rundir.files",
     "RUN_FORMAT": "moelab.rundir.files",
     "RUN_VERSION": "moelab.rundir.files",
+    "SHA256_KEY": "moelab.rundir.files",
     "STATE_FILE": "moelab.rundir.files",
     "TOKENIZER_FILE": "moelab.rundir.files",
+    "check_out_dir": "moelab.rundir.files",
     "config_path": "moelab.rundir.files",
     "existing_run_paths": "moelab.rundir.files",
     "is_run_dir": "moelab.rundir.files",
@@ -39,6 +42,7 @@ _EXPORTS = {
     "model_config_of": "moelab.rundir.files",
     "quant_of": "moelab.rundir.files",
     "read_run_config": "moelab.rundir.files",
+    "recorded_sha256": "moelab.rundir.files",
     "run_dir_of": "moelab.rundir.files",
     "tokenizer_of": "moelab.rundir.files",
     "write_run_config": "moelab.rundir.files",
@@ -49,8 +53,10 @@ _EXPORTS = {
     "model_state": "moelab.rundir.weights",
     "read_tensors": "moelab.rundir.weights",
     "save_model": "moelab.rundir.weights",
+    "save_safetensors": "moelab.rundir.weights",
     "save_weights": "moelab.rundir.weights",
     "tied_names": "moelab.rundir.weights",
+    "verify_weights": "moelab.rundir.weights",
 }
 
 __all__ = sorted(_EXPORTS)

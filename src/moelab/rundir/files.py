@@ -30,6 +30,14 @@ TOKENIZER_FILE = "tokenizer.json"
 # model.safetensors this metadata key; `moelab.rundir.load_model` refuses such a run.
 QUANT_KEY = "quant"
 QUANT_METADATA_KEY = "moelab_quant"
+# The sha256 of model.safetensors: in trainer_state.json (trained runs, with the optimizer's)
+# or in config.json (runs written by `save_model`: converted, quantised), under this key.
+SHA256_KEY = "sha256"
+# Everything moelab itself writes into a run folder: the trainer's files (metrics.jsonl, tb/
+# are `moelab.train.metrics`'), and `moelab analyze`'s. `train --overwrite` replaces a folder
+# holding only these (and dot-files, temporaries); anything else is a user's, never removed.
+RUN_DIR_NAMES = frozenset({CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TOKENIZER_FILE, "metrics.jsonl",
+                           "tb", "analysis.json", "analysis.html", "plots"})
 
 
 def run_dir_of(path: str | Path) -> Path:
@@ -123,9 +131,11 @@ def write_run_config(
     *,
     source: dict | None = None,
     quant: dict | None = None,
+    sha256: dict[str, str] | None = None,
 ) -> Path:
     """Write ``config.json`` (atomically); `source` records where converted weights came
-    from, `quant` how the experts are quantised (`moelab.quant.checkpoint`)."""
+    from, `quant` how the experts are quantised (`moelab.quant.checkpoint`), `sha256` the
+    digests of the files already written (``{MODEL_FILE: hex}``, `recorded_sha256`)."""
     body: dict[str, Any] = {
         "format": RUN_FORMAT,
         "version": RUN_VERSION,
@@ -137,9 +147,49 @@ def write_run_config(
         body["source"] = source
     if quant is not None:
         body[QUANT_KEY] = quant
+    if sha256 is not None:
+        body[SHA256_KEY] = sha256
     path = Path(run_dir) / CONFIG_FILE
     atomic_write_json(path, body)
     return path
+
+
+def recorded_sha256(run_dir: str | Path, cfg: dict | None = None) -> str | None:
+    """The sha256 the run recorded for its ``model.safetensors``, or None (a run written
+    before digests were recorded). A trained run's ``trainer_state.json`` comes first: it
+    is rewritten with every checkpoint, the config only at the start of a run.
+
+    `cfg` is the run's config as `read_run_config` returned it (read again if None)."""
+    state_path = Path(run_dir) / STATE_FILE
+    if state_path.is_file():
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{state_path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+        digest = state.get(SHA256_KEY, {}).get(MODEL_FILE) if isinstance(state, dict) else None
+        if isinstance(digest, str):
+            return digest
+    cfg = read_run_config(run_dir) if cfg is None else cfg
+    digest = (cfg.get(SHA256_KEY) or {}).get(MODEL_FILE)
+    return digest if isinstance(digest, str) else None
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> None:
+    """Refuse an `out` that a writer of a whole run folder (`moelab.quant.save_quantized`,
+    ``convert --to-moelab``) may not replace: a file, a non-empty folder without
+    `overwrite`, or (even with it) a non-empty folder that is not a moelab run."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is a file, not a folder; choose a folder for the run")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
+    if not is_run_dir(out):
+        raise CheckpointError(f"{out}: exists and is not a moelab run directory; refusing to replace it "
+                              "(even with overwrite)")
 
 
 def tokenizer_of(run_dir: str | Path) -> Path | None:

@@ -11,10 +11,16 @@
   the file (see `moelab.hf.loader`).
 * `assign_weights` is that second half on its own, for loaders that build a different
   module tree on meta first (`moelab.quant.load_quantized`: quantised experts).
+* Every loader of a run first checks ``model.safetensors`` against the sha256 the run
+  recorded (`verify_weights`): a flipped bit would otherwise load silently (a damaged
+  exponent bit is a wrong model, not an error). The cost is one extra read of the file:
+  ~1.4-1.6 GB/s with SHA-NI (`moelab.io.sha256_file`), so ~1 s per 1.5 GB, a minute for
+  a 90 GB model; ``verify=False`` (``--no-verify``) skips it.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,17 +34,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moelab.errors import CheckpointError
-from moelab.io import atomic_path
+from moelab.io import atomic_path, sha256_file
 from moelab.model import ModelConfig, Transformer
 from moelab.rundir.files import (
     MODEL_FILE,
     QUANT_METADATA_KEY,
+    STATE_FILE,
     TOKENIZER_FILE,
     config_path,
     existing_run_paths,
     model_config_of,
     quant_of,
     read_run_config,
+    recorded_sha256,
     tokenizer_of,
     write_run_config,
 )
@@ -205,12 +213,32 @@ def assign_weights(
     return metadata
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
+def verify_weights(run_dir: Path, weights: Path, run_cfg: dict | None = None) -> bool:
+    """Check `weights` against the sha256 its run recorded (module docstring); a mismatch
+    raises `CheckpointError` naming the file and ``--no-verify``. Returns whether a digest
+    was there to check (a run written before digests were recorded has none; a weights
+    file other than the run's ``model.safetensors`` is not covered by it)."""
+    if weights.name != MODEL_FILE or weights.parent != run_dir or not weights.is_file():
+        return False
+    digest = recorded_sha256(run_dir, run_cfg)
+    if digest is None:
+        return False
+    if sha256_file(weights) != digest:
+        where = STATE_FILE if (run_dir / STATE_FILE).is_file() else "config.json"
+        raise CheckpointError(
+            f"{weights} does not match the sha256 recorded in {run_dir / where}: the file is corrupt or was "
+            "replaced; restore it (or pass --no-verify / verify=False to load it anyway)"
+        )
+    return True
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
     """A trained model from a run directory (or its ``model.safetensors``), in eval mode.
 
     The model is built from the run's ``config.json`` on the meta device and its tensors
     assigned from the file (module docstring); a missing, corrupt or mismatched file
-    raises `CheckpointError` naming the file (and the tensor). A quantised run (a
+    raises `CheckpointError` naming the file (and the tensor), and so does a file whose
+    sha256 differs from the recorded one (unless ``verify=False``). A quantised run (a
     "quant" entry in config.json) is refused: this layer knows no quantised experts.
     """
     run_dir, weights = existing_run_paths(path)
@@ -223,6 +251,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Loade
             "load it with moelab.hf.load_any or moelab.quant.load_quantized"
         )
     cfg = model_config_of(run_cfg, run_dir)
+    if verify:
+        verify_weights(run_dir, weights, run_cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
     assign_weights(model, weights, device=device)
@@ -232,9 +262,32 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Loade
 # ---------------------------------------------------------------------------- writing
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, *, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, byte-reproducible: the same tensors and metadata give
+    the same bytes (and sha256) in every process.
+
+    safetensors writes the header's ``__metadata__`` in its Rust hash map's order, which
+    is randomised per process (20 saves of one dict gave 16 different files); the tensor
+    entries are already in a fixed order. The header is rewritten in place with the
+    metadata keys sorted: the same keys and values, so the same length.
+    """
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw, object_pairs_hook=dict)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > n:
+            raise CheckpointError(f"internal: {path}: the sorted safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))  # safetensors pads its header with spaces
+
+
 def save_weights(model: nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> None:
-    """Write `model_state(model)` to `path` as is (callers make it atomic)."""
-    save_file(model_state(model), str(path), metadata={"format": "pt", **(metadata or {})})
+    """Write `model_state(model)` to `path` as is (callers make it atomic), byte-reproducibly."""
+    save_safetensors(model_state(model), path, metadata={"format": "pt", **(metadata or {})})
 
 
 def save_model(
@@ -249,8 +302,9 @@ def save_model(
 ) -> Path:
     """Write `model` as a run directory (weights, tokenizer, config.json); returns it.
 
-    Each file is written atomically; ``config.json`` comes last, so a folder that
-    `is_run_dir` recognises has its weights complete. `quant` (from
+    Each file is written atomically; ``config.json`` comes last, with the weights'
+    sha256 (which every loader checks), so a folder that `is_run_dir` recognises has its
+    weights complete. `quant` (from
     `moelab.quant.checkpoint`) goes into config.json as its "quant" entry, and its
     "format" into the safetensors metadata as ``moelab_quant``.
     """
@@ -259,8 +313,9 @@ def save_model(
     metadata = {QUANT_METADATA_KEY: str(quant["format"])} if quant is not None else None
     with atomic_path(out / MODEL_FILE) as tmp:
         save_weights(model, tmp, metadata=metadata)
+        digest = sha256_file(tmp)
     if tokenizer_path is not None:
         with atomic_path(out / TOKENIZER_FILE) as tmp:
             shutil.copyfile(tokenizer_path, tmp)
-    write_run_config(out, model.cfg, train, data, source=source, quant=quant)
+    write_run_config(out, model.cfg, train, data, source=source, quant=quant, sha256={MODEL_FILE: digest})
     return out

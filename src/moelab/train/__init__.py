@@ -6,13 +6,21 @@ for callers that load a trained run from `moelab.train`.
 
 from moelab.rundir import LoadedModel, load_model, read_run_config
 from moelab.train.metrics import MetricsWriter, read_metrics
-from moelab.train.trainer import TrainConfig, TrainResult, evaluate, lr_at, train
+from moelab.train.trainer import (
+    TrainConfig,
+    TrainingInterrupted,
+    TrainResult,
+    evaluate,
+    lr_at,
+    train,
+)
 
 __all__ = [
     "LoadedModel",
     "MetricsWriter",
     "TrainConfig",
     "TrainResult",
+    "TrainingInterrupted",
     "evaluate",
     "load_model",
     "lr_at",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -25,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from moelab.errors import CheckpointError
-from moelab.io import atomic_path
+from moelab.io import atomic_path, free_space_text, is_disk_full, sha256_file
 from moelab.rundir.files import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
-from moelab.rundir.weights import load_weights, read_tensors, save_weights
+from moelab.rundir.weights import load_weights, read_tensors, save_safetensors, save_weights
 
 # ---------------------------------------------------------------------------- config
 
@@ -80,12 +78,7 @@ def restore_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
@@ -120,6 +113,23 @@ def save_checkpoint(
 ) -> None:
     """Write model, optimizer and trainer state for `step` (see the module docstring)."""
     run_dir = Path(run_dir)
+    try:
+        _save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, state=state)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        # The atomic writes left no partial file and the previous checkpoint as it was.
+        then = ("the previous checkpoint is intact: free some space, then continue with --resume"
+                if (run_dir / STATE_FILE).is_file() else
+                "no file was half-written: free some space, then start again with --overwrite")
+        raise CheckpointError(
+            f"cannot write the step-{step} checkpoint in {run_dir}: the disk is full "
+            f"({free_space_text(run_dir)}); {then}"
+        ) from None
+
+
+def _save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                     state: dict) -> None:
     meta = {"moelab_step": str(step)}
     opt_tensors, opt_json = _optimizer_payload(model, optimizer)
     with contextlib.ExitStack() as stack:
@@ -128,7 +138,7 @@ def save_checkpoint(
         model_tmp = stack.enter_context(atomic_path(run_dir / MODEL_FILE))
         opt_tmp = stack.enter_context(atomic_path(run_dir / OPTIMIZER_FILE))
         save_weights(model, model_tmp, metadata=meta)
-        save_file(opt_tensors, str(opt_tmp), metadata={"format": "pt", **meta})
+        save_safetensors(opt_tensors, opt_tmp, metadata={"format": "pt", **meta})
         full = {
             "step": step,
             "optimizer": opt_json,

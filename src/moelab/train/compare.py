@@ -24,6 +24,7 @@ from moelab.accounting.flops import forward_flops_per_token, training_flops_per_
 from moelab.data import PreparedData
 from moelab.errors import ConfigError
 from moelab.model import ModelConfig
+from moelab.rundir.files import STATE_FILE
 from moelab.train.trainer import TrainConfig, TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class ModelSummary:
     history: list[dict] = field(default_factory=list)  # {"step", "val_loss"}
     stopped_reason: str | None = None
     run_dir: str | None = None
+    threads: int = 0
+    load_avg: float | None = None  # median 1-minute load average while it trained: timings depend on it
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ def summarize(name: str, role: str, cfg: ModelConfig, train_cfg: TrainConfig, re
         history=result.history,
         stopped_reason=result.stopped_reason,
         run_dir=str(result.out_dir) if result.out_dir else None,
+        threads=result.threads,
+        load_avg=result.load_avg,
     )
 
 
@@ -124,9 +129,14 @@ def compare(
     progress: bool = True,
     overwrite: bool = False,
     tensorboard: bool = True,
+    resume: bool = False,
 ) -> ComparisonResult:
     """Train each model (``{role: (name, config)}``, roles from `ROLES`; "moe" and "dense"
-    required) under ``out_dir/<name>`` and compare them."""
+    required) under ``out_dir/<name>`` and compare them.
+
+    ``resume=True`` continues an interrupted comparison: a finished run is kept as it is
+    (read back, not retrained), one with a checkpoint resumes from it, one killed before
+    its first checkpoint starts again, a missing one is trained."""
     missing = {"moe", "dense"} - set(models)
     if missing:
         raise ValueError(f"compare needs the roles 'moe' and 'dense'; missing {sorted(missing)}")
@@ -143,8 +153,13 @@ def compare(
             continue
         name, cfg = models[role]
         logger.info("training %s (%s) for %d steps", name, role, train_cfg.steps)
-        result = train(cfg, train_cfg, data, out_dir / name, progress=progress, overwrite=overwrite,
-                       tensorboard=tensorboard)
+        run_dir = out_dir / name
+        if resume and (run_dir / STATE_FILE).is_file():
+            logger.info("%s: resuming %s", name, run_dir)
+            result = train(cfg, train_cfg, data, run_dir, progress=progress, tensorboard=tensorboard, resume=True)
+        else:
+            result = train(cfg, train_cfg, data, run_dir, progress=progress, tensorboard=tensorboard,
+                           overwrite=overwrite or (resume and run_dir.is_dir()))
         summaries[role] = summarize(name, role, cfg, train_cfg, result)
         logger.info("%s: val_loss %s, %.0f tokens/s", name, result.val_loss, result.tokens_per_s)
 
@@ -278,7 +293,9 @@ def render_table(result: ComparisonResult) -> str:
     else:
         lines.append(f"\n{moe.name} did not reach {dense.name}'s final val loss within {moe.steps_done} steps")
     if result.time_per_step_ratio is not None:
-        lines.append(f"time per step, {moe.name} / {dense.name}: {result.time_per_step_ratio:.2f}x")
+        under = "; ".join(f"{m.name} {m.threads} threads, load {m.load_avg:.1f}" for m in rows if m.load_avg is not None)
+        lines.append(f"time per step, {moe.name} / {dense.name}: {result.time_per_step_ratio:.2f}x"
+                     + (f" (measured under: {under})" if under else ""))
     for m in rows:
         if m.stopped_reason:
             lines.append(f"{m.name} stopped early: {m.stopped_reason}")

@@ -7,6 +7,10 @@ and writes a run directory (`moelab.rundir`, `moelab.train.checkpoint`). Design 
   (`moelab.data.TokenBatcher`), the learning rate a pure function of the step, and the
   checkpoint holds the model, the AdamW state and every RNG state; so a run resumed from
   step s retraces the uninterrupted run's losses and, on CPU, its parameters bit for bit.
+* Ctrl-C is a request, not a crash: the first SIGINT lets the step in flight finish (an
+  optimizer step cut in half would be a state no run ever had), writes a checkpoint at
+  that step and raises `TrainingInterrupted`; a second SIGINT stops at once (the last
+  checkpoint is intact, as always). Resuming then retraces the uninterrupted run.
 * Non-finite losses never crash: a NaN/Inf loss or gradient norm, or a router that sees
   NaN/Inf logits (`NonFiniteRouterError`), stops the run before the optimizer step, with
   ``stopped_reason`` set, the metrics written and the last good checkpoint untouched.
@@ -34,9 +38,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import shutil
+import signal
 import statistics
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -55,7 +63,7 @@ from moelab.model import ModelConfig, Transformer
 from moelab.moe import NonFiniteRouterError
 from moelab.rundir import files as run_files
 from moelab.train import checkpoint as ckpt
-from moelab.train.metrics import METRICS_FILE, TB_DIR, MetricsWriter, read_metrics, truncate_metrics
+from moelab.train.metrics import METRICS_FILE, MetricsWriter, read_metrics, truncate_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +150,38 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
         raise ConfigError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT during `train`: the run stopped after `step`, checkpointed in `run_dir`."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint written in {run_dir}")
+        self.run_dir, self.step = run_dir, step
+
+
+class _DeferredSigint:
+    """While active (main thread only), the first SIGINT sets `requested`; the second one
+    raises KeyboardInterrupt as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _DeferredSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupt: finishing this step, then writing a checkpoint (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 @dataclass
 class TrainResult:
     steps_done: int
@@ -154,6 +194,10 @@ class TrainResult:
     nan_steps: int = 0
     out_dir: Path | None = None
     num_params: int = 0
+    # True when a resume found the run already at `steps`: nothing was trained or written.
+    already_done: bool = False
+    threads: int = 0  # torch's compute threads during the run
+    load_avg: float | None = None  # median 1-minute load average over the steps: what the timings were measured under
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -205,7 +249,6 @@ def describe_data(data: PreparedData) -> dict:
     }
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     batches_by_domain: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
@@ -213,10 +256,25 @@ def evaluate(
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> tuple[float, dict[str, float]]:
     """(overall, per-domain) validation LM loss; overall is token-weighted (module docstring)."""
+    loss, by_domain, _ = evaluate_with_load(model, batches_by_domain, device, autocast)
+    return loss, by_domain
+
+
+@torch.no_grad()
+def evaluate_with_load(
+    model: nn.Module,
+    batches_by_domain: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[float, dict[str, float], dict[str, list[float]]]:
+    """`evaluate`, plus each MoE layer's expert load on the validation tokens: ``{layer:
+    [share of assignments per expert]}`` (1/E each when balanced). Every eval row records
+    it, so a run (a fine-tuning above all) shows how its balance drifts."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
     by_domain: dict[str, float] = {}
+    load: dict[int, torch.Tensor] = {}
     try:
         for domain, batches in batches_by_domain.items():
             d_loss, d_tokens = 0.0, 0
@@ -224,6 +282,9 @@ def evaluate(
                 x, y = x.to(device), y.to(device)
                 with autocast():
                     out = model(x, targets=y, return_logits=False)
+                for layer, stats in out.layer_stats.items():
+                    counts = stats.tokens_per_expert.detach().to("cpu", torch.float64)
+                    load[layer] = load[layer] + counts if layer in load else counts
                 n = int((y != -100).sum())
                 d_loss += float(out.lm_loss) * n
                 d_tokens += n
@@ -232,7 +293,8 @@ def evaluate(
             total_tokens += d_tokens
     finally:
         model.train(was_training)
-    return total_loss / max(1, total_tokens), by_domain
+    shares = {str(layer): (c / c.sum().clamp_min(1)).tolist() for layer, c in sorted(load.items())}
+    return total_loss / max(1, total_tokens), by_domain, shares
 
 
 def _saved_with_defaults(saved: dict, run_dir: Path) -> tuple[dict, dict]:
@@ -300,14 +362,19 @@ def train(
     on_step: Callable[[int, dict], None] | None = None,
     tensorboard: bool = True,
     overwrite: bool = False,
+    source: dict | None = None,
 ) -> TrainResult:
     """Train and write a run directory at `out_dir`; see the module docstring.
 
     ``model`` lets a caller pass a pre-built (e.g. specially initialised) model for
     `model_cfg`; otherwise one is built after seeding. ``on_step(step, row)`` is called
     with every training row. ``resume=True`` continues from the checkpoint in `out_dir`.
+    ``source`` (with a pre-built ``model`` holding a checkpoint's weights: fine-tuning)
+    goes into config.json as its "source" entry, e.g. ``{"init_from": path, "kind": ...}``.
     """
     run_dir = Path(out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a folder; choose a folder for the run (--out)")
     if data.vocab_size > model_cfg.vocab_size:
         raise ConfigError(
             f"ModelConfig.vocab_size={model_cfg.vocab_size} is smaller than the data's tokenizer "
@@ -319,18 +386,52 @@ def train(
         raise ConfigError(
             f"TrainConfig.seq_len={train_cfg.seq_len} exceeds ModelConfig.max_seq_len={model_cfg.max_seq_len}"
         )
+    aside: Path | None = None  # the previous run, moved aside by overwrite until this one has started
     if resume:
-        _check_resume(run_dir, model_cfg, train_cfg, data)
-    elif (run_dir / run_files.STATE_FILE).exists() or (run_dir / METRICS_FILE).exists():
-        if not overwrite:
-            raise ConfigError(
-                f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
-                "overwrite=True (--overwrite) to replace it, or choose a new output directory"
+        _check_resume(run_dir, model_cfg, train_cfg, data)  # a missing or broken config.json: its own error
+        if not (run_dir / run_files.STATE_FILE).is_file():
+            raise CheckpointError(
+                f"{run_dir} holds a run that stopped before its first checkpoint: there is nothing to resume; "
+                "start it again with overwrite=True (--overwrite)"
             )
-        _clear_run(run_dir)
+        done = _already_done(run_dir, train_cfg, model_cfg)
+        if done is not None:
+            return done
+    elif _holds_a_run(run_dir):
+        if not overwrite:
+            raise ConfigError(_holds_a_run_message(run_dir))
+        aside = _move_aside(run_dir)
+    try:
+        return _train(model_cfg, train_cfg, data, run_dir, resume=resume, progress=progress, model=model,
+                      on_step=on_step, tensorboard=tensorboard, aside=aside, source=source)
+    finally:
+        if aside is not None and aside.exists():  # the new run failed before it started: put the old one back
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.replace(aside / run_dir.name, run_dir)
+            aside.rmdir()
+
+
+def _train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data: PreparedData,
+    run_dir: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    model: Transformer | None,
+    on_step: Callable[[int, dict], None] | None,
+    tensorboard: bool,
+    aside: Path | None,
+    source: dict | None,
+) -> TrainResult:
 
     if train_cfg.num_threads is not None:
         torch.set_num_threads(train_cfg.num_threads)
+    elif torch.get_num_threads() > hardware.available_cpus():  # an affinity mask or CPU quota leaves fewer
+        torch.set_num_threads(hardware.available_cpus())
+    threads = torch.get_num_threads()
+    loads: list[float] = []
     device = resolve_device(train_cfg.device)
     seed_everything(train_cfg.seed)
     if model is None:
@@ -346,10 +447,13 @@ def train(
         logger.info("resumed %s at step %d", run_dir, start_step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
+        run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data), source=source)
         _copy_tokenizer(data, run_dir)
+        if aside is not None:  # the new run has started: the old one goes for good
+            shutil.rmtree(aside)
     if resume:  # a longer --steps is allowed: record the config that is now in force
-        run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
+        run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data),
+                                   source=run_files.read_run_config(run_dir).get("source"))
 
     use_bf16 = resolve_precision(train_cfg.precision, device) == "bf16"
     logger.info("precision %s -> %s on %s", train_cfg.precision, "bf16 autocast" if use_bf16 else "fp32", device)
@@ -376,8 +480,11 @@ def train(
     writer = MetricsWriter(run_dir, tensorboard=tensorboard, purge_step=start_step if resume else None)
 
     def run_eval(at_step: int) -> None:
-        val_loss, by_domain = evaluate(forward, val, device, autocast)
+        val_loss, by_domain, load = evaluate_with_load(forward, val, device, autocast)
         row = {"kind": "eval", "step": at_step, "val_loss": val_loss, "val_loss_by_domain": by_domain}
+        if load:
+            row["expert_load"] = load
+            row["busiest_expert_share"] = max(max(s) for s in load.values())
         writer.write(row)
         history.append(row)
         logger.debug("step %d: val_loss %.4f %s", at_step, val_loss, by_domain)
@@ -386,10 +493,19 @@ def train(
 
     bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not progress, desc=run_dir.name, unit="step",
                dynamic_ncols=True, leave=False)
+    checkpointed_at = start_step if resume else None
+    interrupt = _DeferredSigint()
     try:
+        interrupt.__enter__()
         if start_step == 0:
             run_eval(0)  # the starting point of every loss curve (ln V at init)
         while step < train_cfg.steps:
+            if interrupt.requested:
+                if checkpointed_at != step:
+                    ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
+                                         state={"train_config": train_cfg.to_dict()})
+                logger.info("interrupted: checkpoint at step %d written in %s", step, run_dir)
+                raise TrainingInterrupted(run_dir, step)
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, train_cfg)
@@ -436,14 +552,20 @@ def train(
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens_per_step / dt,
                 "step_time_s": dt,
+                "threads": threads,
+                "load_avg_1m": (load := hardware.load_average()),
                 "layers": {str(i): s.to_dict() for i, s in layer_stats.items()},
             }
             writer.write(row)
+            if load is not None:
+                loads.append(load)
             if on_step is not None:
                 on_step(step, row)
             bar.update(1)
             if step % train_cfg.log_interval == 0 or step == train_cfg.steps:
-                postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+                postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}", "thr": threads}
+                if load is not None:  # a slow run explains itself: the machine is busy
+                    postfix["load"] = f"{load:.1f}"
                 if layer_stats:
                     share = max(s["busiest_expert_share"] for s in row["layers"].values())
                     postfix["max_share"] = f"{share:.2f}"
@@ -457,7 +579,9 @@ def train(
             if last or (train_cfg.checkpoint_interval and step % train_cfg.checkpoint_interval == 0):
                 ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
                                      state={"train_config": train_cfg.to_dict()})
+                checkpointed_at = step
     finally:
+        interrupt.__exit__()
         bar.close()
         writer.close()
 
@@ -472,21 +596,86 @@ def train(
         val_loss_by_domain=dict(final["val_loss_by_domain"]) if final else {},
         tokens_per_s=tokens_per_step / step_time if steady else float("nan"),
         step_time_s=step_time,
-        history=[{"step": r["step"], "val_loss": r["val_loss"], "val_loss_by_domain": r["val_loss_by_domain"]}
-                 for r in history],
+        history=[_history_row(r) for r in history],
         stopped_reason=stopped_reason,
         nan_steps=nan_steps,
         out_dir=run_dir,
         num_params=model.num_params(),
+        threads=threads,
+        load_avg=statistics.median(loads) if loads else None,
     )
 
 
-def _clear_run(run_dir: Path) -> None:
-    """Remove the files a previous run wrote (only those: never a user's other files)."""
-    for name in (run_files.CONFIG_FILE, run_files.MODEL_FILE, run_files.OPTIMIZER_FILE, run_files.STATE_FILE,
-                 run_files.TOKENIZER_FILE, METRICS_FILE):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+def _history_row(r: dict) -> dict:
+    keep = ("step", "val_loss", "val_loss_by_domain", "busiest_expert_share", "expert_load")
+    return {k: r[k] for k in keep if k in r}
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    return (run_dir / run_files.STATE_FILE).exists() or (run_dir / METRICS_FILE).exists() or (
+        run_files.is_run_dir(run_dir))
+
+
+def _holds_a_run_message(run_dir: Path) -> str:
+    if not (run_dir / run_files.STATE_FILE).is_file():
+        return (f"{run_dir} holds a run that stopped before its first checkpoint (nothing to resume); "
+                "pass overwrite=True (--overwrite) to start it again, or choose a new output directory")
+    return (f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
+            "overwrite=True (--overwrite) to replace it, or choose a new output directory")
+
+
+def _move_aside(run_dir: Path) -> Path:
+    """Move the run in `run_dir` to a hidden folder beside it (returned) so the new run starts
+    in an empty folder: overwrite leaves nothing of the old run (analysis.json, plots/ ...)
+    beside the new one. A folder that holds anything moelab does not write is refused."""
+    if run_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise ConfigError(f"{run_dir} is the current folder (or holds it); choose a run folder for --out")
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in run_files.RUN_DIR_NAMES and not p.name.startswith("."))
+    if foreign:
+        raise ConfigError(
+            f"{run_dir} holds files that are not a run's ({', '.join(foreign[:5])}); refusing to replace it "
+            "even with --overwrite: move them, or choose a new output directory"
+        )
+    aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", suffix=".old", dir=run_dir.parent))
+    os.replace(run_dir, aside / run_dir.name)
+    return aside
+
+
+def _already_done(run_dir: Path, train_cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult | None:
+    """On resume: None if there are steps left to train; a result (nothing written) when the
+    checkpoint is already at `train_cfg.steps`. Fewer steps than the checkpoint's is an error:
+    the run's history is never rewritten."""
+    at = int(ckpt.read_trainer_state(run_dir)["step"])
+    if train_cfg.steps > at:
+        return None
+    if train_cfg.steps < at:
+        raise ConfigError(
+            f"cannot resume {run_dir} with steps={train_cfg.steps} (--steps): its checkpoint is already at "
+            f"step {at}; nothing to do (pass a larger --steps to train further)"
+        )
+    history = read_metrics(run_dir, kind="eval") if (run_dir / METRICS_FILE).is_file() else []
+    final = history[-1] if history else None
+    rows = read_metrics(run_dir, kind="train") if (run_dir / METRICS_FILE).is_file() else []
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r]
+    step_time = statistics.median(times) if times else float("nan")
+    logger.info("%s is already at step %d of %d: nothing to do", run_dir, at, train_cfg.steps)
+    return TrainResult(
+        steps_done=at,
+        val_loss=final["val_loss"] if final else None,
+        val_loss_by_domain=dict(final["val_loss_by_domain"]) if final else {},
+        tokens_per_s=train_cfg.batch_size * train_cfg.seq_len / step_time if times else float("nan"),
+        step_time_s=step_time,
+        history=[_history_row(r) for r in history],
+        out_dir=run_dir,
+        num_params=_num_params(model_cfg),
+        already_done=True,
+    )
+
+
+def _num_params(cfg: ModelConfig) -> int:
+    with torch.device("meta"):  # counted without allocating or initialising anything
+        return Transformer(cfg).num_params()
 
 
 def _layer_index(model: Transformer, layer: nn.Module) -> int:

@@ -47,6 +47,8 @@ def write_analysis(result: SpecializationResult, out_dir: str | Path) -> Special
 def summary_lines(result: SpecializationResult) -> list[str]:
     """Short human summary (the CLI prints these)."""
     lines = [f"{result.num_experts} experts, top-{result.top_k}; domains: {', '.join(result.domains)}"]
+    if result.data:
+        lines.insert(0, f"held-out data: {result.data}")
     head = f"{'layer':>5}  {'max score':>9}  {'1st same':>8}  {'(random)':>8}  {'top-k ovl':>9}  {'(random)':>8}  most specialised"
     lines.append(head)
     for ls in result.layers:
@@ -89,21 +91,44 @@ def analyze_checkpoint(
     cache_dir: str | Path | None = None,
     config: AnalysisConfig | None = None,
     out_dir: str | Path | None = None,
+    verify: bool = True,
+    device: str = "cpu",
+    dtype: Any = None,
 ) -> SpecializationResult:
     """Analyse a moelab run directory (float or quantised) or ``model.safetensors`` on held-out data.
 
-    Held-out data: the validation split of the default corpus, or of `data_paths`
-    (prepared with `moelab.data.prepare_data`, cached). Writes the analysis into
-    `out_dir` (default: the run directory) and returns it.
+    Held-out data: the validation split of `data_paths` when given; else of the data the
+    run was trained on (its recorded recipe, `held_out_recipe`); else (an imported model,
+    a run without a recipe) of the default corpus. Prepared with `moelab.data`, cached.
+    The result's ``data`` says which. Writes the analysis into `out_dir` (default: the run
+    directory) and returns it. `device` / `dtype` (a torch dtype; None keeps the
+    checkpoint's float32) are where and how the model runs.
     """
-    from moelab.data.loader import prepare_data
+    from moelab.data.loader import DataConfig, prepare_data, prepare_data_from_config
     from moelab.data.tokenizer import load_tokenizer
     from moelab.hf.native import load_any
 
     cfg = config or AnalysisConfig()
-    loaded = load_any(path)  # float or quantised runs (and Hugging Face folders)
+    loaded = load_any(path, verify=verify, device=device)  # float or quantised runs (and Hugging Face folders)
+    if dtype is not None:
+        loaded.model.to(dtype)
     tokenizer = load_tokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
-    data = prepare_data(cache_dir, data_paths=list(data_paths) if data_paths else None)
+    recipe = None if data_paths else held_out_recipe(path)
+    if data_paths:
+        data = prepare_data(cache_dir, data_paths=list(data_paths))
+        described = f"--data {' '.join(str(p) for p in data_paths)} (validation split)"
+    elif recipe is not None:
+        try:
+            data = prepare_data_from_config(DataConfig(**recipe), cache_dir)
+        except DataError as e:
+            raise DataError(f"{path}: cannot rebuild the data the run was trained on ({e}); "
+                            "pass --data PATH for the held-out text") from None
+        paths = recipe.get("data_paths") or []
+        described = (f"the run's training data, {' '.join(paths)} (validation split)" if paths else
+                     "the run's training data, the default corpus (validation split)")
+    else:
+        data = prepare_data(cache_dir)
+        described = "the default corpus (validation split; no data recipe recorded for this model)"
     if tokenizer is None and data.vocab_size > loaded.config.vocab_size:
         raise DataError(
             f"{path} has no tokenizer.json and its vocab_size={loaded.config.vocab_size} is smaller than the "
@@ -112,4 +137,16 @@ def analyze_checkpoint(
     tokens = held_out_tokens(data, tokenizer, cfg.tokens_per_domain)
     result = analyze_model(loaded.model, tokens, tokenizer=tokenizer or data.tokenizer, config=cfg,
                            source=str(path))
+    result.data = described
     return write_analysis(result, out_dir if out_dir is not None else loaded.run_dir)
+
+
+def held_out_recipe(path: str | Path) -> dict | None:
+    """The `DataConfig` fields a moelab run recorded for its training data (config.json's
+    ``data.config``), or None (an imported model, a converted run, an older run)."""
+    from moelab.rundir import is_run_dir, read_run_config
+
+    if not is_run_dir(path):
+        return None
+    recipe = (read_run_config(path).get("data") or {}).get("config")
+    return recipe if isinstance(recipe, dict) else None

@@ -238,6 +238,7 @@ class SpecializationResult:
     samples: list[ColouredSample]
     source: str = ""
     files: dict[str, str] = field(default_factory=dict)  # what -> path written
+    data: str = ""  # which held-out data, in words (`analyze_checkpoint`)
 
     def domain_share_by_layer(self) -> dict[int, np.ndarray]:
         """Layer -> ``[domains, E]`` assignment shares (heatmap rows, each sums to 1)."""
@@ -252,6 +253,7 @@ class SpecializationResult:
             "format": ANALYSIS_FORMAT,
             "version": ANALYSIS_VERSION,
             "source": self.source,
+            "data": self.data,
             "num_experts": self.num_experts,
             "top_k": self.top_k,
             "uniform_share": 1.0 / self.num_experts,
@@ -303,7 +305,7 @@ def route_tokens(model: torch.nn.Module, tokens_BT: torch.Tensor, batch_size: in
     kept: dict[int, list[torch.Tensor]] = {}
     try:
         for i in range(0, tokens_BT.shape[0], batch_size):
-            x = tokens_BT[i:i + batch_size]
+            x = tokens_BT[i:i + batch_size].to(next(model.parameters()).device)
             out = model(x, return_routing=True, last_only=True)
             for layer, dec in (out.routing or {}).items():
                 if dec.expert_idx.shape[-1] != getattr(model.cfg.moe, "top_k", dec.expert_idx.shape[-1]):
