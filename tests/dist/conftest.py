@@ -1,0 +1,22 @@
+"""Helpers for the multi-process tests: the worker script and a launch with hard timeouts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import moelab
+
+HERE = Path(__file__).parent
+SRC = str(Path(moelab.__file__).resolve().parents[1])
+
+
+def load_worker():
+    spec = importlib.util.spec_from_file_location("ep_worker", HERE / "ep_worker.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {"PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MOELAB_DIST_TIMEOUT": "30", **extra}
