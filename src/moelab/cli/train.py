@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 from moelab.data import DataConfig, PreparedData, prepare_data, prepare_data_from_config
@@ -134,11 +135,90 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="preset name (e.g. tiny-moe, tiny-dense) or a JSON model config (default tiny-moe)")
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    par = p.add_argument_group("expert parallelism (docs/dist.md)")
+    par.add_argument("--ep", type=int, default=None, metavar="N",
+                     help="spread each MoE layer's experts over N ranks (under torchrun, or with --nproc)")
+    par.add_argument("--nproc", type=int, default=None, metavar="N",
+                     help="launch N local processes (gloo on CPU), like torchrun --standalone --nproc-per-node N")
     add_training_arguments(p)
     p.set_defaults(func=run)
 
 
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """`--nproc N`: this command again on N local ranks (`moelab.dist.launch`)."""
+    from moelab.dist.launch import launch
+    from moelab.dist.mesh import check_sizes
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    ep = args.ep if args.ep is not None else args.nproc
+    check_sizes(args.nproc, ep)  # before any process starts: one clear error
+    argv = _strip_nproc(args.argv)
+    if args.ep is None:
+        argv += ["--ep", str(ep)]
+    launch(["-m", "moelab.cli.main", *argv], args.nproc, timeout_s=float("inf"), echo_rank0=True,
+           threads=args.threads or 1)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "nproc", None) is not None:
+        return _launch(args)
+    ctx = None
+    if args.ep is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from moelab.dist.mesh import init_dist
+
+        ctx = init_dist(args.ep if args.ep is not None else int(os.environ["WORLD_SIZE"]))
+    if ctx is not None and not ctx.is_main:
+        import torch.distributed as dist
+
+        dist.barrier()  # the main rank prepares (and caches) the data first
+    model_cfg, train_cfg, data = _configs_and_data(args)
+    if ctx is not None and ctx.is_main:
+        import torch.distributed as dist
+
+        dist.barrier()
+    parallel = None
+    if ctx is not None:
+        from moelab.dist.train import ExpertParallel
+
+        parallel = ExpertParallel(ctx, train_cfg)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.model or "tiny-moe").stem
+    result = train(model_cfg, train_cfg, data, out, resume=args.resume, progress=not args.no_progress,
+                   tensorboard=not args.no_tensorboard, overwrite=args.overwrite, parallel=parallel)
+    if parallel is not None and not parallel.is_main:
+        return 1 if result.stopped_reason else 0
+    if args.json:
+        d = dataclasses.asdict(result)
+        d["out_dir"] = str(result.out_dir)
+        print(json.dumps(d, indent=2))
+    else:
+        print(f"run: {result.out_dir}  steps: {result.steps_done}  params: {result.num_params / 1e6:.2f}M")
+        if result.val_loss is not None:
+            by_domain = "  ".join(f"{d} {v:.4f}" for d, v in result.val_loss_by_domain.items())
+            print(f"val loss {result.val_loss:.4f}  ({by_domain})")
+        print(f"{result.tokens_per_s:.0f} tokens/s, {result.step_time_s:.3f} s/step (median)")
+        if result.stopped_reason:
+            print(f"stopped early: {result.stopped_reason}")
+    return 1 if result.stopped_reason else 0
+
+
+def _configs_and_data(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, PreparedData]:
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR, the run directory to continue")
@@ -154,20 +234,4 @@ def run(args: argparse.Namespace) -> int:
         model_cfg = resolve_model(args.model or "tiny-moe")
         train_cfg = train_config_from_args(args)
         data = load_data(args, model_cfg.vocab_size)
-    model_cfg = with_loss_coefs(model_cfg, args)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.model or "tiny-moe").stem
-    result = train(model_cfg, train_cfg, data, out, resume=args.resume, progress=not args.no_progress,
-                   tensorboard=not args.no_tensorboard, overwrite=args.overwrite)
-    if args.json:
-        d = dataclasses.asdict(result)
-        d["out_dir"] = str(result.out_dir)
-        print(json.dumps(d, indent=2))
-    else:
-        print(f"run: {result.out_dir}  steps: {result.steps_done}  params: {result.num_params / 1e6:.2f}M")
-        if result.val_loss is not None:
-            by_domain = "  ".join(f"{d} {v:.4f}" for d, v in result.val_loss_by_domain.items())
-            print(f"val loss {result.val_loss:.4f}  ({by_domain})")
-        print(f"{result.tokens_per_s:.0f} tokens/s, {result.step_time_s:.3f} s/step (median)")
-        if result.stopped_reason:
-            print(f"stopped early: {result.stopped_reason}")
-    return 1 if result.stopped_reason else 0
+    return with_loss_coefs(model_cfg, args), train_cfg, data

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -142,6 +142,36 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
         raise ConfigError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
 
 
+class Parallel(Protocol):
+    """What a multi-process run changes in the loop; `moelab.dist.train.ExpertParallel`
+    implements it (the trainer sits below `dist` and never imports it). ``None``: one
+    process. Every rank runs the same loop; only the main rank writes files and shows
+    progress. Each rank's loss is its share of the global loss, so the shares' gradients,
+    reduced by `finish_backward`, are the one-process gradients of the global batch."""
+
+    is_main: bool
+    world_size: int
+
+    def prepare(self, model: Transformer) -> None: ...  # before the optimizer is built
+
+    def shard_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def loss_share(self, out: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's share of the loss, its share of the LM loss)."""
+        ...
+
+    def finish_backward(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Reduce the gradients, clip them, return the global gradient norm."""
+        ...
+
+    def all_sum(self, values: list[float]) -> list[float]: ...
+
+    def save_checkpoint(self, run_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                        state: dict) -> None: ...
+
+    def load_checkpoint(self, run_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict: ...
+
+
 @dataclass
 class TrainResult:
     steps_done: int
@@ -211,8 +241,10 @@ def evaluate(
     batches_by_domain: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    parallel: Parallel | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """(overall, per-domain) validation LM loss; overall is token-weighted (module docstring)."""
+    """(overall, per-domain) validation LM loss; overall is token-weighted (module docstring).
+    With `parallel`, each rank evaluates its rows of every batch and the sums are shared."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -221,12 +253,16 @@ def evaluate(
         for domain, batches in batches_by_domain.items():
             d_loss, d_tokens = 0.0, 0
             for x, y in batches:
+                if parallel is not None:
+                    x, y = parallel.shard_batch(x, y)
                 x, y = x.to(device), y.to(device)
                 with autocast():
                     out = model(x, targets=y, return_logits=False)
                 n = int((y != -100).sum())
                 d_loss += float(out.lm_loss) * n
                 d_tokens += n
+            if parallel is not None:
+                d_loss, d_tokens = parallel.all_sum([d_loss, float(d_tokens)])
             by_domain[domain] = d_loss / max(1, d_tokens)
             total_loss += d_loss
             total_tokens += d_tokens
@@ -300,13 +336,16 @@ def train(
     on_step: Callable[[int, dict], None] | None = None,
     tensorboard: bool = True,
     overwrite: bool = False,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train and write a run directory at `out_dir`; see the module docstring.
 
     ``model`` lets a caller pass a pre-built (e.g. specially initialised) model for
     `model_cfg`; otherwise one is built after seeding. ``on_step(step, row)`` is called
     with every training row. ``resume=True`` continues from the checkpoint in `out_dir`.
+    ``parallel`` (`Parallel`): this process is one rank of a multi-process run.
     """
+    main = parallel is None or parallel.is_main
     run_dir = Path(out_dir)
     if data.vocab_size > model_cfg.vocab_size:
         raise ConfigError(
@@ -321,7 +360,7 @@ def train(
         )
     if resume:
         _check_resume(run_dir, model_cfg, train_cfg, data)
-    elif (run_dir / run_files.STATE_FILE).exists() or (run_dir / METRICS_FILE).exists():
+    elif main and ((run_dir / run_files.STATE_FILE).exists() or (run_dir / METRICS_FILE).exists()):
         if not overwrite:
             raise ConfigError(
                 f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
@@ -336,19 +375,24 @@ def train(
     if model is None:
         model = Transformer(model_cfg)
     model.to(device).train()
+    if parallel is not None:
+        parallel.prepare(model)
     optimizer = build_optimizer(model, train_cfg, fused=device.type == "cuda")
+    load_checkpoint = ckpt.load_checkpoint if parallel is None else parallel.load_checkpoint
+    save_checkpoint = ckpt.save_checkpoint if parallel is None else parallel.save_checkpoint
 
     start_step = 0
     if resume:
-        state = ckpt.load_checkpoint(run_dir, model=model, optimizer=optimizer)
+        state = load_checkpoint(run_dir, model=model, optimizer=optimizer)
         start_step = int(state["step"])
-        truncate_metrics(run_dir / METRICS_FILE, start_step)
+        if main:
+            truncate_metrics(run_dir / METRICS_FILE, start_step)
         logger.info("resumed %s at step %d", run_dir, start_step)
-    else:
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
         _copy_tokenizer(data, run_dir)
-    if resume:  # a longer --steps is allowed: record the config that is now in force
+    if resume and main:  # a longer --steps is allowed: record the config that is now in force
         run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data))
 
     use_bf16 = resolve_precision(train_cfg.precision, device) == "bf16"
@@ -373,10 +417,11 @@ def train(
     stopped_reason: str | None = None
     nan_steps = 0
     step = start_step
-    writer = MetricsWriter(run_dir, tensorboard=tensorboard, purge_step=start_step if resume else None)
+    writer = (MetricsWriter(run_dir, tensorboard=tensorboard, purge_step=start_step if resume else None) if main
+              else _NullWriter())
 
     def run_eval(at_step: int) -> None:
-        val_loss, by_domain = evaluate(forward, val, device, autocast)
+        val_loss, by_domain = evaluate(forward, val, device, autocast, parallel)
         row = {"kind": "eval", "step": at_step, "val_loss": val_loss, "val_loss_by_domain": by_domain}
         writer.write(row)
         history.append(row)
@@ -384,7 +429,7 @@ def train(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not progress, desc=run_dir.name, unit="step",
+    bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not (progress and main), desc=run_dir.name, unit="step",
                dynamic_ncols=True, leave=False)
     try:
         if start_step == 0:
@@ -394,16 +439,26 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, train_cfg)
             x, y = batcher.get_batch(step)
+            if parallel is not None:
+                x, y = parallel.shard_batch(x, y)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             try:
                 with autocast():
                     out = forward(x, targets=y, return_logits=False)
-                loss = out.loss
-                if not bool(torch.isfinite(loss)):
-                    raise FloatingPointError(f"loss became {float(loss.detach())} at step {step + 1}")
+                if parallel is None:
+                    loss, lm_loss = out.loss, out.lm_loss
+                    loss_value = float(loss.detach())
+                else:  # this rank's shares; the logged values are their sums (the global losses)
+                    loss, lm_loss = parallel.loss_share(out, y)
+                    loss_value = parallel.all_sum([float(loss.detach())])[0]
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss became {loss_value} at step {step + 1}")
                 loss.backward()
                 max_norm = train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                if parallel is None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                else:
+                    grad_norm = parallel.finish_backward(model, max_norm)
                 if not bool(torch.isfinite(grad_norm)):
                     raise FloatingPointError(f"gradient norm became {float(grad_norm)} at step {step + 1}")
             except NonFiniteRouterError as e:
@@ -425,13 +480,16 @@ def train(
             dt = time.perf_counter() - t0
             step_times.append(dt)
 
+            losses = [loss_value, float(lm_loss.detach()), float(out.aux_loss.detach()), float(out.z_loss.detach())]
+            if parallel is not None:
+                losses[1:] = parallel.all_sum(losses[1:])
             row = {
                 "kind": "train",
                 "step": step,
-                "loss": float(loss.detach()),
-                "lm_loss": float(out.lm_loss.detach()),
-                "aux_loss": float(out.aux_loss.detach()),
-                "z_loss": float(out.z_loss.detach()),
+                "loss": losses[0],
+                "lm_loss": losses[1],
+                "aux_loss": losses[2],
+                "z_loss": losses[3],
                 "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens_per_step / dt,
@@ -455,8 +513,8 @@ def train(
             if last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0):
                 run_eval(step)
             if last or (train_cfg.checkpoint_interval and step % train_cfg.checkpoint_interval == 0):
-                ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
-                                     state={"train_config": train_cfg.to_dict()})
+                save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
+                                state={"train_config": train_cfg.to_dict()})
     finally:
         bar.close()
         writer.close()
@@ -479,6 +537,16 @@ def train(
         out_dir=run_dir,
         num_params=model.num_params(),
     )
+
+
+class _NullWriter:
+    """The metrics writer of a rank that is not the main one."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _clear_run(run_dir: Path) -> None:
