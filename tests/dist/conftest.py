@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 import moelab
 
 HERE = Path(__file__).parent
@@ -20,3 +22,15 @@ def load_worker():
 
 def env(**extra: str) -> dict[str, str]:
     return {"PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MOELAB_DIST_TIMEOUT": "30", **extra}
+
+
+@pytest.fixture(scope="session")
+def ranks(tmp_path_factory):
+    """One EP=2 launch of `ep_worker.py` for every parity case and the generation check
+    (process start-up dominates on 2 cores); the files each rank wrote."""
+    from moelab.dist.launch import launch
+
+    worker = load_worker()
+    out = tmp_path_factory.mktemp("ep")
+    launch([str(HERE / "ep_worker.py"), str(out), *sorted(worker.CASES), "generate"], 2, timeout_s=120, env=env())
+    return out

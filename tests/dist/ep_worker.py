@@ -79,6 +79,24 @@ def run_rank(out_dir: Path, name: str, ctx) -> None:
     }, out_dir / f"{name}.rank{ctx.rank}.pt")
 
 
+PROMPTS = [[1, 5, 9, 2, 7], [3, 3], [60, 12, 8, 40, 41, 42, 1]]  # ragged: left padding
+
+
+def generation_model() -> Transformer:
+    model, _, _ = build_case("softmax")
+    return model.float().eval()
+
+
+def run_generate(out_dir: Path, ctx) -> None:
+    """Greedy generation with the experts over the ep group; every rank gets the prompts."""
+    from moelab.dist.parallel import shard_experts
+    from moelab.infer.generate import generate
+
+    model = shard_experts(generation_model(), ctx, global_batch=False)
+    result = generate(model, PROMPTS, max_new_tokens=6)
+    torch.save({"tokens": result.token_ids}, out_dir / f"generate.rank{ctx.rank}.pt")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     from moelab.dist.mesh import init_dist, shutdown
@@ -87,7 +105,10 @@ def main() -> None:
     ctx = init_dist(ep=int(__import__("os").environ.get("EP", "2")))
     try:
         for name in names:
-            run_rank(out_dir, name, ctx)
+            if name == "generate":
+                run_generate(out_dir, ctx)
+            else:
+                run_rank(out_dir, name, ctx)
     finally:
         shutdown()
 

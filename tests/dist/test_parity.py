@@ -14,10 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.dist.launch import launch
 from moelab.dist.parallel import expert_param_names
 
-from .conftest import HERE, env, load_worker
+from .conftest import load_worker
 
 worker = load_worker()
 NAMES = sorted(worker.CASES)
@@ -25,13 +24,6 @@ NAMES = sorted(worker.CASES)
 
 def tol(name: str) -> float:
     return 1e-5 if name.endswith("_fp32") else 1e-9
-
-
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ep")
-    launch([str(HERE / "ep_worker.py"), str(out), *NAMES], 2, timeout_s=120, env=env())
-    return out
 
 
 def _single(name):

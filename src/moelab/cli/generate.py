@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from moelab.cli import _parallel
 from moelab.errors import ConfigError
 from moelab.io import atomic_write_json
 
@@ -42,10 +43,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     off.add_argument("--offload-policy", choices=("lru", "lfu"), default="lru", help="eviction policy (default lru)")
     off.add_argument("--offload-scope", choices=("layer", "global"), default="layer",
                      help="split the budget evenly over the MoE layers (default) or share one pool")
+    _parallel.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        return _parallel.relaunch(args)
+    ctx = _parallel.init(args)
+    if ctx is not None and (args.expert_memory is not None or args.compile):
+        raise ConfigError("--ep does not combine with --expert-memory or --compile (the all-to-all runs eagerly)")
     from tokenizers import Tokenizer
 
     from moelab.data.tokenizer import end_token_ids
@@ -64,13 +71,18 @@ def run(args: argparse.Namespace) -> int:
         store = loaded.store
     else:
         loaded = load_any(args.path)
+    if ctx is not None:  # every rank holds the prompts and E/ep of the experts
+        from moelab.dist.parallel import shard_experts
+
+        shard_experts(loaded.model, ctx, global_batch=False)
+    quiet = ctx is not None and not ctx.is_main
     tok_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
     if tok_path is None or not tok_path.is_file():
         raise ConfigError(f"{args.path}: no tokenizer.json found; pass --tokenizer PATH")
     tokenizer = Tokenizer.from_file(str(tok_path))
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
     stop_ids = list(end_token_ids(tokenizer))
-    single = len(prompts) == 1
+    single = len(prompts) == 1 and not quiet
 
     def stream(row: int, token: int, delta: str) -> None:
         sys.stdout.write(delta)
@@ -93,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         stream=stream if single else None,
         compile=args.compile,
     )
+    if quiet:
+        return 0
     if single:
         sys.stdout.write("\n")
     else:

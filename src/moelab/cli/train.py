@@ -10,9 +10,9 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
+from moelab.cli import _parallel
 from moelab.data import DataConfig, PreparedData, prepare_data, prepare_data_from_config
 from moelab.errors import ConfigError, DataError
 from moelab.model import ModelConfig, get_preset
@@ -135,55 +135,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="preset name (e.g. tiny-moe, tiny-dense) or a JSON model config (default tiny-moe)")
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    par = p.add_argument_group("expert parallelism (docs/dist.md)")
-    par.add_argument("--ep", type=int, default=None, metavar="N",
-                     help="spread each MoE layer's experts over N ranks (under torchrun, or with --nproc)")
-    par.add_argument("--nproc", type=int, default=None, metavar="N",
-                     help="launch N local processes (gloo on CPU), like torchrun --standalone --nproc-per-node N")
+    _parallel.add_arguments(p)
     add_training_arguments(p)
     p.set_defaults(func=run)
 
 
-def _strip_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        out.append(a)
-    return out
-
-
-def _launch(args: argparse.Namespace) -> int:
-    """`--nproc N`: this command again on N local ranks (`moelab.dist.launch`)."""
-    from moelab.dist.launch import launch
-    from moelab.dist.mesh import check_sizes
-
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-    ep = args.ep if args.ep is not None else args.nproc
-    check_sizes(args.nproc, ep)  # before any process starts: one clear error
-    argv = _strip_nproc(args.argv)
-    if args.ep is None:
-        argv += ["--ep", str(ep)]
-    launch(["-m", "moelab.cli.main", *argv], args.nproc, timeout_s=float("inf"), echo_rank0=True,
-           threads=args.threads or 1)
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "nproc", None) is not None:
-        return _launch(args)
-    ctx = None
-    if args.ep is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from moelab.dist.mesh import init_dist
-
-        ctx = init_dist(args.ep if args.ep is not None else int(os.environ["WORLD_SIZE"]))
+    if args.nproc is not None:
+        return _parallel.relaunch(args)
+    ctx = _parallel.init(args)
     if ctx is not None and not ctx.is_main:
         import torch.distributed as dist
 

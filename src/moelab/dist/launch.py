@@ -99,6 +99,7 @@ def launch(argv: list[str], nproc: int, *, timeout_s: float = 300.0, env: dict[s
         results.append(RankResult(rank, p.returncode, text))
     if failure is not None or any(r.returncode != 0 for r in results):
         first = results[first_bad] if first_bad is not None else results[0]
-        raise LaunchError(f"{failure or f'rank {first.rank} failed'}; every rank has been ended. "
-                          f"rank {first.rank}'s output:\n{_tail(first.output)}")
+        said = (f"rank {first.rank}'s output is above" if echo_rank0 and first.rank == 0
+                else f"rank {first.rank}'s output:\n{_tail(first.output)}")
+        raise LaunchError(f"{failure or f'rank {first.rank} failed'}; every rank has been ended. {said}")
     return results
