@@ -231,6 +231,8 @@ def tiny_moe_step_setup(seed: int = 0):
 def worker_train(args) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model, x, y, tcfg, build_optimizer = tiny_moe_step_setup()
+    if args.float64:  # the drift check: the same steps in float64
+        model = model.double()
     if world == 1:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         opt = build_optimizer(model, tcfg)
@@ -315,6 +317,8 @@ def launch_worker(kind: str, nproc: int, args, threads: int = 1) -> dict:
                 "--train-steps", str(args.train_steps)]
         if args.torchtitan:
             argv += ["--torchtitan", args.torchtitan]
+        if args.float64:
+            argv += ["--float64"]
         env = {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "OMP_NUM_THREADS": str(threads)}
         launch(argv, nproc, timeout_s=600, env=env, threads=threads)
         return json.loads(out.read_text())
@@ -329,6 +333,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating EP=1 / EP=2 training launches")
     p.add_argument("--torchtitan", default=None, metavar="DIR", help="a directory where torchtitan imports")
     p.add_argument("--json", default=None, metavar="OUT")
+    p.add_argument("--float64", action="store_true",
+                   help="only the training steps, EP=1 vs EP=2, in float64: do their losses drift apart?")
     p.add_argument("--worker", choices=["dispatch", "train"], help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -337,6 +343,12 @@ def main() -> None:
         return
     from benchmarks.common import machine_info
 
+    if args.float64:
+        one, two = launch_worker("train", 1, args, threads=1), launch_worker("train", 2, args)
+        drift = [abs(a - b) / abs(a) for a, b in zip(one["losses"], two["losses"], strict=True)]
+        print(f"float64, {len(drift)} steps: max relative loss difference EP=1 vs EP=2 {max(drift):.3g}; "
+              f"per step {[f'{d:.1e}' for d in drift]}")
+        return
     res = {"machine": machine_info(), "torch": torch.__version__, "load_average": os.getloadavg()}
     res["dispatch"] = launch_worker("dispatch", 2, args)
     # EP=1 and EP=2 alternate over --rounds launches (the machine is shared: load drifts).

@@ -34,3 +34,15 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep")
     launch([str(HERE / "ep_worker.py"), str(out), *sorted(worker.CASES), "generate"], 2, timeout_s=120, env=env())
     return out
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The one-process side of each comparison: one thread, like each rank (and a 2-thread
+    # process on a loaded 2-core box can run 10x slower, measured in benchmarks/).
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
