@@ -61,10 +61,10 @@ class ExpertParallel:
         return x[rows], y[rows]
 
     def loss_share(self, out, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = torch.stack([(y != -100).sum(), y.new_tensor(0)]).to(torch.float64)
-        n_local = n[0].clone()
-        dist.all_reduce(n, group=self.ctx.world_group)
-        lm_share = out.lm_loss * (n_local / n[0].clamp_min(1)).to(out.lm_loss.dtype)
+        n_local = (y != -100).sum().to(torch.float64)
+        n_global = n_local.clone()
+        dist.all_reduce(n_global, group=self.ctx.world_group)
+        lm_share = out.lm_loss * (n_local / n_global.clamp_min(1)).to(out.lm_loss.dtype)
         return lm_share + out.moe_loss, lm_share
 
     def finish_backward(self, model: nn.Module, max_norm: float) -> torch.Tensor:
