@@ -70,6 +70,11 @@ def test_ep2_loss_curve_equals_one_process(ep2_run, one_process_run):
     assert got[STEPS] < got[1]  # it trains
 
 
+def test_deterministic_under_a_seed(ep2_runs):
+    full, short = (_losses(r) for r in ep2_runs)
+    assert [full[1], full[2]] == [short[1], short[2]]  # two EP=2 runs, same seed: bit for bit
+
+
 def test_metrics_and_checkpoint_written_once_by_rank_0(ep2_run):
     rows = read_metrics(ep2_run, kind="train")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # one row per step, not one per rank

@@ -47,6 +47,8 @@ class ExpertParallel:
         if train_cfg.batch_size % ctx.world_size:
             raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by the world size "
                               f"{ctx.world_size}: every rank takes an equal share of each batch")
+        if train_cfg.compile:
+            raise ConfigError("--compile does not combine with --ep yet: the all-to-all runs eagerly")
         self.ctx, self.train_cfg = ctx, train_cfg
         self.is_main, self.world_size = ctx.is_main, ctx.world_size
 
