@@ -26,6 +26,9 @@ CASES: dict[str, dict] = {
     # The sigmoid router's selection bias keeps every token off experts 2 and 3: rank 1's
     # experts receive no row, and every rank sends none to rank 1.
     "rank1_idle": {"router": "sigmoid", "_bias": [0.0, 0.0, -100.0, -100.0]},
+    # Ranks with different numbers of rows (1 and 3 of the 4): the capacity path pads the
+    # routing it gathers.
+    "softmax_capacity_uneven": {"capacity_factor": 1.0, "_split": [1, 3]},
     # The issue's bar: float32 at 1e-5.
     "softmax_fp32": {"_dtype": "float32"},
     "sigmoid_groups_capacity_fp32": {"router": "sigmoid", "n_group": 2, "topk_group": 1, "capacity_factor": 1.0,
@@ -36,6 +39,7 @@ CASES: dict[str, dict] = {
 def build_case(name: str) -> tuple[Transformer, torch.Tensor, torch.Tensor]:
     """(model, input_ids [B, S], targets [B, S]) of a case, identical in every process."""
     over = dict(CASES[name])
+    over.pop("_split", None)
     bias = over.pop("_bias", None)
     dtype = getattr(torch, over.pop("_dtype", "float64"))
     moe = MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001, **over)
@@ -59,8 +63,12 @@ def run_rank(out_dir: Path, name: str, ctx) -> None:
 
     model, x, y = build_case(name)
     shard_experts(model, ctx)
-    B = x.shape[0] // ctx.world_size
-    rows = slice(ctx.rank * B, (ctx.rank + 1) * B)
+    split = CASES[name].get("_split") if ctx.world_size == 2 else None
+    if split is None:
+        B = x.shape[0] // ctx.world_size
+        rows = slice(ctx.rank * B, (ctx.rank + 1) * B)
+    else:
+        rows = slice(sum(split[:ctx.rank]), sum(split[:ctx.rank + 1]))
     out = model(x[rows], targets=y[rows])
     n_local = (y[rows] != -100).sum()
     n_global = n_local.clone()
