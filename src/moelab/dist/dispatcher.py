@@ -38,7 +38,13 @@ import torch.distributed as dist
 from moelab.dist.permute import expert_major_order, inverse_permutation
 from moelab.errors import ConfigError
 from moelab.moe import routing
-from moelab.moe.dispatch import Dispatched, _Combine, _Gather, assignments_token_choice, count_per_expert
+from moelab.moe.dispatch import (
+    Dispatched,
+    assignments_token_choice,
+    count_per_expert,
+    gather_tokens,
+    sum_rows_per_token,
+)
 from moelab.moe.experts import RoutedExperts
 from moelab.moe.losses import load_balancing_loss, router_z_loss
 from moelab.moe.router import RouterOutput
@@ -159,7 +165,7 @@ class AllToAllDispatcher:
         splits = torch.cat([send_E.view(R, L).sum(1), counts_RL.sum(1)]).tolist()
         send_splits, recv_splits = splits[:R], splits[R:]
         # 4. token exchange, then rank-major -> expert-major.
-        x_AD = _Gather.apply(x_TD, token_A)
+        x_AD = gather_tokens(x_TD, token_A)
         x_recv_BD = all_to_all(x_AD, recv_splits, send_splits, self.ep_group)
         perm_B = expert_major_order(counts_RL)
         d = ExpertParallelDispatched(
@@ -180,7 +186,7 @@ class AllToAllDispatcher:
         y_AD = all_to_all(y_recv_BD, d.send_splits, d.recv_splits, self.ep_group)
         acc = torch.promote_types(y_AD.dtype, torch.float32)  # sum a token's K rows in fp32 at least
         y_AD = y_AD.to(acc) * d.weight_A.to(acc).unsqueeze(-1)
-        return _Combine.apply(y_AD, d.token_idx_A, d.num_tokens).to(d.x_TD.dtype)
+        return sum_rows_per_token(y_AD, d.token_idx_A, d.num_tokens).to(d.x_TD.dtype)
 
     def run_experts(self, experts: RoutedExperts, dispatched: ExpertParallelDispatched) -> torch.Tensor:
         d = dispatched

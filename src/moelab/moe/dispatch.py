@@ -147,6 +147,16 @@ class _Combine(torch.autograd.Function):
         return gather_rows(g_TD.contiguous(), idx_A), None, None
 
 
+def gather_tokens(x_TD: torch.Tensor, idx_A: torch.Tensor) -> torch.Tensor:
+    """``x_TD[idx_A]`` (rows of tokens), its backward a scatter-add back to the tokens."""
+    return _Gather.apply(x_TD, idx_A)
+
+
+def sum_rows_per_token(y_AD: torch.Tensor, idx_A: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``y_TD[t] = sum of the rows of token t``, its backward a gather."""
+    return _Combine.apply(y_AD, idx_A, num_tokens)
+
+
 class LocalDispatcher:
     """Every expert in this process: sort the assignments by expert, gather, scatter-add.
 
