@@ -15,7 +15,8 @@ One MoE layer, on every rank (torchtitan's ``AllToAllTokenDispatcher`` and Megat
    global batch exactly as one process decides them over the concatenated batch.
 2. *Count exchange*: ``all_to_all_single`` of the rows per expert ``[E]``; each rank learns
    ``counts_RL``, how many rows every rank sends to each of its experts.
-3. One host sync: the send and receive splits per rank, as Python ints.
+3. One host sync: the send and receive splits per rank and the global token count, as
+   Python ints (with ``capacity_factor`` one more, before it: the capacity is an int).
 4. *Token exchange* through `AllToAll`, moelab's autograd Function (its backward is the
    same exchange with the splits swapped); rows arrive rank-major and are permuted to
    expert-major (`moelab.dist.permute`).
@@ -104,7 +105,7 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _global_keep(self, x_TD: torch.Tensor, route: RouterOutput, T_global: int, sizes: list[int]) -> tuple:
+    def _global_keep(self, route: RouterOutput, T_global: int, sizes: list[int]) -> tuple:
         """The capacity decision over the batch group's concatenated routing; returns this
         rank's ``keep_TK`` and the global kept / dropped counts."""
         E, K = self.num_experts, self.top_k
@@ -148,11 +149,11 @@ class AllToAllDispatcher:
                 sizes = [int(t[-1]) for t in each]
             else:
                 dist.all_reduce(stats, group=self.batch_group)
-        routed_global_E, T_global = stats[:E], int(stats[E])
+        routed_global_E = stats[:E]
         keep_TK, dropped = None, None
         kept_global_E = routed_global_E
-        if self.capacity_factor is not None:
-            keep_TK, kept_global_E, dropped = self._global_keep(x_TD, route, T_global, sizes)
+        if self.capacity_factor is not None:  # the capacity is a Python int: one more host sync here
+            keep_TK, kept_global_E, dropped = self._global_keep(route, sum(sizes), sizes)
         token_A, expert_A, weight_A = assignments_token_choice(route.expert_idx_TK, route.weights_TK, keep_TK)
         order_A = torch.argsort(expert_A, stable=True)  # by expert = by destination rank, then by token
         token_A, weight_A = token_A[order_A], weight_A[order_A]
@@ -161,13 +162,13 @@ class AllToAllDispatcher:
         recv_E = torch.empty_like(send_E)
         dist.all_to_all_single(recv_E, send_E, group=self.ep_group)
         counts_RL = recv_E.view(R, L)
-        # 3. the one host sync: both splits at once.
-        splits = torch.cat([send_E.view(R, L).sum(1), counts_RL.sum(1)]).tolist()
-        send_splits, recv_splits = splits[:R], splits[R:]
+        # 3. the one host sync (dropless): both splits and the global token count at once.
+        splits = torch.cat([send_E.view(R, L).sum(1), counts_RL.sum(1), stats[E:]]).tolist()
+        send_splits, recv_splits, T_global = splits[:R], splits[R:2 * R], splits[2 * R]
         # 4. token exchange, then rank-major -> expert-major.
         x_AD = gather_tokens(x_TD, token_A)
         x_recv_BD = all_to_all(x_AD, recv_splits, send_splits, self.ep_group)
-        perm_B = expert_major_order(counts_RL)
+        perm_B = expert_major_order(counts_RL, total=sum(recv_splits))
         d = ExpertParallelDispatched(
             x_TD, kept_global_E, weight_A, token_A, T, dropped, keep_TK,
             batch_tokens=T_global if self.batch_group is not None else None,

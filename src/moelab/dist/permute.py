@@ -16,14 +16,17 @@ from __future__ import annotations
 import torch
 
 
-def expert_major_order(counts_RL: torch.Tensor) -> torch.Tensor:
-    """``perm_A``: rank-major row index of each expert-major row (long, ``[sum(counts)]``)."""
+def expert_major_order(counts_RL: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """``perm_A``: rank-major row index of each expert-major row (long, ``[sum(counts)]``).
+
+    ``total`` (the number of rows, when the caller knows it as a Python int) saves the
+    host sync of reading ``counts_RL.sum()``."""
     R, L = counts_RL.shape
     counts = counts_RL.reshape(-1).to(torch.long)
     starts_RL = (torch.cumsum(counts, 0) - counts).view(R, L)  # where each block begins, rank-major
     counts_LR = counts_RL.t().reshape(-1).to(torch.long)  # blocks in expert-major order
     starts_LR = starts_RL.t().reshape(-1)
-    A = int(counts.sum())
+    A = int(counts.sum()) if total is None else total
     block_start_A = torch.repeat_interleave(starts_LR, counts_LR, output_size=A)
     offset_in_block_A = torch.arange(A, device=counts.device) - torch.repeat_interleave(
         torch.cumsum(counts_LR, 0) - counts_LR, counts_LR, output_size=A)
