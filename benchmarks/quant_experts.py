@@ -46,7 +46,7 @@ FORMATS = {"int8": QuantFormat(name="int8"), "int4": QuantFormat(name="int4", gr
 def _nbytes(experts: torch.nn.Module) -> tuple[int, int]:
     """(saved, resident) bytes of the experts' weights."""
     if isinstance(experts, QuantizedExperts):
-        return experts.nbytes(), experts.nbytes() + experts.kernel_nbytes()
+        return experts.nbytes(), experts.resident_nbytes()
     n = sum(p.numel() * p.element_size() for p in experts.parameters())
     return n, n
 

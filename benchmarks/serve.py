@@ -270,6 +270,36 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
     log.info("wrote %s", out)
+    if "http" in result:
+        png = out.with_suffix(".png")
+        plot_curve(result["http"]["rows"], png)
+        log.info("wrote %s", png)
+
+
+def plot_curve(rows: list[dict], path: Path) -> None:
+    """Throughput vs latency: output tok/s against p50 / p99 end-to-end latency, one line
+    per server setting, one point per concurrency or request rate."""
+    from moelab.lab.plots import _figure, _save
+
+    fig = _figure(9, 3.6)
+    axes = fig.subplots(1, 2)
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("output_tok_per_s"):
+            kind = "rate" if r.get("concurrency") is None else "concurrency"
+            series.setdefault(f"{r['server']} ({kind})", []).append(r)
+    for ax, (key, label) in zip(axes, (("itl_ms", "p99 inter-token latency (ms)"), ("e2e_ms", "p50 end-to-end (ms)")),
+                                strict=True):
+        for name, pts in series.items():
+            pts = sorted(pts, key=lambda r: r["output_tok_per_s"])
+            q = "p99" if key == "itl_ms" else "p50"
+            ax.plot([r["output_tok_per_s"] for r in pts], [r[key][q] for r in pts], marker="o", label=name)
+        ax.set_xlabel("output tokens/s")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    _save(fig, path)
 
 
 def http_section(folder: Path, args, threads: int, vocab: int) -> dict:

@@ -67,6 +67,15 @@ def _cases() -> list[tuple[str, object]]:
             vocab_size=1003, d_model=64, n_heads=4, n_layers=3,
             attn_config={"kv_n_heads": 2},
             ffn_config={"ffn_hidden_size": 40, "moe_num_experts": 5, "moe_top_k": 2})),
+        ("granitemoeshared", T.GraniteMoeSharedConfig(
+            **gqa, intermediate_size=40, num_local_experts=6, num_experts_per_tok=2, shared_intermediate_size=24,
+            attention_bias=True)),
+        ("glm4_moe", T.Glm4MoeConfig(
+            **gqa, intermediate_size=96, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=2, first_k_dense_replace=1, attention_bias=True, use_qk_norm=True, head_dim=20)),
+        ("dots1", T.Dots1Config(
+            **gqa, intermediate_size=96, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=2, attention_bias=True)),
         ("gpt_oss", T.GptOssConfig(
             **gqa, intermediate_size=40, num_local_experts=4, num_experts_per_tok=2,
             head_dim=20, sliding_window=8)),
@@ -128,11 +137,98 @@ def test_unsupported_model_type_names_file_and_families():
         spec_from_hf_config({"model_type": "gpt2"}, source="my.json")
 
 
-def test_missing_field_names_file_field_and_families():
-    cfg = T.MixtralConfig(**dict(BASE, num_key_value_heads=2)).to_dict()
-    del cfg["num_local_experts"]
-    with pytest.raises(ConfigError, match=r"c\.json: field 'num_local_experts' is missing.*supported"):
-        spec_from_hf_config(cfg, source="c.json")
+@pytest.mark.parametrize("use_transformers", [True, False], ids=["transformers", "table"])
+def test_missing_field_without_default_names_file_field_and_families(use_transformers):
+    # DeepseekV2Config has no default for num_experts_per_tok: nothing to fill in.
+    cfg = {"model_type": "deepseek_v2", **BASE, "kv_lora_rank": 16, "n_routed_experts": 4}
+    with pytest.raises(ConfigError, match=r"c\.json: field 'num_experts_per_tok' is missing.*supported"):
+        spec_from_hf_config(cfg, source="c.json", use_transformers=use_transformers)
+
+
+# config.json files with keys left out: transformers fills them from the class defaults
+# (8 KV heads for Mixtral, head_dim 64 for gpt-oss, DeepSeek's shared experts, ...).
+SMALL = dict(vocab_size=1003, hidden_size=64, num_hidden_layers=4, num_attention_heads=16)
+MISSING_KEYS = {
+    "mixtral": dict(SMALL, intermediate_size=32),  # num_key_value_heads, experts, top-k
+    "phimoe": dict(SMALL, intermediate_size=32),
+    "gpt_oss": dict(SMALL, intermediate_size=32, num_local_experts=4),  # head_dim, KV heads, layer_types
+    "llama4_text": dict(SMALL, intermediate_size=32, intermediate_size_mlp=48, num_local_experts=4),
+    "qwen2_moe": dict(SMALL, intermediate_size=32, moe_intermediate_size=8, shared_expert_intermediate_size=16),
+    "qwen3_moe": dict(SMALL, intermediate_size=32, moe_intermediate_size=8),  # expert count, KV heads
+    "olmoe": dict(SMALL, intermediate_size=32),
+    "granitemoe": dict(SMALL, intermediate_size=32),
+    "deepseek_v3": dict(SMALL, intermediate_size=32, moe_intermediate_size=8, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=8,
+                        n_group=2, topk_group=1),  # q_lora_rank, n_shared_experts, first_k_dense_replace
+    "deepseek_v2": dict(SMALL, intermediate_size=32, moe_intermediate_size=8, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=8,
+                        num_experts_per_tok=2),
+    "dbrx": dict(vocab_size=1003, d_model=64, n_heads=4, n_layers=2),  # attn_config, ffn_config
+    "glm4_moe": dict(SMALL, intermediate_size=32, moe_intermediate_size=8, n_routed_experts=8),  # KV heads, shared
+    "dots1": dict(SMALL, num_attention_heads=32, intermediate_size=32, moe_intermediate_size=8, n_routed_experts=8,
+                  num_experts_per_tok=2, n_shared_experts=1),  # 32 KV heads by default
+    "granitemoeshared": dict(SMALL, intermediate_size=32, shared_intermediate_size=16),
+}
+
+
+@pytest.mark.parametrize("use_transformers", [True, False], ids=["transformers", "table"])
+@pytest.mark.parametrize("model_type", sorted(MISSING_KEYS))
+def test_missing_keys_get_transformers_defaults(model_type, use_transformers):
+    raw = {"model_type": model_type, **MISSING_KEYS[model_type]}
+    lib = T.AutoConfig.for_model(model_type, **MISSING_KEYS[model_type])
+    spec = spec_from_hf_config(raw, use_transformers=use_transformers)
+    assert count_params(spec).total == _meta_count(lib)
+    assert any(("transformers" in n) for n in spec.notes)  # the output says how it was read
+
+
+def test_class_defaults_table_matches_installed_transformers():
+    import dataclasses
+
+    from moelab.accounting.hf_defaults import CLASS_DEFAULTS
+
+    for model_type, table in CLASS_DEFAULTS.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(T.CONFIG_MAPPING[model_type])}
+        assert {k: defaults[k] for k in table} == table, model_type
+
+
+def test_qwen2_moe_sliding_layers_follow_transformers_rule():
+    cfg = dict(SMALL, num_hidden_layers=6, intermediate_size=32, moe_intermediate_size=8,
+               shared_expert_intermediate_size=16, use_sliding_window=True, sliding_window=16,
+               max_window_layers=4)
+    lib = T.Qwen2MoeConfig(**cfg)
+    want = [16 if t == "sliding_attention" else None for t in lib.layer_types]
+    for use in (True, False):
+        spec = spec_from_hf_config({"model_type": "qwen2_moe", **cfg}, use_transformers=use)
+        assert [layer.attention.window for layer in spec.layers] == want
+
+
+def test_kimi_k2_is_deepseek_v3():
+    cfg = MISSING_KEYS["deepseek_v3"]
+    a = count_params(spec_from_hf_config({"model_type": "kimi_k2", **cfg})).total
+    assert a == count_params(spec_from_hf_config({"model_type": "deepseek_v3", **cfg})).total
+
+
+MALFORMED = [
+    ("qwen2_moe", {"decoder_sparse_step": 0}, r"field 'decoder_sparse_step' must be an int >= 1, got 0"),
+    ("qwen3_moe", {"mlp_only_layers": "0,1"}, r"field 'mlp_only_layers' must be a list of layer indices"),
+    ("qwen3_moe", {"mlp_only_layers": [0, 9]}, r"field 'mlp_only_layers' has an index outside"),
+    ("gpt_oss", {"layer_types": ["full_attention"]}, r"field 'layer_types' has 1 entries, expected one per layer"),
+    ("gpt_oss", {"layer_types": "sliding_attention"}, r"field 'layer_types' must be a list of strings"),
+    ("qwen2_moe", {"layer_types": ["full"] * 4}, r"field 'layer_types' has unknown value"),
+    ("mixtral", {"num_experts_per_tok": 9, "num_local_experts": 4},
+     r"field 'num_experts_per_tok' \(9\) exceeds 'num_local_experts' \(4\)"),
+    ("deepseek_v3", {"q_lora_rank": 0}, r"field 'q_lora_rank' must be an int >= 1, got 0"),
+    ("mixtral", {"num_key_value_heads": 3}, r"field 'num_attention_heads' \(16\) must be a multiple of"),
+]
+
+
+@pytest.mark.parametrize("use_transformers", [True, False], ids=["transformers", "table"])
+@pytest.mark.parametrize("model_type,bad,message", MALFORMED, ids=[f"{m}-{next(iter(b))}" for m, b, _ in MALFORMED])
+def test_malformed_config_one_line_error_naming_the_field(model_type, bad, message, use_transformers):
+    raw = {"model_type": model_type, **MISSING_KEYS[model_type], **bad}
+    with pytest.raises(ConfigError, match=r"^c\.json: " + message) as e:
+        spec_from_hf_config(raw, source="c.json", use_transformers=use_transformers)
+    assert "\n" not in str(e.value) and "Spec" not in str(e.value)
 
 
 def test_malformed_and_missing_files(tmp_path):

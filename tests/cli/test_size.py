@@ -61,13 +61,15 @@ def test_dense_equivalent_same_active_has_same_flops(capsys):
 def test_list(capsys):
     assert main(["size", "--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 9 and lines[0].startswith("mixtral-8x7b")
+    from moelab.accounting.published import PRESETS
+
+    assert len(lines) == len(PRESETS) and lines[0].startswith("mixtral-8x7b")
 
 
 def test_hf_config_path(tmp_path, capsys):
     cfg = {"model_type": "mixtral", "vocab_size": 100, "hidden_size": 16, "intermediate_size": 32,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_local_experts": 4,
-           "num_experts_per_tok": 2}
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+           "num_local_experts": 4, "num_experts_per_tok": 2}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     r = _json(capsys, str(tmp_path))
     assert r["total_params"] == 2 * 100 * 16 + 2 * (4 * 16 * 16 + 4 * 3 * 16 * 32 + 16 * 4 + 32) + 16
@@ -75,7 +77,9 @@ def test_hf_config_path(tmp_path, capsys):
 
 @pytest.mark.parametrize("content,expected", [
     ('{"model_type": "gpt2"}', "model_type 'gpt2' is not supported"),
-    ('{"model_type": "mixtral", "vocab_size": 10}', "is missing, expected an int"),
+    # DeepseekV2Config has no default top-k: transformers leaves nothing to fill in.
+    ('{"model_type": "deepseek_v2", "vocab_size": 10}', "'num_experts_per_tok' is missing, expected an int"),
+    ('{"model_type": "qwen2_moe", "decoder_sparse_step": 0}', "'decoder_sparse_step' must be an int >= 1"),
     ("{oops", "not valid JSON"),
 ])
 def test_errors_are_one_line(tmp_path, capsys, content, expected):

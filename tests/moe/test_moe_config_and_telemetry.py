@@ -30,7 +30,7 @@ BASE = dict(d_model=8, d_expert=4, num_experts=4, top_k=2)
         (dict(activation="relu"), ["activation", "'relu'"]),
         (dict(impl="triton"), ["impl"]),
         (dict(n_group=3, router="sigmoid", num_experts=4), ["num_experts=4", "n_group=3"]),
-        (dict(n_group=2, router="softmax"), ["n_group", "sigmoid"]),
+        (dict(n_group=2, router="switch", top_k=1), ["n_group", "sigmoid"]),
         (dict(shared_expert_gate=True), ["shared_expert_gate", "num_shared_experts"]),
         (dict(aux_loss_coef=-0.1), ["aux_loss_coef"]),
         (dict(jitter_eps=1.5), ["jitter_eps"]),

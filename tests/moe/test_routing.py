@@ -105,3 +105,29 @@ def test_bf16_router_rounds_the_product():
     assert l16.dtype == torch.float64
     want = torch.nn.functional.linear(x.bfloat16(), r16.weight.bfloat16()).double()
     assert torch.equal(l16, want) and not torch.equal(l16, l32)
+
+
+@pytest.mark.parametrize("T,E,K,G,keep", [(7, 8, 2, 4, 2), (5, 12, 3, 3, 1), (9, 6, 4, 2, 2)])
+def test_softmax_group_limited_matches_per_token_reference(T, E, K, G, keep):
+    """DeepSeek-V2 group_limited_greedy: only experts of the `keep` groups with the largest
+    max-probability compete; checked token by token against a plain loop."""
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T), dtype=torch.float64)
+    w, idx, probs = routing.softmax_topk(logits, K, normalize=False, scaling_factor=2.0, n_group=G, topk_group=keep)
+    per = E // G
+    for t in range(T):
+        p = torch.softmax(logits[t], -1)
+        groups = sorted(range(G), key=lambda g: -p[g * per : (g + 1) * per].max())[:keep]
+        allowed = [e for g in groups for e in range(g * per, (g + 1) * per)]
+        best = sorted(allowed, key=lambda e: -p[e])[:K]
+        assert set(idx[t].tolist()) == set(best)
+        assert torch.allclose(w[t], 2.0 * p[idx[t]])
+    assert torch.allclose(probs, torch.softmax(logits, -1))
+
+
+def test_softmax_selection_bias_steers_choice_not_weights():
+    """ERNIE 4.5: the bias picks the experts, the weights stay the softmax probabilities."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+    bias = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    w, idx, probs = routing.softmax_topk(logits, 2, normalize=False, bias_E=bias)
+    assert set(idx[0].tolist()) == {0, 3}
+    assert torch.allclose(w[0], probs[0, idx[0]])

@@ -45,11 +45,22 @@ class Preset:
     build: Callable[[], Spec]
     # Parameters inside the published total that the sized model leaves out.
     published_extra: int = 0
+    # The published active count leaves out the input embedding table (gpt-oss's model
+    # card: "active parameters ... not counting the embeddings"; the LM head stays in).
+    active_excludes_embedding: bool = False
+    # The resolution of the published (total, active) figures, e.g. (0.1e9, 0.1e9) for
+    # "116.8B / 5.1B": the computed count must lie within one unit of them (rounded or
+    # truncated, as vendors do both). None: the 0.5% / 2% relative tolerances.
+    published_unit: tuple[float, float] | None = None
+
+    def published_active_of(self, active: int, embedding: int) -> int:
+        """The computed active count in the convention of `published_active`."""
+        return active - embedding if self.active_excludes_embedding else active
 
 
 def _hf(name: str, **cfg: object) -> Callable[[], Spec]:
     def build() -> Spec:
-        return spec_from_hf_config(dict(cfg, _name_or_path=name), source=f"preset {name}")
+        return spec_from_hf_config(dict(cfg, _name_or_path=name), source=f"preset {name}", complete=True)
 
     return build
 
@@ -87,6 +98,36 @@ _OLMOE_1B_7B = dict(
     model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024,
     num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
     num_experts=64, num_experts_per_tok=8,
+)
+_DEEPSEEK_V2_LITE = dict(
+    model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+    n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, kv_lora_rank=512, q_lora_rank=None,
+    qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, first_k_dense_replace=1,
+)
+_KIMI_K2 = dict(
+    _DEEPSEEK_V3, model_type="kimi_k2", vocab_size=163840, num_attention_heads=64, num_key_value_heads=64,
+    n_routed_experts=384, first_k_dense_replace=1, num_nextn_predict_layers=0,
+)
+_GPT_OSS_120B = dict(
+    model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+    num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4,
+    sliding_window=128, attention_bias=True,
+    layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(36)],
+)
+_GPT_OSS_20B = dict(
+    _GPT_OSS_120B, num_hidden_layers=24, num_local_experts=32,
+    layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(24)],
+)
+_GLM_45_AIR = dict(
+    model_type="glm4_moe", vocab_size=151552, hidden_size=4096, intermediate_size=10944,
+    moe_intermediate_size=1408, num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8,
+    head_dim=128, n_routed_experts=128, n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=1,
+    attention_bias=True, use_qk_norm=False, num_nextn_predict_layers=1,
+)
+_QWEN3_235B_A22B = dict(
+    _QWEN3_30B_A3B, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=94,
+    num_attention_heads=64, num_key_value_heads=4,
 )
 _DENSE_13B = dict(
     model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
@@ -151,6 +192,25 @@ PRESETS: dict[str, Preset] = {
         Preset(name="olmoe-1b-7b", description="OLMoE-1B-7B: 64 experts top-8, MHA, QK-norm",
                published_total=6.9e9, published_active=1.3e9,
                source="arXiv:2409.02060", build=_hf("olmoe-1b-7b", **_OLMOE_1B_7B)),
+        Preset(name="deepseek-v2-lite",
+               description="DeepSeek-V2-Lite: MLA without query bottleneck, 2 shared + 64 routed top-6",
+               published_total=15.7e9, published_active=2.4e9, active_excludes_embedding=True,
+               published_unit=(0.1e9, 0.1e9), source="arXiv:2405.04434", build=_hf("deepseek-v2-lite", **_DEEPSEEK_V2_LITE)),
+        Preset(name="kimi-k2", description="Kimi K2: DeepSeek-V3 shape, 384 routed experts top-8, 64 heads",
+               published_total=1.0e12, published_active=32e9, published_unit=(0.1e12, 1e9),
+               source="huggingface.co/moonshotai/Kimi-K2-Instruct", build=_hf("kimi-k2", **_KIMI_K2)),
+        Preset(name="gpt-oss-120b", description="gpt-oss-120b: 128 experts top-4, sinks, alternating windows",
+               published_total=116.8e9, published_active=5.1e9, active_excludes_embedding=True,
+               published_unit=(0.1e9, 0.1e9), source="openai.com/index/gpt-oss-model-card", build=_hf("gpt-oss-120b", **_GPT_OSS_120B)),
+        Preset(name="gpt-oss-20b", description="gpt-oss-20b: 32 experts top-4, sinks, alternating windows",
+               published_total=20.9e9, published_active=3.6e9, active_excludes_embedding=True,
+               published_unit=(0.1e9, 0.1e9), source="openai.com/index/gpt-oss-model-card", build=_hf("gpt-oss-20b", **_GPT_OSS_20B)),
+        Preset(name="glm-4.5-air", description="GLM-4.5-Air: 128 routed + 1 shared top-8, first layer dense",
+               published_total=106e9, published_active=12e9, active_excludes_embedding=True,
+               published_unit=(1e9, 1e9), source="huggingface.co/zai-org/GLM-4.5-Air", build=_hf("glm-4.5-air", **_GLM_45_AIR)),
+        Preset(name="qwen3-235b-a22b", description="Qwen3-235B-A22B: 128 experts top-8, GQA, QK-norm",
+               published_total=235e9, published_active=22e9, published_unit=(1e9, 1e9),
+               source="huggingface.co/Qwen/Qwen3-235B-A22B", build=_hf("qwen3-235b-a22b", **_QWEN3_235B_A22B)),
         Preset(name="dense-13b", description="dense baseline shaped like Llama-2-13B",
                published_total=13e9, published_active=13e9,
                source="arXiv:2307.09288", build=_hf("dense-13b", **_DENSE_13B)),

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from moelab.accounting.flops import attention_flops_per_token, forward_flops_per_token
+from moelab.accounting.hf_config import ALIASES as HF_ALIASES
+from moelab.accounting.hf_config import FAMILIES as HF_FAMILIES
 from moelab.accounting.hf_config import load_hf_config, spec_from_hf_config
 from moelab.accounting.memory import (
     USABLE_FRACTION,
@@ -64,6 +66,11 @@ def resolve(name_or_path: str) -> tuple[Spec, str, Preset | None]:
             spec, source = spec_from_moelab_run(path)
             return spec, source, None
         cfg, source = load_hf_config(path)
+        if cfg.get("model_type") not in HF_FAMILIES and cfg.get("model_type") not in HF_ALIASES:
+            # No exact reader: transformers' own model, counted on the meta device.
+            from moelab.accounting.generic import spec_from_meta_model
+
+            return spec_from_meta_model(cfg, source=source), source, None
         return spec_from_hf_config(cfg, source=source), source, None
     raise ConfigError(
         f"{name_or_path!r} is neither a preset nor an existing path; presets: "
@@ -170,21 +177,30 @@ def size_report(
             "active_params": preset.published_active,
             "source": preset.source,
             "includes_unsized_params": preset.published_extra,
+            "active_convention": "without the input embedding table" if preset.active_excludes_embedding
+            else "with embeddings",
         },
         "conventions": CONVENTIONS,
-        "notes": list(spec.notes) + _preset_notes(preset),
+        "notes": list(spec.notes) + _preset_notes(preset, counts),
         "expert_parallel": None if ep is None else expert_parallel_report(spec, counts, ep=ep, nodes=nodes,
                                                                           activation_dtype="bf16"),
     }
 
 
-def _preset_notes(preset: Preset | None) -> list[str]:
-    if preset is None or not preset.published_extra:
-        return []
-    return [
-        f"text model only: the published {fmt_params(preset.published_total)} total also counts "
-        f"{fmt_params(preset.published_extra)} of vision encoder + projector"
-    ]
+def _preset_notes(preset: Preset | None, counts: ParamCount | None = None) -> list[str]:
+    notes = []
+    if preset is not None and preset.published_extra:
+        notes.append(
+            f"text model only: the published {fmt_params(preset.published_total)} total also counts "
+            f"{fmt_params(preset.published_extra)} of vision encoder + projector"
+        )
+    if preset is not None and preset.active_excludes_embedding and counts is not None:
+        notes.append(
+            f"the published {fmt_params(preset.published_active)} active leaves out the input embedding table: "
+            f"{fmt_params(counts.active - counts.embedding)} in that convention, "
+            f"{fmt_params(counts.active)} with it (moelab's 'active')"
+        )
+    return notes
 
 
 def fmt_params(n: float) -> str:

@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "source": str(args.path),
                 "moe_layers": loaded.config.moe_layers,
+                "num_experts": loaded.config.moe.num_experts if loaded.config.moe is not None else 0,
                 "prompts": [
                     {
                         "prompt": prompt,

@@ -44,11 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     off.add_argument("--offload-policy", choices=("lru", "lfu"), default="lru", help="eviction policy (default lru)")
     off.add_argument("--offload-scope", choices=("layer", "global"), default="layer",
                      help="split the budget evenly over the MoE layers (default) or share one pool")
+    p.add_argument("--routing-log", metavar="LOG.jsonl",
+                   help="append every finished request's per-token routing here (for `moelab analyze --traffic`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --routing-log")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's own)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.overwrite and args.routing_log is None:
+        raise ConfigError("--overwrite applies to --routing-log only")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
@@ -81,8 +86,17 @@ def run(args: argparse.Namespace) -> int:
                           max_queue=args.max_queue, max_len=args.max_len, batching=args.batching,
                           batch_window_s=args.batch_window)
     engine = Engine(loaded.model, config, tokenizer=tokenizer)
-    app = create_app(engine, tokenizer, args.served_model_name or args.model, api_key=args.api_key,
+    name = args.served_model_name or args.model
+    routing_log = None
+    if args.routing_log is not None:
+        from moelab.serve.routing_log import RoutingLog
+
+        moe = loaded.model.cfg.moe
+        routing_log = RoutingLog(args.routing_log, num_experts=moe.num_experts if moe is not None else 0, model=name,
+                                 overwrite=args.overwrite)
+
+    app = create_app(engine, tokenizer, name, api_key=args.api_key,
                      chat_template=load_chat_template(Path(tok_path)), drain_timeout_s=args.drain_timeout,
-                     offload_store=store)
+                     offload_store=store, routing_log=routing_log)
     make_server(app, host=args.host, port=args.port).run()
     return 0

@@ -75,6 +75,18 @@ def _gguf() -> gguf_mod:
 
 def gguf_refusal(cfg: ModelConfig) -> str | None:
     """Why `cfg` cannot be written as a llama-arch GGUF (one phrase), or None if it can."""
+    # Features of the families imported with issue #15 (DeepSeek, gpt-oss, Llama 4, Granite, ...).
+    for name, default in (("attention", "gqa"), ("attn_sinks", False), ("o_bias", False), ("rotary_dim", None),
+                          ("rope_interleave", False), ("nope_layers", ()), ("rope_yarn", None), ("attn_scale", None),
+                          ("sliding_layers", None), ("embedding_multiplier", 1.0), ("residual_multiplier", 1.0),
+                          ("logits_scaling", 1.0)):
+        if getattr(cfg, name) != default:
+            return f"ModelConfig.{name}={getattr(cfg, name)!r} (not expressible in the llama arch)"
+    if cfg.moe is not None:
+        for name, default in (("router_bias", False), ("expert_proj_bias", False), ("weight_on_input", False),
+                              ("n_group", 1), ("selection_bias", False)):
+            if getattr(cfg.moe, name) != default:
+                return f"MoEConfig.{name}={getattr(cfg.moe, name)!r} (not expressible in the llama arch)"
     if cfg.qk_norm is not None:
         return f"qk_norm={cfg.qk_norm!r} (the llama arch has no QK-norm)"
     if cfg.attn_bias:

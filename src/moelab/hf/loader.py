@@ -89,6 +89,7 @@ def _read_state(
     used: set[str] = set()
 
     def check(t: torch.Tensor, name: str, want: tuple[int, ...], ours: str) -> torch.Tensor:
+        t = adapter.tensor_from_hf(family, ours, t)
         if tuple(t.shape) != want:
             raise CheckpointError(
                 f"{st.file_of(name)}: tensor {name!r} has shape {tuple(t.shape)}, expected {want} "
@@ -111,6 +112,9 @@ def _read_state(
             state[key] = _read_experts(st, key, stacked, shape, family, check)
             continue
         name = adapter.hf_key(key, family)
+        if key.endswith("router.expert_bias") and name not in st and family not in adapter.CORRECTION_BIAS_FAMILIES:
+            state[key] = torch.zeros(shape, dtype=torch.float32)  # a sigmoid router without a balancing bias
+            continue
         if name not in st:
             for alt in adapter.moe_prefixes(family)[1:]:
                 if adapter.hf_key(key, family, alt) in st:

@@ -177,7 +177,7 @@ def generate(
     model.eval()
     cache = KVCache(
         n_layers=cfg.n_layers, batch_size=B, max_len=static_cache_len(S, cfg.max_seq_len) if compile else S,
-        n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_head, dtype=dtype, device=device,
+        n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_head, v_head_dim=cfg.value_dim, dtype=dtype, device=device,
     )
     step_fn = None
     if compile:

@@ -282,3 +282,18 @@ def plot_run(run_dir: str | Path, *, names: Sequence[str] = ("loss", "load")) ->
     if "load" in names and m.layers:
         out["load"] = plot_expert_load(m, run_dir / "plots" / "expert_load.png", title=f"{run_dir.name}: expert load")
     return out
+
+
+def plot_heatmap(matrix: np.ndarray, path: str | Path, *, xlabel: str, ylabel: str, row_labels: list[str],
+                 title: str) -> Path:
+    """A rows x columns heatmap with a colour bar (e.g. MoE layers x experts)."""
+    rows, cols = matrix.shape
+    fig = _figure(1.2 + 0.45 * cols, 1.0 + 0.4 * rows)
+    ax = fig.subplots()
+    im = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yticks(range(rows), row_labels)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)

@@ -99,7 +99,7 @@ def prefix_attention_mask(
 
 
 class KVCache:
-    """Dynamic cache: preallocated ``k, v [B, Hkv, S, Dh]`` per layer and the number of
+    """Dynamic cache: preallocated ``k [B, Hkv, S, Dh]``, ``v [B, Hkv, S, Dv]`` per layer and the number of
     columns filled (``length``, the same for every row: left padding keeps rows aligned).
     Attention writes the new columns, then attends over ``[:length + T]``."""
 
@@ -111,12 +111,15 @@ class KVCache:
         max_len: int,
         n_kv_heads: int,
         head_dim: int,
+        v_head_dim: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
+        # v_head_dim: value heads narrower or wider than key heads (MLA); None = head_dim.
         shape = (batch_size, n_kv_heads, max_len, head_dim)
+        v_shape = (batch_size, n_kv_heads, max_len, v_head_dim or head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0  # columns filled, advanced by `advance` after a full forward
         # RoPE cos/sin for positions 0..max_len-1, ``[max_len, Dh]`` each, filled by the model

@@ -17,7 +17,7 @@ from torch import nn
 
 from moelab.model.cache import Cache, prefix_attention_mask
 from moelab.model.config import ModelConfig
-from moelab.model.layers import Block, RMSNorm, rope_cos_sin
+from moelab.model.layers import Block, MLAttention, RMSNorm, rope_cos_sin
 from moelab.model.lm_loss import chunked_lm_loss, lm_loss_reference
 from moelab.moe import FeedForward, MoE, RoutingDecision, RoutingStats
 
@@ -67,11 +67,18 @@ class Transformer(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=std)
         for block in self.layers:
             attn = block.self_attn
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            if isinstance(attn, MLAttention):
+                names = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+                inputs = [getattr(attn, n) for n in names if hasattr(attn, n)]
+            else:
+                inputs = [attn.q_proj, attn.k_proj, attn.v_proj]
+            for lin in inputs:
                 nn.init.normal_(lin.weight, std=std)
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
             nn.init.normal_(attn.o_proj.weight, std=out_std)
+            if attn.o_proj.bias is not None:
+                nn.init.zeros_(attn.o_proj.bias)
             if isinstance(block.mlp, MoE | FeedForward):
                 block.mlp.reset_parameters(std, out_std)
 
@@ -124,17 +131,23 @@ class Transformer(nn.Module):
             if positions is None:
                 positions = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
         x = self.embed_tokens(input_ids)
+        if cfg.embedding_multiplier != 1.0:
+            x = x * cfg.embedding_multiplier
         cos, sin = self._rope(positions, cache, x.dtype)
-        if cache is not None:
-            mask = cache.attention_mask(B, T, cfg.sliding_window, attention_mask)
-        else:
-            mask = prefix_attention_mask(B, T, 0, cfg.sliding_window, attention_mask, input_ids.device)
+        # One mask per distinct window (gpt-oss alternates sliding and full layers).
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for window in cfg.windows:
+            if cache is not None:
+                masks[window] = cache.attention_mask(B, T, window, attention_mask)
+            else:
+                masks[window] = prefix_attention_mask(B, T, 0, window, attention_mask, input_ids.device)
 
         zero = x.new_zeros((), dtype=torch.float32)
         aux, z, moe_loss = zero, zero, zero
         stats: dict[int, RoutingStats] = {}
         routing: dict[int, RoutingDecision] | None = {} if return_routing else None
         for i, block in enumerate(self.layers):
+            mask = masks[cfg.window_of(i)]
             x, moe_out = block(x, cos, sin, mask, cache, return_routing=return_routing, telemetry=telemetry)
             if moe_out is not None and telemetry:
                 aux = aux + moe_out.aux_loss
@@ -150,6 +163,8 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = x[:, logits_at]
         x = self.norm(x)
+        if cfg.logits_scaling != 1.0:
+            x = x / cfg.logits_scaling  # logits / s, also on the loss-only path
         if targets is not None and not return_logits:
             # Training: the loss straight from the hidden states, logits never materialised.
             lm_loss = chunked_lm_loss(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
@@ -186,7 +201,7 @@ class Transformer(nn.Module):
         # are computed directly: one host sync per call for the check (not in a compiled
         # graph, whose positions `generate` keeps inside its static cache).
         if cache is None or (not torch.compiler.is_compiling() and int(positions_BT.max()) >= cache.max_len):
-            return rope_cos_sin(positions_BT, cfg.dim_head, cfg.rope_theta, dtype)
+            return rope_cos_sin(positions_BT, cfg.rope_dim, cfg.rope_theta, dtype, cfg.rope_yarn)
         cos_SD, sin_SD = self.rope_table(cache, dtype)
         return cos_SD[positions_BT].unsqueeze(1), sin_SD[positions_BT].unsqueeze(1)
 
@@ -194,6 +209,6 @@ class Transformer(nn.Module):
         """cos/sin ``[S, Dh]`` for positions 0..S-1 of `cache`, built once and kept on it."""
         if cache.rope is None or cache.rope[0].dtype != dtype:
             all_pos = torch.arange(cache.max_len, device=cache.device).unsqueeze(0)
-            cos, sin = rope_cos_sin(all_pos, self.cfg.dim_head, self.cfg.rope_theta, dtype)
+            cos, sin = rope_cos_sin(all_pos, self.cfg.rope_dim, self.cfg.rope_theta, dtype, self.cfg.rope_yarn)
             cache.rope = (cos[0, 0], sin[0, 0])
         return cache.rope

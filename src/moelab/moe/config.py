@@ -8,7 +8,8 @@ from dataclasses import dataclass, fields
 from moelab.errors import ConfigError
 
 ROUTERS = ("softmax", "sigmoid", "switch", "expert_choice")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "swiglu_oai")
+GATED_ACTIVATIONS = ("swiglu", "swiglu_oai")  # input projection [gate | up], 2F rows
 DROP_POLICIES = ("probability", "position")
 IMPLS = ("grouped", "loop")
 ROUTER_DTYPES = ("float32", "bfloat16")
@@ -23,6 +24,10 @@ class MoEConfig:
         ``norm_topk_prob=True`` renormalises the k kept weights to sum to 1 (Mixtral);
         ``False`` keeps the raw probabilities (Qwen2-MoE / OLMoE default). The weights are
         then multiplied by `routed_scaling_factor` (DeepSeek-V2; 1 elsewhere).
+        ``selection_bias`` (ERNIE 4.5): a per-expert bias added to the probabilities when
+        *choosing* the top-k only (the ``expert_bias`` buffer, as the sigmoid router's).
+        ``n_group`` / ``topk_group`` (DeepSeek-V2 ``group_limited_greedy``): only the experts
+        of the ``topk_group`` groups with the highest *maximum* probability are eligible.
       - ``"sigmoid"``: DeepSeek-V3. Per-expert sigmoid affinities; a selection-only bias
         (`expert_bias`, aux-loss-free balancing) shifts which experts are *chosen* but not
         the weights; optional group-limited routing (`n_group`, `topk_group`); weights are
@@ -39,6 +44,14 @@ class MoEConfig:
     by position (``"position"``: first choices before second choices, earlier tokens
     first, as in GShard/Switch). Dropped tokens get zero from the MoE branch.
 
+    gpt-oss experts: ``router_bias`` adds a learned bias to the router logits,
+    ``expert_proj_bias`` biases on every expert projection, and ``activation="swiglu_oai"``
+    is its clamped GLU: ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha g)`` with
+    ``g = min(gate, l)``, ``alpha = swiglu_alpha``, ``l = swiglu_limit``. Both run on the
+    readable per-expert reference (the fast kernels have no bias or clamp).
+    ``weight_on_input`` (Llama 4): the routing weight scales the expert's *input*,
+    ``expert_e(w x)``, not its output (different for a SwiGLU); also on the reference.
+
     ``impl="grouped"`` is the fast path (sorted tokens + grouped GEMM); ``"loop"`` is the
     readable per-expert reference. Both give the same result.
     """
@@ -48,6 +61,12 @@ class MoEConfig:
     num_experts: int
     top_k: int = 2
     activation: str = "swiglu"
+    swiglu_alpha: float = 1.702  # activation="swiglu_oai" only
+    swiglu_limit: float = 7.0  # activation="swiglu_oai" only
+    expert_proj_bias: bool = False
+    router_bias: bool = False
+    weight_on_input: bool = False  # Llama 4: expert_e(w x) instead of w expert_e(x)
+    selection_bias: bool = False  # softmax router: ERNIE 4.5's selection-only bias (the `expert_bias` buffer)
 
     num_shared_experts: int = 0
     d_shared_expert: int | None = None  # hidden size of ONE shared expert; None -> d_expert
@@ -124,8 +143,8 @@ class MoEConfig:
         if self.router == "expert_choice" and self.seq_aux_loss:
             raise ConfigError("MoEConfig.seq_aux_loss has no meaning for expert_choice routing (balanced by construction)")
         if self.n_group > 1 or self.topk_group > 1:
-            if self.router != "sigmoid":
-                raise ConfigError("MoEConfig.n_group/topk_group (group-limited routing) needs router='sigmoid'")
+            if self.router not in ("sigmoid", "softmax"):
+                raise ConfigError("MoEConfig.n_group/topk_group (group-limited routing) needs router='sigmoid' or 'softmax'")
             if self.num_experts % self.n_group:
                 raise ConfigError(
                     f"MoEConfig.num_experts={self.num_experts} must be divisible by n_group={self.n_group}"
@@ -141,6 +160,16 @@ class MoEConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"MoEConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.selection_bias and self.router != "softmax":
+            raise ConfigError("MoEConfig.selection_bias is the softmax router's (the sigmoid router always has one)")
+        if self.activation == "swiglu_oai" and self.num_shared_experts:
+            raise ConfigError("MoEConfig.activation='swiglu_oai' (gpt-oss) has no shared-expert form; "
+                              "set num_shared_experts=0")
+        if self.activation == "swiglu_oai" and not (
+            self.swiglu_alpha > 0 and self.swiglu_limit > 0 and math.isfinite(self.swiglu_limit)
+        ):
+            raise ConfigError(f"MoEConfig.swiglu_alpha / swiglu_limit must be > 0, got "
+                              f"{self.swiglu_alpha!r} / {self.swiglu_limit!r}")
         if self.jitter_eps >= 1:
             raise ConfigError(f"MoEConfig.jitter_eps must be < 1, got {self.jitter_eps}")
         if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):

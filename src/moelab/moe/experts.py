@@ -37,6 +37,16 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     return cpu_kernels.act_forward(h, activation, inplace=False)
 
 
+def swiglu_oai(h_NH: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped GLU on ``h = [gate | up]``: ``(clamp(up, -l, l) + 1) * g sigmoid(alpha g)``
+    with ``g = min(gate, l)``. The clamp bounds activations for low-precision (MXFP4) experts;
+    the ``+ 1`` keeps a unit path through ``up``."""
+    gate, up = h_NH.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 # ---------------------------------------------------------------------------- backends
 
 BackendForward = Callable[["RoutedExperts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,8 +87,11 @@ def register_backend(backend: ExpertsBackend, *, auto: bool = True) -> ExpertsBa
 
 
 def select_backend(experts: RoutedExperts, x_AD: torch.Tensor, impl: str = "grouped") -> ExpertsBackend:
-    """The backend for this call: ``impl="loop"`` the reference, else the first that applies."""
-    if impl == "loop":
+    """The backend for this call: ``impl="loop"`` the reference, else the first that applies.
+
+    Experts with biases or the clamped gpt-oss GLU always take the reference: the fast
+    kernels compute ``act(x W_in^T) W_out^T`` only."""
+    if impl == "loop" or experts.reference_only:
         return BACKENDS["loop"]
     for backend in _AUTO:
         if backend.applies(experts, x_AD):
@@ -92,7 +105,11 @@ def _loop_forward(experts: RoutedExperts, x_AD: torch.Tensor, counts_E: torch.Te
     for e, n in enumerate(counts_E.tolist()):
         if n:
             rows = slice(start, start + n)
-            parts.append(experts.expert_ffn(x_AD[rows], e) * weight_A[rows].to(x_AD.dtype).unsqueeze(-1))
+            w = weight_A[rows].to(x_AD.dtype).unsqueeze(-1)
+            if experts.weight_on_input:  # Llama 4: expert_e(w x)
+                parts.append(experts.expert_ffn(x_AD[rows] * w, e))
+            else:
+                parts.append(experts.expert_ffn(x_AD[rows], e) * w)
             start += n
     if not parts:
         return _empty_output(experts, x_AD)
@@ -250,30 +267,55 @@ class RoutedExperts(nn.Module):
     """E expert FFNs with stacked weights; each runs only on the rows routed to it."""
 
     def __init__(self, d_model: int, d_expert: int, num_experts: int, activation: str = "swiglu",
-                 impl: str = "grouped"):
+                 impl: str = "grouped", *, bias: bool = False, swiglu_alpha: float = 1.702,
+                 swiglu_limit: float = 7.0, weight_on_input: bool = False):
         super().__init__()
         self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
         self.activation, self.impl = activation, impl
-        in_rows = 2 * d_expert if activation == "swiglu" else d_expert
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
+        gated = activation in ("swiglu", "swiglu_oai")
+        in_rows = 2 * d_expert if gated else d_expert
         w_in = torch.empty(num_experts, in_rows, d_model)
-        if activation == "swiglu":
+        if gated:
             self.gate_up_proj = nn.Parameter(w_in)
         else:
             self.up_proj = nn.Parameter(w_in)
         self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
+        if bias:  # gpt-oss: ``gate_up_proj_bias [E, 2F]`` ([gate | up]), ``down_proj_bias [E, D]``
+            self.register_parameter(f"{'gate_up_proj' if gated else 'up_proj'}_bias",
+                                    nn.Parameter(torch.zeros(num_experts, in_rows)))
+            self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.has_bias, self.weight_on_input = bias, weight_on_input
+        # Only the per-expert reference computes biases, the clamped GLU and input weighting.
+        self.reference_only = bias or activation == "swiglu_oai" or weight_on_input
         self.reset_parameters()
 
     @property
     def w_in(self) -> torch.Tensor:
-        return self.gate_up_proj if self.activation == "swiglu" else self.up_proj
+        return self.gate_up_proj if self.activation in ("swiglu", "swiglu_oai") else self.up_proj
+
+    @property
+    def b_in(self) -> torch.Tensor | None:
+        if not self.has_bias:
+            return None
+        return self.gate_up_proj_bias if self.activation in ("swiglu", "swiglu_oai") else self.up_proj_bias
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.down_proj, std=std if out_std is None else out_std)
+        if self.has_bias:
+            nn.init.zeros_(self.b_in)
+            nn.init.zeros_(self.down_proj_bias)
 
     def expert_ffn(self, x_ND: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e applied to N rows: down(act(x W_in^T))."""
-        return F.linear(activate(F.linear(x_ND, self.w_in[e]), self.activation), self.down_proj[e])
+        """Expert e applied to N rows: down(act(x W_in^T + b_in)) + b_out (biases: gpt-oss)."""
+        b_in = self.b_in[e] if self.has_bias else None
+        h = F.linear(x_ND, self.w_in[e], b_in)
+        if self.activation == "swiglu_oai":
+            a = swiglu_oai(h, self.swiglu_alpha, self.swiglu_limit)
+        else:
+            a = activate(h, self.activation)
+        return F.linear(a, self.down_proj[e], self.down_proj_bias[e] if self.has_bias else None)
 
     def backend(self, x_AD: torch.Tensor) -> ExpertsBackend:
         """The backend a call with these rows takes."""

@@ -132,7 +132,9 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = Router(cfg)
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.drop_policy)
-        self.experts = RoutedExperts(cfg.d_model, cfg.d_expert, cfg.num_experts, cfg.activation, impl=cfg.impl)
+        self.experts = RoutedExperts(cfg.d_model, cfg.d_expert, cfg.num_experts, cfg.activation, impl=cfg.impl,
+                                     bias=cfg.expert_proj_bias, swiglu_alpha=cfg.swiglu_alpha,
+                                     swiglu_limit=cfg.swiglu_limit, weight_on_input=cfg.weight_on_input)
         if cfg.num_shared_experts:
             self.shared_experts = FeedForward(cfg.d_model, cfg.shared_hidden, cfg.activation)
             if cfg.shared_expert_gate:

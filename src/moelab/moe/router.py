@@ -57,9 +57,11 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
+        if cfg.router_bias:  # gpt-oss: a learned bias on the logits
+            self.bias = nn.Parameter(torch.zeros(cfg.num_experts))
         if cfg.noisy_gating:
             self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model))
-        if cfg.router == "sigmoid":
+        if cfg.router == "sigmoid" or cfg.selection_bias:
             # Selection-only bias (aux-loss-free balancing). A buffer: updated by
             # `update_expert_bias`, never by the optimizer; saved with the model.
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
@@ -67,6 +69,8 @@ class Router(nn.Module):
 
     def reset_parameters(self, std: float = 0.02) -> None:
         nn.init.normal_(self.weight, std=std)
+        if self.cfg.router_bias:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         """Logits (with jitter and noise in training), the finiteness check, selection."""
@@ -97,6 +101,8 @@ class Router(nn.Module):
                 logits_TE = F.linear(x_TD.to(bf16), self.weight.to(bf16)).to(dtype)
             else:
                 logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+            if self.cfg.router_bias:
+                logits_TE = logits_TE + self.bias.to(logits_TE.dtype)
             if self.cfg.noisy_gating and self.training:
                 noise_TE = F.linear(x_TD.to(dtype), self.noise_weight.to(dtype))
                 logits_TE = routing.noisy_logits(logits_TE, noise_TE)
@@ -115,7 +121,8 @@ class Router(nn.Module):
             return RouterOutput(logits_TE, probs_TE, token_idx_EC=token_idx_EC, weights_EC=weights_EC)
         if cfg.router == "softmax":
             weights_TK, expert_idx_TK, probs_TE = routing.softmax_topk(
-                logits_TE, cfg.top_k, normalize=cfg.norm_topk_prob, scaling_factor=cfg.routed_scaling_factor
+                logits_TE, cfg.top_k, normalize=cfg.norm_topk_prob, scaling_factor=cfg.routed_scaling_factor,
+                n_group=cfg.n_group, topk_group=cfg.topk_group, bias_E=self.expert_bias if cfg.selection_bias else None,
             )
         elif cfg.router == "switch":
             weights_TK, expert_idx_TK, probs_TE = routing.switch_top1(logits_TE)

@@ -34,9 +34,24 @@ def check_router_logits(logits_TE: torch.Tensor, x_TD: torch.Tensor | None = Non
 
 
 def softmax_topk(
-    logits_TE: torch.Tensor, top_k: int, *, normalize: bool, scaling_factor: float = 1.0
+    logits_TE: torch.Tensor,
+    top_k: int,
+    *,
+    normalize: bool,
+    scaling_factor: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+    bias_E: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax over all experts, keep the top-k (Shazeer 2017; Mixtral; Qwen-MoE; OLMoE).
+
+    ``bias_E`` (ERNIE 4.5): added to the probabilities to *choose* the k experts; the
+    weights stay the unbiased probabilities (the aux-loss-free balancing idea of
+    DeepSeek-V3, on a softmax router).
+
+    Group-limited (DeepSeek-V2 ``group_limited_greedy``, ``n_group > 1``): the E experts
+    form G groups, each scored by its largest probability; only the experts of the best
+    ``topk_group`` groups compete for the top-k (bounding the devices a token reaches).
 
     weights = p[top-k] with p = softmax(logits); with ``normalize`` the k weights are
     divided by their sum (Mixtral: equivalent to a softmax over the k kept logits); then
@@ -45,7 +60,19 @@ def softmax_topk(
     Returns ``(weights_TK, expert_idx_TK, probs_TE)``.
     """
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    weights_TK, expert_idx_TK = torch.topk(probs_TE, top_k, dim=-1)
+    if n_group > 1:
+        T, E = probs_TE.shape
+        probs_TGe = probs_TE.view(T, n_group, E // n_group)
+        group_idx = probs_TGe.amax(dim=-1).topk(topk_group, dim=-1).indices
+        keep_TG = torch.zeros(T, n_group, dtype=torch.bool, device=probs_TE.device).scatter_(1, group_idx, True)
+        # Masked experts get 0 (probabilities are > 0, so they are never chosen over kept ones).
+        choice_TE = probs_TGe.masked_fill(~keep_TG.unsqueeze(-1), 0.0).view(T, E)
+        weights_TK, expert_idx_TK = torch.topk(choice_TE, top_k, dim=-1)
+    elif bias_E is not None:
+        expert_idx_TK = torch.topk(probs_TE + bias_E.to(probs_TE.dtype), top_k, dim=-1).indices
+        weights_TK = probs_TE.gather(1, expert_idx_TK)
+    else:
+        weights_TK, expert_idx_TK = torch.topk(probs_TE, top_k, dim=-1)
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     if scaling_factor != 1.0:

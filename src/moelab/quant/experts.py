@@ -29,6 +29,7 @@ refused (`ConfigError`) rather than silently cutting the graph.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -125,7 +126,7 @@ def _int4_mm(experts: QuantizedExperts, proj: str, e: int, x_RI: torch.Tensor) -
 
 
 def _dequant_mm(experts: QuantizedExperts, proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
-    return x_RI @ experts.dequantized_weight(proj, e).to(x_RI.dtype).t()
+    return x_RI @ experts.dequantized_weight(proj, e).to(x_RI.device, x_RI.dtype).t()
 
 
 def check_inference(x: torch.Tensor, weight_A: torch.Tensor) -> None:
@@ -208,6 +209,22 @@ KERNEL_BACKENDS = {"int8": INT8, "int4": INT4}
 
 # ---------------------------------------------------------------------------- the module
 
+def _state_dict_with_portable(module: QuantizedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
+    """`state_dict` hook: the portable int4 buffers that were dropped for the kernel's copy."""
+    for proj in ("in", "out"):
+        name = module._name(proj)
+        if getattr(module, f"{name}_qweight", None) is None and proj in module._int4_cache:
+            for what, t in module.portable_int4(proj).items():
+                state_dict[f"{prefix}{name}_{what}"] = t
+
+
+def _restore_portable_buffers(module: QuantizedExperts, state_dict: dict, prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook: give dropped buffers a tensor again, so the state dict
+    loads into them as usual (the next `int4_kernel_weights` packs and drops them again)."""
+    for n, (shape, dtype) in module._portable_shapes.items():
+        if module._buffers.get(n) is None and f"{prefix}{n}" in state_dict:
+            module._buffers[n] = torch.zeros(shape, dtype=dtype)
+
 class QuantizedExperts(nn.Module):
     """E routed experts with int8 or int4 weights (buffers: `state_dict` saves them).
 
@@ -225,6 +242,7 @@ class QuantizedExperts(nn.Module):
         self.activation, self.fmt, self.impl = activation, fmt, impl
         self.in_name = "gate_up_proj" if activation == "swiglu" else "up_proj"
         H = 2 * d_expert if activation == "swiglu" else d_expert
+        self.H = H
         fmt.check_input_dim(d_model, f"{self.in_name} (d_model)")
         fmt.check_input_dim(d_expert, "down_proj (d_expert)")
         E = num_experts
@@ -238,9 +256,14 @@ class QuantizedExperts(nn.Module):
                 self.register_buffer(f"{name}_scale", torch.zeros(E, d_out, N, dtype=formats.SCALE_DTYPE))
                 self.register_buffer(f"{name}_zero", torch.zeros(E, d_out, N, dtype=formats.SCALE_DTYPE))
         # int4: the kernel's packed copy, made from the portable buffers (its layout is
-        # blocked per CPU build, so it is not what we save). Keyed by the buffers' identity
-        # and version: loading a state_dict rebuilds it.
-        self._int4_cache: dict[str, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # blocked per CPU build, so it is not what we save). Once it exists the portable
+        # buffers are dropped, so the weights are resident once (`int4_kernel_weights`);
+        # `state_dict` rebuilds them from the kernel copy (`portable_int4`), and loading a
+        # state_dict puts them back until the next packing.
+        self._int4_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._portable_shapes = {n: (tuple(b.shape), b.dtype) for n, b in self._buffers.items()}
+        self._register_state_dict_hook(_state_dict_with_portable)
+        self._register_load_state_dict_pre_hook(_restore_portable_buffers, with_module=True)
 
     # -- construction and the reference
 
@@ -268,25 +291,30 @@ class QuantizedExperts(nn.Module):
     def _name(self, proj: str) -> str:
         return self.in_name if proj == "in" else "down_proj"
 
+    def _portable(self, proj: str, what: str) -> torch.Tensor:
+        """A saved buffer (``qweight``, ``scale``, ``zero``) of ``proj``; rebuilt from the
+        int4 kernel's copy when it was dropped."""
+        t = getattr(self, f"{self._name(proj)}_{what}")
+        return t if t is not None else self.portable_int4(proj)[what]
+
     def qweight(self, proj: str) -> torch.Tensor:
-        return getattr(self, f"{self._name(proj)}_qweight")
+        return self._portable(proj, "qweight")
 
     def scale(self, proj: str) -> torch.Tensor:
-        return getattr(self, f"{self._name(proj)}_scale")
+        return self._portable(proj, "scale")
 
     def dequantized_weight(self, proj: str, e: int | None = None) -> torch.Tensor:
         """The float32 weight of projection ``proj`` ("in"/"out"): ``[E, O, I]``, or expert e's ``[O, I]``."""
-        name = self._name(proj)
         pick = (lambda t: t) if e is None else (lambda t: t[e])
-        qw, scale = pick(getattr(self, f"{name}_qweight")), pick(getattr(self, f"{name}_scale"))
+        qw, scale = pick(self.qweight(proj)), pick(self.scale(proj))
         if self.fmt.name == "int8":
             return formats.dequantize_int8(qw, scale)
-        return formats.dequantize_int4(formats.unpack_int4(qw), scale, pick(getattr(self, f"{name}_zero")))
+        return formats.dequantize_int4(formats.unpack_int4(qw), scale, pick(self._portable(proj, "zero")))
 
     def dequantized(self) -> RoutedExperts:
         """A float32 `RoutedExperts` holding the dequantised weights: the reference."""
         ref = RoutedExperts(self.d_model, self.d_expert, self.num_experts, self.activation, impl=self.impl)
-        ref.to(self.down_proj_qweight.device)
+        ref.to(self.down_proj_scale.device if self.down_proj_scale is not None else "cpu")
         with torch.no_grad():
             ref.w_in.copy_(self.dequantized_weight("in"))
             ref.down_proj.copy_(self.dequantized_weight("out"))
@@ -295,33 +323,60 @@ class QuantizedExperts(nn.Module):
     # -- the int4 kernel's copy
 
     def int4_kernel_weights(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(packed_EOP uint8, scales_and_zeros_ENO2 bf16)`` for the int4 CPU kernel, made
-        once from the saved buffers (`torch._convert_weight_to_int4pack_for_cpu` takes the
-        nibbles as int32 ``[O, I]``; P = I/2 bytes per row)."""
+        """``(packed_EOP uint8, scales_and_zeros_ENO2 bf16)`` for the int4 CPU kernel.
+
+        Made from the portable buffers when they are present (after construction or a
+        `load_state_dict`; `torch._convert_weight_to_int4pack_for_cpu` takes the nibbles as
+        int32 ``[O, I]``; P = I/2 bytes per row), which are then dropped: the kernel's copy
+        is the one resident copy of the weights (a 768 x 2048 expert projection: 0.79 MB,
+        not 1.6). `portable_int4` gives them back for saving and for the reference."""
         name = self._name(proj)
         qw, scale, zero = (getattr(self, f"{name}_{s}") for s in ("qweight", "scale", "zero"))
-        # (Inference tensors, made under torch.inference_mode, keep no version counter.)
-        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in (qw, scale, zero))
-        hit = self._int4_cache.get(proj)
-        if hit is None or hit[0] != key:
-            q_EOI = formats.unpack_int4(qw).to(torch.int32)
-            # innerKTiles is ignored by the CPU packing (same result for 1, 2, 4, 8: checked).
-            packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(q_EOI[e], 1)
-                                  for e in range(self.num_experts)])
-            sz = torch.stack([int4_scales_and_zeros(scale[e], zero[e]) for e in range(self.num_experts)])
-            hit = (key, (packed, sz))
-            self._int4_cache[proj] = hit
-        return hit[1]
+        if qw is None:
+            return self._int4_cache[proj]
+        q_EOI = formats.unpack_int4(qw).to(torch.int32)
+        # innerKTiles is ignored by the CPU packing (same result for 1, 2, 4, 8: checked).
+        packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(q_EOI[e], 1) for e in range(self.num_experts)])
+        sz = torch.stack([int4_scales_and_zeros(scale[e], zero[e]) for e in range(self.num_experts)])
+        self._int4_cache[proj] = (packed, sz)
+        for what in ("qweight", "scale", "zero"):
+            self._buffers[f"{name}_{what}"] = None  # a None buffer: not in state_dict, no memory
+        return packed, sz
+
+    def portable_int4(self, proj: str) -> dict[str, torch.Tensor]:
+        """The saved form of an int4 projection (``qweight`` nibbles ``[E, O, I/2]``,
+        ``scale`` and ``zero`` ``[E, O, N]``) rebuilt from the kernel's copy.
+
+        The packed layout is the CPU build's, so it is read back through the kernel itself:
+        with scale 1 and zero 8 the kernel's ``(q - 8) * scale + zero`` is ``q``, an integer
+        bf16 holds exactly, so ``I_I @ W^T`` with the identity returns the nibbles."""
+        packed, sz = self._int4_cache[proj]
+        E, G = self.num_experts, self.fmt.group_size
+        d_out, d_in = (self.d_model, self.d_expert) if proj == "out" else (self.H, self.d_model)
+        N = d_in // G
+        eye = torch.eye(d_in, dtype=KERNEL_DTYPE)
+        unit = torch.stack([torch.ones(N, d_out), torch.full((N, d_out), 8.0)], dim=-1).to(KERNEL_DTYPE)
+        q_EOI = torch.stack([torch._weight_int4pack_mm_for_cpu(eye, packed[e], G, unit).t() for e in range(E)])
+        return {
+            "qweight": formats.pack_int4(q_EOI.round().to(torch.uint8)),
+            "scale": sz[..., 0].transpose(1, 2).contiguous().to(formats.SCALE_DTYPE),
+            "zero": sz[..., 1].transpose(1, 2).contiguous().to(formats.SCALE_DTYPE),
+        }
 
     # -- accounting
 
     def nbytes(self) -> int:
-        """Bytes of the saved buffers (what `state_dict` holds)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of what `state_dict` saves (the portable buffers, resident or not)."""
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self._portable_shapes.values())
+
+    def resident_nbytes(self) -> int:
+        """Bytes held in memory now: the buffers present and the kernel's copies."""
+        held = sum(b.numel() * b.element_size() for b in self.buffers())
+        return held + sum(t.numel() * t.element_size() for ts in self._int4_cache.values() for t in ts)
 
     def kernel_nbytes(self) -> int:
-        """Bytes held beside the buffers for a kernel (int4: its packed copy; int8: none)."""
-        return sum(t.numel() * t.element_size() for _, ts in self._int4_cache.values() for t in ts)
+        """Resident bytes beyond the saved ones (int4: what the kernel's layout adds; int8: 0)."""
+        return self.resident_nbytes() - self.nbytes()
 
     # -- the experts protocol
 

@@ -48,6 +48,11 @@ def quantize_model(model: nn.Module, fmt: QuantFormat | str, *, what: str = "exp
         if not isinstance(moe.experts, RoutedExperts):
             raise ConfigError(f"quantize_model: the experts are already {type(moe.experts).__name__}; "
                               "quantise the float model")
+        if moe.experts.reference_only and fmt != BF16:
+            # The quantised kernels compute act(x W_in^T) W_out^T only.
+            raise ConfigError("quantize_model: experts with biases, the clamped gpt-oss GLU or input weighting "
+                              "(MoEConfig.expert_proj_bias / activation='swiglu_oai' / weight_on_input) have no "
+                              "quantised kernel; use bf16")
     if fmt == BF16:
         return _cast_experts_bf16(layers)
     before = after = kernel = 0

@@ -49,6 +49,7 @@ from moelab.serve.protocol import (
     sse,
     usage,
 )
+from moelab.serve.routing_log import RoutingLog
 from moelab.serve.types import EngineClosedError, GenerationRequest, QueueFullError, StreamEvent
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class ServerState:
     drain_timeout_s: float
     metrics: ServerMetrics
     end_ids: tuple[int, ...]
+    routing_log: RoutingLog | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     _drain_task: asyncio.Future | None = None
@@ -95,6 +97,7 @@ def create_app(
     drain_timeout_s: float = 30.0,
     start_engine: bool = True,
     offload_store=None,
+    routing_log: RoutingLog | None = None,
 ) -> FastAPI:
     """The app serving `engine` as `model_name`.
 
@@ -103,12 +106,13 @@ def create_app(
     `api_key`: every endpoint but ``/health`` needs ``Authorization: Bearer <api_key>``.
     The lifespan starts the engine (unless `start_engine` is False) and drains it at the end.
     `offload_store`: the `moelab.offload.ExpertStore` of an offloaded model, whose cache
-    statistics `/metrics` then shows.
+    statistics `/metrics` then shows. `routing_log`: every finished request's routing is
+    appended to it (`moelab.serve.routing_log`), whether or not the client asked for it.
     """
     st = ServerState(
         engine=engine, tokenizer=tokenizer, model_name=model_name, api_key=api_key or None,
         chat_template=chat_template or plain_template(), drain_timeout_s=drain_timeout_s,
-        metrics=ServerMetrics(engine, offload_store), end_ids=end_token_ids(tokenizer),
+        metrics=ServerMetrics(engine, offload_store), end_ids=end_token_ids(tokenizer), routing_log=routing_log,
     )
 
     @asynccontextmanager
@@ -117,6 +121,8 @@ def create_app(
             engine.start()
         yield
         await drain(app)
+        if st.routing_log is not None:
+            st.routing_log.close()
 
     app = FastAPI(title="moelab serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.moelab = st
@@ -241,10 +247,23 @@ def _param_of(e: ConfigError) -> str | None:
 
 
 class _Timing:
-    """Client-side latencies of one request, observed into the server's histograms."""
+    """Client-side latencies of one request, observed into the server's histograms; and
+    its token ids and routing, for the routing log."""
 
-    def __init__(self, metrics: ServerMetrics, t0: float):
+    def __init__(self, metrics: ServerMetrics, t0: float, log: RoutingLog | None = None, rid: str = "",
+                 prompt_tokens: int = 0):
         self.m, self.t0, self.last = metrics, t0, None
+        self.log, self.rid, self.prompt_tokens = log, rid, prompt_tokens
+        self.token_ids: list[int] = []
+        self.routing: list[dict] = []
+
+    def event(self, ev: StreamEvent) -> None:
+        self.tokens(len(ev.token_ids))
+        if self.log is not None:
+            self.token_ids += ev.token_ids
+            self.routing += ev.routing or []
+            if ev.finish_reason is not None:
+                self.log.write(self.rid, ev.finish_reason, self.prompt_tokens, self.token_ids, self.routing)
 
     def tokens(self, n: int) -> None:
         if not n:
@@ -280,6 +299,8 @@ async def _generate(st: ServerState, request: Request, kind: Kind, r, ids: list[
         raise APIError(503, "the server is shutting down and admits no new requests",
                        type="service_unavailable", code="draining")
     fields = sampling_fields(r)
+    want_routing = fields["return_routing"]
+    fields["return_routing"] = want_routing or st.routing_log is not None  # the log records every request
     fields["stop"] = fields["stop"] + tuple(s for s in extra_stop if s not in fields["stop"])
     rid = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
     try:
@@ -311,13 +332,14 @@ async def _generate(st: ServerState, request: Request, kind: Kind, r, ids: list[
         st.metrics.rejected.labels("invalid").inc()
         raise bad_request(_param_of(e), str(e)) from None
 
-    timing = _Timing(st.metrics, t0)
+    timing = _Timing(st.metrics, t0, st.routing_log, rid, len(ids))
     if r.stream:
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
         stream = _Stream(engine, rid)
-        stream.body_iterator = _sse(stream, queue, timing, kind, rid, st.model_name, len(ids), include_usage)
+        stream.body_iterator = _sse(stream, queue, timing, kind, rid, st.model_name, len(ids), include_usage,
+                                    want_routing)
         return stream
-    return await _whole(engine, request, queue, timing, kind, rid, st.model_name, len(ids), gen.return_routing)
+    return await _whole(engine, request, queue, timing, kind, rid, st.model_name, len(ids), want_routing)
 
 
 async def _whole(engine, request: Request, queue: asyncio.Queue, timing: _Timing, kind: Kind, rid: str,
@@ -335,7 +357,7 @@ async def _whole(engine, request: Request, queue: asyncio.Queue, timing: _Timing
                 log.info("%s: client disconnected; aborting", rid)
                 return Response(status_code=499)  # nobody reads it
             ev: StreamEvent = get.result()
-            timing.tokens(len(ev.token_ids))
+            timing.event(ev)
             text.append(ev.text)
             token_ids += ev.token_ids
             if ev.routing:
@@ -378,7 +400,7 @@ class _Stream(StreamingResponse):
 
 
 async def _sse(stream: _Stream, queue: asyncio.Queue, timing: _Timing, kind: Kind, rid: str, model: str,
-               prompt_tokens: int, include_usage: bool):
+               prompt_tokens: int, include_usage: bool, want_routing: bool):
     created = int(time.time())
 
     def c(**kw) -> bytes:
@@ -389,11 +411,12 @@ async def _sse(stream: _Stream, queue: asyncio.Queue, timing: _Timing, kind: Kin
     n = 0
     while True:
         ev: StreamEvent = await queue.get()
-        timing.tokens(len(ev.token_ids))
+        timing.event(ev)
+        routing = ev.routing if want_routing else None
         n += len(ev.token_ids)
         if ev.finish_reason is None:
             if ev.token_ids or ev.text:
-                yield c(text=ev.text, token_ids=ev.token_ids, routing=ev.routing)
+                yield c(text=ev.text, token_ids=ev.token_ids, routing=routing)
             continue
         stream.finished = True
         timing.done()
@@ -403,7 +426,7 @@ async def _sse(stream: _Stream, queue: asyncio.Queue, timing: _Timing, kind: Kin
         else:
             reason = OPENAI_FINISH_REASON[ev.finish_reason]
             if ev.token_ids or ev.text:
-                yield c(text=ev.text, token_ids=ev.token_ids, routing=ev.routing, finish_reason=reason)
+                yield c(text=ev.text, token_ids=ev.token_ids, routing=routing, finish_reason=reason)
             else:
                 yield c(text=None if kind == "chat" else "", finish_reason=reason)
             if include_usage:

@@ -142,6 +142,10 @@ class Engine:
         self.max_len = self.config.max_len or cfg.max_seq_len
         if self.max_len > cfg.max_seq_len:
             raise ConfigError(f"EngineConfig.max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        if cfg.attn_sinks:
+            # PackedBatch.attend runs SDPA per request, which has no sink term.
+            raise ConfigError("serving does not support attention sinks (ModelConfig.attn_sinks, gpt-oss) yet: "
+                              "PackedBatch.attend has no sink term; use `moelab generate`")
         model.eval()
         for moe in model.moe_layers:
             if getattr(moe.dispatcher, "capacity_factor", None) is not None:
@@ -152,13 +156,14 @@ class Engine:
         self.device = weight.device
         self.cache = SlotKVCache(
             n_layers=cfg.n_layers, slots=self.config.max_num_seqs, max_len=self.max_len,
-            n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_head, dtype=weight.dtype, device=weight.device,
+            n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_head, v_head_dim=cfg.value_dim, dtype=weight.dtype,
+            device=weight.device,
         )
         # A packed step is one sequence for the model's max_seq_len check.
         self.budget = min(self.config.max_batch_tokens, cfg.max_seq_len)
         self._moe_index = [i for i, b in enumerate(model.layers) if b.is_moe]
         E = cfg.moe.num_experts if cfg.moe is not None else 0
-        self._expert_tokens = {i: torch.zeros(E, dtype=torch.long) for i in self._moe_index}
+        self._expert_counts_LE = torch.zeros(len(self._moe_index), E, dtype=torch.long)  # rows: _moe_index
         self._slots: list[_Running] = []  # index = slot; decoding ones first
         self._n_dec = 0
         self._waiting: deque[_Running] = deque()
@@ -215,7 +220,7 @@ class Engine:
                 running=len(self._slots), waiting=len(self._waiting), slots=self.config.max_num_seqs,
                 steps=self._steps, prompt_tokens=self._prompt_tokens, generation_tokens=self._gen_tokens,
                 finished=dict(self._finished),
-                expert_tokens={i: c.tolist() for i, c in self._expert_tokens.items()},
+                expert_tokens=dict(zip(self._moe_index, self._expert_counts_LE.tolist(), strict=True)),
                 decode_rows=self._decode_rows, decode_steps=self._decode_steps,
             )
 
@@ -356,10 +361,15 @@ class Engine:
                 for i, run in enumerate(finishing)]
 
     def _count_experts(self, routing: dict | None) -> None:
-        for layer, decision in (routing or {}).items():
-            idx = decision.expert_idx[decision.kept] if decision.kept is not None else decision.expert_idx
-            counts = self._expert_tokens[layer]
-            counts += torch.bincount(idx.reshape(-1).cpu(), minlength=counts.numel())
+        """Add this step's routed tokens per (MoE layer, expert): one bincount for all layers.
+        (Serving drops nothing -- capacity is off -- so every choice counts.)"""
+        if not routing:
+            return
+        E = self._expert_counts_LE.shape[1]
+        idx_LA = torch.stack([routing[i].expert_idx.reshape(-1) for i in self._moe_index])
+        offset_L1 = torch.arange(len(self._moe_index), device=idx_LA.device).unsqueeze(1) * E
+        self._expert_counts_LE += torch.bincount((idx_LA + offset_L1).reshape(-1).cpu(),
+                                                 minlength=self._expert_counts_LE.numel()).view_as(self._expert_counts_LE)
 
     def _sample(self, rows: list[tuple[_Running, torch.Tensor, dict | None]]) -> None:
         if not rows:

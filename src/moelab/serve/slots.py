@@ -49,12 +49,15 @@ class SlotKVCache:
         max_len: int,
         n_kv_heads: int,
         head_dim: int,
+        v_head_dim: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
+        # v_head_dim: value heads of another width than key heads (MLA); None = head_dim.
         shape = (slots, n_kv_heads, max_len, head_dim)
+        v_shape = (slots, n_kv_heads, max_len, v_head_dim or head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slots, self.max_len = slots, max_len
         # RoPE cos/sin for positions 0..max_len-1, built once by the model (`rope_table`).
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -122,7 +125,12 @@ class PackedBatch:
         self.pos_P = torch.cat([torch.arange(s.length, s.length + s.n, device=dev) for s in segments])
         self.dec_len_B = torch.tensor([s.length for s in segments[:B]], device=dev)
         self.dec_S = max((s.length for s in segments[:B]), default=0) + 1  # key columns the decoding rows read
-        self.dec_rows_B = torch.arange(B, device=dev)
+        # Where the decoding rows' new keys go, as rows of the cache viewed ``[N * Hkv * S, Dh]``:
+        # one index_copy_ per layer instead of advanced-index assignment (2-3x cheaper).
+        _, Hkv, S, _ = cache.k[0].shape
+        rows_B1 = torch.arange(B, device=dev).unsqueeze(1)
+        self.dec_flat = ((rows_B1 * Hkv + torch.arange(Hkv, device=dev)) * S + self.dec_len_B.unsqueeze(1)).reshape(-1)
+        self._prefill_mask: dict[tuple[int, int | None], torch.Tensor | None] = {}
         self._dec_mask: dict[int | None, torch.Tensor | None] = {}
 
     @property
@@ -161,8 +169,10 @@ class PackedBatch:
         B = self.B
         if B:
             # Decoding requests: token b goes to slot b, column len_b.
-            k_buf[self.dec_rows_B, :, self.dec_len_B] = k_1HPD[0, :, :B].transpose(0, 1)
-            v_buf[self.dec_rows_B, :, self.dec_len_B] = v_1HPD[0, :, :B].transpose(0, 1)
+            Dh = k_buf.shape[-1]
+            k_buf.view(-1, Dh).index_copy_(0, self.dec_flat, k_1HPD[0, :, :B].transpose(0, 1).reshape(-1, Dh))
+            v_buf.view(-1, v_buf.shape[-1]).index_copy_(
+                0, self.dec_flat, v_1HPD[0, :, :B].transpose(0, 1).reshape(-1, v_buf.shape[-1]))
             S = self.dec_S
             q_BH1D = q_1HPD[0, :, :B].transpose(0, 1).unsqueeze(2)
             mask = self._decode_mask(S, window)
@@ -170,11 +180,13 @@ class PackedBatch:
                                                enable_gqa=gqa)
             out.append(y.squeeze(2).transpose(0, 1).unsqueeze(0))  # [1, H, B, Dh]
         p = B
-        for s in self.segments[B:]:
+        for i, s in enumerate(self.segments[B:]):
             end = s.length + s.n
             k_buf[s.slot, :, s.length : end] = k_1HPD[0, :, p : p + s.n]
             v_buf[s.slot, :, s.length : end] = v_1HPD[0, :, p : p + s.n]
-            mask = prefix_attention_mask(1, s.n, s.length, window, None, self.device)
+            if (i, window) not in self._prefill_mask:  # the same for every layer
+                self._prefill_mask[i, window] = prefix_attention_mask(1, s.n, s.length, window, None, self.device)
+            mask = self._prefill_mask[i, window]
             y = F.scaled_dot_product_attention(
                 q_1HPD[:, :, p : p + s.n], k_buf[s.slot : s.slot + 1, :, :end], v_buf[s.slot : s.slot + 1, :, :end],
                 attn_mask=mask, is_causal=mask is None and s.n > 1, enable_gqa=gqa,
