@@ -29,6 +29,11 @@ CASES: dict[str, dict] = {
     # Ranks with different numbers of rows (1 and 3 of the 4): the capacity path pads the
     # routing it gathers.
     "softmax_capacity_uneven": {"capacity_factor": 1.0, "_split": [1, 3]},
+    # The families merged from main: Llama 4's weight on the expert input; gpt-oss's
+    # biased experts with the clamped GLU and a router bias; ERNIE's selection bias.
+    "weight_on_input": {"weight_on_input": True},
+    "gpt_oss_experts": {"activation": "swiglu_oai", "expert_proj_bias": True, "router_bias": True},
+    "softmax_selection_bias_groups": {"selection_bias": True, "n_group": 2, "topk_group": 1},
     # The issue's bar: float32 at 1e-5.
     "softmax_fp32": {"_dtype": "float32"},
     "sigmoid_groups_capacity_fp32": {"router": "sigmoid", "n_group": 2, "topk_group": 1, "capacity_factor": 1.0,
@@ -47,6 +52,14 @@ def build_case(name: str) -> tuple[Transformer, torch.Tensor, torch.Tensor]:
                       moe=moe)
     torch.manual_seed(0)
     model = Transformer(cfg).to(dtype)
+    g_bias = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # biases start at 0: make them matter
+        for n, p in model.named_parameters():
+            if n.endswith("_bias") or n.endswith("router.bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g_bias, dtype=torch.float64))
+        if moe.selection_bias:
+            for m in model.moe_layers:
+                m.router.expert_bias.copy_(0.05 * torch.randn(4, generator=g_bias, dtype=torch.float64))
     if bias is not None:
         for m in model.moe_layers:
             m.router.expert_bias.copy_(torch.tensor(bias))

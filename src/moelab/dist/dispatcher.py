@@ -23,6 +23,7 @@ One MoE layer, on every rank (torchtitan's ``AllToAllTokenDispatcher`` and Megat
 5. The local experts backend on ``[B, D]`` with ``L`` counts.
 6. The reverse: un-permute, exchange back, multiply by the combine weight at the origin
    (so weights never travel), scatter-add per token (in fp32 under autocast, then cast).
+   With ``weight_on_input`` (Llama 4) the weight scales the row before it leaves instead.
 
 Every collective is called on every rank for every layer, with zero rows as well: a rank
 that routes nothing to (or receives nothing from) a peer still takes part, so no rank
@@ -93,8 +94,11 @@ class AllToAllDispatcher:
     batch (inference on replicated prompts, where each rank must act like one process)."""
 
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float | None, drop_policy: str, *,
-                 ep_group, batch_group=None):
+                 ep_group, batch_group=None, weight_on_input: bool = False):
         self.num_experts, self.top_k = num_experts, top_k
+        # Llama 4 (`MoEConfig.weight_on_input`): ``expert_e(w x)``, so the weight scales each
+        # row at the origin before it travels, and the combine only sums.
+        self.weight_on_input = weight_on_input
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.ep_group, self.batch_group = ep_group, batch_group
         self.ep_size = dist.get_world_size(ep_group)
@@ -167,6 +171,8 @@ class AllToAllDispatcher:
         send_splits, recv_splits, T_global = splits[:R], splits[R:2 * R], splits[2 * R]
         # 4. token exchange, then rank-major -> expert-major.
         x_AD = gather_tokens(x_TD, token_A)
+        if self.weight_on_input:
+            x_AD = x_AD * weight_A.to(x_AD.dtype).unsqueeze(-1)
         x_recv_BD = all_to_all(x_AD, recv_splits, send_splits, self.ep_group)
         perm_B = expert_major_order(counts_RL, total=sum(recv_splits))
         d = ExpertParallelDispatched(
@@ -186,7 +192,7 @@ class AllToAllDispatcher:
         y_recv_BD = y_BD[inverse_permutation(d.perm_B)]
         y_AD = all_to_all(y_recv_BD, d.send_splits, d.recv_splits, self.ep_group)
         acc = torch.promote_types(y_AD.dtype, torch.float32)  # sum a token's K rows in fp32 at least
-        y_AD = y_AD.to(acc) * d.weight_A.to(acc).unsqueeze(-1)
+        y_AD = y_AD.to(acc) if self.weight_on_input else y_AD.to(acc) * d.weight_A.to(acc).unsqueeze(-1)
         return sum_rows_per_token(y_AD, d.token_idx_A, d.num_tokens).to(d.x_TD.dtype)
 
     def run_experts(self, experts: RoutedExperts, dispatched: ExpertParallelDispatched) -> torch.Tensor:

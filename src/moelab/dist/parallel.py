@@ -61,16 +61,25 @@ def shard_experts(model: nn.Module, ctx: DistContext, *, global_batch: bool = Tr
     check_divisible(model, ep)
     for moe in moe_layers(model):
         full = moe.experts
+        if type(full) is not RoutedExperts:
+            raise ConfigError(f"--ep needs the float routed experts; this layer holds {type(full).__name__} "
+                              "(quantised or offloaded experts are not sharded)")
         L = full.num_experts // ep
-        local = RoutedExperts(full.d_model, full.d_expert, L, full.activation, impl=full.impl)
+        local = RoutedExperts(full.d_model, full.d_expert, L, full.activation, impl=full.impl, bias=full.has_bias,
+                              swiglu_alpha=full.swiglu_alpha, swiglu_limit=full.swiglu_limit,
+                              weight_on_input=full.weight_on_input)
+        # Cast before copying: a float64 model's shards must not pass through float32
+        # (found by the gpt-oss parity case, whose biases are not float32-representable).
+        local = local.to(device=full.down_proj.device, dtype=full.down_proj.dtype)
         with torch.no_grad():
             for name, p in full.named_parameters():
                 getattr(local, name).copy_(p[r * L:(r + 1) * L])
-        moe.experts = local.to(device=full.down_proj.device, dtype=full.down_proj.dtype)
+        moe.experts = local
         cfg = moe.cfg
         moe.dispatcher = AllToAllDispatcher(cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.drop_policy,
                                             ep_group=ctx.ep_group,
-                                            batch_group=ctx.world_group if global_batch else None)
+                                            batch_group=ctx.world_group if global_batch else None,
+                                            weight_on_input=full.weight_on_input)
     return model
 
 
