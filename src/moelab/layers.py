@@ -9,8 +9,8 @@ sibling beside it in the same tier (not even inside a function; imports under
 
 `accounting` is pure arithmetic: besides itself it imports only `ACCOUNTING_MAY_IMPORT`,
 the torch-free modules (so ``moelab size`` starts instantly, without torch). `infer` sits
-above `model` and hosts nothing the model needs. Reserved layers (dist, playground)
-have their place before their code exists.
+above `model` and hosts nothing the model needs. A reserved layer (playground) has its
+place before its code exists.
 """
 
 from __future__ import annotations

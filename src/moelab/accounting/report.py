@@ -26,6 +26,7 @@ from moelab.accounting.moelab_config import (
     spec_from_moelab_config,
     spec_from_moelab_run,
 )
+from moelab.accounting.parallel import expert_parallel_report
 from moelab.accounting.params import ParamCount, count_params
 from moelab.accounting.published import PRESETS, Preset
 from moelab.accounting.spec import ArchSpec, Spec
@@ -101,8 +102,11 @@ def size_report(
     context: int = 4096,
     batch: int = 1,
     gpu_memory_gb: float = 80.0,
+    ep: int | None = None,
+    nodes: int = 1,
 ) -> dict[str, Any]:
-    """Everything `moelab size` reports about one model, as a JSON-ready dict."""
+    """Everything `moelab size` reports about one model, as a JSON-ready dict; with `ep`,
+    an ``expert_parallel`` block (`moelab.accounting.parallel`)."""
     if context <= 0 or batch <= 0:
         raise ConfigError(f"context and batch must be > 0, got context={context}, batch={batch}")
     counts = count_params(spec)
@@ -178,6 +182,8 @@ def size_report(
         },
         "conventions": CONVENTIONS,
         "notes": list(spec.notes) + _preset_notes(preset, counts),
+        "expert_parallel": None if ep is None else expert_parallel_report(spec, counts, ep=ep, nodes=nodes,
+                                                                          activation_dtype="bf16"),
     }
 
 
@@ -278,6 +284,8 @@ def render_table(reports: list[dict[str, Any]]) -> str:
         ("same active compute", [_dense_cell(r["dense_equivalents"]["same_active"]) for r in reports]),
         ("same total params", [_dense_cell(r["dense_equivalents"]["same_total"]) for r in reports]),
     ]
+    if any(r.get("expert_parallel") for r in reports):
+        rows += _ep_rows(reports, dt)
     header = [r["name"] for r in reports]
     label_w = max(len(row[0]) for row in rows if isinstance(row, tuple))
     col_w = [
@@ -298,6 +306,26 @@ def render_table(reports: list[dict[str, Any]]) -> str:
         for note in r["notes"]:
             out.append(f"  note ({r['name']}): {note}")
     return "\n".join(out)
+
+
+def _ep_rows(reports: list[dict[str, Any]], dt: str) -> list[tuple[str, list[str]] | str]:
+    eps = [r["expert_parallel"] for r in reports]
+    first = next(e for e in eps if e)
+    cell = lambda f: [f(e) if e else "-" for e in eps]  # noqa: E731
+    return [
+        f"expert parallelism (--ep {first['ep']}, --nodes {first['nodes']}; all-to-all rows at bf16)",
+        ("experts per rank", cell(lambda e: "; ".join(str(g["experts_per_rank"]) for g in e["moe_layers"]))),
+        ("all-to-all per token, per MoE layer", cell(
+            lambda e: "; ".join(fmt_bytes(g["all_to_all_bytes_per_token"]) for g in e["moe_layers"]))),
+        ("  of which crosses ranks (balanced)", cell(
+            lambda e: "; ".join(fmt_bytes(g["cross_rank_bytes_per_token"]) for g in e["moe_layers"]))),
+        ("  of which crosses nodes (balanced)", cell(
+            lambda e: "; ".join(fmt_bytes(g["cross_node_bytes_per_token"]) for g in e["moe_layers"]))),
+        ("all-to-all per token, all layers", cell(lambda e: fmt_bytes(e["all_to_all_bytes_per_token"]))),
+        ("  training (forward + backward)", cell(lambda e: fmt_bytes(e["training_all_to_all_bytes_per_token"]))),
+        (f"expert weights per rank {dt}", cell(lambda e: fmt_bytes(e["expert_bytes_per_rank"].get(dt, 0.0)))),
+        (f"all weights per rank {dt}", cell(lambda e: fmt_bytes(e["bytes_per_rank"].get(dt, 0.0)))),
+    ]
 
 
 def preset_lines() -> list[str]:

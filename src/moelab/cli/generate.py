@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from moelab.cli import _parallel
 from moelab.cli.options import dtype_type
 from moelab.errors import ConfigError
 from moelab.io import atomic_write_json
@@ -48,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     off.add_argument("--offload-policy", choices=("lru", "lfu"), default="lru", help="eviction policy (default lru)")
     off.add_argument("--offload-scope", choices=("layer", "global"), default="layer",
                      help="split the budget evenly over the MoE layers (default) or share one pool")
+    _parallel.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -69,6 +71,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        return _parallel.relaunch(args)
+    ctx = _parallel.init(args)
+    if ctx is not None and (args.expert_memory is not None or args.compile):
+        raise ConfigError("--ep does not combine with --expert-memory or --compile (the all-to-all runs eagerly)")
     from tokenizers import Tokenizer
 
     from moelab.cli.options import check_device, torch_dtype
@@ -93,13 +100,18 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_any(args.path, verify=not args.no_verify, device=check_device(args.device))
         if args.dtype:
             loaded.model.to(torch_dtype(args.dtype))
+    if ctx is not None:  # every rank holds the prompts and E/ep of the experts
+        from moelab.dist.parallel import shard_experts
+
+        shard_experts(loaded.model, ctx, global_batch=False)
+    quiet = ctx is not None and not ctx.is_main
     tok_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
     if tok_path is None or not tok_path.is_file():
         raise ConfigError(f"{args.path}: no tokenizer.json found; pass --tokenizer PATH")
     tokenizer = Tokenizer.from_file(str(tok_path))
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
     stop_ids = list(end_token_ids(tokenizer))
-    single = len(prompts) == 1
+    single = len(prompts) == 1 and not quiet
 
     def stream(row: int, token: int, delta: str) -> None:
         sys.stdout.write(delta)
@@ -122,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         stream=stream if single else None,
         compile=args.compile,
     )
+    if quiet:
+        return 0
     if single:
         sys.stdout.write("\n")
     else:

@@ -32,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences in the KV cache (default 1)")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",
                    help="memory per GPU in GB (1e9 bytes) for min GPUs (default 80)")
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="expert parallelism over N ranks: all-to-all bytes per token per MoE layer "
+                        "(dispatch + combine, bf16) and the weights per rank (docs/dist.md)")
+    p.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="with --ep: the ranks spread over N nodes, for the cross-node share (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON (an object, or a list for several models)")
     p.set_defaults(func=run)
 
@@ -40,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(preset_lines()))
         return 0
+    if args.nodes != 1 and args.ep is None:
+        raise ValueError("--nodes needs --ep N")
     if not args.models:
         raise ValueError("give at least one preset name or config path (see `moelab size --list`)")
     reports = []
@@ -48,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         reports.append(
             size_report(
                 spec, source=source, preset=preset, dtype=args.dtype, context=args.context,
-                batch=args.batch, gpu_memory_gb=args.gpu_memory,
+                batch=args.batch, gpu_memory_gb=args.gpu_memory, ep=args.ep, nodes=args.nodes,
             )
         )
     if args.json:

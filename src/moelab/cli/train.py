@@ -14,6 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from moelab.cli import _parallel
 from moelab.cli.options import precision_type
 from moelab.data import DataConfig, PreparedData, prepare_data, prepare_data_from_config
 from moelab.errors import ConfigError, DataError
@@ -142,6 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", default=None, metavar="RUN_OR_HF_DIR",
                    help="fine-tune: start from this checkpoint's weights (a moelab run or a Hugging Face folder "
                    "moelab imports), its architecture and its tokenizer (the data is encoded with it)")
+    _parallel.add_arguments(p)
     add_training_arguments(p)
     p.set_defaults(func=run)
 
@@ -198,7 +200,8 @@ def _say_from_scratch(name: str) -> None:
                     "(to fine-tune its weights, pass --init-from %s)", name, name)
 
 
-def run(args: argparse.Namespace) -> int:
+def _configs_and_data(args: argparse.Namespace):
+    """(model config, train config, data, pre-built model or None, source entry or None)."""
     model = source = None
     if args.init_from:
         model_cfg, model, tokenizer, source = _init_from(args)
@@ -229,15 +232,39 @@ def run(args: argparse.Namespace) -> int:
         data = load_data(args, model_cfg.vocab_size)
     if not args.init_from:
         model_cfg = with_loss_coefs(model_cfg, args)
+    return model_cfg, train_cfg, data, model, source
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        return _parallel.relaunch(args)
+    ctx = _parallel.init(args)
+    if ctx is not None and not ctx.is_main:
+        import torch.distributed as dist
+
+        dist.barrier()  # the main rank prepares (and caches) the data first
+    model_cfg, train_cfg, data, model, source = _configs_and_data(args)
+    if ctx is not None and ctx.is_main:
+        import torch.distributed as dist
+
+        dist.barrier()
+    parallel = None
+    if ctx is not None:
+        from moelab.dist.train import ExpertParallel
+
+        parallel = ExpertParallel(ctx, train_cfg)
     name = args.model or (Path(args.init_from).resolve().name + "-ft" if args.init_from else "tiny-moe")
     out = Path(args.out) if args.out else Path("runs") / Path(name).stem
     try:
         result = train(model_cfg, train_cfg, data, out, resume=args.resume, progress=not args.no_progress,
-                       tensorboard=not args.no_tensorboard, overwrite=args.overwrite, model=model, source=source)
+                       tensorboard=not args.no_tensorboard, overwrite=args.overwrite, model=model, source=source,
+                       parallel=parallel)
     except TrainingInterrupted as e:
         print(f"moelab train: interrupted at step {e.step} of {train_cfg.steps}; checkpoint written in {out}\n"
               f"resume with: {resume_command(out, args)}", file=sys.stderr)
         return 130
+    if parallel is not None and not parallel.is_main:
+        return 1 if result.stopped_reason else 0
     if args.json:
         d = dataclasses.asdict(result)
         d["out_dir"] = str(result.out_dir)

@@ -29,6 +29,7 @@ import torch
 
 from moelab.moe import routing
 from moelab.moe.cpu_kernels import gather_rows, scatter_add_rows
+from moelab.moe.losses import load_balancing_loss, router_z_loss
 from moelab.moe.router import RouterOutput
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ class Dispatched:
     num_tokens: int
     dropped: torch.Tensor | None  # [] long: dropped assignments or unpicked tokens (expert choice); None: none
     keep_TK: torch.Tensor | None = None  # token choice with a capacity: which assignments were kept
+    # Tokens of the whole batch that ``tokens_per_expert_E`` and ``dropped`` count: every
+    # rank's under expert parallelism (telemetry is then the global batch's); None: num_tokens.
+    batch_tokens: int | None = None
     _x_AD: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -68,6 +72,12 @@ class Dispatcher(Protocol):
 
     def run_experts(self, experts: RoutedExperts, dispatched: Dispatched) -> torch.Tensor:
         """The experts on the dispatched rows, combined back to ``y_TD``."""
+        ...
+
+    def losses(self, route: RouterOutput, dispatched: Dispatched, seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(balance loss, z-loss)`` of token-choice routing over the batch this dispatcher
+        serves: its own tokens locally; under expert parallelism every rank's, each rank
+        returning its share so that the shares sum to the single-process losses."""
         ...
 
 
@@ -137,6 +147,16 @@ class _Combine(torch.autograd.Function):
         return gather_rows(g_TD.contiguous(), idx_A), None, None
 
 
+def gather_tokens(x_TD: torch.Tensor, idx_A: torch.Tensor) -> torch.Tensor:
+    """``x_TD[idx_A]`` (rows of tokens), its backward a scatter-add back to the tokens."""
+    return _Gather.apply(x_TD, idx_A)
+
+
+def sum_rows_per_token(y_AD: torch.Tensor, idx_A: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``y_TD[t] = sum of the rows of token t``, its backward a gather."""
+    return _Combine.apply(y_AD, idx_A, num_tokens)
+
+
 class LocalDispatcher:
     """Every expert in this process: sort the assignments by expert, gather, scatter-add.
 
@@ -184,6 +204,10 @@ class LocalDispatcher:
             out_TD = y_AD.new_zeros(dispatched.num_tokens, y_AD.shape[1])
             return out_TD.index_add_(0, dispatched.token_idx_A, y_AD)
         return _Combine.apply(y_AD, dispatched.token_idx_A, dispatched.num_tokens)
+
+    def losses(self, route: RouterOutput, dispatched: Dispatched, seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        aux = load_balancing_loss(route.probs_TE, route.expert_idx_TK, self.num_experts, seq_len=seq_len)
+        return aux, router_z_loss(route.logits_TE)
 
     def run_experts(self, experts: RoutedExperts, dispatched: Dispatched) -> torch.Tensor:
         """``combine(experts(x_AD))``; where the backend offers it (the segmented one, in

@@ -22,7 +22,7 @@ from torch import nn
 from moelab.moe.config import MoEConfig, active_ffn_hidden
 from moelab.moe.dispatch import Dispatched, Dispatcher, LocalDispatcher
 from moelab.moe.experts import FeedForward, RoutedExperts
-from moelab.moe.losses import load_balancing_loss, router_z_loss, update_expert_bias
+from moelab.moe.losses import router_z_loss, update_expert_bias
 from moelab.moe.router import Router, RouterOutput
 from moelab.moe.routing import NonFiniteRouterError
 
@@ -175,15 +175,16 @@ class MoE(nn.Module):
 
     def _losses_and_stats(self, out: MoEOutput, x: torch.Tensor, route: RouterOutput, routed: Dispatched) -> None:
         cfg = self.cfg
-        if not route.is_expert_choice:  # expert choice is balanced by construction: aux stays 0
+        if route.is_expert_choice:  # balanced by construction: aux stays 0
+            out.z_loss = router_z_loss(route.logits_TE)
+        else:  # the dispatcher knows the batch (one process's, or every rank's under EP)
             seq_len = x.shape[-2] if (cfg.seq_aux_loss and x.dim() >= 3) else None
-            out.aux_loss = load_balancing_loss(route.probs_TE, route.expert_idx_TK, cfg.num_experts, seq_len=seq_len)
-        out.z_loss = router_z_loss(route.logits_TE)
+            out.aux_loss, out.z_loss = self.dispatcher.losses(route, routed, seq_len)
         with torch.no_grad():
             probs_TE, logits_TE = route.probs_TE, route.logits_TE
             out.stats = RoutingStats(
                 tokens_per_expert=routed.tokens_per_expert_E,
-                num_tokens=route.num_tokens,
+                num_tokens=route.num_tokens if routed.batch_tokens is None else routed.batch_tokens,
                 top_k=cfg.top_k,
                 dropped=torch.zeros((), dtype=torch.long) if routed.dropped is None else routed.dropped.to(torch.long),
                 router_entropy=(-(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()

@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -162,12 +162,13 @@ class _DeferredSigint:
     """While active (main thread only), the first SIGINT sets `requested`; the second one
     raises KeyboardInterrupt as usual."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.requested = False
+        self.enabled = enabled
         self._previous: Any = None
 
     def __enter__(self) -> _DeferredSigint:
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -180,6 +181,36 @@ class _DeferredSigint:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+class Parallel(Protocol):
+    """What a multi-process run changes in the loop; `moelab.dist.train.ExpertParallel`
+    implements it (the trainer sits below `dist` and never imports it). ``None``: one
+    process. Every rank runs the same loop; only the main rank writes files and shows
+    progress. Each rank's loss is its share of the global loss, so the shares' gradients,
+    reduced by `finish_backward`, are the one-process gradients of the global batch."""
+
+    is_main: bool
+    world_size: int
+
+    def prepare(self, model: Transformer) -> None: ...  # before the optimizer is built
+
+    def shard_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def loss_share(self, out: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's share of the loss, its share of the LM loss)."""
+        ...
+
+    def finish_backward(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Reduce the gradients, clip them, return the global gradient norm."""
+        ...
+
+    def all_sum(self, values: list[float]) -> list[float]: ...
+
+    def save_checkpoint(self, run_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                        state: dict) -> None: ...
+
+    def load_checkpoint(self, run_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict: ...
 
 
 @dataclass
@@ -254,9 +285,11 @@ def evaluate(
     batches_by_domain: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    parallel: Parallel | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """(overall, per-domain) validation LM loss; overall is token-weighted (module docstring)."""
-    loss, by_domain, _ = evaluate_with_load(model, batches_by_domain, device, autocast)
+    """(overall, per-domain) validation LM loss; overall is token-weighted (module docstring).
+    With `parallel`, each rank evaluates its rows of every batch and the sums are shared."""
+    loss, by_domain, _ = evaluate_with_load(model, batches_by_domain, device, autocast, parallel)
     return loss, by_domain
 
 
@@ -266,10 +299,12 @@ def evaluate_with_load(
     batches_by_domain: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    parallel: Parallel | None = None,
 ) -> tuple[float, dict[str, float], dict[str, list[float]]]:
     """`evaluate`, plus each MoE layer's expert load on the validation tokens: ``{layer:
     [share of assignments per expert]}`` (1/E each when balanced). Every eval row records
-    it, so a run (a fine-tuning above all) shows how its balance drifts."""
+    it, so a run (a fine-tuning above all) shows how its balance drifts. (Under expert
+    parallelism the routing stats are already the global batch's.)"""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -279,6 +314,8 @@ def evaluate_with_load(
         for domain, batches in batches_by_domain.items():
             d_loss, d_tokens = 0.0, 0
             for x, y in batches:
+                if parallel is not None:
+                    x, y = parallel.shard_batch(x, y)
                 x, y = x.to(device), y.to(device)
                 with autocast():
                     out = model(x, targets=y, return_logits=False)
@@ -288,6 +325,8 @@ def evaluate_with_load(
                 n = int((y != -100).sum())
                 d_loss += float(out.lm_loss) * n
                 d_tokens += n
+            if parallel is not None:
+                d_loss, d_tokens = parallel.all_sum([d_loss, float(d_tokens)])
             by_domain[domain] = d_loss / max(1, d_tokens)
             total_loss += d_loss
             total_tokens += d_tokens
@@ -363,6 +402,7 @@ def train(
     tensorboard: bool = True,
     overwrite: bool = False,
     source: dict | None = None,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train and write a run directory at `out_dir`; see the module docstring.
 
@@ -371,7 +411,9 @@ def train(
     with every training row. ``resume=True`` continues from the checkpoint in `out_dir`.
     ``source`` (with a pre-built ``model`` holding a checkpoint's weights: fine-tuning)
     goes into config.json as its "source" entry, e.g. ``{"init_from": path, "kind": ...}``.
+    ``parallel`` (`Parallel`): this process is one rank of a multi-process run.
     """
+    main = parallel is None or parallel.is_main
     run_dir = Path(out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a folder; choose a folder for the run (--out)")
@@ -397,13 +439,13 @@ def train(
         done = _already_done(run_dir, train_cfg, model_cfg)
         if done is not None:
             return done
-    elif _holds_a_run(run_dir):
+    elif main and _holds_a_run(run_dir):  # only the main rank touches the folder
         if not overwrite:
             raise ConfigError(_holds_a_run_message(run_dir))
         aside = _move_aside(run_dir)
     try:
         return _train(model_cfg, train_cfg, data, run_dir, resume=resume, progress=progress, model=model,
-                      on_step=on_step, tensorboard=tensorboard, aside=aside, source=source)
+                      on_step=on_step, tensorboard=tensorboard, aside=aside, source=source, parallel=parallel)
     finally:
         if aside is not None and aside.exists():  # the new run failed before it started: put the old one back
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -424,7 +466,9 @@ def _train(
     tensorboard: bool,
     aside: Path | None,
     source: dict | None,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
+    main = parallel is None or parallel.is_main
 
     if train_cfg.num_threads is not None:
         torch.set_num_threads(train_cfg.num_threads)
@@ -437,21 +481,26 @@ def _train(
     if model is None:
         model = Transformer(model_cfg)
     model.to(device).train()
+    if parallel is not None:
+        parallel.prepare(model)
     optimizer = build_optimizer(model, train_cfg, fused=device.type == "cuda")
+    load_checkpoint = ckpt.load_checkpoint if parallel is None else parallel.load_checkpoint
+    save_checkpoint = ckpt.save_checkpoint if parallel is None else parallel.save_checkpoint
 
     start_step = 0
     if resume:
-        state = ckpt.load_checkpoint(run_dir, model=model, optimizer=optimizer)
+        state = load_checkpoint(run_dir, model=model, optimizer=optimizer)
         start_step = int(state["step"])
-        truncate_metrics(run_dir / METRICS_FILE, start_step)
+        if main:
+            truncate_metrics(run_dir / METRICS_FILE, start_step)
         logger.info("resumed %s at step %d", run_dir, start_step)
-    else:
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data), source=source)
         _copy_tokenizer(data, run_dir)
         if aside is not None:  # the new run has started: the old one goes for good
             shutil.rmtree(aside)
-    if resume:  # a longer --steps is allowed: record the config that is now in force
+    if resume and main:  # a longer --steps is allowed: record the config that is now in force
         run_files.write_run_config(run_dir, model_cfg, train_cfg.to_dict(), describe_data(data),
                                    source=run_files.read_run_config(run_dir).get("source"))
 
@@ -477,10 +526,11 @@ def _train(
     stopped_reason: str | None = None
     nan_steps = 0
     step = start_step
-    writer = MetricsWriter(run_dir, tensorboard=tensorboard, purge_step=start_step if resume else None)
+    writer = (MetricsWriter(run_dir, tensorboard=tensorboard, purge_step=start_step if resume else None) if main
+              else _NullWriter())
 
     def run_eval(at_step: int) -> None:
-        val_loss, by_domain, load = evaluate_with_load(forward, val, device, autocast)
+        val_loss, by_domain, load = evaluate_with_load(forward, val, device, autocast, parallel)
         row = {"kind": "eval", "step": at_step, "val_loss": val_loss, "val_loss_by_domain": by_domain}
         if load:
             row["expert_load"] = load
@@ -491,10 +541,13 @@ def _train(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not progress, desc=run_dir.name, unit="step",
+    bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not (progress and main), desc=run_dir.name, unit="step",
                dynamic_ncols=True, leave=False)
     checkpointed_at = start_step if resume else None
-    interrupt = _DeferredSigint()
+    # One process: Ctrl-C finishes the step and checkpoints. Ranks of a parallel run could
+    # see it at different steps and wait on each other's collectives, so there it stops at
+    # once (the last checkpoint is intact) and the launcher ends every rank.
+    interrupt = _DeferredSigint(enabled=parallel is None)
     try:
         interrupt.__enter__()
         if start_step == 0:
@@ -502,24 +555,34 @@ def _train(
         while step < train_cfg.steps:
             if interrupt.requested:
                 if checkpointed_at != step:
-                    ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
-                                         state={"train_config": train_cfg.to_dict()})
+                    save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
+                                    state={"train_config": train_cfg.to_dict()})
                 logger.info("interrupted: checkpoint at step %d written in %s", step, run_dir)
                 raise TrainingInterrupted(run_dir, step)
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, train_cfg)
             x, y = batcher.get_batch(step)
+            if parallel is not None:
+                x, y = parallel.shard_batch(x, y)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             try:
                 with autocast():
                     out = forward(x, targets=y, return_logits=False)
-                loss = out.loss
-                if not bool(torch.isfinite(loss)):
-                    raise FloatingPointError(f"loss became {float(loss.detach())} at step {step + 1}")
+                if parallel is None:
+                    loss, lm_loss = out.loss, out.lm_loss
+                    loss_value = float(loss.detach())
+                else:  # this rank's shares; the logged values are their sums (the global losses)
+                    loss, lm_loss = parallel.loss_share(out, y)
+                    loss_value = parallel.all_sum([float(loss.detach())])[0]
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss became {loss_value} at step {step + 1}")
                 loss.backward()
                 max_norm = train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                if parallel is None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                else:
+                    grad_norm = parallel.finish_backward(model, max_norm)
                 if not bool(torch.isfinite(grad_norm)):
                     raise FloatingPointError(f"gradient norm became {float(grad_norm)} at step {step + 1}")
             except NonFiniteRouterError as e:
@@ -541,13 +604,16 @@ def _train(
             dt = time.perf_counter() - t0
             step_times.append(dt)
 
+            losses = [loss_value, float(lm_loss.detach()), float(out.aux_loss.detach()), float(out.z_loss.detach())]
+            if parallel is not None:
+                losses[1:] = parallel.all_sum(losses[1:])
             row = {
                 "kind": "train",
                 "step": step,
-                "loss": float(loss.detach()),
-                "lm_loss": float(out.lm_loss.detach()),
-                "aux_loss": float(out.aux_loss.detach()),
-                "z_loss": float(out.z_loss.detach()),
+                "loss": losses[0],
+                "lm_loss": losses[1],
+                "aux_loss": losses[2],
+                "z_loss": losses[3],
                 "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens_per_step / dt,
@@ -577,8 +643,8 @@ def _train(
             if last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0):
                 run_eval(step)
             if last or (train_cfg.checkpoint_interval and step % train_cfg.checkpoint_interval == 0):
-                ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
-                                     state={"train_config": train_cfg.to_dict()})
+                save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step,
+                                state={"train_config": train_cfg.to_dict()})
                 checkpointed_at = step
     finally:
         interrupt.__exit__()
@@ -676,6 +742,16 @@ def _already_done(run_dir: Path, train_cfg: TrainConfig, model_cfg: ModelConfig)
 def _num_params(cfg: ModelConfig) -> int:
     with torch.device("meta"):  # counted without allocating or initialising anything
         return Transformer(cfg).num_params()
+
+
+class _NullWriter:
+    """The metrics writer of a rank that is not the main one."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _layer_index(model: Transformer, layer: nn.Module) -> int:
