@@ -70,3 +70,16 @@ def test_serve_expert_memory_offloads_a_moelab_run(tmp_path, monkeypatch):
     assert all(isinstance(m.experts, OffloadedExperts) for m in st.engine.model.moe_layers)
     assert b"moelab_serve_offload_misses_total" in st.metrics.render()
     assert main(["serve", str(run), "--expert-memory", "lots"]) == 2
+
+
+def test_serve_dtype_bf16_casts_the_model(hf_folder, monkeypatch):
+    import torch
+
+    from moelab.serve.server import Server
+
+    seen = {}
+    monkeypatch.setattr(Server, "run", lambda self: seen.update(app=self.config.app))
+    assert main(["serve", str(hf_folder), "--dtype", "bfloat16", "--max-len", "64"]) == 0
+    engine = seen["app"].state.moelab.engine
+    assert engine.model.embed_tokens.weight.dtype == torch.bfloat16 and engine.cache.k[0].dtype == torch.bfloat16
+    assert main(["serve", str(hf_folder), "--dtype", "int3"]) == 2

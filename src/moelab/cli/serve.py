@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from moelab.cli.options import dtype_type
 from moelab.errors import ConfigError
 
 
@@ -34,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "batches that run to completion (for comparison; docs/serve.md)")
     eng.add_argument("--batch-window", type=float, default=0.0, metavar="S",
                      help="dynamic batching: how long a batch waits for more requests after its first (default 0)")
+    eng.add_argument("--dtype", type=dtype_type(("fp32", "bf16")), default=None,
+                     help="cast the model: fp32/float32 or bf16/bfloat16 (half the bytes per step; fast where the "
+                     "CPU has native bf16, moelab.hardware) (default: as loaded)")
     eng.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     eng.add_argument("--drain-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds running requests get to finish (then they end 'shutdown')")
@@ -85,6 +89,12 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
                           max_queue=args.max_queue, max_len=args.max_len, batching=args.batching,
                           batch_window_s=args.batch_window)
+    if args.dtype is not None:
+        if store is not None:
+            raise ConfigError("--dtype does not combine with --expert-memory (offloaded experts keep the file's dtype)")
+        from moelab.cli.options import torch_dtype
+
+        loaded.model.to(torch_dtype(args.dtype))
     engine = Engine(loaded.model, config, tokenizer=tokenizer)
     name = args.served_model_name or args.model
     routing_log = None

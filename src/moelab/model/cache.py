@@ -98,6 +98,18 @@ def prefix_attention_mask(
     return causal_mask(B, q_col_T, S, window if needs_window else None, attention_mask)
 
 
+def kv_buffers(
+    n_layers: int, rows: int, max_len: int, n_kv_heads: int, head_dim: int, v_head_dim: int | None,
+    dtype: torch.dtype, device: torch.device | str,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed keys ``[rows, Hkv, S, Dh]`` and values (``v_head_dim`` wide when the value
+    heads differ from the key heads, as in MLA; None = head_dim), one of each per layer."""
+    shape = (rows, n_kv_heads, max_len, head_dim)
+    v_shape = (rows, n_kv_heads, max_len, v_head_dim or head_dim)
+    return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+            [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(n_layers)])
+
+
 class KVCache:
     """Dynamic cache: preallocated ``k [B, Hkv, S, Dh]``, ``v [B, Hkv, S, Dv]`` per layer and the number of
     columns filled (``length``, the same for every row: left padding keeps rows aligned).
@@ -115,11 +127,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        # v_head_dim: value heads narrower or wider than key heads (MLA); None = head_dim.
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        v_shape = (batch_size, n_kv_heads, max_len, v_head_dim or head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k, self.v = kv_buffers(n_layers, batch_size, max_len, n_kv_heads, head_dim, v_head_dim, dtype, device)
         self.max_len = max_len
         self.length = 0  # columns filled, advanced by `advance` after a full forward
         # RoPE cos/sin for positions 0..max_len-1, ``[max_len, Dh]`` each, filled by the model

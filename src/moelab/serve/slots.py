@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moelab.model.cache import prefix_attention_mask
+from moelab.model.cache import kv_buffers, prefix_attention_mask
 
 
 class SlotKVCache:
@@ -53,11 +53,7 @@ class SlotKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        # v_head_dim: value heads of another width than key heads (MLA); None = head_dim.
-        shape = (slots, n_kv_heads, max_len, head_dim)
-        v_shape = (slots, n_kv_heads, max_len, v_head_dim or head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k, self.v = kv_buffers(n_layers, slots, max_len, n_kv_heads, head_dim, v_head_dim, dtype, device)
         self.slots, self.max_len = slots, max_len
         # RoPE cos/sin for positions 0..max_len-1, built once by the model (`rope_table`).
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
