@@ -60,3 +60,18 @@ def test_unknown_subcommand(capsys):
         main(["nosuchcommand"])
     assert e.value.code == 2
     assert "invalid choice: 'nosuchcommand'" in capsys.readouterr().err
+
+
+def test_config_field_errors_name_the_flag(capsys, tmp_path):
+    """The library says TrainConfig.steps; the user typed --steps, so the CLI says that."""
+    assert main(["train", "--steps", "0", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--steps must be" in err and "TrainConfig" not in err
+
+
+def test_name_flags_leaves_fields_without_a_flag():
+    from moelab.cli.main import build_parser, name_flags
+
+    parser = build_parser("train")
+    assert name_flags("TrainConfig.lr bad; TrainConfig.no_such_field bad", parser, "train") == (
+        "--lr bad; TrainConfig.no_such_field bad")

@@ -44,7 +44,7 @@ def test_serve_builds_the_app(hf_folder, monkeypatch):
 def test_serve_bad_engine_flag_is_one_line(hf_folder, capsys):
     assert main(["serve", str(hf_folder), "--max-num-seqs", "0"]) == 2
     err = capsys.readouterr().err
-    assert "max_num_seqs" in err and err.count("\n") == 1
+    assert "--max-num-seqs" in err and err.count("\n") == 1
 
 
 def test_serve_expert_memory_offloads_a_moelab_run(tmp_path, monkeypatch):

@@ -347,7 +347,7 @@ def test_dynamic_batching_waits_for_the_batch_and_gives_the_same_tokens(model):
 
 def test_dynamic_batch_window_collects_late_arrivals(model):
     ps = prompts(12, (4, 6))
-    engine = Engine(model, EngineConfig(max_num_seqs=4, batching="dynamic", batch_window_s=0.2))
+    engine = Engine(model, EngineConfig(max_num_seqs=4, batching="dynamic", batch_window=0.2))
     reqs = [GenerationRequest(prompt_ids=tuple(p), max_tokens=3) for p in ps]
     got: dict[str, list] = {r.request_id: [] for r in reqs}
     engine.submit(reqs[0], got[reqs[0].request_id].append)

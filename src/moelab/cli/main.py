@@ -16,6 +16,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 
 # OpenMP workers that spin while they wait turn a busy machine's every barrier into a wait
@@ -92,8 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     except (MoelabError, ValueError, OSError) as e:
         if os.environ.get("MOELAB_TRACEBACK"):
             raise
-        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
+        print(f"moelab {args.command}: error: {name_flags(str(e), parser, args.command)}", file=sys.stderr)
         return 2
+
+
+_CONFIG_FIELD = re.compile(r"\b(?:TrainConfig|EngineConfig|DataConfig|LoadConfig|AnalysisConfig)\.(\w+)")
+
+
+def name_flags(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """Say ``--steps`` where the library said ``TrainConfig.steps``, when the command has
+    that flag: users type flags, not dataclass fields. Other names are left as they are."""
+    sub = next((a.choices.get(command) for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+               None)
+    flags = set(sub._option_string_actions) if sub is not None else set()
+
+    def swap(m: re.Match) -> str:
+        flag = "--" + m.group(1).replace("_", "-")
+        return flag if flag in flags else m.group(0)
+
+    return _CONFIG_FIELD.sub(swap, message)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     from moelab.serve.engine import Engine, EngineConfig
     from moelab.serve.server import make_server
 
+    # The engine's settings are checked before the model is loaded (errors name the flags).
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+                          max_queue=args.max_queue, max_len=args.max_len, batching=args.batching,
+                          batch_window=args.batch_window)
     store = None
     if args.expert_memory is not None:
         from moelab.cli.convert import parse_size
@@ -86,9 +90,6 @@ def run(args: argparse.Namespace) -> int:
     if tok_path is None or not Path(tok_path).is_file():
         raise ConfigError(f"{args.model}: no tokenizer.json found; pass --tokenizer PATH")
     tokenizer = Tokenizer.from_file(str(tok_path))
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                          max_queue=args.max_queue, max_len=args.max_len, batching=args.batching,
-                          batch_window_s=args.batch_window)
     if args.dtype is not None:
         if store is not None:
             raise ConfigError("--dtype does not combine with --expert-memory (offloaded experts keep the file's dtype)")

@@ -68,17 +68,17 @@ class EngineConfig:
     max_len: int | None = None  # columns per slot (prompt + max_tokens); default: the model's max_seq_len
     # "continuous": admit into any free slot at every step (the default). "dynamic": the
     # request-level batching it replaced, kept to measure against: a batch starts only when
-    # the engine is empty, waits up to `batch_window_s` after its first request for more
+    # the engine is empty, waits up to `batch_window` after its first request for more
     # (up to max_num_seqs), and runs until every request in it is done; requests that arrive
     # meanwhile wait, and slots freed early stay empty.
     batching: str = "continuous"
-    batch_window_s: float = 0.0
+    batch_window: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batching not in ("continuous", "dynamic"):
             raise ConfigError(f"EngineConfig.batching must be 'continuous' or 'dynamic', got {self.batching!r}")
-        if not (isinstance(self.batch_window_s, int | float) and self.batch_window_s >= 0):
-            raise ConfigError(f"EngineConfig.batch_window_s must be a number >= 0, got {self.batch_window_s!r}")
+        if not (isinstance(self.batch_window, int | float) and self.batch_window >= 0):
+            raise ConfigError(f"EngineConfig.batch_window must be a number >= 0, got {self.batch_window!r}")
         for name in ("max_num_seqs", "max_batch_tokens", "max_queue"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -302,7 +302,7 @@ class Engine:
                     return  # a batch is running: nobody joins it
                 first = self._waiting[0].submitted
                 full = len(self._waiting) >= self.config.max_num_seqs
-                if not full and time.monotonic() - first < self.config.batch_window_s:
+                if not full and time.monotonic() - first < self.config.batch_window:
                     return  # the batch window is still open: wait for more requests
             while self._waiting and len(self._slots) < self.config.max_num_seqs:
                 run = self._waiting.popleft()
