@@ -157,6 +157,48 @@ def _seg_weight_grad(
         torch.mm(dy_RO[s:t].t(), x_RI[s:t], out=dw_EOI[e])
 
 
+def per_expert_rows(
+    x: torch.Tensor,
+    counts_E: torch.Tensor,
+    num_rows: int,
+    d_out: int,
+    expert_fn,
+    token_idx_A: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The per-expert loop shared by experts that run one expert at a time (quantised,
+    offloaded): ``x_AD -> y_AD`` for rows grouped by expert, or with ``token_idx_A``
+    (gather and combine fused) ``x_TD -> y_TD``.
+
+    ``expert_fn(e, x_RI, rows) -> y_RO`` runs expert e on its R rows (``rows``: their slice
+    of the assignments, for the combine weights). One host sync for the layer; at one token
+    (decode) every row is token 0, so no gather and the outputs just add.
+    """
+    fused = token_idx_A is not None
+    one_token = fused and x.shape[0] == 1
+    out = torch.zeros(x.shape[0] if fused else num_rows, d_out, dtype=out_dtype or x.dtype, device=x.device)
+    a = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if not n:
+            continue
+        rows = slice(a, a + n)
+        a += n
+        if one_token:
+            x_RI = x.expand(n, -1)
+        elif fused:
+            x_RI = gather_rows(x, token_idx_A[rows])
+        else:
+            x_RI = x[rows]
+        y_RO = expert_fn(e, x_RI, rows)
+        if one_token:
+            out.add_(y_RO.sum(0, keepdim=True) if n > 1 else y_RO)
+        elif fused:
+            scatter_add_rows(out, token_idx_A[rows], y_RO)
+        else:
+            out[rows] = y_RO
+    return out
+
+
 def act_forward(h_AH: torch.Tensor, activation: str, *, inplace: bool = True) -> torch.Tensor:
     """``silu(gate) * up`` (swiglu, ``h = [gate | up]``) or ``gelu(h)``. ``inplace``: the
     product reuses silu's output buffer (no autograd here: the kernels' own backward)."""

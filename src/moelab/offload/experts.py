@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.errors import ConfigError
-from moelab.moe.cpu_kernels import act_forward, gather_rows, scatter_add_rows
+from moelab.moe.cpu_kernels import act_forward, per_expert_rows
 from moelab.moe.experts import ExpertsBackend
 from moelab.offload.store import ExpertStore
 
@@ -58,32 +58,13 @@ def _fused(experts: OffloadedExperts, x: torch.Tensor, counts_E: torch.Tensor, w
     """``x_AD -> y_AD``, or with ``token_idx_A`` (gather and combine fused) ``x_TD -> y_TD``;
     the combine weight folded into the activation (a pass over ``[R, F]``, not ``[R, D]``)."""
     _check_inference(x, weight_A)
-    fused = token_idx_A is not None
-    one_token = fused and x.shape[0] == 1  # decode: every row is token 0, the outputs just add
-    out = x.new_zeros(x.shape[0] if fused else weight_A.shape[0], experts.d_model)
     w_A1 = weight_A.to(x.dtype).unsqueeze(-1)
-    a = 0
-    for e, n in enumerate(counts_E.tolist()):  # one host sync for the layer
-        if not n:
-            continue
-        rows = slice(a, a + n)
-        a += n
-        if one_token:
-            x_RD = x.expand(n, -1)
-        elif fused:
-            x_RD = gather_rows(x, token_idx_A[rows])
-        else:
-            x_RD = x[rows]
+
+    def expert(e: int, x_RD: torch.Tensor, rows: slice) -> torch.Tensor:
         w_in_HD, w_out_DF = experts.weights(e)
-        a_RF = act_forward(F.linear(x_RD, w_in_HD), experts.activation).mul_(w_A1[rows])
-        y_RD = F.linear(a_RF, w_out_DF)
-        if one_token:
-            out.add_(y_RD.sum(0, keepdim=True) if n > 1 else y_RD)
-        elif fused:
-            scatter_add_rows(out, token_idx_A[rows], y_RD)
-        else:
-            out[rows] = y_RD
-    return out
+        return F.linear(act_forward(F.linear(x_RD, w_in_HD), experts.activation).mul_(w_A1[rows]), w_out_DF)
+
+    return per_expert_rows(x, counts_E, weight_A.shape[0], experts.d_model, expert, token_idx_A)
 
 
 LOOP = ExpertsBackend(

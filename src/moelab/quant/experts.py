@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from moelab.errors import ConfigError
-from moelab.moe.cpu_kernels import act_forward, gather_rows, scatter_add_rows
+from moelab.moe.cpu_kernels import act_forward, per_expert_rows
 from moelab.moe.experts import ExpertsBackend, RoutedExperts
 from moelab.quant import formats
 from moelab.quant.formats import QuantFormat
@@ -152,34 +152,15 @@ def run_quantized(
     per expert with rows, ``h = x W_in^T`` (``mm``), ``a = act(h) * w`` in float32,
     ``y = a W_out^T`` (``mm``), the GEMM inputs in ``act_dtype``."""
     check_inference(x, weight_A)
-    counts = counts_E.tolist()  # one host sync for the whole layer
-    fused = token_idx_A is not None
-    one_token = fused and x.shape[0] == 1  # decode: every row is token 0, outputs just add
-    x_q = x.to(act_dtype)
-    out = torch.zeros(x.shape[0] if fused else weight_A.shape[0], experts.d_model, dtype=x.dtype, device=x.device)
     w_A1 = weight_A.float().unsqueeze(-1)
-    a = 0
-    for e, n in enumerate(counts):
-        if not n:
-            continue
-        rows = slice(a, a + n)
-        a += n
-        if one_token:
-            x_RD = x_q.expand(n, -1)
-        elif fused:
-            x_RD = gather_rows(x_q, token_idx_A[rows])
-        else:
-            x_RD = x_q[rows]
+
+    def expert(e: int, x_RD: torch.Tensor, rows: slice) -> torch.Tensor:
         h_RH = mm(experts, "in", e, x_RD).float()
         a_RF = act_forward(h_RH, experts.activation).mul_(w_A1[rows])
-        y_RD = mm(experts, "out", e, a_RF.to(act_dtype)).to(x.dtype)
-        if one_token:
-            out.add_(y_RD.sum(0, keepdim=True) if n > 1 else y_RD)
-        elif fused:
-            scatter_add_rows(out, token_idx_A[rows], y_RD)
-        else:
-            out[rows] = y_RD
-    return out
+        return mm(experts, "out", e, a_RF.to(act_dtype)).to(x.dtype)
+
+    return per_expert_rows(x.to(act_dtype), counts_E, weight_A.shape[0], experts.d_model, expert, token_idx_A,
+                           out_dtype=x.dtype)
 
 
 def _backend(name: str, mm: ExpertMM, act_dtype: torch.dtype | None, summary: str) -> ExpertsBackend:
