@@ -346,14 +346,17 @@ def test_dynamic_batching_waits_for_the_batch_and_gives_the_same_tokens(model):
 
 
 def test_dynamic_batch_window_collects_late_arrivals(model):
-    ps = prompts(12, (4, 6))
-    engine = Engine(model, EngineConfig(max_num_seqs=4, batching="dynamic", batch_window=0.2))
-    reqs = [GenerationRequest(prompt_ids=tuple(p), max_tokens=3) for p in ps]
-    got: dict[str, list] = {r.request_id: [] for r in reqs}
-    engine.submit(reqs[0], got[reqs[0].request_id].append)
-    assert not engine.step()  # the window is open: nothing runs yet
-    engine.submit(reqs[1], got[reqs[1].request_id].append)
+    """A dynamic batch waits for more requests until it is full or its window has passed."""
     import time
 
-    time.sleep(0.25)
-    assert engine.step() and engine.stats().running == 2  # both start together
+    ps = prompts(12, (4, 6, 5))
+    reqs = [GenerationRequest(prompt_ids=tuple(p), max_tokens=3) for p in ps]
+    engine = Engine(model, EngineConfig(max_num_seqs=2, batching="dynamic", batch_window=600))
+    engine.submit(reqs[0], lambda e: None)
+    assert not engine.step()  # the window is open and the batch is not full: nothing runs
+    engine.submit(reqs[1], lambda e: None)
+    assert engine.step() and engine.stats().running == 2  # full: both start together
+    late = Engine(model, EngineConfig(max_num_seqs=4, batching="dynamic", batch_window=0.05))
+    late.submit(reqs[2], lambda e: None)
+    time.sleep(0.1)  # the window has passed: the batch starts with what it has
+    assert late.step() and late.stats().running == 1

@@ -122,7 +122,8 @@ class PackedBatch:
         self.dec_len_B = torch.tensor([s.length for s in segments[:B]], device=dev)
         self.dec_S = max((s.length for s in segments[:B]), default=0) + 1  # key columns the decoding rows read
         # Where the decoding rows' new keys go, as rows of the cache viewed ``[N * Hkv * S, Dh]``:
-        # one index_copy_ per layer instead of advanced-index assignment (2-3x cheaper).
+        # one index_copy_ per layer instead of an advanced-index assignment (with the masks built
+        # once per step, this took the engine's batch-8 step from 29.2 to 27.9 ms, A/B).
         _, Hkv, S, _ = cache.k[0].shape
         rows_B1 = torch.arange(B, device=dev).unsqueeze(1)
         self.dec_flat = ((rows_B1 * Hkv + torch.arange(Hkv, device=dev)) * S + self.dec_len_B.unsqueeze(1)).reshape(-1)
