@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.cli.convert import parse_size
 from moelab.cli.main import main
+from moelab.cli.options import parse_size
 from moelab.errors import ConfigError
 from moelab.hf import from_pretrained, load_moelab
 

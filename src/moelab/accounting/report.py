@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.accounting.flops import attention_flops_per_token, forward_flops_per_token
+from moelab.accounting.formats import MOELAB_FORMATS, format_bytes, memory_plan
 from moelab.accounting.hf_config import ALIASES as HF_ALIASES
 from moelab.accounting.hf_config import FAMILIES as HF_FAMILIES
 from moelab.accounting.hf_config import load_hf_config, spec_from_hf_config
@@ -104,9 +105,12 @@ def size_report(
     gpu_memory_gb: float = 80.0,
     ep: int | None = None,
     nodes: int = 1,
+    memory_gb: float | None = None,
 ) -> dict[str, Any]:
     """Everything `moelab size` reports about one model, as a JSON-ready dict; with `ep`,
-    an ``expert_parallel`` block (`moelab.accounting.parallel`)."""
+    an ``expert_parallel`` block (`moelab.accounting.parallel`); with `memory_gb`, a
+    ``memory_plan`` block: each moelab format resident, offloaded or not at all on that
+    memory (`moelab.accounting.formats`)."""
     if context <= 0 or batch <= 0:
         raise ConfigError(f"context and batch must be > 0, got context={context}, batch={batch}")
     counts = count_params(spec)
@@ -115,6 +119,9 @@ def size_report(
     kv = kv_cache_bytes(spec, context=context, batch=batch, dtype=dtype)
     weights = {d: weight_bytes(counts, d) for d in WEIGHT_DTYPES}
     serving = weight_bytes(counts, dtype) + kv
+    # moelab's checkpoint formats: the non-expert weights stay at a float dtype moelab runs.
+    rest = dtype if dtype in ("fp32", "bf16", "fp16") else "bf16"
+    formats = {f: format_bytes(spec, counts, f, rest=rest) for f in MOELAB_FORMATS if _divides(spec, counts, f, rest)}
     components = {
         "embedding": counts.embedding,
         "lm_head": counts.lm_head,
@@ -182,9 +189,22 @@ def size_report(
         },
         "conventions": CONVENTIONS,
         "notes": list(spec.notes) + _preset_notes(preset, counts),
+        "moelab_format_bytes": {"rest_dtype": rest, "int4_group_size": 128, "bytes": formats},
+        "memory_plan": None if memory_gb is None else {
+            "memory_gb": memory_gb, "usable_fraction": USABLE_FRACTION,
+            "formats": [f.to_dict() for f in memory_plan(spec, counts, memory_gb * 1e9, kv_bytes=kv, rest=rest)],
+        },
         "expert_parallel": None if ep is None else expert_parallel_report(spec, counts, ep=ep, nodes=nodes,
                                                                           activation_dtype="bf16"),
     }
+
+
+def _divides(spec: Spec, counts: ParamCount, fmt: str, rest: str) -> bool:
+    try:
+        format_bytes(spec, counts, fmt, rest=rest)
+    except ConfigError:  # int4 groups of 128 do not divide this model's expert dims
+        return False
+    return True
 
 
 def _preset_notes(preset: Preset | None, counts: ParamCount | None = None) -> list[str]:
@@ -284,6 +304,13 @@ def render_table(reports: list[dict[str, Any]]) -> str:
         ("same active compute", [_dense_cell(r["dense_equivalents"]["same_active"]) for r in reports]),
         ("same total params", [_dense_cell(r["dense_equivalents"]["same_total"]) for r in reports]),
     ]
+    rest = reports[0]["moelab_format_bytes"]["rest_dtype"]
+    rows += [f"moelab checkpoint formats (routed experts at each format, the rest {rest}; int4 groups of 128)",
+             *[(f"weights {f}", [_format_cell(r, f) for r in reports]) for f in MOELAB_FORMATS]]
+    if any(r.get("memory_plan") for r in reports):
+        plan = next(r["memory_plan"] for r in reports if r.get("memory_plan"))
+        rows += [f"on {plan['memory_gb']:g} GB ({USABLE_FRACTION:.0%} usable; --expert-memory: float formats only)",
+                 *[(f"  {f}", [_plan_cell(r, f) for r in reports]) for f in MOELAB_FORMATS]]
     if any(r.get("expert_parallel") for r in reports):
         rows += _ep_rows(reports, dt)
     header = [r["name"] for r in reports]
@@ -306,6 +333,23 @@ def render_table(reports: list[dict[str, Any]]) -> str:
         for note in r["notes"]:
             out.append(f"  note ({r['name']}): {note}")
     return "\n".join(out)
+
+
+def _format_cell(r: dict[str, Any], fmt: str) -> str:
+    b = r["moelab_format_bytes"]["bytes"].get(fmt)
+    return "-" if b is None else fmt_bytes(b)
+
+
+def _plan_cell(r: dict[str, Any], fmt: str) -> str:
+    fit = next((f for f in (r.get("memory_plan") or {}).get("formats", []) if f["format"] == fmt), None)
+    if fit is None:
+        return "-"
+    if fit["fits"]:
+        return "fits resident"
+    if fit["runs"]:
+        return (f"--expert-memory {fmt_bytes(fit['expert_budget'])} "
+                f"({100 * fit['resident_fraction']:.0f}% of experts)")
+    return f"does not fit (runs from {fmt_bytes(fit['smallest_memory'])})"
 
 
 def _ep_rows(reports: list[dict[str, Any]], dt: str) -> list[tuple[str, list[str]] | str]:

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from pathlib import Path
 
-from moelab.cli.options import dtype_type, torch_dtype
+from moelab.cli.options import dtype_type, parse_size, torch_dtype
 from moelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # moelab.hf.gguf.GGUF_TYPES (not imported: --help stays light)
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str, flag: str = "--max-shard-size") -> int:
-    """'5GB', '500MB', '64KiB' or a plain number of bytes (`flag` names the option in the error)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(f"{flag}: cannot read {text!r}; expected e.g. 5GB, 500MB, 64KiB or bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     store = None
     if args.expert_memory is not None:
-        from moelab.cli.convert import parse_size
+        from moelab.cli.options import parse_size
         from moelab.offload import load_offloaded
 
         if args.compile:

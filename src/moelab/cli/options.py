@@ -7,7 +7,10 @@ dtype is looked up only when asked for (`torch_dtype`).
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
+
+from moelab.errors import ConfigError
 
 # Every spelling a user may type -> the short name the commands use.
 DTYPE_ALIASES = {
@@ -57,7 +60,6 @@ def check_device(name: str) -> str:
     ``--device`` otherwise (imports torch)."""
     import torch
 
-    from moelab.errors import ConfigError
 
     try:
         device = torch.device(name)
@@ -68,3 +70,14 @@ def check_device(name: str) -> str:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name!r}: only cpu and cuda are supported")
     return name
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
+    """'5GB', '500MB', '64KiB' or a plain number of bytes (`flag` names the option in the error)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ConfigError(f"{flag}: cannot read {text!r}; expected e.g. 5GB, 500MB, 64KiB or bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])

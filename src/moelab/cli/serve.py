@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                           batch_window=args.batch_window)
     store = None
     if args.expert_memory is not None:
-        from moelab.cli.convert import parse_size
+        from moelab.cli.options import parse_size
         from moelab.offload import load_offloaded
 
         loaded = load_offloaded(args.model, expert_memory=parse_size(args.expert_memory, "--expert-memory"),

@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(dispatch + combine, bf16) and the weights per rank (docs/dist.md)")
     p.add_argument("--nodes", type=int, default=1, metavar="N",
                    help="with --ep: the ranks spread over N nodes, for the cross-node share (default 1)")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="memory of the machine to run on (e.g. 24GB): per moelab format, whether the weights fit "
+                        "resident, else the --expert-memory budget that offloading leaves for the experts")
     p.add_argument("--json", action="store_true", help="print JSON (an object, or a list for several models)")
     p.set_defaults(func=run)
 
@@ -49,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--nodes needs --ep N")
     if not args.models:
         raise ValueError("give at least one preset name or config path (see `moelab size --list`)")
+    memory_gb = None
+    if args.memory is not None:
+        from moelab.cli.options import parse_size
+
+        memory_gb = parse_size(args.memory, "--memory") / 1e9
+        if memory_gb <= 0:
+            raise ValueError(f"--memory must be > 0, got {args.memory!r}")
     reports = []
     for name in args.models:
         spec, source, preset = resolve(name)
@@ -56,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             size_report(
                 spec, source=source, preset=preset, dtype=args.dtype, context=args.context,
                 batch=args.batch, gpu_memory_gb=args.gpu_memory, ep=args.ep, nodes=args.nodes,
+                memory_gb=memory_gb,
             )
         )
     if args.json:
