@@ -188,8 +188,22 @@ def test_int4_weights_are_resident_once_and_saved_unchanged():
     assert all(b is None for b in other._buffers.values())
 
 
-def test_compiled_generation_refuses_quantised_experts():
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int8", QuantFormat(name="int4", group_size=32)], ids=["int8", "int4"])
+def test_compiled_generation_runs_quantised_experts_and_equals_eager(fmt):
+    model = _tiny_model()
+    quantize_model(model, fmt)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    eager = generate(model, prompts, max_new_tokens=6)
+    compiled = generate(model, prompts, max_new_tokens=6, compile=True)
+    assert compiled.token_ids == eager.token_ids
+
+
+def test_compiled_generation_refuses_quantised_experts_without_their_kernel(monkeypatch):
+    from moelab.quant import experts as qexperts
+
     model = _tiny_model()
     quantize_model(model, "int8")
-    with pytest.raises(ConfigError, match="compile=True does not support QuantizedExperts experts"):
+    monkeypatch.setitem(qexperts._PROBED, "int8", False)  # as on a torch without the kernel
+    with pytest.raises(ConfigError, match="compile=True does not support these QuantizedExperts experts"):
         generate(model, [[1, 2, 3]], max_new_tokens=2, compile=True)

@@ -59,12 +59,15 @@ def check_compilable(model: Transformer) -> None:
             "reference syncs with the host per expert); use compile=False"
         )
     for layer in model.modules():
-        # The compiled step's experts op (`moelab.moe.ops`) runs float RoutedExperts only.
-        if isinstance(layer, MoE) and not isinstance(layer.experts, RoutedExperts):
+        # The compiled step runs float RoutedExperts through `moelab.moe.ops`; another experts
+        # module says with a ``compilable`` attribute whether it has an op of its own
+        # (`moelab.quant.QuantizedExperts`: with its format's CPU kernel; offloaded experts
+        # read the store eagerly and have none).
+        if isinstance(layer, MoE) and not isinstance(layer.experts, RoutedExperts) \
+                and not getattr(layer.experts, "compilable", False):
             raise ConfigError(
-                f"generate: compile=True does not support {type(layer.experts).__name__} experts (quantised "
-                "experts run torch's weight-only kernels eagerly, outside the compiled graph, in this version); "
-                "use compile=False"
+                f"generate: compile=True does not support these {type(layer.experts).__name__} experts "
+                f"({layer.experts.extra_repr()}: no compiled op for them here); use compile=False"
             )
 
 

@@ -139,13 +139,17 @@ def check_inference(x: torch.Tensor, weight_A: torch.Tensor) -> None:
         )
 
 
-def run_quantized(
-    experts: QuantizedExperts,
+# mm(proj, e, x_RI) -> y_RO with the weights already bound.
+BoundMM = Callable[[str, int, torch.Tensor], torch.Tensor]
+
+
+def _run_rows(
     x: torch.Tensor,
     counts_E: torch.Tensor,
     weight_A: torch.Tensor,
-    mm: ExpertMM,
+    mm: BoundMM,
     act_dtype: torch.dtype,
+    activation: str,
     token_idx_A: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x_AD -> y_AD``, or with ``token_idx_A`` (fused gather and combine) ``x_TD -> y_TD``:
@@ -155,12 +159,81 @@ def run_quantized(
     w_A1 = weight_A.float().unsqueeze(-1)
 
     def expert(e: int, x_RD: torch.Tensor, rows: slice) -> torch.Tensor:
-        h_RH = mm(experts, "in", e, x_RD).float()
-        a_RF = act_forward(h_RH, experts.activation).mul_(w_A1[rows])
-        return mm(experts, "out", e, a_RF.to(act_dtype)).to(x.dtype)
+        h_RH = mm("in", e, x_RD).float()
+        a_RF = act_forward(h_RH, activation).mul_(w_A1[rows])
+        return mm("out", e, a_RF.to(act_dtype)).to(x.dtype)
 
-    return per_expert_rows(x.to(act_dtype), counts_E, weight_A.shape[0], experts.d_model, expert, token_idx_A,
+    return per_expert_rows(x.to(act_dtype), counts_E, weight_A.shape[0], x.shape[1], expert, token_idx_A,
                            out_dtype=x.dtype)
+
+
+def run_quantized(
+    experts: QuantizedExperts,
+    x: torch.Tensor,
+    counts_E: torch.Tensor,
+    weight_A: torch.Tensor,
+    mm: ExpertMM,
+    act_dtype: torch.dtype,
+    token_idx_A: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`_run_rows` with `mm` reading `experts`' weights."""
+    return _run_rows(x, counts_E, weight_A, lambda proj, e, x_RI: mm(experts, proj, e, x_RI), act_dtype,
+                     experts.activation, token_idx_A)
+
+
+# ---------------------------------------------------------------------------- compiled graphs
+
+# Inside a `torch.compile`d decode step (``generate(compile=True)``) the quantised experts'
+# GEMMs are one opaque op each, as the float experts' are (`moelab.moe.ops`): which experts
+# run on how many rows is data dependent (the eager loop reads ``counts.tolist()``), and
+# torch's weight-only kernels are not inductor's to trace. The op runs the same eager loop
+# on the same kernels, so compiled and eager decode compute the same numbers.
+
+
+@torch.library.custom_op("moelab::int8_expert_ffn", mutates_args=())
+def int8_expert_ffn(x_AD: torch.Tensor, q_in_EOI: torch.Tensor, s_in_EO: torch.Tensor, q_out_EOI: torch.Tensor,
+                    s_out_EO: torch.Tensor, weight_A: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                    activation: str) -> torch.Tensor:
+    w = {"in": (q_in_EOI, s_in_EO), "out": (q_out_EOI, s_out_EO)}
+
+    def mm(proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
+        q, scale = w[proj]
+        return torch._weight_int8pack_mm(x_RI, q[e], scale[e])
+
+    return _run_rows(x_AD, tokens_per_expert_E, weight_A, mm, KERNEL_DTYPE, activation)
+
+
+@int8_expert_ffn.register_fake
+def _(x_AD, q_in_EOI, s_in_EO, q_out_EOI, s_out_EO, weight_A, tokens_per_expert_E, activation):
+    return x_AD.new_empty(x_AD.shape[0], q_out_EOI.shape[1])
+
+
+@torch.library.custom_op("moelab::int4_expert_ffn", mutates_args=())
+def int4_expert_ffn(x_AD: torch.Tensor, p_in: torch.Tensor, sz_in: torch.Tensor, p_out: torch.Tensor,
+                    sz_out: torch.Tensor, weight_A: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                    group_size: int, d_model: int, activation: str) -> torch.Tensor:
+    w = {"in": (p_in, sz_in), "out": (p_out, sz_out)}
+
+    def mm(proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
+        packed, sz = w[proj]
+        return torch._weight_int4pack_mm_for_cpu(x_RI, packed[e], group_size, sz[e])
+
+    return _run_rows(x_AD, tokens_per_expert_E, weight_A, mm, KERNEL_DTYPE, activation)
+
+
+@int4_expert_ffn.register_fake
+def _(x_AD, p_in, sz_in, p_out, sz_out, weight_A, tokens_per_expert_E, group_size, d_model, activation):
+    return x_AD.new_empty(x_AD.shape[0], d_model)
+
+
+def _compiled_forward(experts: QuantizedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
+                      weight_A: torch.Tensor) -> torch.Tensor:
+    if experts.fmt.name == "int8":
+        return int8_expert_ffn(x_AD, experts.qweight("in"), experts.scale("in"), experts.qweight("out"),
+                               experts.scale("out"), weight_A, counts_E, experts.activation)
+    (p_in, sz_in), (p_out, sz_out) = experts.int4_kernel_weights("in"), experts.int4_kernel_weights("out")
+    return int4_expert_ffn(x_AD, p_in, sz_in, p_out, sz_out, weight_A, counts_E, experts.fmt.group_size,
+                           experts.d_model, experts.activation)
 
 
 def _backend(name: str, mm: ExpertMM, act_dtype: torch.dtype | None, summary: str) -> ExpertsBackend:
@@ -372,8 +445,18 @@ class QuantizedExperts(nn.Module):
             return DEQUANT
         return KERNEL_BACKENDS[name]
 
+    @property
+    def compilable(self) -> bool:
+        """Whether a `torch.compile`d decode step can run these experts: on CPU, with the
+        format's kernel (the dequantise fallback has no compiled op)."""
+        on_cpu = all(b.device.type == "cpu" for b in self.buffers()) and all(
+            t.device.type == "cpu" for ts in self._int4_cache.values() for t in ts)
+        return on_cpu and kernel_runs(self.fmt.name)
+
     def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor, weight_A: torch.Tensor) -> torch.Tensor:
         """``y_A = w_A * expert_e(x_A)`` for rows grouped by expert, as `RoutedExperts` does."""
+        if torch.compiler.is_compiling():
+            return _compiled_forward(self, x_AD, tokens_per_expert_E, weight_A)
         return self.backend(x_AD).forward(self, x_AD, tokens_per_expert_E, weight_A)
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
