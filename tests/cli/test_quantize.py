@@ -72,6 +72,26 @@ def test_quantize_json_and_the_other_formats(run, tmp_path, capsys, fmt, extra):
         assert all(isinstance(e, QuantizedExperts) and e.fmt.group_size == 32 for e in experts)
 
 
+@pytest.mark.parametrize("fmt, extra", [("int8", []), ("int4", ["--group-size", "32"])])
+def test_quantize_what_all_quantises_the_other_linears_and_generates_the_same(run, tmp_path, capsys, fmt, extra):
+    out = tmp_path / f"{fmt}-all"
+    assert main(["quantize", str(run), str(out), "--format", fmt, *extra, "--what", "all", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # 2 layers x (q, k, v, o) + the LM head; the routers stay float.
+    assert summary["what"] == "all" and summary["linears"] == 9 and summary["linears_left_float"] == []
+    assert summary["linear_bytes_after"] < summary["linear_bytes_before"] / 3
+    assert json.loads((out / "config.json").read_text())["quant"]["what"] == "all"
+    from moelab.quant import QuantFormat
+    from moelab.quant.linear import QuantizedLinear
+
+    reference = rundir.load_model(run).model
+    quantize_model(reference, QuantFormat(name=fmt, group_size=32), what="all")
+    loaded = load_any(out).model
+    assert isinstance(loaded.lm_head, QuantizedLinear) and not isinstance(loaded.layers[0].mlp.router, QuantizedLinear)
+    ids = [[1, 2, 3, 4]]
+    assert generate(loaded, ids, max_new_tokens=6).token_ids == generate(reference, ids, max_new_tokens=6).token_ids
+
+
 def test_quantize_a_hugging_face_folder(save_hf, tmp_path, capsys):
     _, folder = save_hf("mixtral")
     assert main(["quantize", str(folder), str(tmp_path / "q"), "--format", "int8"]) == 0
@@ -81,7 +101,7 @@ def test_quantize_a_hugging_face_folder(save_hf, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--format", "int8", "--what", "all"], ["--what all", "not implemented in this version"]),
+    (["--format", "bf16", "--what", "all"], ["--what all --format bf16", "--dtype bf16"]),
     (["--format", "int8", "--what", "attention"], ["--what 'attention'"]),
     (["--format", "int8", "--group-size", "32"], ["--group-size", "int4 only"]),
     (["--format", "int4", "--group-size", "48"], ["--group-size 48", "not allowed"]),

@@ -120,7 +120,8 @@ def _edit_quant(run, **changes):
     (dict(replace={"format": "int3"}), r"\"quant\"\.format='int3' is not a format .*allowed: bf16, int8, int4"),
     (dict(replace="int8"), r"\"quant\" must be an object"),
     (dict(moelab_quant_version=2), r"\"quant\"\.moelab_quant_version=2"),
-    (dict(what="all"), r"\"quant\"\.what='all'"),
+    (dict(what="everything"), r"\"quant\"\.what='everything'"),
+    (dict(format="bf16", what="all"), r"\"quant\"\.what='all' with format bf16"),
     (dict(group_size=64), r"\"quant\"\.group_size=64, but only int4 has groups"),
     (dict(format="int4", group_size=48), r"\"quant\"\.group_size: .*group_size=48 is not allowed"),
     (dict(format="int4", group_size=64), r"\"quant\"\.group_size: .*does not divide the input dim"),
@@ -131,6 +132,14 @@ def test_a_bad_quant_entry_names_the_file_and_field(int8_run, edit, match):
     with pytest.raises(CheckpointError, match=match) as e:
         load_any(run)
     assert str(run / "config.json") in str(e.value)
+
+
+def test_what_all_in_the_config_of_an_experts_only_file_is_refused(int8_run):
+    run = int8_run[1]
+    _edit_quant(run, what="all")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(missing|unexpected|dtype|shape)") as e:
+        load_any(run)
+    assert "lm_head" in str(e.value) or "q_proj" in str(e.value) or "qweight" in str(e.value)
 
 
 def test_a_file_that_does_not_match_its_config(tmp_path, int8_run):

@@ -142,8 +142,8 @@ def test_quantize_model_swaps_and_reports():
     assert all(isinstance(b.mlp.experts, QuantizedExperts) for b in model.layers)
     with pytest.raises(ConfigError, match="already QuantizedExperts"):
         quantize_model(model, "int8")
-    with pytest.raises(ConfigError, match="what='all' is not supported"):
-        quantize_model(_tiny_model(), "int8", what="all")
+    with pytest.raises(ConfigError, match="what='attention' is not supported"):
+        quantize_model(_tiny_model(), "int8", what="attention")
 
 
 def test_quantize_model_int4_report():

@@ -25,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, dest="fmt", help="what the experts become")
     p.add_argument("--group-size", type=int,
                    help=f"int4 only: inputs per scale and zero point (32, 64 or 128; default {DEFAULT_GROUP_SIZE})")
-    p.add_argument("--what", default="experts", help="what to quantise: experts (the default and, for now, "
-                   "the only choice)")
+    p.add_argument("--what", default="experts",
+                   help="experts (the default): the routed experts only; all: also attention, dense FFNs, shared "
+                   "experts and the LM head (not the routers, not a tied LM head); int8/int4 only")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing moelab run")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of a moelab run's weights (~1 s per 1.5 GB)")
@@ -38,10 +39,11 @@ def _format(args: argparse.Namespace):
     """The `QuantFormat` (or "bf16") the flags ask for, checked before anything is loaded."""
     from moelab.quant import QuantFormat
 
-    if args.what != "experts":
-        if args.what == "all":
-            raise ConfigError("--what all: not implemented in this version (only --what experts)")
-        raise ConfigError(f"--what {args.what!r} is not a choice; allowed: experts")
+    if args.what not in ("experts", "all"):
+        raise ConfigError(f"--what {args.what!r} is not a choice; allowed: experts, all")
+    if args.what == "all" and args.fmt == "bf16":
+        raise ConfigError("--what all --format bf16 is the whole model in bf16: use "
+                          "`moelab convert SRC --to-moelab OUT --dtype bf16` instead")
     if args.fmt != "int4":
         if args.group_size is not None:
             raise ConfigError(f"--group-size applies to --format int4 only, not {args.fmt}")
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if any(isinstance(m, QuantizedExperts) for m in loaded.model.modules()) or loaded.kind == "moelab-bf16":
         raise ConfigError(f"{src}: already quantised ({loaded.kind}); quantise the float checkpoint")
     try:
-        report = quantize_model(loaded.model, fmt)
+        report = quantize_model(loaded.model, fmt, what=args.what)
     except ConfigError as e:
         raise ConfigError(f"--group-size {fmt.group_size}: {e}" if args.fmt == "int4" else str(e)) from None
     if report.layers == 0:
@@ -84,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
         "moe_layers": report.layers,
         "expert_bytes_before": report.bytes_before,
         "expert_bytes_after": report.bytes_after,
+        "what": report.what,
+        "linears": report.linears,
+        "linears_left_float": list(report.linears_float),
+        "linear_bytes_before": report.linear_bytes_before,
+        "linear_bytes_after": report.linear_bytes_after,
         "file_bytes": file_bytes,
     }
     if args.json:
@@ -93,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}: {report.format}{group} experts in {report.layers} MoE layers, expert bytes "
               f"{_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.bytes_after / max(1, report.bytes_before):.2f}x), "
               f"{MODEL_FILE} {_mb(file_bytes)}")
+        if report.what == "all":
+            kept = f"; left float: {', '.join(report.linears_float)}" if report.linears_float else ""
+            print(f"  and {report.linears} other linears: {_mb(report.linear_bytes_before)} -> "
+                  f"{_mb(report.linear_bytes_after)}{kept}")
     return 0
 
 

@@ -4,7 +4,7 @@ A quantised checkpoint is an ordinary run directory (`moelab.rundir`):
 
     config.json        the run config plus a top-level entry
                        "quant": {"format": "int8" | "int4" | "bf16", "group_size": int | null,
-                                 "what": "experts", "moelab_quant_version": 1}
+                                 "what": "experts" | "all", "moelab_quant_version": 1}
     model.safetensors  non-expert weights as they are; each MoE layer's routed experts under
                        the layer's usual prefix ``layers.N.mlp.experts.``:
                          int8: <proj>_qweight int8 [E, O, I], <proj>_scale bf16 [E, O]
@@ -13,6 +13,10 @@ A quantised checkpoint is an ordinary run directory (`moelab.rundir`):
                          bf16: <proj> bf16 (the float experts' names, cast)
                        with <proj> ``gate_up_proj`` (swiglu) or ``up_proj`` (gelu), and
                        ``down_proj``; safetensors metadata ``moelab_quant: <format>``
+                       with "what": "all", also every other linear but the routers and a
+                       tied LM head (`moelab.quant.linear.quantizable_linears`) under its own
+                       name: int8 ``qweight`` [O, I], ``scale`` [O]; int4 ``qweight`` [O, I/2],
+                       ``scale``, ``zero`` [O, N]; ``bias`` float32 when it has one
     tokenizer.json     when the source had one
 
 ``group_size`` is the int4 group (null for int8 and bf16). The int4 kernel's own packed copy
@@ -37,7 +41,8 @@ from moelab.model import Transformer
 from moelab.moe import MoE, RoutedExperts
 from moelab.quant.experts import QuantizedExperts, kernel_runs
 from moelab.quant.formats import FORMATS, QuantFormat
-from moelab.quant.quantize import BF16, WHAT
+from moelab.quant.linear import QuantizedLinear, quantizable_linears
+from moelab.quant.quantize import BF16, WHAT, swap_linears
 from moelab.rundir import (
     QUANT_KEY,
     QUANT_METADATA_KEY,
@@ -60,11 +65,27 @@ QUANT_VERSION = 1
 CHECKPOINT_FORMATS = (BF16, *FORMATS)  # what "quant"."format" may say
 
 
-def quant_entry(fmt: QuantFormat | str) -> dict:
+def quant_entry(fmt: QuantFormat | str, what: str = "experts") -> dict:
     """The config.json "quant" entry for `fmt` (a `QuantFormat`, "int8" or "bf16")."""
     name = fmt.name if isinstance(fmt, QuantFormat) else fmt
     group = fmt.group_size if isinstance(fmt, QuantFormat) and name == "int4" else None
-    return {"format": name, "group_size": group, "what": "experts", "moelab_quant_version": QUANT_VERSION}
+    return {"format": name, "group_size": group, "what": what, "moelab_quant_version": QUANT_VERSION}
+
+
+def _what_of(model: nn.Module, fmt: QuantFormat | str) -> str:
+    """"all" when the model's other linears are quantised too (every one the rule takes), else
+    "experts"; a model quantised only in part is refused."""
+    has = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if not has:
+        return "experts"
+    # The float linears the rule would still take, and quantised ones of another format.
+    left = quantizable_linears(model, fmt)[0] if isinstance(fmt, QuantFormat) else []
+    wrong = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and (
+        not isinstance(fmt, QuantFormat) or m.fmt != fmt)]
+    if wrong or left:
+        raise ConfigError(f"save_quantized: the model's linears are quantised only in part or in another format "
+                          f"({(wrong or left)[0]}); quantise the float model with what='all'")
+    return "all"
 
 
 def _as_format(fmt: QuantFormat | str) -> QuantFormat | str:
@@ -118,12 +139,13 @@ def save_quantized(
     """
     fmt = _as_format(fmt)
     _check_model_is(model, fmt)
+    what = _what_of(model, fmt)
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise CheckpointError(f"{tokenizer_path}: tokenizer file not found")
     with atomic_dir(out) as tmp:
-        save_model(model, tmp, tokenizer_path=tokenizer_path, source=source, quant=quant_entry(fmt))
+        save_model(model, tmp, tokenizer_path=tokenizer_path, source=source, quant=quant_entry(fmt, what))
     return out
 
 
@@ -146,6 +168,9 @@ def read_quant_entry(entry: object, cfg_path: Path) -> QuantFormat | str:
     what = entry.get("what")
     if what not in WHAT:
         raise CheckpointError(f"{cfg_path}: \"quant\".what={what!r} is not supported; allowed: {', '.join(WHAT)}")
+    if what == "all" and name == BF16:
+        raise CheckpointError(f"{cfg_path}: \"quant\".what='all' with format bf16 is not a quantised run "
+                              "(a whole-model bf16 run has no \"quant\" entry)")
     group = entry.get("group_size")
     if name != "int4":
         if group is not None:
@@ -181,6 +206,15 @@ def _swap_experts(model: Transformer, fmt: QuantFormat | str, cfg_path: Path) ->
     return frozenset(exact)
 
 
+def _swap_linears(model: Transformer, fmt: QuantFormat) -> frozenset[str]:
+    """On the meta device: the linears ``what="all"`` quantises as empty `QuantizedLinear`s
+    (the same rule as `quantize_model`); their state-dict names, whose dtypes are exact."""
+    take, _ = quantizable_linears(model, fmt)
+    swap_linears(model, take, lambda lin: QuantizedLinear(lin.in_features, lin.out_features, lin.bias is not None,
+                                                          fmt))
+    return frozenset(f"{n}.{k}" for n in take for k in model.get_submodule(n).state_dict())
+
+
 def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
     """A quantised run directory (or its ``model.safetensors``) as a model in eval mode.
 
@@ -207,6 +241,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", veri
     with torch.device("meta"):
         model = Transformer(cfg)
         exact = _swap_experts(model, fmt, cfg_path)
+        if entry.get("what") == "all":
+            exact |= _swap_linears(model, fmt)
     metadata = assign_weights(model, weights, device=device, exact_dtype=exact)
     tag = metadata.get(QUANT_METADATA_KEY)
     if tag != name:
@@ -216,5 +252,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", veri
         for _, moe in _moe_layers(model):
             for proj in ("in", "out"):
                 moe.experts.int4_kernel_weights(proj)  # packed now rather than on the first token
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear) and m.fmt.name == "int4":
+                m.kernel_weights()
     return LoadedModel(model=model.eval(), config=cfg, tokenizer_path=tokenizer_of(run_dir), run_dir=run_dir,
                        kind=f"moelab-{name}")

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -13,8 +13,10 @@ from moelab.errors import ConfigError
 from moelab.moe import MoE, RoutedExperts
 from moelab.quant.experts import QuantizedExperts
 from moelab.quant.formats import QuantFormat
+from moelab.quant.linear import QuantizedLinear, quantizable_linears
 
-WHAT = ("experts",)  # "all" (attention, dense FFNs, LM head) comes later
+# "experts": the routed experts only; "all": also every other linear (`moelab.quant.linear`).
+WHAT = ("experts", "all")
 BF16 = "bf16"  # not a `QuantFormat`: the experts stay `RoutedExperts`, their weights in bf16
 
 
@@ -27,6 +29,11 @@ class QuantReport:
     bytes_before: int  # the float experts' parameters
     bytes_after: int  # the quantised buffers (what state_dict saves)
     kernel_bytes: int  # held beside them for a kernel (int4: its packed copy), 0 for int8
+    what: str = "experts"
+    linears: int = 0  # what="all": the other linears quantised
+    linears_float: tuple[str, ...] = ()  # ... and the ones left float (module docstring of quant.linear)
+    linear_bytes_before: int = 0
+    linear_bytes_after: int = 0
 
     @property
     def ratio(self) -> float:
@@ -37,12 +44,16 @@ class QuantReport:
 def quantize_model(model: nn.Module, fmt: QuantFormat | str, *, what: str = "experts") -> QuantReport:
     """Swap every MoE layer's `RoutedExperts` in `model` for `QuantizedExperts` of `fmt`,
     in place (inference only from then on). ``fmt`` may be a format name ("int8", "int4"),
-    or "bf16": cast each MoE layer's float experts to bf16 instead (they stay `RoutedExperts`)."""
+    or "bf16": cast each MoE layer's float experts to bf16 instead (they stay `RoutedExperts`).
+    ``what="all"``: also every other linear but the routers (and a tied LM head) becomes a
+    `QuantizedLinear` of `fmt` (`moelab.quant.linear`)."""
     if isinstance(fmt, str) and fmt != BF16:
         fmt = QuantFormat(name=fmt)
     if what not in WHAT:
-        extra = " ('all' is not implemented yet)" if what == "all" else ""
-        raise ConfigError(f"quantize_model: what={what!r} is not supported{extra}; allowed: {', '.join(map(repr, WHAT))}")
+        raise ConfigError(f"quantize_model: what={what!r} is not supported; allowed: {', '.join(map(repr, WHAT))}")
+    if what == "all" and fmt == BF16:
+        raise ConfigError("quantize_model: what='all' with bf16 is the whole model in bf16; cast it instead "
+                          "(model.to(torch.bfloat16), or `moelab convert --to-moelab --dtype bf16`)")
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     for moe in layers:
         if not isinstance(moe.experts, RoutedExperts):
@@ -62,8 +73,26 @@ def quantize_model(model: nn.Module, fmt: QuantFormat | str, *, what: str = "exp
         moe.experts = QuantizedExperts.from_experts(experts, fmt)
         after += moe.experts.nbytes()
         kernel += moe.experts.kernel_nbytes()
-    return QuantReport(format=fmt.name, layers=len(layers), bytes_before=before, bytes_after=after,
-                       kernel_bytes=kernel)
+    report = QuantReport(format=fmt.name, layers=len(layers), bytes_before=before, bytes_after=after,
+                         kernel_bytes=kernel)
+    return _quantize_linears(model, fmt, report) if what == "all" else report
+
+
+def swap_linears(model: nn.Module, names: list[str], make) -> None:
+    """Replace each ``nn.Linear`` named in `names` by ``make(linear)``."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(getattr(parent, child)))
+
+
+def _quantize_linears(model: nn.Module, fmt: QuantFormat, report: QuantReport) -> QuantReport:
+    take, skip = quantizable_linears(model, fmt)
+    before = sum(p.numel() * p.element_size() for n in take for p in model.get_submodule(n).parameters())
+    swap_linears(model, take, lambda lin: QuantizedLinear.from_linear(lin, fmt))
+    after = sum(model.get_submodule(n).nbytes() for n in take)
+    return replace(report, what="all", linears=len(take), linears_float=tuple(skip), linear_bytes_before=before,
+                   linear_bytes_after=after)
 
 
 def _cast_experts_bf16(layers: list[MoE]) -> QuantReport:
