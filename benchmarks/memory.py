@@ -15,9 +15,14 @@ The contract compared against: peak RSS <= the child's RSS before loading (pytho
 torch) + non-expert weights + the expert bytes the store held (its peak; <= the budget,
 less when fewer experts were ever routed to) + slack; the slack printed is the
 difference (activations, KV cache, code pages first touched, the loader's transient
-peak). The cases run in ``--rounds`` interleaved rounds; each keeps its fastest round. Page cache warm only: the file was
-just written (and every case reads it), so a miss is a copy from the page cache, not a
-disk read.
+peak). The cases run in ``--rounds`` interleaved rounds; each keeps its fastest round.
+
+Page cache: warm by default (the file was just written and every case reads it, so a miss
+is a copy from the page cache). ``--cold`` adds each budget with LRU and a cold page
+cache: the file's pages are dropped at the start (``posix_fadvise(DONTNEED)``) and after
+every expert read (`ExpertStore(page_cache="drop")`), so every miss is a read from the
+disk, as on a machine whose memory holds neither the experts nor the file. (On a VM the
+"disk" may be cached by the host; the measured read rate, ``bytes_read / stall_s``, says.)
 """
 
 from __future__ import annotations
@@ -65,8 +70,11 @@ def child(args) -> None:
     else:
         from moelab.offload import load_offloaded
 
-        off = load_offloaded(args.run, expert_memory=int(args.budget), policy=args.policy)
+        off = load_offloaded(args.run, expert_memory=int(args.budget), policy=args.policy,
+                             page_cache=args.page_cache)
         model, store = off.model, off.store
+        if args.page_cache == "drop":
+            store.file.drop_cached_pages()  # cold from the first read on
     load_s = time.perf_counter() - t0
     after_load = _status()
     g = torch.Generator().manual_seed(0)
@@ -82,6 +90,7 @@ def child(args) -> None:
     end = _status()
     print(json.dumps({
         "budget": args.budget, "policy": args.policy if store is not None else None,
+        "page_cache": args.page_cache if store is not None else None,
         "decode_tok_s": statistics.median(rates), "decode_tok_s_all": rates, "load_s": load_s,
         "rss_before_load": before["VmRSS"], "rss_after_load": after_load["VmRSS"], "vmhwm": end["VmHWM"],
         "rss_end": end["VmRSS"], "rss_file_end": end["RssFile"], "token_ids": tokens,
@@ -108,9 +117,10 @@ def build(args, folder: Path) -> dict:
             "non_expert_bytes": total - expert, "one_expert_bytes": expert // (args.layers * args.experts)}
 
 
-def run_child(run: Path, budget: str, policy: str, args) -> dict:
+def run_child(run: Path, budget: str, policy: str, args, page_cache: str = "keep") -> dict:
     cmd = [sys.executable, "-m", "benchmarks.memory", "--child", "--run", str(run), "--budget", budget,
-           "--policy", policy, "--threads", str(args.threads), "--prompt-len", str(args.prompt_len),
+           "--policy", policy, "--page-cache", page_cache, "--threads", str(args.threads),
+           "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -137,6 +147,9 @@ def main() -> None:
     ap.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--budget", help=argparse.SUPPRESS)
     ap.add_argument("--policy", default="lru", help=argparse.SUPPRESS)
+    ap.add_argument("--page-cache", default="keep", help=argparse.SUPPRESS)
+    ap.add_argument("--cold", action="store_true",
+                    help="also each budget with a cold page cache (LRU): every expert read comes from the disk")
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -154,12 +167,16 @@ def main() -> None:
                  model["expert_bytes"] / 2**20, model["non_expert_bytes"] / 2**20)
         cases = [(None, "resident", "-")] + [(f, str(int(f * model["expert_bytes"])), p)
                                              for f in FRACTIONS for p in args.policies.split(",")]
+        if args.cold:
+            cases += [(f, str(int(f * model["expert_bytes"])), "lru-cold") for f in FRACTIONS]
         # Rounds over all cases, interleaved: other jobs on a shared machine then slow every
         # case alike rather than one; the best round per case is the least disturbed one.
         runs: dict[tuple, list[dict]] = {(f, p): [] for f, _, p in cases}
         for i in range(args.rounds):
             for frac, budget, policy in cases:
-                r = run_child(run, budget, policy if policy != "-" else "lru", args)
+                cold = policy.endswith("-cold")
+                r = run_child(run, budget, policy.removesuffix("-cold") if policy != "-" else "lru", args,
+                              page_cache="drop" if cold else "keep")
                 log.info("round %d %s %s: %.1f tok/s", i, frac, policy, r["decode_tok_s"])
                 runs[(frac, policy)].append(r)
         rows = []

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from moelab.errors import ConfigError
 from moelab.offload import ExpertStore, LFUPolicy, LRUPolicy, expert_layouts
 
 from .conftest import EXPERT_BYTES
@@ -87,3 +88,19 @@ def test_a_global_pool_is_shared_by_the_layers(run):
     store = _store(run, 2, scope="global")
     store.get(0, 0), store.get(1, 0), store.get(1, 1)  # the third evicts layer 0's expert
     assert store.resident(0) == [] and store.resident(1) == [0, 1]
+
+
+def test_dropping_the_page_cache_reads_the_same_weights(run):
+    """``page_cache="drop"`` (benchmarks/memory.py --cold) changes where a miss reads from,
+    never what it reads."""
+    model, run_dir = run
+    keep = _store(run, 8)
+    drop = _store(run, 8, page_cache="drop")
+    drop.file.drop_cached_pages()
+    for layer in range(len(keep.layouts)):
+        for e in range(keep.layouts[layer].num_experts):
+            a, b = keep.get(layer, e), drop.get(layer, e)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert drop.stats().bytes_read == keep.stats().bytes_read > 0
+    with pytest.raises(ConfigError, match="page_cache='never' is not allowed"):
+        _store(run, 8, page_cache="never")

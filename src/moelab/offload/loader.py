@@ -88,10 +88,11 @@ def load_offloaded(
     expert_memory: int,
     policy: str = "lru",
     scope: str = "layer",
+    page_cache: str = "keep",
 ) -> OffloadedModel:
     """A float moelab run (dir or ``model.safetensors``) with its routed experts offloaded:
     at most `expert_memory` bytes of them resident (module docstring; `ExpertStore` for
-    ``policy`` "lru" / "lfu" and ``scope`` "layer" / "global")."""
+    ``policy`` "lru" / "lfu", ``scope`` "layer" / "global" and ``page_cache`` "keep" / "drop")."""
     p = Path(path)
     _check_source(p)
     run_dir, weights = existing_run_paths(p)
@@ -109,7 +110,7 @@ def load_offloaded(
         raise ConfigError(f"{run_dir}: the model has no MoE layers; there are no experts to offload")
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     store = ExpertStore(weights, layouts, expert_memory=expert_memory, policy=policy, scope=scope,
-                        dtype=moes[0].experts.down_proj.dtype)
+                        dtype=moes[0].experts.down_proj.dtype, page_cache=page_cache)
     ignore = set()
     for j, (moe, layout) in enumerate(zip(moes, layouts, strict=True)):
         moe.experts = OffloadedExperts(store, j, impl=moe.cfg.impl)

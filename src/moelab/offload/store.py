@@ -46,6 +46,11 @@ from moelab.errors import CheckpointError, ConfigError
 from moelab.offload.policies import POLICIES, CachePolicy
 
 SCOPES = ("layer", "global")
+# "keep": read experts through the kernel's page cache, as any read does. "drop": tell the
+# kernel to drop the pages of each expert after reading it (POSIX_FADV_DONTNEED), so a miss
+# is a read from the disk, not from a page cache that a machine too small for the weights
+# would not have (benchmarks/memory.py --cold), and the file does not push other pages out.
+PAGE_CACHE = ("keep", "drop")
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -136,8 +141,8 @@ class _TensorFile:
     "shape", "data_offsets": [begin, end]}}`` (offsets from the end of the header), data.
     """
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, drop_pages: bool = False):
+        self.path, self.drop_pages = path, drop_pages
         try:
             self.fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -195,7 +200,14 @@ class _TensorFile:
             if n <= 0:
                 raise CheckpointError(f"{self.path}: tensor {name!r} ends early at byte {offset + done}: truncated?")
             done += n
+        if self.drop_pages:
+            os.posix_fadvise(self.fd, offset, done, os.POSIX_FADV_DONTNEED)
         return done
+
+    def drop_cached_pages(self) -> None:
+        """Drop every page of the file from the page cache (clean pages: a hint the kernel
+        honours unless another process maps them)."""
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -222,13 +234,16 @@ class ExpertStore:
     """
 
     def __init__(self, path: str | Path, layouts: list[ExpertLayout], *, expert_memory: int,
-                 policy: str = "lru", scope: str = "layer", dtype: torch.dtype = torch.float32):
+                 policy: str = "lru", scope: str = "layer", dtype: torch.dtype = torch.float32,
+                 page_cache: str = "keep"):
         if not layouts:
             raise ConfigError("ExpertStore: the model has no MoE layers; there are no experts to offload")
         if policy not in POLICIES:
             raise ConfigError(f"offload policy={policy!r} is not a policy; allowed: {', '.join(POLICIES)}")
         if scope not in SCOPES:
             raise ConfigError(f"offload scope={scope!r} is not allowed; allowed: {', '.join(SCOPES)}")
+        if page_cache not in PAGE_CACHE:
+            raise ConfigError(f"offload page_cache={page_cache!r} is not allowed; allowed: {', '.join(PAGE_CACHE)}")
         if len({(lay.d_model, lay.d_expert, lay.activation) for lay in layouts}) != 1:
             raise ConfigError("ExpertStore: every MoE layer's experts must have the same shape")
         self.layouts, self.dtype, self.policy_name, self.scope = layouts, dtype, policy, scope
@@ -252,7 +267,7 @@ class ExpertStore:
             total = sum(layout.num_experts for layout in layouts)
             self._pools = [_Pool(min(per_pool, total), POLICIES[policy]())]
             self._pool_of = [0] * len(layouts)
-        self.file = _TensorFile(Path(path))
+        self.file = _TensorFile(Path(path), drop_pages=page_cache == "drop")
         self._stored: list[torch.dtype] = []
         for layout in layouts:
             E = layout.num_experts
