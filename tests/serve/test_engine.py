@@ -75,6 +75,33 @@ def test_batching_is_invisible_greedy(model, slots, budget):
         assert stats.decode_rows > stats.decode_steps
 
 
+def test_attention_sinks_and_sliding_windows_serve_like_generate():
+    """gpt-oss's attention: a sink logit per head, sliding-window layers beside full ones."""
+    torch.manual_seed(1)
+    cfg = get_preset("tiny-moe").with_(vocab_size=V, max_seq_len=128, attn_sinks=True, sliding_window=8,
+                                       sliding_layers=(0, 2))
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)  # sinks that take real probability mass
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.mul_(5)
+    ps = prompts(3, (3, 17, 30, 9))
+    news = [12, 20, 6, 15]
+    engine = Engine(m, EngineConfig(max_num_seqs=3, max_batch_tokens=16))
+    reqs = [GenerationRequest(prompt_ids=tuple(p), max_tokens=n) for p, n in zip(ps, news, strict=True)]
+    events = run_to_completion(engine, reqs)
+    for r, p, n in zip(reqs, ps, news, strict=True):
+        assert tokens(events[r.request_id]) == generate(m, [p], max_new_tokens=n).token_ids[0]
+    # The sinks matter: without them the same prompts decode differently.
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.self_attn.sinks.fill_(-1e4)
+    assert any(generate(m, [p], max_new_tokens=n).token_ids[0] != tokens(events[r.request_id])
+               for r, p, n in zip(reqs, ps, news, strict=True))
+
+
 def test_packed_batch_equals_separate_caches(model):
     """The reference for `PackedBatch`: decoding rows of different lengths and two prefill
     chunks (one fresh, one continuing) in one packed forward give the logits each request

@@ -148,7 +148,7 @@ def attend(
     hook = getattr(cache, "attend", None)
     if hook is not None:
         # A packed batch (several requests' tokens in one row) attends per request itself.
-        return hook(module.layer_idx, q_BHTD, k_BHTD, v_BHTD, window)
+        return hook(module.layer_idx, q_BHTD, k_BHTD, v_BHTD, window, getattr(module, "sinks", None))
     if cache is not None:
         k_BHTD, v_BHTD = cache.update(module.layer_idx, k_BHTD, v_BHTD)
     sinks = getattr(module, "sinks", None)

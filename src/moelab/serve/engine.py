@@ -142,10 +142,6 @@ class Engine:
         self.max_len = self.config.max_len or cfg.max_seq_len
         if self.max_len > cfg.max_seq_len:
             raise ConfigError(f"EngineConfig.max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
-        if cfg.attn_sinks:
-            # PackedBatch.attend runs SDPA per request, which has no sink term.
-            raise ConfigError("serving does not support attention sinks (ModelConfig.attn_sinks, gpt-oss) yet: "
-                              "PackedBatch.attend has no sink term; use `moelab generate`")
         model.eval()
         for moe in model.moe_layers:
             if getattr(moe.dispatcher, "capacity_factor", None) is not None:

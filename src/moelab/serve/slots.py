@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.model.cache import kv_buffers, prefix_attention_mask
+from moelab.model.layers import sink_attention
 
 
 class SlotKVCache:
@@ -92,6 +93,13 @@ class Segment:
     slot: int
     length: int
     n: int
+
+
+def _attention(q, k, v, mask, is_causal: bool, gqa: bool, sinks_H: torch.Tensor | None) -> torch.Tensor:
+    """SDPA, or the sink reference when the layer has sink logits (SDPA has no sink term)."""
+    if sinks_H is not None:
+        return sink_attention(q, k, v, sinks_H, mask, is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
 
 
 class PackedBatch:
@@ -157,8 +165,10 @@ class PackedBatch:
         raise TypeError("a PackedBatch attends itself: the model calls PackedBatch.attend")
 
     def attend(self, layer: int, q_1HPD: torch.Tensor, k_1HPD: torch.Tensor, v_1HPD: torch.Tensor,
-               window: int | None) -> torch.Tensor:
-        """Write this step's keys/values, attend per request; ``[1, H, P, Dh]``."""
+               window: int | None, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
+        """Write this step's keys/values, attend per request; ``[1, H, P, Dh]``. With
+        ``sinks_H`` (gpt-oss) each softmax has the layer's sink logits, as the decoder's own
+        path (`moelab.model.layers.sink_attention`) computes them."""
         k_buf, v_buf = self.cache.k[layer], self.cache.v[layer]
         H, Hkv = q_1HPD.shape[1], k_1HPD.shape[1]
         gqa = H != Hkv
@@ -173,8 +183,7 @@ class PackedBatch:
             S = self.dec_S
             q_BH1D = q_1HPD[0, :, :B].transpose(0, 1).unsqueeze(2)
             mask = self._decode_mask(S, window)
-            y = F.scaled_dot_product_attention(q_BH1D, k_buf[:B, :, :S], v_buf[:B, :, :S], attn_mask=mask,
-                                               enable_gqa=gqa)
+            y = _attention(q_BH1D, k_buf[:B, :, :S], v_buf[:B, :, :S], mask, False, gqa, sinks_H)
             out.append(y.squeeze(2).transpose(0, 1).unsqueeze(0))  # [1, H, B, Dh]
         p = B
         for i, s in enumerate(self.segments[B:]):
@@ -184,10 +193,8 @@ class PackedBatch:
             if (i, window) not in self._prefill_mask:  # the same for every layer
                 self._prefill_mask[i, window] = prefix_attention_mask(1, s.n, s.length, window, None, self.device)
             mask = self._prefill_mask[i, window]
-            y = F.scaled_dot_product_attention(
-                q_1HPD[:, :, p : p + s.n], k_buf[s.slot : s.slot + 1, :, :end], v_buf[s.slot : s.slot + 1, :, :end],
-                attn_mask=mask, is_causal=mask is None and s.n > 1, enable_gqa=gqa,
-            )
+            y = _attention(q_1HPD[:, :, p : p + s.n], k_buf[s.slot : s.slot + 1, :, :end],
+                           v_buf[s.slot : s.slot + 1, :, :end], mask, mask is None and s.n > 1, gqa, sinks_H)
             out.append(y)
             p += s.n
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
