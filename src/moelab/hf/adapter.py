@@ -240,12 +240,13 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
             f"{', '.join(FAMILIES)}"
         )
     quant = d.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    if quant and not (family == "gpt_oss" and method == "mxfp4"):
+        # gpt-oss's MXFP4 experts are dequantised at load (`moelab.hf.mxfp4`); nothing else is.
         raise ConfigError(
             f"{source}: field 'quantization_config' (quant_method {method!r}) is not supported: moelab imports "
-            f"floating-point weights only (gpt-oss MXFP4 and DeepSeek-V3 fp8 checkpoints need dequantising first, "
-            f"e.g. with transformers' dequantize=True)"
+            f"floating-point weights and gpt-oss's MXFP4 experts only (a DeepSeek-V3 fp8 checkpoint needs "
+            f"dequantising first, e.g. with transformers' dequantize=True)"
         )
     if family in IMPORT_ONLY_FAMILIES:
         # Read as transformers reads it: its class defaults for missing keys (see docs/size.md).

@@ -18,6 +18,7 @@ import torch
 
 from moelab.errors import CheckpointError, ConfigError
 from moelab.hf import adapter
+from moelab.hf.mxfp4 import dequantize_mxfp4
 from moelab.hf.weights import SafetensorsFolder
 from moelab.model import ModelConfig, Transformer
 
@@ -109,7 +110,7 @@ def _read_state(
             continue
         stacked = adapter.stacked_expert_param(key)
         if stacked is not None:
-            state[key] = _read_experts(st, key, stacked, shape, family, check)
+            state[key] = _read_experts(st, key, stacked, shape, family, check, used)
             continue
         name = adapter.hf_key(key, family)
         if key.endswith("router.expert_bias") and name not in st and family not in adapter.CORRECTION_BIAS_FAMILIES:
@@ -127,13 +128,20 @@ def _read_state(
     return state, used
 
 
-def _read_experts(st, key, stacked, shape, family, check) -> torch.Tensor:
-    """One layer's stacked expert tensor, from the stacked or the per-expert layout."""
+def _read_experts(st, key, stacked, shape, family, check, used) -> torch.Tensor:
+    """One layer's stacked expert tensor, from the stacked layout (float, or gpt-oss's MXFP4
+    ``_blocks`` / ``_scales`` pair, dequantised: `moelab.hf.mxfp4`) or the per-expert one."""
     layer, which = stacked
     for moe in adapter.moe_prefixes(family):
         name = adapter.hf_key(key, family, moe)
         if name in st:
             return check(st.get(name), name, shape, key)
+        if f"{name}_blocks" in st and f"{name}_scales" in st:
+            w_EOI = dequantize_mxfp4(st.get(f"{name}_blocks"), st.get(f"{name}_scales"),
+                                     name=f"{st.file_of(name + '_blocks')}: {name}_blocks")
+            used.add(f"{name}_scales")
+            # MXFP4 rows are the columns of transformers' `x @ W` operand: back to that operand.
+            return check(w_EOI.transpose(1, 2), f"{name}_blocks", shape, key)
     E = shape[0]
     for moe in adapter.moe_prefixes(family):
         if adapter.per_expert_keys(layer, 0, family, moe)[0] in st:
