@@ -27,7 +27,7 @@ import torch
 
 from moelab.accounting.hf_config import check_config_fields, library_config
 from moelab.errors import ConfigError
-from moelab.model.config import ModelConfig, YarnRope
+from moelab.model.config import ROPE_SCALINGS, ModelConfig, RopeScaling, YarnRope
 from moelab.moe import MoEConfig
 
 log = logging.getLogger(__name__)
@@ -201,12 +201,30 @@ def _rope_theta(r: _Reader, *, allow_yarn: bool = False) -> float:
     if not isinstance(params, dict):
         raise r.error(f"field 'rope_parameters' must be an object, got {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None) and not (allow_yarn and rope_type == "yarn"):
-        raise r.error(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE, rope_type 'default')")
+    allowed = ("default", None, *ROPE_SCALINGS) + (("yarn",) if allow_yarn else ())
+    if rope_type not in allowed:
+        names = ", ".join(repr(t) for t in ("default", *ROPE_SCALINGS, *(("yarn",) if allow_yarn else ())))
+        raise r.error(f"RoPE scaling {rope_type!r} is not supported (rope_type {names})")
     theta = params.get("rope_theta", r.get("rope_theta", 10000.0))
     if not isinstance(theta, int | float) or theta <= 0:
         raise r.error(f"rope_theta must be a positive number, got {theta!r}")
     return float(theta)
+
+
+def _rope_scaling(r: _Reader) -> RopeScaling | None:
+    """linear / llama3 RoPE scaling from `rope_parameters` (transformers' names), else None."""
+    params = r.get("rope_parameters") or r.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type")) if isinstance(params, dict) else None
+    if kind not in ROPE_SCALINGS:
+        return None
+    keys = {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+            "original_max_position_embeddings": "original_max_position_embeddings"}
+    if kind == "linear":
+        keys = {"factor": "factor"}
+    try:
+        return RopeScaling(kind=kind, **{ours: params[theirs] for ours, theirs in keys.items() if theirs in params})
+    except (ConfigError, TypeError) as e:
+        raise r.error(f"field 'rope_parameters' ({kind} RoPE): {e}") from None
 
 
 def _qwen_window(r: _Reader, n_layers: int) -> int | None:
@@ -273,6 +291,7 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
         head_dim=r.int("head_dim", default=d_model // max(n_heads, 1)),
         max_seq_len=r.int("max_position_embeddings", default=4096),
         rope_theta=_rope_theta(r),
+        rope_scaling=_rope_scaling(r),
         norm_eps=float(r.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(r.get("tie_word_embeddings", False)),
         d_ff=r.int("intermediate_size"),
@@ -369,6 +388,7 @@ def _common(r: _Reader, *, head_dim: int | None = None) -> dict[str, Any]:
         max_seq_len=r.int("max_position_embeddings", default=4096),
         rope_theta=_rope_theta(r, allow_yarn=r.family in YARN_FAMILIES),
         rope_yarn=_rope_yarn(r)[0],
+        rope_scaling=_rope_scaling(r),
         norm_eps=float(r.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(r.get("tie_word_embeddings", False)),
         d_ff=r.int("intermediate_size"),
@@ -678,6 +698,17 @@ def hf_family_for(cfg: ModelConfig) -> str:
     return "mixtral"
 
 
+def _rope_scaling_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    sc = cfg.rope_scaling
+    if sc is None:
+        return {}
+    out: dict[str, Any] = {"rope_type": sc.kind, "factor": sc.factor}
+    if sc.kind == "llama3":
+        out |= {"low_freq_factor": sc.low_freq_factor, "high_freq_factor": sc.high_freq_factor,
+                "original_max_position_embeddings": sc.original_max_position_embeddings}
+    return out
+
+
 def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32", extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A transformers ``config.json`` dict for `cfg` (family from `hf_family_for`)."""
     family = hf_family_for(cfg)
@@ -696,7 +727,7 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32", extra: dict[str, A
         "rms_norm_eps": cfg.norm_eps,
         # transformers 5 reads rope_parameters, 4.x reads rope_theta: write both.
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta} | _rope_scaling_to_hf(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0,
         "use_cache": True,

@@ -77,7 +77,8 @@ def gguf_refusal(cfg: ModelConfig) -> str | None:
     """Why `cfg` cannot be written as a llama-arch GGUF (one phrase), or None if it can."""
     # Features of the families imported with issue #15 (DeepSeek, gpt-oss, Llama 4, Granite, ...).
     for name, default in (("attention", "gqa"), ("attn_sinks", False), ("o_bias", False), ("rotary_dim", None),
-                          ("rope_interleave", False), ("nope_layers", ()), ("rope_yarn", None), ("attn_scale", None),
+                          ("rope_interleave", False), ("nope_layers", ()), ("rope_yarn", None), ("rope_scaling", None),
+                          ("attn_scale", None),
                           ("sliding_layers", None), ("embedding_multiplier", 1.0), ("residual_multiplier", 1.0),
                           ("logits_scaling", 1.0)):
         if getattr(cfg, name) != default:

@@ -39,6 +39,41 @@ class YarnRope:
                               f"got {self.original_max_position_embeddings!r}")
 
 
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling other than YaRN, as transformers computes it (its rope_type):
+
+    - ``"linear"`` (position interpolation, Chen et al. 2023): every frequency / ``factor``.
+    - ``"llama3"`` (Llama 3.1, Llama 4): by wavelength over the
+      ``original_max_position_embeddings`` context: wavelengths longer than
+      original / ``low_freq_factor`` are divided by ``factor``, shorter than original /
+      ``high_freq_factor`` kept, a smooth blend between.
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALINGS:
+            raise ConfigError(f"RopeScaling.kind={self.kind!r} is unknown; choose one of {ROPE_SCALINGS}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"RopeScaling.{name} must be a finite number > 0, got {value!r}")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(f"RopeScaling: llama3 needs high_freq_factor > low_freq_factor, got "
+                              f"{self.high_freq_factor!r} <= {self.low_freq_factor!r}")
+        if not isinstance(self.original_max_position_embeddings, int) or self.original_max_position_embeddings <= 0:
+            raise ConfigError("RopeScaling.original_max_position_embeddings must be a positive integer, "
+                              f"got {self.original_max_position_embeddings!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Decoder-only transformer: embeddings, pre-norm blocks (RMSNorm, RoPE, GQA attention,
@@ -97,6 +132,7 @@ class ModelConfig:
     sliding_window: int | None = None
     rope_theta: float = 10000.0
     rope_yarn: YarnRope | None = None
+    rope_scaling: RopeScaling | None = None  # linear / llama3 (YaRN is rope_yarn)
     norm_eps: float = 1e-5
     qk_norm: str | None = None
     attn_bias: bool = False
@@ -194,6 +230,13 @@ class ModelConfig:
             object.__setattr__(self, "rope_yarn", YarnRope(**self.rope_yarn))
         if self.rope_yarn is not None and not isinstance(self.rope_yarn, YarnRope):
             raise ConfigError(f"ModelConfig.rope_yarn must be a YarnRope or None, got {type(self.rope_yarn).__name__}")
+        if isinstance(self.rope_scaling, dict):  # from JSON
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"ModelConfig.rope_scaling must be a RopeScaling or None, got "
+                              f"{type(self.rope_scaling).__name__}")
+        if self.rope_scaling is not None and self.rope_yarn is not None:
+            raise ConfigError("ModelConfig: rope_scaling and rope_yarn are two RoPE scalings; give one")
         if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ConfigError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if not (self.norm_eps > 0 and self.init_std > 0):
@@ -255,6 +298,8 @@ class ModelConfig:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["moe"] = self.moe.to_dict() if self.moe is not None else None
         d["rope_yarn"] = {f.name: getattr(self.rope_yarn, f.name) for f in fields(YarnRope)} if self.rope_yarn else None
+        d["rope_scaling"] = ({f.name: getattr(self.rope_scaling, f.name) for f in fields(RopeScaling)}
+                             if self.rope_scaling else None)
         d["dense_layers"] = list(self.dense_layers)
         if self.sliding_layers is not None:
             d["sliding_layers"] = list(self.sliding_layers)

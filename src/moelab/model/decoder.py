@@ -201,7 +201,7 @@ class Transformer(nn.Module):
         # are computed directly: one host sync per call for the check (not in a compiled
         # graph, whose positions `generate` keeps inside its static cache).
         if cache is None or (not torch.compiler.is_compiling() and int(positions_BT.max()) >= cache.max_len):
-            return rope_cos_sin(positions_BT, cfg.rope_dim, cfg.rope_theta, dtype, cfg.rope_yarn)
+            return rope_cos_sin(positions_BT, cfg.rope_dim, cfg.rope_theta, dtype, cfg.rope_yarn, cfg.rope_scaling)
         cos_SD, sin_SD = self.rope_table(cache, dtype)
         return cos_SD[positions_BT].unsqueeze(1), sin_SD[positions_BT].unsqueeze(1)
 
@@ -209,6 +209,7 @@ class Transformer(nn.Module):
         """cos/sin ``[S, Dh]`` for positions 0..S-1 of `cache`, built once and kept on it."""
         if cache.rope is None or cache.rope[0].dtype != dtype:
             all_pos = torch.arange(cache.max_len, device=cache.device).unsqueeze(0)
-            cos, sin = rope_cos_sin(all_pos, self.cfg.rope_dim, self.cfg.rope_theta, dtype, self.cfg.rope_yarn)
+            cos, sin = rope_cos_sin(all_pos, self.cfg.rope_dim, self.cfg.rope_theta, dtype, self.cfg.rope_yarn,
+                                    self.cfg.rope_scaling)
             cache.rope = (cos[0, 0], sin[0, 0])
         return cache.rope

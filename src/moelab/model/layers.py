@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.model.cache import Cache
-from moelab.model.config import ModelConfig, YarnRope
+from moelab.model.config import ModelConfig, RopeScaling, YarnRope
 from moelab.moe import FeedForward, MoE, MoEOutput
 
 
@@ -38,18 +38,35 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(
-    positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, yarn: YarnRope | None = None
+    positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, yarn: YarnRope | None = None,
+    scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for the given positions, ``[B, 1, T, Dh]`` (RoFormer; HF half-split layout)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device, dtype=torch.float64) / head_dim))
     if yarn is not None:
         inv_freq = yarn_inv_freq(inv_freq, head_dim, theta, yarn)
+    if scaling is not None:
+        inv_freq = scaled_inv_freq(inv_freq, scaling)
     freqs_BTd = positions_BT.to(torch.float64).unsqueeze(-1) * inv_freq
     emb = torch.cat([freqs_BTd, freqs_BTd], dim=-1)
     cos, sin = emb.cos(), emb.sin()
     if yarn is not None and yarn.attention_factor != 1.0:
         cos, sin = cos * yarn.attention_factor, sin * yarn.attention_factor
     return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+
+
+def scaled_inv_freq(inv_freq_d: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """`RopeScaling`'s rule applied to the frequencies (its docstring)."""
+    if scaling.kind == "linear":
+        return inv_freq_d / scaling.factor
+    orig = scaling.original_max_position_embeddings
+    low_wavelen, high_wavelen = orig / scaling.low_freq_factor, orig / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq_d
+    scaled = torch.where(wavelen > low_wavelen, inv_freq_d / scaling.factor, inv_freq_d)
+    smooth = (orig / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 def yarn_inv_freq(inv_freq_d: torch.Tensor, dim: int, theta: float, yarn: YarnRope) -> torch.Tensor:
