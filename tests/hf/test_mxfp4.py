@@ -103,3 +103,18 @@ def test_a_broken_mxfp4_tensor_names_the_file_and_tensor(tmp_path):
     save_file(st, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*down_proj_blocks.*do not fit"):
         load_hf(tmp_path)
+
+
+def test_an_mxfp4_import_exports_back_as_float(tmp_path, capsys):
+    from moelab.cli.main import main
+
+    model = _gpt_oss()
+    _to_mxfp4_folder(model, tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), "--to-moelab", str(tmp_path / "run")]) == 0
+    assert main(["convert", str(tmp_path / "run"), "--to-hf", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (back(ids).logits - model(ids).logits).abs().max().item() <= 1e-5

@@ -60,14 +60,22 @@ def run(args: argparse.Namespace) -> int:
         check_out_dir(out, args.overwrite)  # before the (slow) load: a trained run is never lost silently
         dtype = torch_dtype(args.dtype or "fp32")
         imp = load_hf(args.source, dtype=dtype)
+        from moelab.hf.loader import read_hf_config
+
+        # The config.json is kept: a family moelab imports but cannot describe from its own
+        # config (DeepSeek, gpt-oss, Llama 4, ...) exports back through it (`export_hf`).
+        source = {"hf_dir": str(Path(args.source).resolve()), "model_type": imp.family,
+                  "hf_config": read_hf_config(Path(args.source)), "hf_layout": imp.layout}
         with atomic_dir(out) as tmp:  # an existing run is moved aside and removed only once this one is in place
-            save_moelab(imp.model, tmp, tokenizer_path=tokenizer or imp.tokenizer_path,
-                        source={"hf_dir": str(Path(args.source).resolve()), "model_type": imp.family})
+            save_moelab(imp.model, tmp, tokenizer_path=tokenizer or imp.tokenizer_path, source=source)
         size = (out / "model.safetensors").stat().st_size
         print(f"wrote moelab checkpoint {out} ({imp.family}, {imp.model.num_params():,} parameters, "
               f"{str(dtype).removeprefix('torch.')}, {size / 1e6:.1f} MB)")
         return 0
     loaded = load_moelab(args.source, verify=not args.no_verify)
+    from moelab.rundir import read_run_config
+
+    source = read_run_config(loaded.run_dir).get("source") or {} if loaded.run_dir else {}
     result = export_hf(
         loaded.model,
         args.to_hf,
@@ -75,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         max_shard_size=parse_size(args.max_shard_size or "5GB"),
         dtype=torch_dtype(args.dtype) if args.dtype else None,
         overwrite=args.overwrite,
+        hf_config=source.get("hf_config") if isinstance(source, dict) else None,
+        hf_layout=source.get("hf_layout") if isinstance(source, dict) else None,
     )
     print(f"wrote Hugging Face {result.family} model {result.out_dir} ({len(result.files)} safetensors file(s))")
     return 0

@@ -151,6 +151,24 @@ def tensor_from_hf(family: str, moelab_key: str, t: torch.Tensor) -> torch.Tenso
     return t if bias else t.transpose(1, 2).contiguous()
 
 
+def tensor_to_hf(family: str, moelab_key: str, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `tensor_from_hf` (Granite's fused shared gate/up is joined by the caller)."""
+    if family == "ernie4_5_moe" and moelab_key.endswith("router.expert_bias"):
+        return t.reshape(1, -1)
+    m = _GPT_OSS_EXPERTS.search(moelab_key) if family in ("gpt_oss", "llama4_text") else None
+    if m is None:
+        return t
+    if family == "llama4_text":
+        return t.transpose(1, 2).contiguous()
+    which, bias = m.group(1), m.group(2)
+    if which == "gate_up_proj":
+        half = t.shape[1] // 2
+        inter = torch.empty_like(t)
+        inter[:, 0::2], inter[:, 1::2] = t[:, :half], t[:, half:]  # gate and up rows interleaved again
+        return inter if bias else inter.transpose(-1, -2).contiguous()
+    return t if bias else t.transpose(1, 2).contiguous()
+
+
 def stacked_expert_param(moelab_key: str) -> tuple[int, str] | None:
     """(layer, "gate_up_proj" | "down_proj") for a stacked expert tensor, else None."""
     m = _STACKED.search(moelab_key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moelab.errors import CheckpointError
+from moelab.errors import CheckpointError, ConfigError
 from moelab.hf import adapter
 from moelab.hf.weights import write_sharded
 from moelab.io import atomic_dir, atomic_path, atomic_write_json
@@ -88,11 +89,24 @@ def export_hf(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    hf_config: dict | None = None,
+    hf_layout: dict | None = None,
 ) -> HFExport:
-    """Write `model` to `out_dir` in Hugging Face format (see module docstring)."""
+    """Write `model` to `out_dir` in Hugging Face format (see module docstring).
+
+    ``hf_config`` / ``hf_layout``: the config.json the model was imported from and how its
+    checkpoint laid the experts out (`HFImport.layout`; a run converted with ``convert
+    --to-moelab`` records both). A model of a family moelab imports but cannot describe
+    from its own config (DeepSeek, gpt-oss, Llama 4, ...) is exported through them:
+    `_recorded_family_tensors`."""
     cfg = model.cfg
-    family = adapter.hf_family_for(cfg)  # raises naming the unexpressible feature
     out = Path(out_dir)
+    try:
+        family = adapter.hf_family_for(cfg)
+    except ConfigError:
+        if not (hf_config and hf_config.get("model_type") in adapter.IMPORT_ONLY_FAMILIES):
+            raise  # names the unexpressible feature
+        family = hf_config["model_type"]
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is a file, not a folder; choose a folder for the export")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -103,9 +117,17 @@ def export_hf(
     dtype_name = str(weight_dtype).removeprefix("torch.")
     # atomic_dir: assembled beside `out` with the umask's mode (not mkdtemp's 0700); an existing
     # `out` is moved aside and removed only once the new folder is in place.
+    recorded = family in adapter.IMPORT_ONLY_FAMILIES
+    if recorded:
+        tensors = _recorded_family_tensors(model, family, hf_config, hf_layout or {}, dtype)
     with atomic_dir(out) as tmp:
-        files = write_sharded(hf_tensors(model, family, dtype), tmp, max_shard_size=max_shard_size)
-        hf_cfg = adapter.config_to_hf(cfg, dtype=dtype_name)
+        if recorded:
+            files = write_sharded(iter(tensors.items()), tmp, max_shard_size=max_shard_size)
+            hf_cfg = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+            hf_cfg.update(dtype=dtype_name, torch_dtype=dtype_name)
+        else:
+            files = write_sharded(hf_tensors(model, family, dtype), tmp, max_shard_size=max_shard_size)
+            hf_cfg = adapter.config_to_hf(cfg, dtype=dtype_name)
         gen_cfg: dict = {"do_sample": False}
         if tokenizer_path is not None:
             tokenizer_path = Path(tokenizer_path)
@@ -123,6 +145,53 @@ def export_hf(
         atomic_write_json(tmp / "config.json", hf_cfg)
         atomic_write_json(tmp / "generation_config.json", gen_cfg)
     return HFExport(out, family, [out / f.name for f in files])
+
+
+def _recorded_family_tensors(model: Transformer, family: str, hf_config: dict, layout: dict,
+                             dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every tensor of `model` under its on-disk name, in the layout its checkpoint had
+    (`layout`: stacked or per-expert experts, the MoE module's name), inverting the import
+    mapping (`adapter.hf_key`, `adapter.per_expert_keys`, `adapter.tensor_to_hf`; Granite's
+    shared gate and up joined into one ``input_linear``). MXFP4 experts come back as float
+    (the config loses its ``quantization_config``). Refused, naming the field, when
+    `hf_config` no longer describes the model (it would load as a different one)."""
+    again = adapter.config_from_hf(hf_config, source="the recorded config.json").config
+    if again != model.cfg:
+        ours, theirs = model.cfg.to_dict(), again.to_dict()
+        diff = next(f for f in ours if ours[f] != theirs[f])
+        raise CheckpointError(f"cannot export: the model's ModelConfig.{diff} differs from the config.json it was "
+                              f"imported from ({ours[diff]!r} vs {theirs[diff]!r})")
+    moe = layout.get("moe") or adapter.moe_prefixes(family)[0]
+    per_expert = layout.get("experts") == "per_expert"
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        t = t.detach() if dtype is None or not t.is_floating_point() else t.detach().to(dtype)
+        stacked = adapter.stacked_expert_param(key)
+        if stacked is not None and per_expert:
+            layer, which = stacked
+            for e in range(t.shape[0]):
+                gate, up, down = adapter.per_expert_keys(layer, e, family, moe)
+                if which == "gate_up_proj":
+                    g, u = t[e].chunk(2, dim=0)
+                    out[gate], out[up] = g.contiguous(), u.contiguous()
+                else:
+                    out[down] = t[e].contiguous()
+            continue
+        if key.endswith("router.expert_bias") and family not in adapter.CORRECTION_BIAS_FAMILIES:
+            if t.any():
+                raise CheckpointError(f"cannot export: {key} is not zero, but {family} checkpoints have no "
+                                      "selection bias (it was trained with bias balancing)")
+            continue  # the importer's zero bias for a router that has none on disk
+        name = adapter.hf_key(key, family, moe)
+        t = adapter.tensor_to_hf(family, key, t)
+        if family in adapter.GRANITE and re.search(r"shared_experts\.(gate|up)_proj\.weight$", key):
+            # `shared_mlp.input_linear` is [gate | up] rows: gate comes first in the state dict.
+            out[name] = torch.cat([out[name], t]) if name in out else t
+            continue
+        out[name] = t.contiguous()
+    return out
 
 
 def _special_ids(tokenizer_path: Path, tok_cfg: dict) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,9 @@ class HFImport:
     family: str  # the HF model_type
     source: Path
     tokenizer_path: Path | None
+    # How the checkpoint laid its experts out: {"experts": "stacked" | "per_expert", "moe": the
+    # MoE module's name on disk}; what `export_hf` writes back for an import-only family.
+    layout: dict = field(default_factory=dict)
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -58,7 +61,8 @@ def load_hf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str
         model = Transformer(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with SafetensorsFolder(folder) as st:
-        state, used = _read_state(st, expected, cfg, family, dtype)
+        layout: dict = {}
+        state, used = _read_state(st, expected, cfg, family, dtype, layout)
         unused = [k for k in st.keys() if k not in used and not adapter.IGNORED_HF_KEYS.match(k)]
         if unused:
             raise CheckpointError(
@@ -71,7 +75,7 @@ def load_hf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str
     _materialise_buffers(model)
     model = model.to(device).eval()
     tok = folder / "tokenizer.json"
-    return HFImport(model, cfg, family, folder, tok if tok.is_file() else None)
+    return HFImport(model, cfg, family, folder, tok if tok.is_file() else None, layout)
 
 
 def from_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
@@ -85,6 +89,7 @@ def _read_state(
     cfg: ModelConfig,
     family: str,
     dtype: torch.dtype,
+    layout: dict,
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -110,7 +115,7 @@ def _read_state(
             continue
         stacked = adapter.stacked_expert_param(key)
         if stacked is not None:
-            state[key] = _read_experts(st, key, stacked, shape, family, check, used)
+            state[key] = _read_experts(st, key, stacked, shape, family, check, used, layout)
             continue
         name = adapter.hf_key(key, family)
         if key.endswith("router.expert_bias") and name not in st and family not in adapter.CORRECTION_BIAS_FAMILIES:
@@ -128,15 +133,17 @@ def _read_state(
     return state, used
 
 
-def _read_experts(st, key, stacked, shape, family, check, used) -> torch.Tensor:
+def _read_experts(st, key, stacked, shape, family, check, used, layout) -> torch.Tensor:
     """One layer's stacked expert tensor, from the stacked layout (float, or gpt-oss's MXFP4
     ``_blocks`` / ``_scales`` pair, dequantised: `moelab.hf.mxfp4`) or the per-expert one."""
     layer, which = stacked
     for moe in adapter.moe_prefixes(family):
         name = adapter.hf_key(key, family, moe)
         if name in st:
+            layout.update(experts="stacked", moe=moe)
             return check(st.get(name), name, shape, key)
         if f"{name}_blocks" in st and f"{name}_scales" in st:
+            layout.update(experts="stacked", moe=moe, mxfp4=True)
             w_EOI = dequantize_mxfp4(st.get(f"{name}_blocks"), st.get(f"{name}_scales"),
                                      name=f"{st.file_of(name + '_blocks')}: {name}_blocks")
             used.add(f"{name}_scales")
@@ -146,6 +153,7 @@ def _read_experts(st, key, stacked, shape, family, check, used) -> torch.Tensor:
     for moe in adapter.moe_prefixes(family):
         if adapter.per_expert_keys(layer, 0, family, moe)[0] in st:
             break
+    layout.update(experts="per_expert", moe=moe)
     parts = []
     for e in range(E):
         gate, up, down = adapter.per_expert_keys(layer, e, family, moe)
