@@ -54,11 +54,11 @@ def test_unexpected_tensor_is_refused(save_hf):
 def test_unsupported_model_type(save_hf):
     _, folder = save_hf("mixtral")
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["model_type"] = "dbrx"
+    cfg["model_type"] = "phimoe"
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError) as e:
         from_pretrained(folder)
-    assert "config.json" in str(e.value) and "'dbrx'" in str(e.value) and "mixtral" in str(e.value)
+    assert "config.json" in str(e.value) and "'phimoe'" in str(e.value) and "mixtral" in str(e.value)
 
 
 def test_unsupported_rope_scaling(save_hf):

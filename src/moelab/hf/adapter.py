@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 DENSE_FAMILIES = ("llama", "mistral")
 IMPORT_ONLY_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss", "glm4_moe", "llama4_text", "dots1",
-                        "granitemoe", "granitemoeshared", "ernie4_5_moe", "hunyuan_v1_moe")
+                        "granitemoe", "granitemoeshared", "ernie4_5_moe", "hunyuan_v1_moe", "dbrx")
 GRANITE = ("granitemoe", "granitemoeshared")
 EXPORT_FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
 FAMILIES = MOE_FAMILIES + DENSE_FAMILIES + IMPORT_ONLY_FAMILIES
@@ -290,7 +290,7 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> Importe
         d, _ = library_config(d, source=source)
         readers = {"gpt_oss": _gpt_oss_config, "glm4_moe": _glm4_moe_config, "llama4_text": _llama4_text_config,
                    "dots1": _glm4_moe_config, "granitemoe": _granite_config, "granitemoeshared": _granite_config,
-                   "ernie4_5_moe": _ernie_config, "hunyuan_v1_moe": _hunyuan_config}
+                   "ernie4_5_moe": _ernie_config, "hunyuan_v1_moe": _hunyuan_config, "dbrx": _dbrx_config}
         reader = readers.get(family, _deepseek_config)
         return ImportedConfig(reader(_Reader(d, source, family)), family)
     r = _Reader(d, source, family)
@@ -626,6 +626,96 @@ def _hunyuan_config(r: _Reader) -> ModelConfig:
     return _build(r, common, moe)
 
 
+def _dbrx_config(r: _Reader) -> ModelConfig:
+    """DBRX: LayerNorm without bias (`norm="layer"`), one fused ``Wqkv`` with `clip_qkv`
+    on its output (split into q/k/v on load: the clamp is elementwise, so clamping each
+    part is the same), every layer MoE: softmax over all experts, top-k, the k weights
+    divided by their p-norm (`moe_normalize_expert_weights`: 1 is moelab's renormalisation,
+    null none; other p are refused); experts ``w1`` / ``v1`` / ``w2`` each ``[E F, D]``."""
+    attn, ffn = r.get("attn_config") or {}, r.get("ffn_config") or {}
+    if not isinstance(attn, dict) or not isinstance(ffn, dict):
+        raise r.error("fields 'attn_config' and 'ffn_config' must be objects")
+    act = (ffn.get("ffn_act_fn") or {}).get("name", "silu")
+    if act != "silu":
+        raise r.error(f"field 'ffn_config.ffn_act_fn.name'={act!r} is not supported (moelab experts are SwiGLU: silu)")
+    p = ffn.get("moe_normalize_expert_weights", 1.0)
+    if p not in (None, 1, 1.0):
+        raise r.error(f"field 'ffn_config.moe_normalize_expert_weights'={p!r} is not supported (1: renormalise "
+                      "the k weights to sum to 1, null: keep them)")
+    sub = _Reader({**attn, **ffn}, r.source, r.family)
+    d_model, n_heads = r.int("d_model"), r.int("n_heads")
+    F_ = sub.int("ffn_hidden_size")
+    clip = attn.get("clip_qkv")
+    moe = MoEConfig(d_model=d_model, d_expert=F_, num_experts=sub.int("moe_num_experts"), top_k=sub.int("moe_top_k"),
+                    norm_topk_prob=p is not None)
+    return ModelConfig(
+        vocab_size=r.int("vocab_size"), d_model=d_model, n_layers=r.int("n_layers"), n_heads=n_heads,
+        n_kv_heads=sub.int("kv_n_heads", default=n_heads), head_dim=d_model // max(n_heads, 1),
+        max_seq_len=r.int("max_seq_len", default=2048), rope_theta=_rope_theta(r), rope_scaling=_rope_scaling(r),
+        norm_eps=1e-5, norm="layer", tie_embeddings=bool(r.get("tie_word_embeddings", False)), d_ff=F_,
+        clip_qkv=float(clip) if clip is not None else None, moe=moe,
+    )
+
+
+# DBRX keeps q/k/v in one Wqkv and each projection of all experts in one [E F, D] matrix.
+_DBRX_TEMPLATES: tuple[tuple[str, str], ...] = (
+    (r"embed_tokens\.weight", r"transformer.wte.weight"),
+    (r"norm\.weight", r"transformer.norm_f.weight"),
+    (r"layers\.(\d+)\.input_layernorm\.weight", r"transformer.blocks.\1.norm_attn_norm.norm_1.weight"),
+    (r"layers\.(\d+)\.post_attention_layernorm\.weight", r"transformer.blocks.\1.norm_attn_norm.norm_2.weight"),
+    (r"layers\.(\d+)\.self_attn\.[qkv]_proj\.weight", r"transformer.blocks.\1.norm_attn_norm.attn.Wqkv.weight"),
+    (r"layers\.(\d+)\.self_attn\.o_proj\.weight", r"transformer.blocks.\1.norm_attn_norm.attn.out_proj.weight"),
+    (r"layers\.(\d+)\.mlp\.router\.weight", r"transformer.blocks.\1.ffn.router.layer.weight"),
+    (r"layers\.(\d+)\.mlp\.experts\.down_proj", r"transformer.blocks.\1.ffn.experts.mlp.w2"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+)
+
+
+def dbrx_sources(moelab_key: str) -> list[str]:
+    """The DBRX tensors a moelab tensor is made from (``gate_up_proj``: ``w1`` and ``v1``)."""
+    m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.gate_up_proj", moelab_key)
+    if m:
+        return [f"transformer.blocks.{m.group(1)}.ffn.experts.mlp.{n}" for n in ("w1", "v1")]
+    for pattern, template in _DBRX_TEMPLATES:
+        m = re.fullmatch(pattern, moelab_key)
+        if m:
+            return [m.expand(template)]
+    raise KeyError(moelab_key)
+
+
+def dbrx_from_hf(moelab_key: str, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """One moelab tensor from its DBRX sources (`dbrx_sources`)."""
+    E, F_, D = (cfg.moe.num_experts, cfg.moe.d_expert, cfg.d_model) if cfg.moe else (0, 0, cfg.d_model)
+    if moelab_key.endswith("experts.gate_up_proj"):  # w1 (gate) and v1 (up): [E F, D] each
+        return torch.cat([parts[0].reshape(E, F_, D), parts[1].reshape(E, F_, D)], dim=1)
+    if moelab_key.endswith("experts.down_proj"):  # w2 [E F, D], used as `h @ w2`
+        return parts[0].reshape(E, F_, D).transpose(1, 2).contiguous()
+    m = re.search(r"self_attn\.([qkv])_proj\.weight$", moelab_key)
+    if m:
+        q, kv = cfg.n_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head
+        start, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[m.group(1)]
+        return parts[0][start : start + size].contiguous()
+    return parts[0]
+
+
+def dbrx_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `dbrx_from_hf` over a whole moelab state dict."""
+    out: dict[str, torch.Tensor] = {}
+    E, F_, D = cfg.moe.num_experts, cfg.moe.d_expert, cfg.d_model
+    for key, t in state.items():
+        names = dbrx_sources(key)
+        if key.endswith("experts.gate_up_proj"):
+            out[names[0]] = t[:, :F_].reshape(E * F_, D).contiguous()
+            out[names[1]] = t[:, F_:].reshape(E * F_, D).contiguous()
+        elif key.endswith("experts.down_proj"):
+            out[names[0]] = t.transpose(1, 2).reshape(E * F_, D).contiguous()
+        elif re.search(r"self_attn\.[qkv]_proj\.weight$", key):
+            out[names[0]] = torch.cat([out[names[0]], t]) if names[0] in out else t  # q, k, v in order
+        else:
+            out[names[0]] = t
+    return out
+
+
 def _gpt_oss_config(r: _Reader) -> ModelConfig:
     """gpt-oss: biased q/k/v/o projections, one attention-sink logit per head, sliding and
     full attention by `layer_types`; experts with biases and the clamped GLU, routed by a
@@ -668,7 +758,7 @@ def hf_family_for(cfg: ModelConfig) -> str:
         ("qk_norm", cfg.qk_norm if cfg.qk_norm in ("l2", "head_after_rope") else None, None),
         ("attn_scale", cfg.attn_scale, None),
         ("embedding_multiplier", cfg.embedding_multiplier, 1.0), ("residual_multiplier", cfg.residual_multiplier, 1.0),
-        ("logits_scaling", cfg.logits_scaling, 1.0),
+        ("logits_scaling", cfg.logits_scaling, 1.0), ("norm", cfg.norm, "rms"),
     ):
         if value != default:
             raise no(f"ModelConfig.{name}={value!r} (export of DeepSeek / gpt-oss models is not implemented)")

@@ -161,6 +161,10 @@ def _recorded_family_tensors(model: Transformer, family: str, hf_config: dict, l
         diff = next(f for f in ours if ours[f] != theirs[f])
         raise CheckpointError(f"cannot export: the model's ModelConfig.{diff} differs from the config.json it was "
                               f"imported from ({ours[diff]!r} vs {theirs[diff]!r})")
+    if family == "dbrx":
+        state = {k: (t.detach() if dtype is None else t.detach().to(dtype)) for k, t in model.state_dict().items()
+                 if not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
+        return adapter.dbrx_to_hf(state, model.cfg)
     moe = layout.get("moe") or adapter.moe_prefixes(family)[0]
     per_expert = layout.get("experts") == "per_expert"
     out: dict[str, torch.Tensor] = {}

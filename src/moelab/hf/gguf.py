@@ -80,7 +80,7 @@ def gguf_refusal(cfg: ModelConfig) -> str | None:
                           ("rope_interleave", False), ("nope_layers", ()), ("rope_yarn", None), ("rope_scaling", None),
                           ("attn_scale", None),
                           ("sliding_layers", None), ("embedding_multiplier", 1.0), ("residual_multiplier", 1.0),
-                          ("logits_scaling", 1.0)):
+                          ("logits_scaling", 1.0), ("norm", "rms")):
         if getattr(cfg, name) != default:
             return f"ModelConfig.{name}={getattr(cfg, name)!r} (not expressible in the llama arch)"
     if cfg.moe is not None:

@@ -113,6 +113,19 @@ def _read_state(
             if "lm_head.weight" in st:
                 used.add("lm_head.weight")  # tied: some exporters store the copy anyway
             continue
+        if family == "dbrx":  # fused Wqkv and [E F, D] expert matrices: several tensors per name
+            names = adapter.dbrx_sources(key)
+            absent = [n for n in names if n not in st]
+            if absent:
+                raise CheckpointError(f"{st.folder}: tensor {absent[0]!r} is missing (needed for moelab {key!r})")
+            try:
+                t = adapter.dbrx_from_hf(key, [st.get(n) for n in names], cfg)
+            except RuntimeError as e:  # a reshape that the sizes do not allow
+                raise CheckpointError(f"{st.file_of(names[0])}: tensor {names[0]!r} does not fit moelab {key!r} "
+                                      f"{shape} (config.json and weights disagree: {e})") from None
+            state[key] = check(t, names[0], shape, key)
+            used.update(names)
+            continue
         stacked = adapter.stacked_expert_param(key)
         if stacked is not None:
             state[key] = _read_experts(st, key, stacked, shape, family, check, used, layout)

@@ -9,6 +9,7 @@ from moelab.errors import ConfigError
 from moelab.moe.config import MoEConfig
 
 QK_NORMS = (None, "head", "full", "l2", "head_after_rope")
+NORMS = ("rms", "layer")  # the blocks' and the final norm: RMSNorm, or LayerNorm without bias (DBRX)
 ATTENTIONS = ("gqa", "mla")
 
 
@@ -134,6 +135,7 @@ class ModelConfig:
     rope_yarn: YarnRope | None = None
     rope_scaling: RopeScaling | None = None  # linear / llama3 (YaRN is rope_yarn)
     norm_eps: float = 1e-5
+    norm: str = "rms"  # NORMS
     qk_norm: str | None = None
     attn_bias: bool = False
     clip_qkv: float | None = None
@@ -224,6 +226,8 @@ class ModelConfig:
             isinstance(self.clip_qkv, int | float) and math.isfinite(self.clip_qkv) and self.clip_qkv > 0
         ):
             raise ConfigError(f"ModelConfig.clip_qkv must be a number > 0 or None, got {self.clip_qkv!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"ModelConfig.norm={self.norm!r} is unknown; choose one of {NORMS}")
         if self.qk_norm not in QK_NORMS:
             raise ConfigError(f"ModelConfig.qk_norm={self.qk_norm!r} is unknown; choose one of {QK_NORMS}")
         if isinstance(self.rope_yarn, dict):  # from JSON

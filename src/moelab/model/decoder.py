@@ -17,7 +17,7 @@ from torch import nn
 
 from moelab.model.cache import Cache, prefix_attention_mask
 from moelab.model.config import ModelConfig
-from moelab.model.layers import Block, MLAttention, RMSNorm, rope_cos_sin
+from moelab.model.layers import Block, MLAttention, block_norm, rope_cos_sin
 from moelab.model.lm_loss import chunked_lm_loss, lm_loss_reference
 from moelab.moe import FeedForward, MoE, RoutingDecision, RoutingStats
 
@@ -51,7 +51,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = block_norm(cfg, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

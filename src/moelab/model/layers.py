@@ -22,6 +22,24 @@ from moelab.model.config import ModelConfig, RopeScaling, YarnRope
 from moelab.moe import FeedForward, MoE, MoEOutput
 
 
+class LayerNorm(nn.Module):
+    """(x - mean) / std * weight, no bias (DBRX's ``nn.LayerNorm(bias=False)``), in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.layer_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), None, self.eps).to(x.dtype)
+
+
+def block_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """The blocks' and the final norm of `cfg` (``ModelConfig.norm``)."""
+    return LayerNorm(dim, cfg.norm_eps) if cfg.norm == "layer" else RMSNorm(dim, cfg.norm_eps)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 (bf16 mean-of-squares loses precision)."""
 
@@ -305,9 +323,9 @@ class Block(nn.Module):
         super().__init__()
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.residual_multiplier = cfg.residual_multiplier
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.input_layernorm = block_norm(cfg, cfg.d_model)
         self.self_attn = MLAttention(cfg, layer_idx) if cfg.attention == "mla" else Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = block_norm(cfg, cfg.d_model)
         self.mlp: nn.Module = MoE(cfg.moe) if self.is_moe else FeedForward(cfg.d_model, cfg.d_ff)
 
     def forward(
