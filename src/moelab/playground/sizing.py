@@ -49,10 +49,9 @@ _MOE_FIELDS = ("num_experts", "top_k", "d_expert", "num_shared_experts")
 _FIELD = re.compile(r"\b(?:ModelConfig|MoEConfig)\.(\w+)")
 
 
-def model_config(controls: dict[str, Any]) -> ModelConfig:
-    """The moelab `ModelConfig` the controls describe; a `FieldError` naming the control
-    whose value the library refused, with the library's own message (the one line
-    `moelab size` prints for the same config.json, after its "the model config is invalid: ")."""
+def model_dict(controls: dict[str, Any]) -> dict[str, Any]:
+    """The controls (unset ones at their defaults) as the "model" entry of a moelab
+    config.json, not yet validated."""
     values = {name: default for name, _, default in CONTROLS}
     unknown = set(controls) - set(values)
     if unknown:
@@ -61,21 +60,28 @@ def model_config(controls: dict[str, Any]) -> ModelConfig:
     moe = {k: values.pop(k) for k in _MOE_FIELDS}
     # E = 0 is the dense model (every FFN of width d_ff), the baseline of the comparison.
     dense = moe["num_experts"] == 0 and not isinstance(moe["num_experts"], bool)
+    return {**values, "moe": None if dense else {"d_model": values["d_model"], **moe}}
+
+
+def model_config(controls: dict[str, Any]) -> ModelConfig:
+    """The moelab `ModelConfig` the controls describe; a `FieldError` naming the control
+    whose value the library refused, with the library's own message (the one line
+    `moelab size` prints for the same config.json, after its "the model config is invalid: ")."""
+    d = model_dict(controls)
     try:
-        return ModelConfig.from_dict({**values, "moe": None if dense else {"d_model": values["d_model"], **moe}})
-    except FieldError:
-        raise
+        return ModelConfig.from_dict(d)
     except (ValueError, TypeError) as e:
         m = _FIELD.search(str(e))
         raise FieldError(str(e), m.group(1) if m and m.group(1) in {c[0] for c in CONTROLS} else None) from None
 
 
-def moelab_config_json(controls: dict[str, Any]) -> dict[str, Any]:
+def moelab_config_json(controls: dict[str, Any], *, validate: bool = True) -> dict[str, Any]:
     """The controls as a moelab config.json (``moelab size`` reads it): for the page's
     "download config.json" link and for the tests that compare the page with the CLI."""
     from moelab.rundir.files import RUN_FORMAT, RUN_VERSION
 
-    return {"format": RUN_FORMAT, "version": RUN_VERSION, "model": model_config(controls).to_dict()}
+    model = model_config(controls).to_dict() if validate else model_dict(controls)
+    return {"format": RUN_FORMAT, "version": RUN_VERSION, "model": model}
 
 
 def settings_of(raw: dict[str, Any] | None) -> dict[str, Any]:
