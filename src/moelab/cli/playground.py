@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     for d in args.models:
         if not Path(d).is_dir():
             raise ValueError(f"--models: {d} is not a folder")
+    if Path(args.runs).exists() and not Path(args.runs).is_dir():
+        raise ValueError(f"--runs: {args.runs} is a file, not a folder")
     cfg = PlaygroundConfig(runs_dir=args.runs, model_dirs=tuple(args.models), max_queue=args.max_queue)
     server = make_server(create_app(cfg), host=args.host, port=args.port,
                          log_level="debug" if args.verbose else "info")
