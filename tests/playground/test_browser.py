@@ -129,19 +129,23 @@ def test_bad_value_shows_the_cli_line_next_to_the_control(page):
 
 def test_route_colours_tokens(page, model_dir):
     page.find_element("css selector", "#tabs button[data-panel='route']").click()
-    wait_for(lambda: any(o.get_attribute("value") == str(model_dir)
-                         for o in page.find_elements("css selector", "#route-model option")), 10, "the model list")
+    options = "return Array.from(document.querySelectorAll('#route-model option')).map(o => o.value);"
+    wait_for(lambda: str(model_dir) in page.execute_script(options), 10, "the model list")
+    page.execute_script("arguments[0].value = arguments[1];", by_id(page, "route-model"), str(model_dir))
     text = by_id(page, "route-text")
     text.clear()
     text.send_keys("The quick brown fox jumps over the lazy dog.")
     by_id(page, "route-go").click()
-    wait_for(lambda: by_id(page, "route-tokens").get_attribute("data-state") == "ok"
-             and page.find_elements("css selector", "#route-tokens .tok"), 20, "coloured tokens")
-    toks = page.find_elements("css selector", "#route-tokens .tok")
-    assert "".join(t.text for t in toks).replace(" ", "") == "Thequickbrownfoxjumpsoverthelazydog."
-    colours = {t.value_of_css_property("background-color") for t in toks}
+    # Typing also routes (debounced), so the tokens may be redrawn: read them in one script.
+    read = ("return Array.from(document.querySelectorAll('#route-tokens .tok')).map(t => "
+            "[t.textContent, getComputedStyle(t).backgroundColor, t.title]);")
+    wait_for(lambda: by_id(page, "route-tokens").get_attribute("data-state") == "ok" and page.execute_script(read),
+             20, "coloured tokens")
+    toks = page.execute_script(read)
+    assert "".join(t[0] for t in toks) == "The quick brown fox jumps over the lazy dog."
+    colours = {t[1] for t in toks}
     assert len(colours) > 1 and "rgba(0, 0, 0, 0)" not in colours
-    assert "layer 0: e" in toks[0].get_attribute("title") and "layer 1: e" in toks[0].get_attribute("title")
+    assert "layer 0: e" in toks[0][2] and "layer 1: e" in toks[0][2]
 
 
 def test_break_streams_points_then_a_verdict(page):

@@ -39,6 +39,7 @@ from moelab.playground.config import (
     allowed_path,
 )
 from moelab.playground.runs import (
+    EXPERIMENT_KNOBS,
     KNOBS,
     PLAYGROUND_SCALES,
     TERMINAL,
@@ -176,6 +177,7 @@ def create_app(cfg: PlaygroundConfig, *, manager: RunManager | None = None) -> F
     @app.get("/api/runs")
     async def list_runs() -> dict[str, Any]:
         return {"runs": runs.listing(), "experiments": list(EXPERIMENTS), "knobs": list(KNOBS),
+                "experiment_knobs": {e: list(EXPERIMENT_KNOBS.get(e, KNOBS)) for e in EXPERIMENTS},
                 "scales": {name: {k: lab.to_dict()[k] for k in KNOBS} for name, lab in PLAYGROUND_SCALES.items()}}
 
     @app.post("/api/runs", status_code=202)

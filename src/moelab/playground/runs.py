@@ -62,6 +62,12 @@ PLAYGROUND_SCALES: dict[str, LabConfig] = {
 # The knobs a request may set, per the `LabConfig` field they change.
 KNOBS = ("steps", "lr", "seed", "aux_loss_coef", "z_loss_coef", "skew_strength", "bias_update_rate",
          "unstable_lr", "unstable_router_std", "capacity_factors")
+# The knobs each experiment reads (the page shows these; any knob is accepted).
+EXPERIMENT_KNOBS: dict[str, tuple[str, ...]] = {
+    "collapse": ("steps", "lr", "seed", "aux_loss_coef", "skew_strength", "bias_update_rate"),
+    "instability": ("steps", "seed", "unstable_lr", "unstable_router_std", "z_loss_coef", "aux_loss_coef"),
+    "capacity": ("steps", "lr", "seed", "capacity_factors", "aux_loss_coef"),
+}
 MAX_STEPS = 5000
 
 

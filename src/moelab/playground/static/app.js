@@ -120,6 +120,10 @@ async function sizeRequest(body) {
     clearErrors(form, "#size-error");
     showSize(r);
     if (!body.model && r.controls) fillControls(r.controls);
+    // A preset without a value for a control (the textbook model has no d_model): greyed out.
+    for (const c of size.controls) {
+      $(`#c-${c.name}`).closest(".field").classList.toggle("unset", !body.model && !(r.controls && c.name in r.controls));
+    }
     $("#size-form").dataset.state = "ok";
   } catch (err) {
     if (seq !== size.seq) return;
@@ -256,7 +260,7 @@ function knobInputs(scale) {
   const box = $("#break-knobs");
   box.innerHTML = "<legend>knobs</legend>";
   const defaults = brk.meta.scales[scale];
-  for (const k of brk.meta.knobs) {
+  for (const k of brk.meta.experiment_knobs[$("#b-experiment").value]) {
     const div = document.createElement("div");
     div.className = "field";
     div.innerHTML = `<label for="k-${k}"></label><input id="k-${k}" type="text"><span class="err" data-for="${k}"></span>`;
@@ -268,7 +272,7 @@ function knobInputs(scale) {
 }
 function knobValues() {
   const defaults = brk.meta.scales[$("#b-scale").value], out = {};
-  for (const k of brk.meta.knobs) {
+  for (const k of brk.meta.experiment_knobs[$("#b-experiment").value]) {
     const raw = $(`#k-${k}`).value.trim();
     let v;
     if (k === "capacity_factors") {
@@ -373,6 +377,7 @@ async function initBreak() {
   for (const s of Object.keys(brk.meta.scales)) { const o = document.createElement("option"); o.value = o.textContent = s; sc.appendChild(o); }
   knobInputs(sc.value);
   sc.addEventListener("change", () => knobInputs(sc.value));
+  ex.addEventListener("change", () => knobInputs(sc.value));
   $("#break-run").addEventListener("click", async () => {
     const form = $("#break-form");
     try {
