@@ -31,17 +31,21 @@ function fmtTick(v) {
 }
 
 // series: [{name, points: [[x, y], ...], color, dashed}]; opts: {hline, hlineLabel, ymin}
-function lineChart(svg, series, opts) {
-  opts = opts || {};
+// Clear `svg` and size its viewBox to the element; with no data, say so in the middle.
+function frame(svg, hasData, empty) {
   svg.innerHTML = "";
   const W = svg.clientWidth || 400, H = svg.clientHeight || 190;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  const m = {l: 42, r: 8, t: 8, b: 34};
+  if (!hasData) el("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, svg).textContent = empty || "no points yet";
+  return [W, H];
+}
+
+function lineChart(svg, series, opts) {
+  opts = opts || {};
   const pts = series.flatMap(s => s.points.filter(p => Number.isFinite(p[1])));
-  if (!pts.length) {
-    el("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, svg).textContent = opts.empty || "no points yet";
-    return;
-  }
+  const [W, H] = frame(svg, pts.length > 0, opts.empty);
+  if (!pts.length) return;
+  const m = {l: 42, r: 8, t: 8, b: 34};
   let x0 = Math.min(...pts.map(p => p[0])), x1 = Math.max(...pts.map(p => p[0]));
   let y0 = Math.min(...pts.map(p => p[1])), y1 = Math.max(...pts.map(p => p[1]));
   if (opts.hline !== undefined) { y0 = Math.min(y0, opts.hline); y1 = Math.max(y1, opts.hline); }
@@ -84,14 +88,9 @@ function lineChart(svg, series, opts) {
 // values: one bar per expert (shares); opts: {hline}
 function barChart(svg, values, opts) {
   opts = opts || {};
-  svg.innerHTML = "";
-  const W = svg.clientWidth || 400, H = svg.clientHeight || 190;
-  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  const [W, H] = frame(svg, values.length > 0);
+  if (!values.length) return;
   const m = {l: 42, r: 8, t: 8, b: 22};
-  if (!values.length) {
-    el("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, svg).textContent = "no points yet";
-    return;
-  }
   const top = Math.max(...values, opts.hline || 0) * 1.1 || 1;
   const Y = y => H - m.b - y / top * (H - m.t - m.b);
   for (const t of niceTicks(0, top, 4)) {
