@@ -7,6 +7,7 @@ the playground's "tiny" scale, trained by the real worker subprocess.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -44,6 +45,31 @@ def model_dir(tmp_path_factory) -> Path:
         for moe in model.moe_layers:
             moe.router.weight.normal_(0, 1.0)
     return save_moelab(model, root / "tiny-run", tokenizer_path=tok_path)
+
+
+@pytest.fixture(scope="session")
+def hf_dir(model_dir) -> Path:
+    """A tiny random Hugging Face Mixtral with the same tokenizer, beside the moelab run
+    (an imported checkpoint for the Route panel); skipped without transformers."""
+    import shutil
+
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    cfg = transformers.MixtralConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     num_local_experts=4, num_experts_per_tok=2, bos_token_id=None,
+                                     eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(1, 0.2)
+    out = model_dir.parent / "hf-mixtral"
+    model.save_pretrained(out)
+    shutil.copy(model_dir / "tokenizer.json", out / "tokenizer.json")
+    return out
 
 
 @pytest.fixture(scope="module")

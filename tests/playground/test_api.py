@@ -63,6 +63,18 @@ def test_size_controls_equal_moelab_size(client, tmp_path, capsys, controls):
         assert reply["report"][key] == cli[key]
 
 
+def test_config_json_of_the_controls(client, tmp_path, capsys):
+    controls = {"num_experts": 32, "top_k": 4, "d_expert": 1024}
+    cfg = client.post("/api/size/config.json", json={"model": controls}).json()
+    assert cfg == moelab_config_json(controls)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    code, out, _ = cli_size(capsys, tmp_path / "config.json")
+    assert code == 0
+    assert_rows_match_cli(client.post("/api/size", json={"model": controls}).json()["rows"], out)
+    r = client.post("/api/size/config.json", json={"model": {"top_k": 99}})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "top_k"
+
+
 def test_settings_change_the_memory_rows_as_the_flags_do(client, tmp_path, capsys):
     settings = {"dtype": "fp8", "context": 32768, "batch": 4, "gpu_memory_gb": 24}
     reply = client.post("/api/size", json={"model": {}, "settings": settings}).json()
@@ -191,6 +203,13 @@ def test_route_gives_each_token_its_topk(client, model_dir):
             assert r["weights"] == sorted(r["weights"], reverse=True)  # first choice first
     firsts = {t["layers"]["0"]["experts"][0] for t in d["tokens"]}
     assert len(firsts) > 1  # the page has more than one colour to show
+
+
+def test_route_an_imported_hugging_face_checkpoint(client, hf_dir):
+    d = client.post("/api/route", json={"model": str(hf_dir), "text": "A router picks the top k experts."}).json()
+    assert d["num_experts"] == 4 and d["top_k"] == 2 and d["layers"] == [0, 1]
+    assert "".join(t["text"] for t in d["tokens"]) == "A router picks the top k experts."
+    assert {"path": str(hf_dir), "kind": "hf", "name": "hf-mixtral"} in client.get("/api/models").json()["models"]
 
 
 @pytest.mark.parametrize("body, status, field", [

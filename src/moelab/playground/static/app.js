@@ -171,6 +171,16 @@ async function initSize() {
     $("#preset").value = "";
     await sizeRequest({config_text: await f.text(), filename: f.name});
   });
+  $("#size-download").addEventListener("click", async () => {
+    try {
+      const cfg = await api("POST", "/api/size/config.json", {model: controlValues()});
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(new Blob([JSON.stringify(cfg, null, 2)], {type: "application/json"}));
+      a.download = "config.json";
+      a.click();
+      URL.revokeObjectURL(a.href);
+    } catch (err) { showError($("#size-form"), "#size-error", err); }
+  });
   $("#config-path-go").addEventListener("click", () => {
     $("#preset").value = "";
     sizeRequest({path: $("#config-path").value});
