@@ -273,6 +273,7 @@ def events(client, run_id: str) -> list[tuple[str, dict]]:
     return out
 
 
+@pytest.mark.slow
 def test_a_run_queues_streams_and_ends_with_the_verdict(client, served, tmp_path):
     from moelab.accounting import count_params
     from moelab.accounting.moelab_config import spec_from_moelab_run
@@ -316,6 +317,7 @@ def test_a_run_queues_streams_and_ends_with_the_verdict(client, served, tmp_path
     assert (row["total_params"], row["active_params"]) == (counts.total, counts.active)
 
 
+@pytest.mark.slow
 def test_stop_checkpoints_and_resume_finishes(client, served):
     from moelab.rundir import STATE_FILE
 
@@ -347,8 +349,21 @@ def test_stop_checkpoints_and_resume_finishes(client, served):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > done
 
 
-def test_a_done_run_cannot_be_resumed(client, served):
-    runs = [r for r in client.get("/api/runs").json()["runs"] if r["state"] == "done"]
-    assert runs
-    r = client.post(f"/api/runs/{runs[0]['id']}/resume")
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["instability", "capacity"])
+def test_the_other_experiments_stream_to_their_verdict(client, served, experiment):
+    from moelab.lab.failures import load_experiment
+
+    _, cfg = served
+    knobs = {"steps": 4} | ({"capacity_factors": [0.5, None]} if experiment == "capacity" else {})
+    run = client.post("/api/runs", json={"experiment": experiment, "knobs": knobs}).json()
+    evs = events(client, run["id"])
+    assert evs[-1][1]["state"] == "done", (cfg.runs_dir / run["id"] / "worker.log").read_text()
+    on_disk = load_experiment(cfg.runs_dir / run["id"])
+    assert evs[-2] == ("verdict", client.get(f"/api/runs/{run['id']}").json()["verdict"])
+    assert evs[-2][1]["verdicts"] == on_disk["verdicts"]
+    points = [d for k, d in evs if k == "point"]
+    assert {p["run"] for p in points} == set(on_disk["runs"])
+    assert all(p["max_router_logit"] is not None for p in points)
+    r = client.post(f"/api/runs/{run['id']}/resume")  # done: nothing to resume
     assert r.status_code == 400 and "only a stopped run" in r.json()["error"]["message"]
