@@ -98,6 +98,7 @@ def main() -> None:
         text.send_keys("The router sends every token to its top experts, and the experts learn to specialise.")
         drv.find_element("id", "route-go").click()
         wait(lambda: drv.find_elements("css selector", "#route-tokens .tok"), 30, "coloured tokens")
+        Select(drv.find_element("id", "route-layer")).select_by_value("all")
         drv.find_elements("css selector", "#route-tokens .tok")[3].click()
         shoot(drv, args.out / "playground-route.png", 1280)
 

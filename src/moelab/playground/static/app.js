@@ -213,27 +213,41 @@ async function loadModels() {
   if (keep && models.some(m => m.path === keep)) sel.value = keep;
 }
 
+function tokenSpan(t, layer, E, i) {
+  const s = document.createElement("span");
+  const r = t.layers[layer];
+  s.className = "tok";
+  s.textContent = t.text;
+  s.dataset.index = i;
+  s.dataset.expert = r.experts[0];
+  s.style.background = expertColor(r.experts[0], E);
+  s.title = routed.layers.map(l => `layer ${l}: ` + t.layers[l].experts.map((e, j) =>
+    `e${e} ${t.layers[l].weights[j].toFixed(2)}`).join(", ")).join("\n");
+  const show = () => { $$(".tok.picked").forEach(x => x.classList.remove("picked")); s.classList.add("picked");
+    $("#route-detail").textContent = `token ${JSON.stringify(t.text)} (id ${t.id})\n${s.title}`; };
+  s.addEventListener("mouseenter", show); s.addEventListener("click", show);
+  return s;
+}
+
 function drawTokens() {
   const box = $("#route-tokens"), legend = $("#route-legend");
   box.innerHTML = ""; legend.innerHTML = "";
   if (!routed) return;
-  const layer = $("#route-layer").value;
+  const chosen = $("#route-layer").value;
   const E = routed.num_experts;
-  routed.tokens.forEach((t, i) => {
-    const s = document.createElement("span");
-    const r = t.layers[layer];
-    s.className = "tok";
-    s.textContent = t.text;
-    s.dataset.index = i;
-    s.dataset.expert = r.experts[0];
-    s.style.background = expertColor(r.experts[0], E);
-    s.title = routed.layers.map(l => `layer ${l}: ` + t.layers[l].experts.map((e, j) =>
-      `e${e} ${t.layers[l].weights[j].toFixed(2)}`).join(", ")).join("\n");
-    const show = () => { $$(".tok.picked").forEach(x => x.classList.remove("picked")); s.classList.add("picked");
-      $("#route-detail").textContent = `token ${JSON.stringify(t.text)} (id ${t.id})\n${s.title}`; };
-    s.addEventListener("mouseenter", show); s.addEventListener("click", show);
-    box.appendChild(s);
-  });
+  // One line per MoE layer ("all", as Mixtral's Figure 8 sets layers side by side), or one layer.
+  const layers = chosen === "all" ? routed.layers.map(String) : [chosen];
+  for (const layer of layers) {
+    const line = document.createElement("div");
+    line.className = "tokline";
+    if (layers.length > 1) {
+      const label = document.createElement("span");
+      label.className = "toklabel"; label.textContent = `layer ${layer}`;
+      line.appendChild(label);
+    }
+    routed.tokens.forEach((t, i) => line.appendChild(tokenSpan(t, layer, E, i)));
+    box.appendChild(line);
+  }
   for (let e = 0; e < E; e++) {
     const s = document.createElement("span");
     s.textContent = `expert ${e}`; s.style.background = expertColor(e, E);
@@ -250,7 +264,10 @@ async function routeGo() {
     const sel = $("#route-layer"), keep = sel.value;
     sel.innerHTML = "";
     for (const l of routed.layers) { const o = document.createElement("option"); o.value = o.textContent = l; sel.appendChild(o); }
-    if (routed.layers.map(String).includes(keep)) sel.value = keep;
+    const all = document.createElement("option");
+    all.value = "all"; all.textContent = "all layers";
+    sel.appendChild(all);
+    if (keep === "all" || routed.layers.map(String).includes(keep)) sel.value = keep;
     $("#route-info").textContent = `${routed.tokens.length} tokens, ${routed.num_experts} experts, top-${routed.top_k}`;
     drawTokens();
     $("#route-tokens").dataset.state = "ok";
