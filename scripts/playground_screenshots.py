@@ -90,8 +90,9 @@ def main() -> None:
 
         tab("route")
         model = str(next(runs.glob("*/aux-loss")))
-        wait(lambda: any(o.get_attribute("value") == model for o in drv.find_elements("css selector", "#route-model option")),
-             10, "the model list")
+        # The list is redrawn when the tab opens: read it in one script (no stale handles).
+        options = "return Array.from(document.querySelectorAll('#route-model option')).map(o => o.value);"
+        wait(lambda: model in drv.execute_script(options), 10, "the model list")
         Select(drv.find_element("id", "route-model")).select_by_value(model)
         text = drv.find_element("id", "route-text")
         text.clear()
