@@ -189,9 +189,14 @@ async function initSize() {
 }
 
 // --------------------------------------------------------------------- route
+// Up to 16 experts: the charts' categorical palette, light enough to read text on; more:
+// hues spread round the wheel, alternating lightness so that neighbours differ.
 function expertColor(e, E) {
-  const hue = (e * 360 / Math.max(E, 1) + (e % 2) * 180 / Math.max(E, 1)) % 360;
-  return `hsl(${hue.toFixed(0)}, 75%, ${e % 2 ? 72 : 80}%)`;
+  if (E <= PALETTE.length) {
+    const h = PALETTE[e];
+    return `rgba(${parseInt(h.slice(1, 3), 16)}, ${parseInt(h.slice(3, 5), 16)}, ${parseInt(h.slice(5, 7), 16)}, 0.45)`;
+  }
+  return `hsl(${(e * 360 / E).toFixed(0)}, 75%, ${e % 2 ? 70 : 82}%)`;
 }
 let routed = null;
 

@@ -3,8 +3,9 @@
 "use strict";
 
 const SVGNS = "http://www.w3.org/2000/svg";
-const PALETTE = ["#2a5bd7", "#d9480f", "#2b8a3e", "#ae3ec9", "#e8590c", "#1098ad", "#c2255c", "#5c940d",
-  "#364fc7", "#a61e4d", "#087f5b", "#f08c00", "#6741d9", "#0b7285", "#862e9c", "#495057"];
+// Tableau 10 (distinct in hue and lightness), then six more for up to 16 experts.
+const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+  "#9c755f", "#bab0ac", "#17becf", "#393b79", "#bcbd22", "#8c564b", "#637939", "#7f7f7f"];
 
 function el(tag, attrs, parent) {
   const e = document.createElementNS(SVGNS, tag);
