@@ -11,6 +11,7 @@ report dict (raw numbers), `table_rows` (the formatted cells `moelab size` print
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tempfile
@@ -149,10 +150,9 @@ def size_upload(text: str, filename: str = "config.json", settings: dict[str, An
         except FieldError as e:
             raise FieldError(str(e).replace(str(path), name).replace(tmp, name), e.field) from None
         reply = _reply(spec, name, preset, settings_of(settings), controls=controls_of_spec(spec, None))
-    if reply["name"] in (str(path), tmp):
-        reply["name"] = reply["report"]["name"] = name
-    reply["report"]["source"] = name
-    return reply
+        # The temporary folder means nothing to the user: every mention of it names the upload.
+        text = json.dumps(reply).replace(json.dumps(str(path))[1:-1], name).replace(json.dumps(tmp)[1:-1], name)
+    return json.loads(text)
 
 
 def _resolve_as(path: Path, field: str) -> tuple[Spec, str, Any]:
