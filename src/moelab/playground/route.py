@@ -34,16 +34,18 @@ class ModelCache:
 
     def __init__(self, size: int = 2) -> None:
         self.size = size
-        self._models: OrderedDict[Path, _Loaded] = OrderedDict()
+        self._models: OrderedDict[tuple[Path, int], _Loaded] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, path: Path) -> _Loaded:
+        # Keyed by the weights' mtime too: a resumed Break run rewrites its checkpoint.
+        key = (path, max((p.stat().st_mtime_ns for p in path.glob("*.safetensors")), default=0))
         with self._lock:
-            if path in self._models:
-                self._models.move_to_end(path)
-                return self._models[path]
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
             loaded = _load(path)
-            self._models[path] = loaded
+            self._models[key] = loaded
             while len(self._models) > self.size:
                 self._models.popitem(last=False)
             return loaded
