@@ -367,3 +367,41 @@ def test_the_other_experiments_stream_to_their_verdict(client, served, experimen
     assert all(p["max_router_logit"] is not None for p in points)
     r = client.post(f"/api/runs/{run['id']}/resume")  # done: nothing to resume
     assert r.status_code == 400 and "only a stopped run" in r.json()["error"]["message"]
+
+
+def _fake_run(folder, moe: bool, val_losses: list[float], every: int = 10):
+    """A run directory with a config and hand-written metrics (no weights): what Compare reads."""
+    from moelab.model import ModelConfig
+    from moelab.moe import MoEConfig
+    from moelab.rundir.files import write_run_config
+
+    folder.mkdir(parents=True)
+    cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                      moe=MoEConfig(d_model=32, d_expert=32, num_experts=4, top_k=2) if moe else None)
+    write_run_config(folder, cfg)
+    steps = every * (len(val_losses) - 1)
+    rows = [{"kind": "train", "step": s, "loss": 6.0 - s / 100} for s in range(1, steps + 1)]
+    rows += [{"kind": "eval", "step": every * i, "val_loss": v} for i, v in enumerate(val_losses)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_compare_moe_vs_dense(client, served):
+    from moelab.train.compare import steps_to_reach
+
+    _, cfg = served
+    moe = _fake_run(cfg.runs_dir / "cmp" / "moe", True, [6.0, 5.0, 4.0, 3.5])
+    dense = _fake_run(cfg.runs_dir / "cmp" / "dense", False, [6.0, 5.5, 5.0, 4.5])
+    rows = {r["name"]: r for r in client.get("/api/compare").json()["runs"]}
+    assert rows["cmp/moe"]["kind"] == "MoE" and rows["cmp/dense"]["kind"] == "dense"
+    assert rows["cmp/dense"]["total_params"] == rows["cmp/dense"]["active_params"]
+    assert rows["cmp/moe"]["val_curve"] == [[0, 6.0], [10, 5.0], [20, 4.0], [30, 3.5]]
+    d = client.post("/api/compare/pair", json={"moe": str(moe), "dense": str(dense)}).json()
+    expected = steps_to_reach([{"step": 10 * i, "val_loss": v} for i, v in enumerate([6.0, 5.0, 4.0, 3.5])], 4.5)
+    assert d["moe_steps_to_dense_loss"] == expected == 15.0
+    assert d["moe_steps_to_dense_loss_ratio"] == 0.5
+    assert d["sentence"] == "cmp/moe reaches cmp/dense's final val loss (4.5000) at step 15 of 30: 0.50x the steps"
+    r = client.post("/api/compare/pair", json={"moe": str(dense), "dense": str(moe)})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "moe"
+    assert client.post("/api/compare/pair", json={"moe": "/etc", "dense": str(dense)}).status_code == 403
+    assert client.post("/api/compare/pair", json={"moe": str(cfg.runs_dir / "nope"), "dense": str(dense)}).status_code == 404

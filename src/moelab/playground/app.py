@@ -250,6 +250,21 @@ def create_app(cfg: PlaygroundConfig, *, manager: RunManager | None = None) -> F
     async def compare_runs() -> dict[str, Any]:
         return {"runs": await call(compare.finished_runs, cfg.roots)}
 
+    @app.post("/api/compare/pair")
+    async def compare_pair(request: Request) -> dict[str, Any]:
+        body = await _body(request)
+        rows = {}
+        for role, kind in (("moe", "MoE"), ("dense", "dense")):
+            path = allowed_path(body.get(role), cfg.roots, field=role)
+            root = next(r for r in cfg.roots if path == r or path.is_relative_to(r))
+            row = await call(compare.run_summary, path, root)
+            if row is None:
+                raise NotFound(f"{role}: {body.get(role)} is not a run with metrics")
+            if row["kind"] != kind:
+                raise FieldError(f"{role}: {row['name']} is a {row['kind']} run; expected a {kind} run", role)
+            rows[role] = row
+        return compare.moe_vs_dense(rows["moe"], rows["dense"])
+
     return app
 
 

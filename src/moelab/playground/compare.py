@@ -80,3 +80,25 @@ def finished_runs(roots: tuple[Path, ...], depth: int = 3) -> list[dict[str, Any
             if row is not None:
                 out.append(row)
     return out
+
+
+def moe_vs_dense(moe: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any]:
+    """The MoE-vs-dense figure of `moelab compare` for two runs' summaries (`run_summary`):
+    the (interpolated) step at which the MoE's validation curve reaches the dense run's
+    final validation loss (`moelab.train.compare.steps_to_reach`), and that over the dense
+    run's steps (< 1: the MoE learns faster per step)."""
+    from moelab.train.compare import steps_to_reach
+
+    target = dense["val_loss"]
+    history = [{"step": s, "val_loss": v} for s, v in moe["val_curve"]]
+    steps = steps_to_reach(history, target) if target is not None else None
+    ratio = steps / dense["steps"] if steps is not None and dense["steps"] else None
+    if target is None:
+        sentence = f"{dense['name']} has no validation loss to reach"
+    elif steps is None:
+        sentence = f"{moe['name']} did not reach {dense['name']}'s final val loss ({target:.4f}) within {moe['steps']} steps"
+    else:
+        sentence = (f"{moe['name']} reaches {dense['name']}'s final val loss ({target:.4f}) at step {steps:.0f} "
+                    f"of {dense['steps']}: {ratio:.2f}x the steps")
+    return {"moe": moe["name"], "dense": dense["name"], "target_val_loss": target, "moe_steps_to_dense_loss": steps,
+            "moe_steps_to_dense_loss_ratio": ratio, "sentence": sentence}

@@ -430,8 +430,24 @@ async function initBreak() {
 // --------------------------------------------------------------------- compare
 const cmp = {runs: [], picked: new Set()};
 
+async function drawPair(picked) {
+  // One MoE and one dense run ticked: `moelab compare`'s steps-to-dense-loss figure.
+  const moe = picked.filter(r => r.kind === "MoE"), dense = picked.filter(r => r.kind === "dense");
+  const box = $("#compare-pair");
+  box.textContent = "";
+  if (moe.length !== 1 || dense.length !== 1) {
+    box.textContent = "Tick one MoE and one dense run for the steps the MoE needs to reach the dense run's loss.";
+    return;
+  }
+  try {
+    const d = await api("POST", "/api/compare/pair", {moe: moe[0].path, dense: dense[0].path});
+    box.textContent = d.sentence;
+  } catch (err) { box.textContent = err.message; }
+}
+
 function drawCompare() {
   const picked = cmp.runs.filter(r => cmp.picked.has(r.path));
+  drawPair(picked);
   lineChart($("#chart-cmp-val"), picked.map(r => ({name: r.name, points: r.val_curve})), {empty: "tick runs above"});
   lineChart($("#chart-cmp-train"), picked.map(r => ({name: r.name, points: r.train_curve})), {empty: "tick runs above"});
 }
