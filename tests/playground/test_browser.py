@@ -173,6 +173,11 @@ def test_break_streams_points_then_a_verdict(page):
     assert len(page.find_elements("css selector", "#break-verdict li")) == 3
     assert page.find_elements("css selector", "#chart-loss path.series")  # the curves were drawn
     assert len(page.find_elements("css selector", "#chart-load rect.bar")) == 8
+    # The load chart shows any run: the broken one has its load on few experts.
+    Select(by_id(page, "load-run")).select_by_value("broken-no-aux")
+    heights = page.execute_script("return Array.from(document.querySelectorAll('#chart-load rect.bar'))"
+                                  ".map(r => +r.getAttribute('height'));")
+    assert len(heights) == 8 and max(heights) > 0
 
 
 def test_compare_and_phone_width(page, browser):

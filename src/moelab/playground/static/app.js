@@ -343,9 +343,16 @@ function redrawBreak() {
   lineChart($("#chart-loss"), line("loss"));
   lineChart($("#chart-share"), line("busiest_expert_share"), {hline: 1 / brk.E, ymin: 0});
   lineChart($("#chart-logit"), line("max_router_logit"));
-  const last = names[names.length - 1];
-  $("#load-run").textContent = last || "";
-  barChart($("#chart-load"), last ? brk.load[last] : [], {hline: 1 / brk.E});
+  // The load chart shows the run picked under it (by default the one training now).
+  const sel = $("#load-run");
+  if (sel.options.length !== names.length) {
+    const keep = sel.value;
+    sel.innerHTML = "";
+    for (const n of names) { const o = document.createElement("option"); o.value = o.textContent = n; sel.appendChild(o); }
+    sel.value = names.includes(keep) && sel.dataset.picked ? keep : (names[names.length - 1] || "");
+  }
+  const shown = sel.value;
+  barChart($("#chart-load"), shown && brk.load[shown] ? brk.load[shown] : [], {hline: 1 / brk.E});
 }
 const redrawSoon = (() => { let queued = false; return () => { if (queued) return; queued = true;
   requestAnimationFrame(() => { queued = false; redrawBreak(); }); }; })();
@@ -366,6 +373,7 @@ function showVerdict(v) {
 function watch(id) {
   if (brk.source) brk.source.close();
   brk.selected = id; brk.series = {}; brk.load = {}; brk.points = 0;
+  delete $("#load-run").dataset.picked;
   $("#break-title").textContent = id;
   $("#break-points").textContent = "";
   showVerdict(null);
@@ -476,6 +484,7 @@ async function loadCompare() {
   drawCompare();
 }
 $("#compare-refresh").addEventListener("click", loadCompare);
+$("#load-run").addEventListener("change", () => { $("#load-run").dataset.picked = "1"; redrawBreak(); });
 
 window.addEventListener("resize", debounce(() => { redrawBreak(); drawCompare(); }, 200));
 Promise.all([initSize(), initBreak(), loadModels()]).then(() => { document.body.dataset.ready = "1"; })
