@@ -1,8 +1,10 @@
 """Screenshots of the four playground panels for docs/ and the README, taken in headless
 Chromium (the browser tests' setup): ``python scripts/playground_screenshots.py``.
 
-It serves a fresh runs folder, sizes the textbook preset, trains one Break run (collapse,
-tiny scale), routes a sentence through that run's trained model and compares its runs,
+It trains a tiny MoE and its same-compute dense twin (`moelab compare`'s code path),
+serves a fresh runs folder beside them, sizes the textbook preset, trains one Break run
+(collapse, tiny scale), routes a sentence through that run's trained model and compares
+the MoE with the dense run,
 then writes ``docs/img/playground-{size,route,break,compare,phone}.png``, quantised to 256
 colours (a few tens of KB each). Needs chromium + chromedriver on PATH (`make browser`).
 """
@@ -51,6 +53,27 @@ def shoot(drv, path: Path, width: int) -> None:
     print(f"{path} ({path.stat().st_size // 1024} KB)")
 
 
+def train_moe_vs_dense(out: Path, steps: int) -> None:
+    """A tiny MoE and its same-compute dense twin on the same batches (`moelab compare`'s
+    code path), so that Compare has a MoE-vs-dense pair to show."""
+    import torch
+
+    from moelab.data.loader import prepare_data
+    from moelab.lab.config import SCALES
+    from moelab.model.config import ModelConfig
+    from moelab.train import TrainConfig
+    from moelab.train.compare import compare
+
+    torch.set_num_threads(1)
+    data = prepare_data(out.parent / ".cache", max_chars_per_domain=20_000, vocab_size=512)
+    moe = SCALES["test"].model_config(data.vocab_size)
+    dense = ModelConfig.from_dict({**moe.to_dict(), "moe": None})  # d_ff = k x d_expert: same FLOPs per token
+    cfg = TrainConfig(steps=steps * 2, batch_size=4, seq_len=32, eval_interval=10, eval_batches=1,
+                      checkpoint_interval=0, warmup_steps=4)
+    compare({"moe": ("tiny-lab-moe", moe), "dense": ("tiny-lab-dense", dense)}, cfg, data, out, progress=False,
+            tensorboard=False)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
@@ -58,7 +81,9 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs = Path(tempfile.mkdtemp(prefix="playground-shots-"))
-    app = create_app(PlaygroundConfig(runs_dir=runs))
+    models = runs.parent / (runs.name + "-models")
+    train_moe_vs_dense(models / "compare", args.steps)
+    app = create_app(PlaygroundConfig(runs_dir=runs, model_dirs=(models,)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -97,14 +122,23 @@ def main() -> None:
         text = drv.find_element("id", "route-text")
         text.clear()
         text.send_keys("The router sends every token to its top experts, and the experts learn to specialise.")
+        time.sleep(0.8)  # typing routes too (debounced 400 ms): let that reply land first
         drv.find_element("id", "route-go").click()
-        wait(lambda: drv.find_elements("css selector", "#route-tokens .tok"), 30, "coloured tokens")
+        wait(lambda: drv.find_element("id", "route-tokens").get_attribute("data-state") == "ok"
+             and drv.find_elements("css selector", "#route-tokens .tok"), 30, "coloured tokens")
         Select(drv.find_element("id", "route-layer")).select_by_value("all")
-        drv.find_elements("css selector", "#route-tokens .tok")[3].click()
+        drv.execute_script("document.querySelectorAll('#route-tokens .tok')[3].click();")
         shoot(drv, args.out / "playground-route.png", 1280)
 
         tab("compare")
         wait(lambda: len(drv.find_elements("css selector", "#compare-table tr")) > 1, 10, "the compare table")
+        # Tick the MoE-vs-dense pair only, for moelab compare's figure and two clear curves.
+        drv.execute_script("""
+            document.querySelectorAll('#compare-table tr').forEach(tr => {
+              const box = tr.querySelector('input'); if (!box) return;
+              const want = tr.children[1].textContent.startsWith('compare/');
+              if (box.checked !== want) box.click(); });""")
+        wait(lambda: "reach" in drv.find_element("id", "compare-pair").text, 10, "the MoE-vs-dense figure")
         time.sleep(0.5)
         shoot(drv, args.out / "playground-compare.png", 1280)
     finally:
@@ -112,6 +146,7 @@ def main() -> None:
         server.should_exit = True
         thread.join(60)
         shutil.rmtree(runs, ignore_errors=True)
+        shutil.rmtree(models, ignore_errors=True)
 
 
 if __name__ == "__main__":
