@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-fast install install-bench bench lint clean
+.PHONY: demo test test-fast install install-bench bench lint clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,18 +26,33 @@ install-bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/moelab demo
 
-test: $(STAMP)
+# The playground's browser tests drive the system Chromium (selenium + chromedriver, no
+# browser download): installed from Debian when missing and we are root with apt-get;
+# otherwise say why not (those tests then skip with the reason).
+browser:
+	@if command -v chromedriver >/dev/null 2>&1; then \
+		echo "browser: $$(chromedriver --version | head -1)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "browser: installing chromium + chromium-driver (Debian) for the playground's browser tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null \
+		|| (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null) \
+		|| echo "browser: apt-get could not install chromium; the browser tests will skip"; \
+	else \
+		echo "browser: no chromedriver, and not root with apt-get: the playground's browser tests will skip"; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # Everything but the tests marked @pytest.mark.slow (> ~3 s each: compile, subprocess, demo).
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.moe_layer --json runs/bench/moe_layer.json
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

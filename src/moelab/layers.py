@@ -5,12 +5,13 @@ sibling beside it in the same tier (not even inside a function; imports under
 ``if TYPE_CHECKING:`` are exempt). Tiers, lowest first:
 
     errors, io, lazy, hardware -> moe -> model -> rundir -> accounting -> data
-        -> train, infer, quant, offload -> hf, dist -> lab, serve, playground -> cli
+        -> train, infer, quant, offload -> hf, dist -> lab, serve -> playground -> cli
 
 `accounting` is pure arithmetic: besides itself it imports only `ACCOUNTING_MAY_IMPORT`,
 the torch-free modules (so ``moelab size`` starts instantly, without torch). `infer` sits
-above `model` and hosts nothing the model needs. A reserved layer (playground) has its
-place before its code exists.
+above `model` and hosts nothing the model needs. `playground` (the browser lab) has a tier
+of its own above `lab` and `serve`: its Break panel runs lab experiments, which a sibling of
+`lab` could not import.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("train", "infer", "quant", "offload"),
     ("hf", "dist"),
-    ("lab", "serve", "playground"),
+    ("lab", "serve"),
+    ("playground",),
     ("cli",),
 )
 

@@ -267,11 +267,26 @@ def _dense_cell(d: dict[str, Any]) -> str:
     return f"{fmt_params(d['params'])}, {fmt_flops(d['flops_per_token'])}, {fmt_bytes(d['weight_bytes'])}, {gpus}"
 
 
-def render_table(reports: list[dict[str, Any]]) -> str:
-    """A plain-text table, one column per model, rows grouped by question."""
+Row = tuple[str, list[str]] | str  # (label, one cell per model) or a section title
+
+
+def headline(r: dict[str, Any]) -> str:
+    """The report in one sentence, e.g. "63.0B total, 21.0B active, 6 of 8 experts skipped,
+    75% of feed-forward compute saved" (a dense model: just its total). Built from the same
+    cells as the table, so the sentence and the table never disagree."""
+    words = f"{fmt_params(r['total_params'])} total, {fmt_params(r['active_params'])} active"
+    if r["moe_layers"]:
+        words += (f", {_moe_cell(r, 'skipped')} experts skipped, "
+                  f"{_moe_cell(r, 'saved')} of feed-forward compute saved")
+    return words
+
+
+def table_rows(reports: list[dict[str, Any]]) -> list[Row]:
+    """The rows of `render_table` (formatted cells, one per model), also served as JSON by
+    `moelab playground` so that the page shows exactly the text `moelab size` prints."""
     s = reports[0]["settings"]
     dt, ctx, batch, gpu = s["dtype"], s["context"], s["batch"], s["gpu_memory_gb"]
-    rows: list[tuple[str, list[str]] | str] = [
+    rows: list[Row] = [
         "parameters",
         ("total", [fmt_params(r["total_params"]) for r in reports]),
         ("active per token", [fmt_params(r["active_params"]) for r in reports]),
@@ -313,6 +328,12 @@ def render_table(reports: list[dict[str, Any]]) -> str:
                  *[(f"  {f}", [_plan_cell(r, f) for r in reports]) for f in MOELAB_FORMATS]]
     if any(r.get("expert_parallel") for r in reports):
         rows += _ep_rows(reports, dt)
+    return rows
+
+
+def render_table(reports: list[dict[str, Any]]) -> str:
+    """A plain-text table, one column per model, rows grouped by question."""
+    rows = table_rows(reports)
     header = [r["name"] for r in reports]
     label_w = max(len(row[0]) for row in rows if isinstance(row, tuple))
     col_w = [
@@ -326,6 +347,8 @@ def render_table(reports: list[dict[str, Any]]) -> str:
             continue
         label, cells = row
         out.append(" ".join([label.ljust(label_w)] + [c.rjust(w) for c, w in zip(cells, col_w, strict=True)]))
+    out.append("")
+    out.extend(f"in short ({r['name']}): {headline(r)}" for r in reports)
     out.append("")
     out.append("conventions:")
     out.extend(f"  {k}: {v}" for k, v in CONVENTIONS.items())
@@ -352,7 +375,7 @@ def _plan_cell(r: dict[str, Any], fmt: str) -> str:
     return f"does not fit (runs from {fmt_bytes(fit['smallest_memory'])})"
 
 
-def _ep_rows(reports: list[dict[str, Any]], dt: str) -> list[tuple[str, list[str]] | str]:
+def _ep_rows(reports: list[dict[str, Any]], dt: str) -> list[Row]:
     eps = [r["expert_parallel"] for r in reports]
     first = next(e for e in eps if e)
     cell = lambda f: [f(e) if e else "-" for e in eps]  # noqa: E731

@@ -42,6 +42,7 @@ SUBCOMMANDS = [
     "quantize",
     "generate",
     "serve",
+    "playground",
     "bench",
 ]
 
