@@ -16,7 +16,7 @@ SCHEMA_KEYS = {
     "params_by_component", "n_layers", "moe_layers", "flops_per_token",
     "attention_flops_per_token", "training_flops_per_token", "weight_bytes",
     "kv_cache_bytes", "serving_bytes", "min_gpus", "dense_equivalents", "published",
-    "conventions", "notes", "expert_parallel",
+    "conventions", "notes", "expert_parallel", "moelab_format_bytes", "memory_plan",
 }
 
 
