@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from moelab.cli import _parallel
@@ -175,6 +176,9 @@ def _run_ep(args, config, ctx) -> int:
             raise ConfigError(f"{args.model}: no tokenizer.json found; pass --tokenizer PATH")
         tokenizer = Tokenizer.from_file(str(tok_path))
         executor = PlanBroadcaster(loaded.model, config, ctx)
+        E = loaded.model.cfg.moe.num_experts if loaded.model.cfg.moe is not None else 0
+        print(f"[expert parallel: {ctx.ep_size} ranks, {E // ctx.ep_size} of {E} experts per MoE layer on each; "
+              "rank 0 serves]", file=sys.stderr, flush=True)
         try:
             _serve(args, config, loaded, tokenizer, Path(tok_path), executor=executor)
         finally:

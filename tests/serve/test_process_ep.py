@@ -1,0 +1,93 @@
+"""`moelab serve --nproc 2 --ep 2` as users run it: rank 0 answers the official `openai`
+client with single-process greedy output, and SIGTERM to the launcher ends every rank."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from .test_process import start
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 6, 7], list(range(20, 37)), [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [9]]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def folder(tokenizer, tmp_path_factory):
+    """A random Mixtral with large weights (logits far from ties, so greedy is robust to the
+    last bits an expert-parallel sum may change), 4 experts, as a Hugging Face folder."""
+    import transformers
+
+    cfg = transformers.MixtralConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(1, 0.2)
+    out = tmp_path_factory.mktemp("served-ep")
+    hf.save_pretrained(out)
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_serve_over_two_ranks_answers_like_one_process_and_sigterm_ends_every_rank(folder):
+    from moelab.hf import load_any
+    from moelab.infer.generate import generate
+
+    torch.set_num_threads(1)
+    model = load_any(folder).model.eval()
+    want = [generate(model, [p], max_new_tokens=NEW).token_ids[0] for p in PROMPTS]
+
+    # 8 tokens a step: the 17-token prompt is prefilled over three steps.
+    proc, url = start(folder, "--nproc", "2", "--ep", "2", "--max-num-seqs", "4", "--max-batch-tokens", "8")
+    try:
+        ranks = children(proc.pid)
+        assert len(ranks) == 2
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            def ask(prompt):
+                r = client.completions.create(model=str(folder), prompt=prompt, max_tokens=NEW, temperature=0,
+                                              extra_body={"ignore_eos": True})
+                return r.model_extra["moelab"]["token_ids"], r.choices[0].finish_reason
+
+            with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: batched into the same steps
+                got = list(pool.map(ask, PROMPTS))
+        assert [ids for ids, _ in got] == want
+        assert {reason for _, reason in got} == {"length"}
+
+        proc.send_signal(signal.SIGTERM)  # to the launcher: rank 0 drains, then stops the follower
+        assert proc.wait(timeout=60) == 0
+        output = proc.stdout.read()
+        assert "draining" in output
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in ranks):
+            assert time.monotonic() < deadline, f"ranks still running after the launcher exited: {output}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            for pid in children(proc.pid):
+                Path(f"/proc/{pid}").exists() and __import__("os").kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
