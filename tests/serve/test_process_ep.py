@@ -91,3 +91,33 @@ def test_serve_over_two_ranks_answers_like_one_process_and_sigterm_ends_every_ra
                 Path(f"/proc/{pid}").exists() and __import__("os").kill(pid, signal.SIGKILL)
             proc.kill()
             proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()
+    return (int(fields[11]) + int(fields[12])) / __import__("os").sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_idle_followers_do_not_spin_and_a_killed_follower_ends_the_job_with_an_error(folder):
+    import os
+
+    proc, url = start(folder, "--nproc", "2", "--ep", "2")
+    try:
+        rank0, rank1 = children(proc.pid)
+        before = cpu_seconds(rank1)
+        time.sleep(3)  # idle: the follower blocks in the broadcast between heartbeats
+        assert cpu_seconds(rank1) - before < 0.5
+        os.kill(rank1, signal.SIGKILL)
+        assert proc.wait(timeout=30) == 2
+        output = proc.stdout.read()
+        assert "rank 1 exited with code -9" in output, output
+        assert "the engine stopped: expert-parallel rank lost (broadcasting the step plan failed: Connection closed" \
+            in output, output
+        deadline = time.monotonic() + 10
+        while alive(rank0):
+            assert time.monotonic() < deadline, "rank 0 still running"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

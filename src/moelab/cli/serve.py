@@ -139,7 +139,7 @@ def _serve(args, config, loaded, tokenizer, tok_path: Path, *, store=None, execu
     finally:
         engine.shutdown(drain_timeout_s=0)  # no-op after a drain; else ends what is left, tells EP followers
     if engine.lost is not None:
-        raise MoelabError(f"moelab serve stopped: {engine.lost} (the launcher names the rank that failed)")
+        raise MoelabError(f"the engine stopped: {engine.lost}; a launcher names the rank that failed")
 
 
 def _run_ep(args, config, ctx) -> int:

@@ -28,6 +28,11 @@ decoding ones first (``[0, n_dec)``), then the prefilling ones, so the decode fo
 a view of the cache, never a gather. Keeping it packed costs one copy of a request's
 filled columns when a hole opens (`SlotKVCache.move`), once per request.
 
+The forward runs through a `moelab.serve.executor.StepExecutor`, which also owns the cache
+and carries out the slot moves: `LocalExecutor` (the default) runs the model here;
+`moelab.serve.ep.PlanBroadcaster` broadcasts each step's plan to the other ranks of an
+expert-parallel group first, so every rank runs the same forward (docs/serve.md).
+
 What serving changes in the model: token dropping (``capacity_factor``) is switched off,
 because which tokens an expert drops depends on what else is in the batch, and a
 request's output must not depend on its neighbours ("batching is invisible").

@@ -37,6 +37,7 @@ engine's last act (drain done, or never started) is a shutdown plan; followers r
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,13 @@ class StepPlan:
     segments: tuple[Segment, ...] = ()
     logits_at: tuple[int, ...] = ()
     cache_ops: tuple[tuple[int, int, int, int, int], ...] = ()  # (MOVE, src, dst, length, 0) / (SWAP, a, b, la, lb)
+
+
+def _reason(e: BaseException) -> str:
+    """gloo's error in a few words: ``[.../pair.cc:553] Connection closed by peer [addr]. This
+    is typically...`` -> ``Connection closed by peer [addr]``."""
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    return re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0] or type(e).__name__
 
 
 def encode_plan(plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +148,7 @@ class PlanBroadcaster:
                 dist.broadcast(payload, 0, group=self.ctx.world_group)
         except Exception as e:  # the plan is the one collective nothing but a lost peer can fail
             self._closed = True
-            raise ExecutorLostError(f"expert-parallel rank lost: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+            raise ExecutorLostError(f"expert-parallel rank lost (broadcasting the step plan failed: {_reason(e)})") from e
         self._last = time.monotonic()
 
     def forward(self, ids: Sequence[int], segments: list[Segment], logits_at: Sequence[int]):
