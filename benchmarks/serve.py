@@ -23,7 +23,7 @@ llama.cpp's server runs on the same weights exported to GGUF when `llama_cpp.ser
 moelab's GGUF export are both available; otherwise its row says why.
 
 EP section (``--ep``): the same load at concurrency 4 against `moelab serve` in one process
-(``--threads`` threads) and `moelab serve --nproc 2 --ep 2` (one thread per rank, the
+(1 thread, and ``--threads`` threads) and `moelab serve --nproc 2 --ep 2` (one thread per rank, the
 experts split over the two ranks, docs/serve.md), alternating ``--repeats`` times, driven
 from this process; the rows also say whether both servers returned the same tokens.
 """
@@ -348,8 +348,8 @@ def ep_section(folder: Path, args, threads: int, vocab: int, concurrency: int = 
     from moelab.serve.loadgen import LoadConfig, run_load
 
     n = 4 if args.quick else 8
-    servers = {f"moelab serve, 1 process x {threads} threads": (threads, ()),
-               "moelab serve --nproc 2 --ep 2, 1 thread per rank": (1, ("--nproc", "2", "--ep", "2"))}
+    servers = {f"moelab serve, 1 process x {t} thread{'s' if t > 1 else ''}": (t, ()) for t in sorted({1, threads})}
+    servers["moelab serve --nproc 2 --ep 2, 1 thread per rank"] = (1, ("--nproc", "2", "--ep", "2"))
     runs: dict[str, list[dict]] = {name: [] for name in servers}
     tokens: dict[str, list] = {}
     for _ in range(args.repeats):
@@ -370,8 +370,10 @@ def ep_section(folder: Path, args, threads: int, vocab: int, concurrency: int = 
         best = min(rs, key=lambda r: abs(r["output_tok_per_s"] - med))
         rows.append({"server": name, "concurrency": concurrency, "requests": n, "output_tok_s": med, "all_tok_s": tok_s,
                      "itl_ms": best["itl_ms"], "ttft_ms": best["ttft_ms"]})
-    a, b = tokens.values()
-    return {"rows": rows, "same_greedy_tokens": a == b, "ep2_over_ep1": rows[1]["output_tok_s"] / rows[0]["output_tok_s"]}
+    first, *others = tokens.values()
+    ep2 = rows[-1]["output_tok_s"]
+    return {"rows": rows, "same_greedy_tokens": all(t == first for t in others),
+            "ep2_tok_s_over": {r["server"]: ep2 / r["output_tok_s"] for r in rows[:-1]}}
 
 
 def greedy_probe(url: str, model: str, vocab: int, n: int) -> list[list[int]]:

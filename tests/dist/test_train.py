@@ -106,3 +106,32 @@ def test_a_killed_rank_ends_every_rank_with_one_error(cache, tmp_path):
     assert time.monotonic() - t0 < 60
     assert "every rank has been ended" in str(e.value)
     assert not (run / "trainer_state.json").exists()  # no checkpoint before the end: none half-written
+
+
+@pytest.fixture(scope="module")
+def dp2_runs(cache, tmp_path_factory):
+    """dp=2 x ep=1 (each rank all experts, half the batch): 20 steps, and 2 to resume."""
+    root = tmp_path_factory.mktemp("dp2")
+    full, short = root / "full", root / "short"
+    launch([str(HERE / "train_worker.py"), str(cache), f"{full}:{STEPS}", f"{short}:2"], 2, timeout_s=240,
+           env=env(EP="1"))
+    return full, short
+
+
+@pytest.mark.slow
+def test_dp2_loss_curve_checkpoint_and_resume_equal_one_process(cache, dp2_runs, one_process_run):
+    full, short = dp2_runs
+    got, want = _losses(full), _losses(one_process_run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+    print(f"{STEPS}-step loss curve, dp=2 x ep=1 vs one process: max relative diff {worst:.3g}")
+    assert worst < 1e-5
+    state = json.loads((full / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["saved_at_ep"] == 1 and state["saved_world"] == 2
+    # The dp=2 checkpoint after 2 steps, resumed in one process: the uninterrupted dp=2 losses.
+    train(w.model_cfg(), w.train_cfg(STEPS), w.data(str(cache)), short, resume=True, progress=False,
+          tensorboard=False)
+    resumed = _losses(short)
+    worst = max(abs(resumed[s] - got[s]) / abs(got[s]) for s in range(3, STEPS + 1))
+    print(f"resumed in one process after 2 steps at dp=2: max relative diff over steps 3..{STEPS} {worst:.3g}")
+    assert worst < 1e-5
