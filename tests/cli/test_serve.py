@@ -47,22 +47,29 @@ def test_serve_bad_engine_flag_is_one_line(hf_folder, capsys):
     assert "--max-num-seqs" in err and err.count("\n") == 1
 
 
-def test_serve_expert_memory_offloads_a_moelab_run(tmp_path, monkeypatch):
+def moelab_run(tmp_path, d_expert: int = 16):
+    """A tiny random moelab run (4 experts) and a tokenizer.json beside it."""
     import torch
 
     from moelab.data.tokenizer import train_tokenizer
     from moelab.model import ModelConfig, Transformer
     from moelab.moe import MoEConfig
-    from moelab.offload import OffloadedExperts
     from moelab.rundir import save_model
-    from moelab.serve.server import Server
 
     tok = train_tokenizer(["hello world, hello experts"] * 8, vocab_size=300)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=48,
-                      max_seq_len=64, moe=MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2))
+                      max_seq_len=64, moe=MoEConfig(d_model=32, d_expert=d_expert, num_experts=4, top_k=2))
     torch.manual_seed(0)
     run = save_model(Transformer(cfg), tmp_path / "run")
     tok.save(str(tmp_path / "tokenizer.json"))
+    return run
+
+
+def test_serve_expert_memory_offloads_a_moelab_run(tmp_path, monkeypatch):
+    from moelab.offload import OffloadedExperts
+    from moelab.serve.server import Server
+
+    run = moelab_run(tmp_path)
     seen = {}
     monkeypatch.setattr(Server, "run", lambda self: seen.update(app=self.config.app))
     assert main(["serve", str(run), "--tokenizer", str(tmp_path / "tokenizer.json"), "--expert-memory", "20KiB"]) == 0
@@ -119,21 +126,9 @@ def test_serve_ep_rank0_serves_through_the_plan_broadcaster(hf_folder, monkeypat
 
 
 def test_serve_ep_refuses_quantised_experts_by_name(tmp_path, one_rank, capsys):
-    import torch
-
-    from moelab.data.tokenizer import train_tokenizer
-    from moelab.model import ModelConfig, Transformer
-    from moelab.moe import MoEConfig
-    from moelab.rundir import save_model
-
-    tok = train_tokenizer(["hello world, hello experts"] * 8, vocab_size=300)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=48,
-                      max_seq_len=64, moe=MoEConfig(d_model=32, d_expert=32, num_experts=4, top_k=2))
-    torch.manual_seed(0)
-    run = save_model(Transformer(cfg), tmp_path / "run")
-    tok.save(str(run / "tokenizer.json"))
+    run = moelab_run(tmp_path, d_expert=32)
     assert main(["quantize", str(run), str(tmp_path / "q"), "--format", "int8"]) == 0
     capsys.readouterr()
-    assert main(["serve", str(tmp_path / "q"), "--ep", "1", "--tokenizer", str(run / "tokenizer.json")]) == 2
+    assert main(["serve", str(tmp_path / "q"), "--ep", "1", "--tokenizer", str(tmp_path / "tokenizer.json")]) == 2
     err = capsys.readouterr().err
     assert "--ep" in err and "quantised" in err and err.count("\n") == 1, err

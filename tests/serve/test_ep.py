@@ -4,7 +4,6 @@ killed follower."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -24,18 +23,10 @@ from moelab.serve.ep import (
 )
 from moelab.serve.slots import Segment, SlotKVCache
 
+from . import ep_worker as worker
+
 HERE = Path(__file__).parent
 SRC = str(Path(moelab.__file__).resolve().parents[1])
-
-
-def load_worker():
-    spec = importlib.util.spec_from_file_location("serve_ep_worker", HERE / "ep_worker.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-worker = load_worker()
 
 
 def env() -> dict[str, str]:

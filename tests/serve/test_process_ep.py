@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from .conftest import save_tiny_mixtral
 from .test_process import start
 
 openai = pytest.importorskip("openai")
@@ -23,21 +24,8 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def folder(tokenizer, tmp_path_factory):
-    """A random Mixtral with large weights (logits far from ties, so greedy is robust to the
-    last bits an expert-parallel sum may change), 4 experts, as a Hugging Face folder."""
-    import transformers
-
-    cfg = transformers.MixtralConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None,
-        eos_token_id=None, pad_token_id=None, num_local_experts=4, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(1, 0.2)
-    out = tmp_path_factory.mktemp("served-ep")
-    hf.save_pretrained(out)
+    """The tests' tiny Mixtral (4 experts, large weights) with its tokenizer, on disk."""
+    out = save_tiny_mixtral(tokenizer, tmp_path_factory.mktemp("served-ep"), max_len=128)
     tokenizer.save(str(out / "tokenizer.json"))
     return out
 
