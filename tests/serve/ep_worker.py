@@ -10,6 +10,8 @@ the other ranks `follow`; each rank writes ``OUT_DIR/MODE.rankR.pt``.
   send heartbeats, one more request, and the shutdown.
 * ``kill``: rank 1 SIGKILLs itself in its 3rd forward; rank 0 records what its engine
   said (the launcher then ends the job with an error naming rank 1).
+* ``kill0``: rank 0 SIGKILLs itself in its 3rd forward; rank 1 records the error `follow`
+  raised.
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ def poison(model: Transformer) -> None:
     model.moe_layers[-1].register_forward_pre_hook(check)
 
 
+def die_in_third_forward(model: Transformer) -> None:
+    calls = [0]
+
+    def die(mod, args):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    model.register_forward_pre_hook(die)
+
+
 def rank0(out: Path, mode: str, ctx) -> None:
     from moelab.serve.engine import Engine, EngineConfig
     from moelab.serve.ep import PlanBroadcaster
@@ -98,6 +111,12 @@ def rank0(out: Path, mode: str, ctx) -> None:
         return any(not ev or ev[-1].finish_reason is None for ev in events.values())
 
     result: dict = {}
+    if mode == "kill0":
+        die_in_third_forward(model)
+        for i, p in enumerate(PROMPTS):
+            submit(p, f"p{i}")
+        while True:
+            engine.guarded_step()
     if mode == "kill":
         lost = []
         engine.on_lost = lost.append
@@ -149,14 +168,15 @@ def follower(out: Path, mode: str, ctx) -> None:
     shard_experts(model, ctx, global_batch=False)
     poison(model)
     if mode == "kill":
-        calls = [0]
+        die_in_third_forward(model)
+    if mode == "kill0":
+        from moelab.serve.executor import ExecutorLostError
 
-        def die(mod, args):
-            calls[0] += 1
-            if calls[0] == 3:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        model.register_forward_pre_hook(die)
+        try:
+            follow(model, EngineConfig(**ENGINE), ctx)
+        except ExecutorLostError as e:
+            torch.save({"error": str(e)}, out / f"{mode}.rank{ctx.rank}.pt")
+        return
     argmax: list[list[int]] = []
     stats = follow(model, EngineConfig(**ENGINE), ctx,
                    on_step=lambda plan, o: argmax.append(o.logits[0].argmax(-1).tolist()))
@@ -173,7 +193,7 @@ def main() -> None:
     try:
         (rank0 if ctx.rank == 0 else follower)(out, mode, ctx)
     finally:
-        if mode != "kill":
+        if not mode.startswith("kill"):
             shutdown()
 
 

@@ -1,6 +1,6 @@
 """The serving engine over expert parallelism (2 gloo ranks started by `moelab.dist.launch`):
-exactly single-process greedy, a failing step on every rank, heartbeats, shutdown, and a
-killed follower."""
+exactly single-process greedy, a failing step on every rank, heartbeats, shutdown, a
+killed follower and a killed rank 0."""
 
 from __future__ import annotations
 
@@ -124,3 +124,16 @@ def test_a_killed_follower_stops_rank_0_with_an_error(tmp_path):
     assert got["lost"] == [got["engine_lost"]]
     assert got["seconds"] < 30  # noticed at once, not at the collective timeout
     assert set(got["reasons"].values()) == {"error"}, got
+
+
+@pytest.mark.slow
+def test_a_killed_rank_0_ends_the_follower_with_one_error(tmp_path):
+    from moelab.dist.launch import LaunchError, launch
+
+    with pytest.raises(LaunchError, match=r"rank 0 exited with code -9"):
+        launch([str(HERE / "ep_worker.py"), str(tmp_path), "kill0"], 2, timeout_s=90, env=env())
+    got = torch.load(tmp_path / "kill0.rank1.pt")
+    # gloo's words vary with the moment of death ("Connection closed by peer", "Read error ...
+    # Connection reset by peer"): one line, ours first.
+    assert got["error"].startswith("rank 1: rank 0 is gone (receiving the step plan failed: "), got
+    assert "Connection" in got["error"] and "\n" not in got["error"], got

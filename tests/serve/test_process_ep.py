@@ -99,8 +99,7 @@ def test_idle_followers_do_not_spin_and_a_killed_follower_ends_the_job_with_an_e
         assert proc.wait(timeout=30) == 2
         output = proc.stdout.read()
         assert "rank 1 exited with code -9" in output, output
-        assert "the engine stopped: expert-parallel rank lost (broadcasting the step plan failed: Connection closed" \
-            in output, output
+        assert "the engine stopped: expert-parallel rank lost (broadcasting the step plan failed: " in output, output
         deadline = time.monotonic() + 10
         while alive(rank0):
             assert time.monotonic() < deadline, "rank 0 still running"

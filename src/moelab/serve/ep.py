@@ -220,7 +220,11 @@ def follow(model: Transformer, config: EngineConfig, ctx: DistContext,
     cache = ep_cache(model, config)
     stats = FollowStats()
     while True:
-        plan = receive_plan(ctx)
+        try:
+            plan = receive_plan(ctx)
+        except Exception as e:
+            raise ExecutorLostError(f"rank {ctx.rank}: rank 0 is gone (receiving the step plan failed: "
+                                    f"{_reason(e)})") from e
         if plan.kind == SHUTDOWN:
             return stats
         if plan.kind == HEARTBEAT:

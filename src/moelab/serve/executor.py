@@ -24,15 +24,16 @@ from typing import Protocol
 
 import torch
 
-from moelab.errors import ConfigError
+from moelab.errors import ConfigError, MoelabError
 from moelab.model import Transformer
 from moelab.serve.slots import Segment, SlotKVCache
 
 log = logging.getLogger(__name__)
 
 
-class ExecutorLostError(RuntimeError):
-    """The executor can run no more steps (a rank of an EP group is gone): the engine stops."""
+class ExecutorLostError(MoelabError, RuntimeError):
+    """The executor can run no more steps (a rank of an EP group is gone): the engine stops
+    (a `MoelabError`: the CLI prints it as one line)."""
 
 
 class StepExecutor(Protocol):
