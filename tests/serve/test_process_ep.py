@@ -108,3 +108,25 @@ def test_idle_followers_do_not_spin_and_a_killed_follower_ends_the_job_with_an_e
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_ctrl_c_to_the_process_group_drains_once_and_ends_every_rank(folder):
+    """A terminal's Ctrl-C goes to the whole foreground group: the ranks sit in a group of
+    their own, so rank 0 gets one SIGINT (from the launcher) and drains gracefully."""
+    import os
+
+    proc, url = start(folder, "--nproc", "2", "--ep", "2", new_session=True)
+    try:
+        ranks = children(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        output = proc.stdout.read()
+        assert "draining" in output and "Traceback" not in output, output
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in ranks):
+            assert time.monotonic() < deadline, f"ranks still running after the launcher exited: {output}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

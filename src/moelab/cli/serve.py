@@ -165,8 +165,8 @@ def _run_ep(args, config, ctx) -> int:
         shard_experts(loaded.model, ctx, global_batch=False)  # refuses quantised experts by name
         if not ctx.is_main:
             # Rank 0 alone decides when the job ends (its drain, then a shutdown plan): a
-            # terminal's Ctrl-C reaches every rank of the process group, and must not end a
-            # follower while rank 0 still drains through it.
+            # signal to every rank (torchrun forwards one to all, a terminal's Ctrl-C reaches
+            # a whole process group) must not end a follower while rank 0 drains through it.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             follow(loaded.model, config, ctx)

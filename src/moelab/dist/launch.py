@@ -8,8 +8,9 @@ with an error, the others are ended (they would otherwise wait in a collective u
 gloo timeout), and `LaunchError` reports the first failure and the tail of its output; a
 job past ``timeout_s`` is ended the same way.
 
-``forward_signals=(0,)`` (`moelab serve --nproc`): a SIGINT or SIGTERM the launcher gets
-is passed to those ranks only, and the launcher waits for them to end the job themselves
+``forward_signals=(0,)`` (`moelab serve --nproc`): the ranks run in their own process
+group, and a SIGINT or SIGTERM the launcher gets (a terminal's Ctrl-C included) is passed
+to those ranks only, and the launcher waits for them to end the job themselves
 (rank 0 of a served EP group drains, then tells the others to stop); such a rank ending by
 that signal is a clean exit. Without it the launcher keeps Python's default handling.
 """
@@ -66,8 +67,12 @@ def launch(argv: list[str], nproc: int, *, timeout_s: float = 300.0, env: dict[s
         e.setdefault("OMP_NUM_THREADS", str(threads))
         out = None if (echo_rank0 and rank == 0) else open(tmp / f"rank{rank}.log", "w+")  # noqa: SIM115
         logs.append(out)
+        # Forwarding: the ranks get a process group of their own, so a terminal's Ctrl-C reaches
+        # the launcher alone and each chosen rank gets the signal once (twice, uvicorn forces
+        # its exit and skips the graceful part).
         procs.append(subprocess.Popen([sys.executable, *argv], env=e, stdout=out,
-                                      stderr=subprocess.STDOUT if out is not None else None))
+                                      stderr=subprocess.STDOUT if out is not None else None,
+                                      process_group=0 if forward_signals else None))
     forwarded: dict[int, int] = {}  # rank -> the signal it was sent
 
     def forward(signum, frame) -> None:
