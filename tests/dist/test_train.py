@@ -136,3 +136,15 @@ def test_dp2_loss_curve_checkpoint_and_resume_equal_one_process(cache, one_proce
     print(f"resumed in one process after 2 steps at dp=2 x ep={ep}: max relative diff over steps 3..{STEPS} "
           f"{worst:.3g}")
     assert worst < 1e-5
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_at_dp2_x_ep2(cache, one_process_run, tmp_path):
+    """The other way: 2 steps in one process, the rest over a 2 x 2 mesh (4 processes)."""
+    run = tmp_path / "run"
+    train(w.model_cfg(), w.train_cfg(2), w.data(str(cache)), run, progress=False, tensorboard=False)
+    launch([str(HERE / "train_worker.py"), str(cache), f"{run}:{STEPS}"], 4, timeout_s=400, env=env(EP="2"))
+    got, want = _losses(run), _losses(one_process_run)
+    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in range(3, STEPS + 1))
+    print(f"resumed at dp=2 x ep=2 after 2 steps in one process: max relative diff over steps 3..{STEPS} {worst:.3g}")
+    assert sorted(got) == list(range(1, STEPS + 1)) and worst < 1e-5
