@@ -97,13 +97,11 @@ def layer_ab(base, new, name: str) -> list[str]:
     return rows
 
 
-def decode_ab(base_pkg: str, rounds: int) -> list[str]:
-    """Eager `generate` of the 212.8M Mixtral-style model of benchmarks/decode.py."""
+def decode_models(base_pkg: str):
+    """(base, new) 212.8M Mixtral-style models of benchmarks/decode.py with the same weights."""
     bm, bmoe = importlib.import_module(f"{base_pkg}.model"), importlib.import_module(f"{base_pkg}.moe")
-    bgen = importlib.import_module(f"{base_pkg}.infer.generate").generate
     import moelab.model as nm
     import moelab.moe as nmoe
-    from moelab.infer.generate import generate as ngen
 
     def cfg(M, Mo):
         moe = Mo.MoEConfig(d_model=768, d_expert=1024, num_experts=8, top_k=2)
@@ -114,6 +112,15 @@ def decode_ab(base_pkg: str, rounds: int) -> list[str]:
     new_model = nm.Transformer(cfg(nm, nmoe)).eval()
     base_model = bm.Transformer(cfg(bm, bmoe)).eval()
     base_model.load_state_dict(new_model.state_dict())
+    return base_model, new_model
+
+
+def decode_ab(base_pkg: str, rounds: int) -> list[str]:
+    """Eager `generate` of the 212.8M Mixtral-style model of benchmarks/decode.py."""
+    bgen = importlib.import_module(f"{base_pkg}.infer.generate").generate
+    from moelab.infer.generate import generate as ngen
+
+    base_model, new_model = decode_models(base_pkg)
     rows = []
     for B in (1, 8):
         prompts = [[(7 * i + j) % 32000 for j in range(32)] for i in range(B)]
@@ -132,22 +139,11 @@ def decode_ab(base_pkg: str, rounds: int) -> list[str]:
 def engine_ab(base_pkg: str, rounds: int) -> list[str]:
     """The serving engine (in process, stepped by `run_to_completion`) on the decode model:
     8 requests of 32 prompt tokens and 16 new ones at 8 slots; wall time per engine step."""
-    bm, bmoe = importlib.import_module(f"{base_pkg}.model"), importlib.import_module(f"{base_pkg}.moe")
     beng, btypes = importlib.import_module(f"{base_pkg}.serve.engine"), importlib.import_module(f"{base_pkg}.serve.types")
-    import moelab.model as nm
-    import moelab.moe as nmoe
     import moelab.serve.engine as neng
     import moelab.serve.types as ntypes
 
-    def cfg(M, Mo):
-        moe = Mo.MoEConfig(d_model=768, d_expert=1024, num_experts=8, top_k=2)
-        return M.ModelConfig(vocab_size=32000, d_model=768, n_layers=8, n_heads=12, n_kv_heads=4, d_ff=2048,
-                             moe=moe, max_seq_len=512)
-
-    torch.manual_seed(0)
-    new_model = nm.Transformer(cfg(nm, nmoe)).eval()
-    base_model = bm.Transformer(cfg(bm, bmoe)).eval()
-    base_model.load_state_dict(new_model.state_dict())
+    base_model, new_model = decode_models(base_pkg)
     prompts = [[(7 * i + j) % 32000 for j in range(32)] for i in range(8)]
 
     def run(eng, types, model) -> tuple[float, list]:

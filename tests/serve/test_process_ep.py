@@ -41,6 +41,13 @@ def alive(pid: int) -> bool:
         return False
 
 
+def assert_gone(pids: list[int], output: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"ranks still running after the launcher exited: {output}"
+        time.sleep(0.1)
+
+
 def test_serve_over_two_ranks_answers_like_one_process_and_sigterm_ends_every_rank(folder):
     from moelab.hf import load_any
     from moelab.infer.generate import generate
@@ -69,10 +76,7 @@ def test_serve_over_two_ranks_answers_like_one_process_and_sigterm_ends_every_ra
         assert proc.wait(timeout=60) == 0
         output = proc.stdout.read()
         assert "draining" in output
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in ranks):
-            assert time.monotonic() < deadline, f"ranks still running after the launcher exited: {output}"
-            time.sleep(0.1)
+        assert_gone(ranks, output)
     finally:
         if proc.poll() is None:
             for pid in children(proc.pid):
@@ -100,10 +104,7 @@ def test_idle_followers_do_not_spin_and_a_killed_follower_ends_the_job_with_an_e
         output = proc.stdout.read()
         assert "rank 1 exited with code -9" in output, output
         assert "the engine stopped: expert-parallel rank lost (broadcasting the step plan failed: " in output, output
-        deadline = time.monotonic() + 10
-        while alive(rank0):
-            assert time.monotonic() < deadline, "rank 0 still running"
-            time.sleep(0.1)
+        assert_gone([rank0], output)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -122,10 +123,7 @@ def test_ctrl_c_to_the_process_group_drains_once_and_ends_every_rank(folder):
         assert proc.wait(timeout=60) == 0
         output = proc.stdout.read()
         assert "draining" in output and "Traceback" not in output, output
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in ranks):
-            assert time.monotonic() < deadline, f"ranks still running after the launcher exited: {output}"
-            time.sleep(0.1)
+        assert_gone(ranks, output)
     finally:
         if proc.poll() is None:
             proc.kill()
