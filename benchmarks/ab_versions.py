@@ -1,7 +1,7 @@
 """Benchmark: this checkout's MoE layer and eager decode against an older revision's, in
 one process, interleaved (the before/after check of a refactor).
 
-    python -m benchmarks.ab_versions --base 126b3b9 [--threads 2] [--shapes fine decode ...]
+    python -m benchmarks.ab_versions --base 126b3b9 [--threads 2] [--shapes fine decode ...] [--engine-rounds 8]
 
 The base revision's ``src/moelab`` is copied out of git into a temporary folder as a
 package named ``moelab_base`` (imports and custom-op namespaces renamed), so both versions
@@ -97,13 +97,11 @@ def layer_ab(base, new, name: str) -> list[str]:
     return rows
 
 
-def decode_ab(base_pkg: str, rounds: int) -> list[str]:
-    """Eager `generate` of the 212.8M Mixtral-style model of benchmarks/decode.py."""
+def decode_models(base_pkg: str):
+    """(base, new) 212.8M Mixtral-style models of benchmarks/decode.py with the same weights."""
     bm, bmoe = importlib.import_module(f"{base_pkg}.model"), importlib.import_module(f"{base_pkg}.moe")
-    bgen = importlib.import_module(f"{base_pkg}.infer.generate").generate
     import moelab.model as nm
     import moelab.moe as nmoe
-    from moelab.infer.generate import generate as ngen
 
     def cfg(M, Mo):
         moe = Mo.MoEConfig(d_model=768, d_expert=1024, num_experts=8, top_k=2)
@@ -114,6 +112,15 @@ def decode_ab(base_pkg: str, rounds: int) -> list[str]:
     new_model = nm.Transformer(cfg(nm, nmoe)).eval()
     base_model = bm.Transformer(cfg(bm, bmoe)).eval()
     base_model.load_state_dict(new_model.state_dict())
+    return base_model, new_model
+
+
+def decode_ab(base_pkg: str, rounds: int) -> list[str]:
+    """Eager `generate` of the 212.8M Mixtral-style model of benchmarks/decode.py."""
+    bgen = importlib.import_module(f"{base_pkg}.infer.generate").generate
+    from moelab.infer.generate import generate as ngen
+
+    base_model, new_model = decode_models(base_pkg)
     rows = []
     for B in (1, 8):
         prompts = [[(7 * i + j) % 32000 for j in range(32)] for i in range(B)]
@@ -129,12 +136,44 @@ def decode_ab(base_pkg: str, rounds: int) -> list[str]:
     return rows
 
 
+def engine_ab(base_pkg: str, rounds: int) -> list[str]:
+    """The serving engine (in process, stepped by `run_to_completion`) on the decode model:
+    8 requests of 32 prompt tokens and 16 new ones at 8 slots; wall time per engine step."""
+    beng, btypes = importlib.import_module(f"{base_pkg}.serve.engine"), importlib.import_module(f"{base_pkg}.serve.types")
+    import moelab.serve.engine as neng
+    import moelab.serve.types as ntypes
+
+    base_model, new_model = decode_models(base_pkg)
+    prompts = [[(7 * i + j) % 32000 for j in range(32)] for i in range(8)]
+
+    def run(eng, types, model) -> tuple[float, list]:
+        engine = eng.Engine(model, eng.EngineConfig(max_num_seqs=8, max_len=64))
+        reqs = [types.GenerationRequest(prompt_ids=tuple(p), max_tokens=16) for p in prompts]
+        t = time.perf_counter()
+        events = eng.run_to_completion(engine, reqs)
+        ms = (time.perf_counter() - t) / engine.stats().steps * 1e3
+        return ms, [[tok for e in events[r.request_id] for tok in e.token_ids] for r in reqs]
+
+    ts: dict[str, list[float]] = {"base": [], "new": []}
+    tokens = {}
+    for r in range(rounds + 1):
+        pairs = [("base", beng, btypes, base_model), ("new", neng, ntypes, new_model)]
+        for k, eng, types, m in pairs if r % 2 else pairs[::-1]:
+            ms, tokens[k] = run(eng, types, m)
+            if r:  # the first round warms up
+                ts[k].append(ms)
+    b, n = statistics.median(ts["base"]), statistics.median(ts["new"])
+    same = "same tokens" if tokens["base"] == tokens["new"] else "DIFFERENT tokens"
+    return [f"| serving engine, 8 requests ({same}) | ms/step | {b:.2f} | {n:.2f} | {b / n:.3f}x |"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="git revision to compare against (e.g. 126b3b9)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--decode-rounds", type=int, default=10, help="0 skips the decode comparison")
+    ap.add_argument("--engine-rounds", type=int, default=0, help="the serving engine's step (0: skipped)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(row, flush=True)
         if args.decode_rounds:
             for row in decode_ab("moelab_base", args.decode_rounds):
+                print(row, flush=True)
+        if args.engine_rounds:
+            for row in engine_ab("moelab_base", args.engine_rounds):
                 print(row, flush=True)
     return 0
 

@@ -21,6 +21,11 @@ load generator (`moelab.serve.loadgen`) in this process at concurrency 1 / 4 / 1
 Poisson rate sweep; the server with ``--max-num-seqs 1`` is one-at-a-time serving.
 llama.cpp's server runs on the same weights exported to GGUF when `llama_cpp.server` and
 moelab's GGUF export are both available; otherwise its row says why.
+
+EP section (``--ep``): the same load at concurrency 4 against `moelab serve` in one process
+(1 thread, and ``--threads`` threads) and `moelab serve --nproc 2 --ep 2` (one thread per rank, the
+experts split over the two ranks, docs/serve.md), alternating ``--repeats`` times, driven
+from this process; the rows also say whether both servers returned the same tokens.
 """
 
 from __future__ import annotations
@@ -204,6 +209,7 @@ def main() -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="HTTP: Poisson rates (req/s)")
     p.add_argument("--rate-prompts", type=int, default=24, help="HTTP: requests per rate")
     p.add_argument("--skip-engine", action="store_true", help="only the HTTP section")
+    p.add_argument("--ep", action="store_true", help="also the EP section (serve over 2 ranks vs 1 process)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     threads = set_threads(args.threads)
@@ -266,6 +272,8 @@ def main() -> None:
         # ---- HTTP
         if args.http:
             result["http"] = http_section(folder, args, threads, vocab)
+        if args.ep:
+            result["ep"] = ep_section(folder, args, threads, vocab)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
@@ -333,6 +341,52 @@ def http_section(folder: Path, args, threads: int, vocab: int) -> dict:
         sweep("moelab one at a time (1 slot)", url)
     rows.extend(llama_cpp_rows(folder, args, threads, vocab, sweep))
     return {"rows": rows}
+
+
+def ep_section(folder: Path, args, threads: int, vocab: int, concurrency: int = 4) -> dict:
+    """One process vs the experts over 2 ranks, same requests, alternating (medians)."""
+    from moelab.serve.loadgen import LoadConfig, run_load
+
+    n = 4 if args.quick else 8
+    servers = {f"moelab serve, 1 process x {t} thread{'s' if t > 1 else ''}": (t, ()) for t in sorted({1, threads})}
+    servers["moelab serve --nproc 2 --ep 2, 1 thread per rank"] = (1, ("--nproc", "2", "--ep", "2"))
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
+    tokens: dict[str, list] = {}
+    for _ in range(args.repeats):
+        for name, (t, extra) in servers.items():
+            with moelab_server(folder, 16, args.budget, t, *extra) as url:
+                run_http(url, args, 1, float("inf"), 1, vocab)  # warm-up
+                cfg = LoadConfig(base_url=url, num_prompts=n, request_rate=float("inf"), max_concurrency=concurrency,
+                                 input_len=args.input_len, output_len=args.output_len, seed=0, prompt_vocab=vocab)
+                rep = asyncio.run(run_load(cfg))
+                tokens.setdefault(name, greedy_probe(url, str(folder), vocab, args.output_len))
+            runs[name].append(rep.summary)
+            log.info("%s: %.1f tok/s, ITL p50 %.1f ms", name, rep.summary["output_tok_per_s"] or 0,
+                     rep.summary["itl_ms"]["p50"] or 0)
+    rows = []
+    for name, rs in runs.items():
+        tok_s = [r["output_tok_per_s"] for r in rs]
+        med = statistics.median(tok_s)
+        best = min(rs, key=lambda r: abs(r["output_tok_per_s"] - med))
+        rows.append({"server": name, "concurrency": concurrency, "requests": n, "output_tok_s": med, "all_tok_s": tok_s,
+                     "itl_ms": best["itl_ms"], "ttft_ms": best["ttft_ms"]})
+    first, *others = tokens.values()
+    ep2 = rows[-1]["output_tok_s"]
+    return {"rows": rows, "same_greedy_tokens": all(t == first for t in others),
+            "ep2_tok_s_over": {r["server"]: ep2 / r["output_tok_s"] for r in rows[:-1]}}
+
+
+def greedy_probe(url: str, model: str, vocab: int, n: int) -> list[list[int]]:
+    """Greedy token ids of two fixed prompts (to check the servers agree)."""
+    import httpx
+
+    out = []
+    for prompt in ([5, 6, 7, 8], list(range(10, min(vocab, 40)))):
+        body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+        r.raise_for_status()
+        out.append(r.json()["moelab"]["token_ids"])
+    return out
 
 
 def llama_cpp_rows(folder: Path, args, threads: int, vocab: int, sweep) -> list[dict]:

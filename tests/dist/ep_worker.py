@@ -108,14 +108,16 @@ def generation_model() -> Transformer:
     return model.float().eval()
 
 
-def run_generate(out_dir: Path, ctx) -> None:
-    """Greedy generation with the experts over the ep group; every rank gets the prompts."""
+def run_generate(out_dir: Path, ctx, *, compile: bool = False) -> None:
+    """Greedy generation with the experts over the ep group; every rank gets the prompts.
+    ``compile``: the decode steps as one compiled graph (the exchange an opaque op)."""
     from moelab.dist.parallel import shard_experts
     from moelab.infer.generate import generate
 
     model = shard_experts(generation_model(), ctx, global_batch=False)
-    result = generate(model, PROMPTS, max_new_tokens=6)
-    torch.save({"tokens": result.token_ids}, out_dir / f"generate.rank{ctx.rank}.pt")
+    result = generate(model, PROMPTS, max_new_tokens=6, compile=compile)
+    name = "generate_compiled" if compile else "generate"
+    torch.save({"tokens": result.token_ids, "extras": result.extras}, out_dir / f"{name}.rank{ctx.rank}.pt")
 
 
 def main() -> None:
@@ -126,8 +128,8 @@ def main() -> None:
     ctx = init_dist(ep=int(__import__("os").environ.get("EP", "2")))
     try:
         for name in names:
-            if name == "generate":
-                run_generate(out_dir, ctx)
+            if name in ("generate", "generate_compiled"):
+                run_generate(out_dir, ctx, compile=name == "generate_compiled")
             else:
                 run_rank(out_dir, name, ctx)
     finally:

@@ -106,3 +106,45 @@ def test_a_killed_rank_ends_every_rank_with_one_error(cache, tmp_path):
     assert time.monotonic() - t0 < 60
     assert "every rank has been ended" in str(e.value)
     assert not (run / "trainer_state.json").exists()  # no checkpoint before the end: none half-written
+
+
+def _dp_launch(cache, root, nproc: int, ep: int):
+    full, short = root / "full", root / "short"
+    launch([str(HERE / "train_worker.py"), str(cache), f"{full}:{STEPS}", f"{short}:2"], nproc, timeout_s=400,
+           env=env(EP=str(ep)))
+    return full, short
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, ep", [(2, 1), (4, 2)], ids=["dp2xep1", "dp2xep2"])
+def test_dp2_loss_curve_checkpoint_and_resume_equal_one_process(cache, one_process_run, tmp_path, nproc, ep):
+    """dp=2 (each dp rank half the batch) with every rank all experts (ep=1), or the experts
+    over 2 ranks in each dp group (ep=2, 4 processes): 20 steps, and 2 resumed in one process."""
+    full, short = _dp_launch(cache, tmp_path, nproc, ep)
+    got, want = _losses(full), _losses(one_process_run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+    print(f"{STEPS}-step loss curve, dp=2 x ep={ep} vs one process: max relative diff {worst:.3g}")
+    assert worst < 1e-5
+    state = json.loads((full / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["saved_at_ep"] == ep and state["saved_world"] == nproc
+    # The checkpoint after 2 steps, resumed in one process: the uninterrupted run's losses.
+    train(w.model_cfg(), w.train_cfg(STEPS), w.data(str(cache)), short, resume=True, progress=False,
+          tensorboard=False)
+    resumed = _losses(short)
+    worst = max(abs(resumed[s] - got[s]) / abs(got[s]) for s in range(3, STEPS + 1))
+    print(f"resumed in one process after 2 steps at dp=2 x ep={ep}: max relative diff over steps 3..{STEPS} "
+          f"{worst:.3g}")
+    assert worst < 1e-5
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_at_dp2_x_ep2(cache, one_process_run, tmp_path):
+    """The other way: 2 steps in one process, the rest over a 2 x 2 mesh (4 processes)."""
+    run = tmp_path / "run"
+    train(w.model_cfg(), w.train_cfg(2), w.data(str(cache)), run, progress=False, tensorboard=False)
+    launch([str(HERE / "train_worker.py"), str(cache), f"{run}:{STEPS}"], 4, timeout_s=400, env=env(EP="2"))
+    got, want = _losses(run), _losses(one_process_run)
+    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in range(3, STEPS + 1))
+    print(f"resumed at dp=2 x ep=2 after 2 steps in one process: max relative diff over steps 3..{STEPS} {worst:.3g}")
+    assert sorted(got) == list(range(1, STEPS + 1)) and worst < 1e-5

@@ -41,22 +41,27 @@ def tokenizer():
     return train_tokenizer(SENTENCES, vocab_size=320)
 
 
-@pytest.fixture(scope="session")
-def model(tokenizer, tmp_path_factory):
-    from moelab.hf import from_pretrained
-
+def save_tiny_mixtral(tokenizer, folder, max_len: int = MAX_LEN):
+    """The random tiny Mixtral (4 experts, top 2) with large weights -- logits far from ties,
+    so greedy tokens do not hang on the last bits -- saved as a Hugging Face folder."""
     cfg = transformers.MixtralConfig(
         vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=None,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len, bos_token_id=None,
         eos_token_id=None, pad_token_id=None, num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(1, 0.2)
-    folder = tmp_path_factory.mktemp("tiny-mixtral")
     hf.save_pretrained(folder)
-    return from_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer, tmp_path_factory):
+    from moelab.hf import from_pretrained
+
+    return from_pretrained(save_tiny_mixtral(tokenizer, tmp_path_factory.mktemp("tiny-mixtral")))
 
 
 def free_port() -> int:

@@ -36,12 +36,14 @@ def folder(tokenizer, tmp_path_factory):
     return out
 
 
-def start(folder, *args):
+def start(folder, *args, new_session: bool = False):
+    """`moelab serve FOLDER ARGS` on a free port, once /health answers; ``new_session``: in a
+    process group of its own (so a test can Ctrl-C the group as a terminal would)."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "moelab.cli.main", "serve", str(folder), "--port", str(port),
                              "--threads", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+                            env=env, start_new_session=new_session)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -1,5 +1,5 @@
 """``--ep`` / ``--nproc`` for the commands that run over torch.distributed (`train`,
-`generate`): the flags, the relaunch on N local ranks, and joining the process group."""
+`generate`, `serve`): the flags, the relaunch on N local ranks, and joining the process group."""
 
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def relaunch(args: argparse.Namespace) -> int:
-    """`--nproc N`: this command again on N local ranks (`moelab.dist.launch`)."""
+def relaunch(args: argparse.Namespace, *, signals_to_rank0: bool = False) -> int:
+    """`--nproc N`: this command again on N local ranks (`moelab.dist.launch`).
+
+    ``signals_to_rank0`` (serve): Ctrl-C / SIGTERM go to rank 0 alone, which ends the job."""
     from moelab.dist.launch import launch
     from moelab.dist.mesh import check_sizes
 
@@ -42,7 +44,7 @@ def relaunch(args: argparse.Namespace) -> int:
     if args.ep is None:
         argv += ["--ep", str(ep)]
     launch(["-m", "moelab.cli.main", *argv], args.nproc, timeout_s=float("inf"), echo_rank0=True,
-           threads=getattr(args, "threads", None) or 1)
+           threads=getattr(args, "threads", None) or 1, forward_signals=(0,) if signals_to_rank0 else None)
     return 0
 
 

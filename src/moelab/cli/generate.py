@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         return _parallel.relaunch(args)
     ctx = _parallel.init(args)
-    if ctx is not None and (args.expert_memory is not None or args.compile):
-        raise ConfigError("--ep does not combine with --expert-memory or --compile (the all-to-all runs eagerly)")
+    if ctx is not None and args.expert_memory is not None:
+        raise ConfigError("--ep does not combine with --expert-memory (offloaded experts are not sharded)")
     from tokenizers import Tokenizer
 
     from moelab.cli.options import check_device, torch_dtype

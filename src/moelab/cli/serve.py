@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
+from moelab.cli import _parallel
 from moelab.cli.options import dtype_type
-from moelab.errors import ConfigError
+from moelab.errors import ConfigError, MoelabError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,12 +54,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="append every finished request's per-token routing here (for `moelab analyze --traffic`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --routing-log")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's own)")
+    _parallel.add_arguments(p)  # rank 0 serves and schedules; every rank runs each step's forward
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.overwrite and args.routing_log is None:
         raise ConfigError("--overwrite applies to --routing-log only")
+    if args.expert_memory is not None and (args.ep is not None or args.nproc is not None):
+        raise ConfigError("--ep/--nproc do not combine with --expert-memory (offloaded experts are not sharded)")
+    if args.nproc is not None:
+        # Ctrl-C / SIGTERM go to rank 0 alone: it drains, then tells the other ranks to stop.
+        return _parallel.relaunch(args, signals_to_rank0=True)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
@@ -67,15 +75,15 @@ def run(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
     from moelab.hf import load_any
-    from moelab.serve.app import create_app
-    from moelab.serve.chat import load_chat_template
-    from moelab.serve.engine import Engine, EngineConfig
-    from moelab.serve.server import make_server
+    from moelab.serve.engine import EngineConfig
 
     # The engine's settings are checked before the model is loaded (errors name the flags).
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
                           max_queue=args.max_queue, max_len=args.max_len, batching=args.batching,
                           batch_window=args.batch_window)
+    ctx = _parallel.init(args)
+    if ctx is not None:
+        return _run_ep(args, config, ctx)
     store = None
     if args.expert_memory is not None:
         from moelab.cli.options import parse_size
@@ -96,7 +104,18 @@ def run(args: argparse.Namespace) -> int:
         from moelab.cli.options import torch_dtype
 
         loaded.model.to(torch_dtype(args.dtype))
-    engine = Engine(loaded.model, config, tokenizer=tokenizer)
+    _serve(args, config, loaded, tokenizer, Path(tok_path), store=store)
+    return 0
+
+
+def _serve(args, config, loaded, tokenizer, tok_path: Path, *, store=None, executor=None) -> None:
+    """The engine, the app and uvicorn, until the server stops (this process, or rank 0)."""
+    from moelab.serve.app import create_app
+    from moelab.serve.chat import load_chat_template
+    from moelab.serve.engine import Engine
+    from moelab.serve.server import make_server
+
+    engine = Engine(loaded.model, config, tokenizer=tokenizer, executor=executor)
     name = args.served_model_name or args.model
     routing_log = None
     if args.routing_log is not None:
@@ -107,7 +126,63 @@ def run(args: argparse.Namespace) -> int:
                                  overwrite=args.overwrite)
 
     app = create_app(engine, tokenizer, name, api_key=args.api_key,
-                     chat_template=load_chat_template(Path(tok_path)), drain_timeout_s=args.drain_timeout,
+                     chat_template=load_chat_template(tok_path), drain_timeout_s=args.drain_timeout,
                      offload_store=store, routing_log=routing_log)
-    make_server(app, host=args.host, port=args.port).run()
-    return 0
+    server = make_server(app, host=args.host, port=args.port)
+
+    def lost(message: str) -> None:  # the engine can run no more steps (an EP rank is gone): stop serving
+        server.should_exit = True
+
+    engine.on_lost = lost
+    try:
+        server.run()
+    finally:
+        engine.shutdown(drain_timeout_s=0)  # no-op after a drain; else ends what is left, tells EP followers
+    if engine.lost is not None:
+        raise MoelabError(f"the engine stopped: {engine.lost}; a launcher names the rank that failed")
+
+
+def _run_ep(args, config, ctx) -> int:
+    """One rank of ``moelab serve --ep N``: rank 0 serves, the others follow its plans."""
+    import signal
+
+    from tokenizers import Tokenizer
+
+    from moelab.dist.mesh import shutdown
+    from moelab.dist.parallel import shard_experts
+    from moelab.hf import load_any
+    from moelab.serve.ep import PlanBroadcaster, follow
+
+    if ctx.dp_size != 1:
+        raise ConfigError(f"moelab serve needs --ep equal to the number of processes ({ctx.world_size}); "
+                          f"got --ep {ctx.ep_size} (data-parallel serving is not supported)")
+    try:
+        loaded = load_any(args.model)
+        if args.dtype is not None:
+            from moelab.cli.options import torch_dtype
+
+            loaded.model.to(torch_dtype(args.dtype))
+        shard_experts(loaded.model, ctx, global_batch=False)  # refuses quantised experts by name
+        if not ctx.is_main:
+            # Rank 0 alone decides when the job ends (its drain, then a shutdown plan): a
+            # signal to every rank (torchrun forwards one to all, a terminal's Ctrl-C reaches
+            # a whole process group) must not end a follower while rank 0 drains through it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            follow(loaded.model, config, ctx)
+            return 0
+        tok_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
+        if tok_path is None or not Path(tok_path).is_file():
+            raise ConfigError(f"{args.model}: no tokenizer.json found; pass --tokenizer PATH")
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        executor = PlanBroadcaster(loaded.model, config, ctx)
+        E = loaded.model.cfg.moe.num_experts if loaded.model.cfg.moe is not None else 0
+        print(f"[expert parallel: {ctx.ep_size} ranks, {E // ctx.ep_size} of {E} experts per MoE layer on each; "
+              "rank 0 serves]", file=sys.stderr, flush=True)
+        try:
+            _serve(args, config, loaded, tokenizer, Path(tok_path), executor=executor)
+        finally:
+            executor.close()  # whatever happened on rank 0, the followers return
+        return 0
+    finally:
+        shutdown()

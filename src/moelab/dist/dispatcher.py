@@ -28,10 +28,20 @@ One MoE layer, on every rank (torchtitan's ``AllToAllTokenDispatcher`` and Megat
 Every collective is called on every rank for every layer, with zero rows as well: a rank
 that routes nothing to (or receives nothing from) a peer still takes part, so no rank
 waits on a collective another skipped.
+
+Under `torch.compile` (``generate(compile=True)``'s decode step, one graph with
+``fullgraph=True``) the exchange cannot be traced: its splits are host ints and the
+collectives take a process group. `dispatch` then defers it (`DeferredExchange`) and
+`run_experts` runs steps 1-6 eagerly inside one opaque op, ``moelab::ep_routed_experts``
+(as `moelab.moe.ops` does for the local experts' GEMMs); the op finds its dispatcher and
+experts by a key registered when `moelab.dist.parallel.shard_experts` built them. Only
+the output exists there: no telemetry or routing record (the compiled decode asks for
+neither), no autograd (inference only).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +82,42 @@ class AllToAll(torch.autograd.Function):
 
 def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     return AllToAll.apply(x_ND, out_splits, in_splits, group)
+
+
+@dataclass
+class DeferredExchange:
+    """What `dispatch` returns under `torch.compile`: the exchange runs in `run_experts`."""
+
+    x_TD: torch.Tensor
+    expert_idx_TK: torch.Tensor
+    weights_TK: torch.Tensor
+
+
+# key -> (dispatcher, its layer's local experts), weakly: the op's eager body looks them up
+# (a process group and a module cannot be op arguments). Filled by `register_for_compile`.
+_LAYERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def register_for_compile(dispatcher: AllToAllDispatcher, experts: RoutedExperts) -> None:
+    _LAYERS[id(dispatcher)] = (weakref.ref(dispatcher), weakref.ref(experts))
+
+
+@torch.library.custom_op("moelab::ep_routed_experts", mutates_args=())
+def ep_routed_experts(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, weights_TK: torch.Tensor,
+                      layer: int) -> torch.Tensor:
+    """Dispatch, the local experts and the combine of one layer, eagerly (module docstring)."""
+    refs = _LAYERS.get(layer)
+    dispatcher, experts = (refs[0](), refs[1]()) if refs else (None, None)
+    if dispatcher is None or experts is None:
+        raise RuntimeError("moelab::ep_routed_experts: this layer's dispatcher is gone (build it with shard_experts)")
+    empty_TE = x_TD.new_empty(x_TD.shape[0], 0)
+    route = RouterOutput(logits_TE=empty_TE, probs_TE=empty_TE, expert_idx_TK=expert_idx_TK, weights_TK=weights_TK)
+    return dispatcher.run_experts(experts, dispatcher.exchange(x_TD, route))
+
+
+@ep_routed_experts.register_fake
+def _(x_TD, expert_idx_TK, weights_TK, layer):
+    return torch.empty_like(x_TD)
 
 
 @dataclass
@@ -135,10 +181,16 @@ class AllToAllDispatcher:
         keep_TK = keep_all[offset: offset + idx_TK.shape[0]]
         return keep_TK, kept_E, (~keep_all).sum()
 
-    def dispatch(self, x_TD: torch.Tensor, route: RouterOutput) -> ExpertParallelDispatched:
+    def dispatch(self, x_TD: torch.Tensor, route: RouterOutput) -> ExpertParallelDispatched | DeferredExchange:
         if route.is_expert_choice:
             raise ConfigError("MoEConfig.router='expert_choice' is not supported with expert parallelism "
                               "(its choice spans every token of the batch); use a token-choice router")
+        if torch.compiler.is_compiling():
+            return DeferredExchange(x_TD, route.expert_idx_TK, route.weights_TK)
+        return self.exchange(x_TD, route)
+
+    def exchange(self, x_TD: torch.Tensor, route: RouterOutput) -> ExpertParallelDispatched:
+        """Steps 1-4 of the module docstring (eager)."""
         T, E, R, L = x_TD.shape[0], self.num_experts, self.ep_size, self.local_experts
         routed_E = count_per_expert(route.expert_idx_TK.reshape(-1), E)
         # 1. batch statistics: routed counts per expert and tokens, summed over the batch group.
@@ -195,8 +247,13 @@ class AllToAllDispatcher:
         y_AD = y_AD.to(acc) if self.weight_on_input else y_AD.to(acc) * d.weight_A.to(acc).unsqueeze(-1)
         return sum_rows_per_token(y_AD, d.token_idx_A, d.num_tokens).to(d.x_TD.dtype)
 
-    def run_experts(self, experts: RoutedExperts, dispatched: ExpertParallelDispatched) -> torch.Tensor:
+    def run_experts(self, experts: RoutedExperts,
+                    dispatched: ExpertParallelDispatched | DeferredExchange) -> torch.Tensor:
         d = dispatched
+        if isinstance(d, DeferredExchange):  # traced: the whole exchange is one opaque op
+            if id(self) not in _LAYERS:
+                raise ConfigError("torch.compile over EP needs the dispatcher built by moelab.dist.shard_experts")
+            return torch.ops.moelab.ep_routed_experts(d.x_TD, d.expert_idx_TK, d.weights_TK, id(self))
         if experts.num_experts != self.local_experts:
             raise ConfigError(f"the layer holds {experts.num_experts} experts but EP size {self.ep_size} gives "
                               f"{self.local_experts} per rank: shard the model with moelab.dist.shard_experts")

@@ -7,11 +7,18 @@
 with an error, the others are ended (they would otherwise wait in a collective until the
 gloo timeout), and `LaunchError` reports the first failure and the tail of its output; a
 job past ``timeout_s`` is ended the same way.
+
+``forward_signals=(0,)`` (`moelab serve --nproc`): the ranks run in their own process
+group, and a SIGINT or SIGTERM the launcher gets (a terminal's Ctrl-C included) is passed
+to those ranks only, and the launcher waits for them to end the job themselves
+(rank 0 of a served EP group drains, then tells the others to stop); such a rank ending by
+that signal is a clean exit. Without it the launcher keeps Python's default handling.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +52,8 @@ def _tail(text: str, lines: int = 25) -> str:
 
 
 def launch(argv: list[str], nproc: int, *, timeout_s: float = 300.0, env: dict[str, str] | None = None,
-           threads: int = 1, grace_s: float = 5.0, echo_rank0: bool = False) -> list[RankResult]:
+           threads: int = 1, grace_s: float = 5.0, echo_rank0: bool = False,
+           forward_signals: tuple[int, ...] | None = None) -> list[RankResult]:
     """Run ``python *argv`` on `nproc` ranks; return each rank's output once all succeed."""
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
@@ -59,15 +67,33 @@ def launch(argv: list[str], nproc: int, *, timeout_s: float = 300.0, env: dict[s
         e.setdefault("OMP_NUM_THREADS", str(threads))
         out = None if (echo_rank0 and rank == 0) else open(tmp / f"rank{rank}.log", "w+")  # noqa: SIM115
         logs.append(out)
+        # Forwarding: the ranks get a process group of their own, so a terminal's Ctrl-C reaches
+        # the launcher alone and each chosen rank gets the signal once (twice, uvicorn forces
+        # its exit and skips the graceful part).
         procs.append(subprocess.Popen([sys.executable, *argv], env=e, stdout=out,
-                                      stderr=subprocess.STDOUT if out is not None else None))
+                                      stderr=subprocess.STDOUT if out is not None else None,
+                                      process_group=0 if forward_signals else None))
+    forwarded: dict[int, int] = {}  # rank -> the signal it was sent
+
+    def forward(signum, frame) -> None:
+        for r in forward_signals or ():
+            if procs[r].poll() is None:
+                procs[r].send_signal(signum)
+                forwarded[r] = signum
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if forward_signals else {}
+
+    def clean(rank: int, code: int | None) -> bool:
+        # Killed by the forwarded signal, or exited 128 + it (a CLI's KeyboardInterrupt exit 130).
+        return code == 0 or (rank in forwarded and code in (-forwarded[rank], 128 + forwarded[rank]))
+
     deadline = time.monotonic() + timeout_s
     failure: str | None = None
     first_bad: int | None = None  # the rank that failed first: its error is the cause, the others' follow
     try:
         while True:
             codes = [p.poll() for p in procs]
-            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            bad = [(r, c) for r, c in enumerate(codes) if c is not None and not clean(r, c)]
             if bad and failure is None:
                 r, c = bad[0]
                 first_bad = r
@@ -80,6 +106,8 @@ def launch(argv: list[str], nproc: int, *, timeout_s: float = 300.0, env: dict[s
                 break
             time.sleep(0.05)
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         for p in procs:
             if p.poll() is None:
                 p.terminate()
@@ -97,7 +125,7 @@ def launch(argv: list[str], nproc: int, *, timeout_s: float = 300.0, env: dict[s
             text = log.read()
             log.close()
         results.append(RankResult(rank, p.returncode, text))
-    if failure is not None or any(r.returncode != 0 for r in results):
+    if failure is not None or any(not clean(r.rank, r.returncode) for r in results):
         first = results[first_bad] if first_bad is not None else results[0]
         said = (f"rank {first.rank}'s output is above" if echo_rank0 and first.rank == 0
                 else f"rank {first.rank}'s output:\n{_tail(first.output)}")

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moelab.dist.dispatcher import AllToAllDispatcher
+from moelab.dist.dispatcher import AllToAllDispatcher, register_for_compile
 from moelab.dist.mesh import DistContext
 from moelab.errors import ConfigError
 from moelab.moe import MoE
@@ -80,6 +80,7 @@ def shard_experts(model: nn.Module, ctx: DistContext, *, global_batch: bool = Tr
                                             ep_group=ctx.ep_group,
                                             batch_group=ctx.world_group if global_batch else None,
                                             weight_on_input=full.weight_on_input)
+        register_for_compile(moe.dispatcher, local)  # the compiled decode's op finds them by key
     return model
 
 

@@ -28,6 +28,11 @@ decoding ones first (``[0, n_dec)``), then the prefilling ones, so the decode fo
 a view of the cache, never a gather. Keeping it packed costs one copy of a request's
 filled columns when a hole opens (`SlotKVCache.move`), once per request.
 
+The forward runs through a `moelab.serve.executor.StepExecutor`, which also owns the cache
+and carries out the slot moves: `LocalExecutor` (the default) runs the model here;
+`moelab.serve.ep.PlanBroadcaster` broadcasts each step's plan to the other ranks of an
+expert-parallel group first, so every rank runs the same forward (docs/serve.md).
+
 What serving changes in the model: token dropping (``capacity_factor``) is switched off,
 because which tokens an expert drops depends on what else is in the batch, and a
 request's output must not depend on its neighbours ("batching is invisible").
@@ -39,7 +44,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +53,14 @@ from moelab.errors import ConfigError
 from moelab.infer.generate import Decoder, stream_delta
 from moelab.infer.sampling import SamplingConfig, sample_next
 from moelab.model import Transformer
-from moelab.serve.slots import Segment, SlotKVCache
+from moelab.serve.executor import (
+    ExecutorLostError,
+    LocalExecutor,
+    StepExecutor,
+    prepare_for_serving,
+    slot_cache,
+)
+from moelab.serve.slots import Segment
 from moelab.serve.types import (
     EngineClosedError,
     EventCallback,
@@ -90,6 +102,14 @@ class EngineConfig:
             )
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 2):
             raise ConfigError(f"EngineConfig.max_len must be an integer >= 2 or None, got {self.max_len!r}")
+
+
+def slot_columns(model_cfg, config: EngineConfig) -> int:
+    """Columns per slot: ``EngineConfig.max_len``, by default the model's max_seq_len."""
+    max_len = config.max_len or model_cfg.max_seq_len
+    if max_len > model_cfg.max_seq_len:
+        raise ConfigError(f"EngineConfig.max_len={max_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    return max_len
 
 
 @dataclass
@@ -136,25 +156,20 @@ class Engine:
     may drive the engine itself with `step` (tests, benchmarks) from one thread.
     """
 
-    def __init__(self, model: Transformer, config: EngineConfig | None = None, *, tokenizer: Decoder | None = None):
+    def __init__(self, model: Transformer, config: EngineConfig | None = None, *, tokenizer: Decoder | None = None,
+                 executor: StepExecutor | None = None):
         self.model, self.config, self.tokenizer = model, config or EngineConfig(), tokenizer
         cfg = model.cfg
-        self.max_len = self.config.max_len or cfg.max_seq_len
-        if self.max_len > cfg.max_seq_len:
-            raise ConfigError(f"EngineConfig.max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
-        model.eval()
-        for moe in model.moe_layers:
-            if getattr(moe.dispatcher, "capacity_factor", None) is not None:
-                log.warning("serving switches off token dropping (capacity_factor=%s): batching must not change outputs",
-                            moe.dispatcher.capacity_factor)
-                moe.dispatcher.capacity_factor = None
-        weight = model.embed_tokens.weight
-        self.device = weight.device
-        self.cache = SlotKVCache(
-            n_layers=cfg.n_layers, slots=self.config.max_num_seqs, max_len=self.max_len,
-            n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_head, v_head_dim=cfg.value_dim, dtype=weight.dtype,
-            device=weight.device,
-        )
+        self.max_len = slot_columns(cfg, self.config)
+        if executor is None:
+            prepare_for_serving(model)
+            executor = LocalExecutor(model, slot_cache(model, slots=self.config.max_num_seqs, max_len=self.max_len))
+        elif (executor.cache.slots, executor.cache.max_len) != (self.config.max_num_seqs, self.max_len):
+            raise ConfigError(f"the executor's cache has {executor.cache.slots} slots of {executor.cache.max_len} "
+                              f"columns; EngineConfig asks for {self.config.max_num_seqs} of {self.max_len}")
+        self.executor = executor
+        self.cache = executor.cache
+        self.device = executor.cache.device
         # A packed step is one sequence for the model's max_seq_len check.
         self.budget = min(self.config.max_batch_tokens, cfg.max_seq_len)
         self._moe_index = [i for i, b in enumerate(model.layers) if b.is_moe]
@@ -172,6 +187,10 @@ class Engine:
         self._steps = self._prompt_tokens = self._gen_tokens = 0
         self._decode_rows = self._decode_steps = 0
         self._finished: dict[str, int] = {}
+        # Set when the executor is lost (`ExecutorLostError`): why the engine stopped. The
+        # engine then admits nothing and calls `on_lost(message)` (the server exits).
+        self.lost: str | None = None
+        self.on_lost: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ API (any thread)
 
@@ -195,7 +214,8 @@ class Engine:
         run = _Running(request, on_event, generator, sampling)
         with self._lock:
             if self._closing:
-                raise EngineClosedError("the server is shutting down and admits no new requests")
+                raise EngineClosedError(f"the engine has stopped: {self.lost}" if self.lost else
+                                        "the server is shutting down and admits no new requests")
             if len(self._waiting) >= self.config.max_queue:
                 raise QueueFullError(
                     f"the queue is full ({self.config.max_queue} requests waiting); retry later",
@@ -237,24 +257,54 @@ class Engine:
             self._thread.join()
         else:  # never started: nothing runs, end what is queued
             self._end_all("shutdown")
+            self.executor.close()
 
     # ----------------------------------------------------------------- the engine thread
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._waiting or self._slots or self._aborts or self._closing):
-                    self._lock.wait()
-                if self._closing and (not (self._waiting or self._slots) or time.monotonic() >= self._drain_deadline):
-                    break
-            try:
-                if not self.step():  # only queued requests, held by the dynamic batch window
+        try:
+            while True:
+                beat = False
+                with self._lock:
+                    while not (self._waiting or self._slots or self._aborts or self._closing):
+                        # A local executor waits for ever; an EP one must tell its followers
+                        # it is alive before their collective times out.
+                        if not self._lock.wait(timeout=self.executor.idle_timeout_s):
+                            beat = True
+                            break
+                    if not beat and self._closing and (
+                            not (self._waiting or self._slots) or time.monotonic() >= self._drain_deadline):
+                        break
+                if beat:
+                    self.executor.idle()
+                    continue
+                if not self.guarded_step():  # only queued requests, held by the dynamic batch window
+                    self.executor.idle()
                     with self._lock:
                         self._lock.wait(timeout=0.001)
-            except Exception as e:  # the engine must outlive one bad step: fail its requests
-                log.exception("engine step failed")
-                self._end_all("error", error=f"{type(e).__name__}: {e}")
+        except ExecutorLostError as e:  # no step can run any more: fail everything, admit nothing
+            log.error("engine stopped: %s", e)
+            self.lost = str(e)
+            with self._lock:
+                self._closing = True
+            self._end_all("error", error=str(e))
+            if self.on_lost is not None:
+                self.on_lost(str(e))
+            return
         self._end_all("shutdown")
+        self.executor.close()
+
+    def guarded_step(self) -> bool:
+        """`step` as the engine thread runs it: a step that raises fails the running requests
+        with "error" and the engine goes on; only `ExecutorLostError` propagates."""
+        try:
+            return self.step()
+        except ExecutorLostError:
+            raise
+        except Exception as e:  # the engine must outlive one bad step: fail its requests
+            log.exception("engine step failed")
+            self._end_all("error", error=f"{type(e).__name__}: {e}")
+            return True
 
     def step(self) -> bool:
         """One engine step; False when there was nothing to do."""
@@ -338,10 +388,7 @@ class Engine:
             ends.append(p - 1)
         last = {id(r): i for i, r in enumerate([*decoding, *(r for r, _ in prefilled)])}
         at = [ends[last[id(r)]] for r in finishing]
-        out = self.model(
-            torch.tensor([ids], device=self.device), cache=self.cache.packed(segments),
-            logits_at=torch.tensor(at, dtype=torch.long, device=self.device), telemetry=False, return_routing=True,
-        )
+        out = self.executor.forward(ids, segments, at)
         self._count_experts(out.routing)
         for run in decoding:
             run.length += 1
@@ -430,7 +477,7 @@ class Engine:
         if src == dst:
             return
         run = self._slots[src]
-        self.cache.move(src, dst, run.length)
+        self.executor.move(src, dst, run.length)
         self._slots[dst] = run
         run.slot = dst
 
@@ -451,7 +498,7 @@ class Engine:
         j, d = run.slot, self._n_dec
         if j != d:
             other = self._slots[d]
-            self.cache.swap(j, d, run.length, other.length)
+            self.executor.swap(j, d, run.length, other.length)
             self._slots[d], self._slots[j] = run, other
             run.slot, other.slot = d, j
         self._n_dec += 1
