@@ -23,6 +23,7 @@ import torch
 from moelab.data import val_batches
 from moelab.lab.config import LabConfig
 from moelab.lab.experiments.base import Experiment, MetricPlot, RunSpec, Verdict
+from moelab.lab.imbalance import moe_inputs
 from moelab.lab.run_summary import RunSummary
 from moelab.model import Transformer
 
@@ -47,26 +48,14 @@ def bf16_routing_flips(model: Transformer, batches: Sequence[torch.Tensor]) -> f
     layers = [m for m in model.moe_layers if m.cfg.router != "expert_choice"]
     if not layers:
         return None
-    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, i=i: inputs[i].append(args[0].detach()))
-             for i, m in enumerate(layers)]
-    was_training = model.training
-    model.eval()  # no router noise: the flips measure the rounding alone
     flips = total = 0
-    try:
-        for ids in batches:
-            model(ids.to(model.embed_tokens.weight.device), return_logits=False, telemetry=False)
-        for i, moe in enumerate(layers):
-            for x in inputs[i]:
-                x_TD = x.reshape(-1, x.shape[-1]).float()
-                sets = [moe.router.select(moe.router.logits(x_TD, router_dtype=rd)).expert_idx_TK.sort(dim=-1).values
-                        for rd in ("float32", "bfloat16")]
-                flips += int((sets[0] != sets[1]).any(dim=-1).sum())
-                total += x_TD.shape[0]
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    for moe, xs in zip(layers, moe_inputs(model, batches, layers), strict=True):  # eval mode: no router noise,
+        for x in xs:  # so the flips measure the rounding alone
+            x_TD = x.reshape(-1, x.shape[-1]).float()
+            sets = [moe.router.select(moe.router.logits(x_TD, router_dtype=rd)).expert_idx_TK.sort(dim=-1).values
+                    for rd in ("float32", "bfloat16")]
+            flips += int((sets[0] != sets[1]).any(dim=-1).sum())
+            total += x_TD.shape[0]
     return flips / total if total else None
 
 
@@ -74,6 +63,7 @@ def runs(cfg: LabConfig, vocab_size: int) -> list[RunSpec]:
     """The unstable recipe without z-loss (float32 and bf16 router), then with it."""
     big = lambda m: scale_router_init(m, cfg.unstable_router_std, seed=cfg.seed)  # noqa: E731
     common = {"norm_topk_prob": False}
+    big_std = cfg.model_config(vocab_size).init_std * math.sqrt(cfg.unstable_init_scale)
     return [
         RunSpec("broken-no-zloss",
                 f"router init std {cfg.unstable_router_std:g}, lr {cfg.unstable_lr:g}, no z-loss",
@@ -84,6 +74,15 @@ def runs(cfg: LabConfig, vocab_size: int) -> list[RunSpec]:
                 cfg.unstable_lr, big,
                 {"z_loss_coef": 0.0, "lr": cfg.unstable_lr, "router_std": cfg.unstable_router_std,
                  "router_dtype": "bfloat16"}),
+        # Switch Transformer §2.4 (Fedus et al. 2021) ties instability to the init scale of
+        # *all* weights (scale 1.0 instead of 0.1: std x sqrt(10)), not only the router's;
+        # the sessions' 100+ settings only scaled the router.
+        RunSpec("broken-big-init",
+                f"same as broken-no-zloss, every weight's init std x sqrt({cfg.unstable_init_scale:g})",
+                cfg.model_config(vocab_size, z_loss_coef=0.0, **common).with_(init_std=big_std),
+                cfg.unstable_lr, big,
+                {"z_loss_coef": 0.0, "lr": cfg.unstable_lr, "router_std": cfg.unstable_router_std,
+                 "init_std": big_std}),
         RunSpec("z-loss", f"same, router z-loss x {cfg.z_loss_coef:g}",
                 cfg.model_config(vocab_size, z_loss_coef=cfg.z_loss_coef, **common), cfg.unstable_lr, big,
                 {"z_loss_coef": cfg.z_loss_coef, "lr": cfg.unstable_lr, "router_std": cfg.unstable_router_std}),
