@@ -140,8 +140,8 @@ def test_collapse_verdict_fails_when_a_cost_is_not_measured(field: str) -> None:
     ({"broken-no-aux": dict(val_loss=4.40)}, "the collapsed run is still ahead"),
     # A collapsed router that drops no more than the cure: no system cost shown.
     ({"broken-no-aux": dict(dropped_at_capacity=0.01)}, "does NOT clearly cost"),
-    # The collapsed MoE is far from its dense twin.
-    ({"dense-active": dict(val_loss=5.5)}, "NOT closer to it"),
+    # The dense twin is as good as the balanced MoE: the collapsed one is the odd one out.
+    ({"dense-active": dict(val_loss=4.45)}, "NOT nearer to it"),
     # The aux loss balances more cheaply than the aux-free bias.
     ({"aux-loss": dict(val_loss=4.45)}, "the aux-free bias is NOT cheaper"),
     # Without the dense twin there is nothing to compare the collapsed MoE with.
@@ -151,6 +151,18 @@ def test_collapse_verdict_fails_each_lesson_it_does_not_see(changes: dict, says:
     v = REGISTRY["collapse"].verdict(collapse_runs(**changes), 8)
     assert not v.passed
     assert any(says in line for line in v.lines), v.lines
+
+
+def test_instability_probe_is_reported_not_paired() -> None:
+    settings = {r.name: r.settings for r in REGISTRY["instability"].runs(SCALES["test"], 512)}
+    grown = dict(initial_router_logit=10.0, max_router_logit=30.0)
+    runs = {"broken-no-zloss": summary("broken-no-zloss", settings=settings["broken-no-zloss"], **grown),
+            "probe-big-init": summary("probe-big-init", settings=settings["probe-big-init"], loss_spikes=3),
+            "z-loss": summary("z-loss", settings=settings["z-loss"], initial_router_logit=10.0, max_router_logit=8.0)}
+    v = REGISTRY["instability"].verdict(runs, 8)
+    assert v.passed  # the probe's logits did not grow, and it is not asked to
+    assert any("probe-big-init" in line and "it SPIKED" in line for line in v.lines)
+    assert not any(line.startswith("probe-big-init vs") for line in v.lines)
 
 
 def test_unknown_experiment_is_a_config_error_naming_the_allowed_ones(data, tmp_path) -> None:

@@ -134,7 +134,7 @@ def test_instability_z_loss_keeps_router_logits_smaller(data, lab_cfg, tmp_path)
     res = run_experiment("instability", data, tmp_path, config=lab_cfg.with_(steps=30), progress=False)
     broken, cured = res.runs["broken-no-zloss"], res.runs["z-loss"]
     assert broken.max_router_logit > cured.max_router_logit
-    assert set(res.runs) == {"broken-no-zloss", "broken-bf16-router", "broken-big-init", "z-loss"}
+    assert set(res.runs) == {"broken-no-zloss", "broken-bf16-router", "probe-big-init", "z-loss"}
     assert res.runs["broken-bf16-router"].settings["router_dtype"] == "bfloat16"
     for r in res.runs.values():  # measured on every run, a share
         assert 0.0 <= r.bf16_routing_flips <= 1.0

@@ -171,8 +171,10 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
        cure, and its step factor at the largest EP size is higher than every cure's;
     5. collapse wastes capacity: the best balanced cure's final val loss is below the
        broken run's (and the step where its curve passes is reported);
-    6. ... as much as a dense model of the active width has: the broken run's val loss
-       is closer to ``dense-active``'s than to the best balanced cure's;
+    6. ... and moves the MoE toward a dense model of its active width: the broken run's
+       val loss is nearer ``dense-active``'s than the best balanced cure's is (the share
+       of the balanced MoE's gain over the dense twin that the collapsed one keeps is
+       reported);
     7. the cures' own cost: the aux-free bias reaches balance at a val loss no worse
        than every aux-loss run that balanced.
 
@@ -233,11 +235,15 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
         ok = False
         out.append("[6] dense-active NOT run (or not finished): the dense twin is not measured")
     else:
-        like_dense = abs(broken.val_loss - dense.val_loss) < abs(broken.val_loss - best.val_loss)
+        like_dense = abs(broken.val_loss - dense.val_loss) < abs(best.val_loss - dense.val_loss)
         ok &= like_dense
+        gain = dense.val_loss - best.val_loss
+        kept = (f"; of the {gain:.3f} nats the balanced MoE gains over it, the collapsed one keeps "
+                f"{(dense.val_loss - broken.val_loss) / gain:.0%}" if gain > 0 else
+                "; the balanced MoE does not beat its dense twin at this horizon")
         out.append(f"[6] {dense.name} (width {dense.settings.get('d_ff', '?')}) val loss {dense.val_loss:.3f}: the "
-                   f"collapsed MoE ({broken.val_loss:.3f}) is {'closer to it' if like_dense else 'NOT closer to it'} "
-                   f"than to the balanced MoE ({best.val_loss:.3f})")
+                   f"collapsed MoE ({broken.val_loss:.3f}) is {'nearer' if like_dense else 'NOT nearer'} to it "
+                   f"than the balanced MoE ({best.val_loss:.3f}) is{kept}")
 
     # The aux coefficient sweep, 0 = the broken run; then the aux-free bias against it.
     swept = sorted((r for r in runs.values() if r.settings.get("skewed") and r.settings.get("router") == "softmax"
