@@ -41,19 +41,20 @@ def device_loads(load_E: Sequence[float], ep: int) -> np.ndarray:
     return load.reshape(*load.shape[:-1], ep, E // ep).sum(axis=-1)
 
 
-def ep_step_factor(loads_LE: Sequence[Sequence[float]], ep: int) -> float:
+def ep_step_factor(loads_NE: Sequence[Sequence[float]] | np.ndarray, ep: int) -> float:
     """How many times longer an expert-parallel step takes than with balanced loads.
 
-    Each MoE layer ends in an all-to-all that every device must reach, so the layer takes
-    as long as its busiest device: the step costs ``sum_l max_d load_ld`` expert-rows
-    against ``sum_l mean_d load_ld`` balanced. (Expert compute only: attention and the
-    exchange itself are not in the factor, so a real step's slowdown is smaller by their
-    share of the step.) 1.0 = balanced; ``ep`` = everything on one device. A layer with no
-    load contributes nothing; no load at all gives 1.0.
+    `loads_NE`: assignments per expert of every (batch, MoE layer) call, any leading
+    shape. Each call ends in an all-to-all that every device must reach, so it takes as
+    long as its busiest device: the calls cost ``sum_n max_d load_nd`` expert rows against
+    ``sum_n mean_d load_nd`` balanced. (Expert compute only: attention and the exchange
+    itself are not in the factor, so a real step's slowdown is smaller by their share of
+    the step.) 1.0 = balanced; ``ep`` = everything on one device. A call with no load
+    contributes nothing; no load at all gives 1.0.
     """
-    dev_LD = device_loads(np.atleast_2d(np.asarray(loads_LE, dtype=np.float64)), ep)
-    mean = dev_LD.mean(axis=-1).sum()
-    return float(dev_LD.max(axis=-1).sum() / mean) if mean > 0 else 1.0
+    dev_ND = device_loads(np.atleast_2d(np.asarray(loads_NE, dtype=np.float64)), ep)
+    mean = dev_ND.mean(axis=-1).sum()
+    return float(dev_ND.max(axis=-1).sum() / mean) if mean > 0 else 1.0
 
 
 def effective_experts(load_E: Sequence[float]) -> float:
@@ -75,7 +76,7 @@ class RoutingCosts:
 
     capacity_factor: float
     dropped_fraction: float  # of all (token, layer, choice) assignments, at `capacity_factor`
-    ep_step_factor: dict[str, float]  # EP size (as a JSON key) -> `ep_step_factor`
+    ep_step_factor: dict[str, float]  # EP size (as a JSON key) -> `ep_step_factor` over the (batch, layer) calls
     effective_experts: float  # mean over layers
     load_LE: list[list[float]]  # assignments per expert, per MoE layer, summed over the batches
 
@@ -112,7 +113,7 @@ def measure_routing_costs(model: Transformer, batches: Sequence[torch.Tensor], *
     if not layers:
         return None
     E = layers[0].cfg.num_experts
-    loads, dropped, assigned = [], 0, 0
+    loads, calls, dropped, assigned = [], [], 0, 0
     for moe, xs in zip(layers, moe_inputs(model, batches, layers), strict=True):
         load_E = torch.zeros(E, dtype=torch.float64)
         for x in xs:
@@ -124,12 +125,15 @@ def measure_routing_costs(model: Transformer, batches: Sequence[torch.Tensor], *
                                                  moe.cfg.drop_policy)
             dropped += int((~keep_TK).sum())
             assigned += T * K
-            load_E += torch.bincount(route.expert_idx_TK.reshape(-1), minlength=E).double()
+            call_E = torch.bincount(route.expert_idx_TK.reshape(-1), minlength=E).double()
+            calls.append(call_E.tolist())
+            load_E += call_E
         loads.append(load_E.tolist())
     return RoutingCosts(
         capacity_factor=capacity_factor,
         dropped_fraction=dropped / assigned if assigned else 0.0,
-        ep_step_factor={str(ep): ep_step_factor(loads, ep) for ep in ep_sizes if E % ep == 0},
+        # Per (batch, layer) call: a step waits for each call's busiest device.
+        ep_step_factor={str(ep): ep_step_factor(calls, ep) for ep in ep_sizes if E % ep == 0},
         effective_experts=float(np.mean([effective_experts(le) for le in loads])),
         load_LE=loads,
     )
