@@ -281,12 +281,21 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
                    + (" -> the aux-free bias is the cheaper cure" if cheaper else " -> the aux-free bias is NOT cheaper"))
     controls = {r.settings.get("aux_loss_coef"): r for r in by_role.get(CONTROL, []) if r.val_loss is not None}
     aux = runs.get("aux-loss")
-    if aux is not None and aux.val_loss is not None and len(controls) == 2 and free is not None:
-        c0, c1 = controls[0.0], controls[aux.settings["aux_loss_coef"]]
-        out.append(f"from an unskewed init the aux loss x{aux.settings['aux_loss_coef']:g} costs "
-                   f"{c1.val_loss - c0.val_loss:+.3f} vs no aux loss ({c1.val_loss:.3f} vs {c0.val_loss:.3f}, "
-                   f"busiest share {c1.busiest_expert_share or math.nan:.3f} vs {c0.busiest_expert_share or math.nan:.3f}); "
-                   f"from the skewed init it ends {aux.val_loss - free.val_loss:+.3f} behind the aux-free bias")
+    if aux is not None and aux.val_loss is not None and len(controls) == 2:
+        coef = aux.settings["aux_loss_coef"]
+        c0, c1 = controls[0.0], controls[coef]
+        # Where along training the skewed aux run is furthest behind the broken one.
+        theirs = {int(st): v for st, v in broken.val_curve}
+        gaps = [(v - theirs[int(st)], int(st)) for st, v in aux.val_curve if int(st) in theirs]
+        worst = max(gaps, default=(math.nan, -1))
+        plain, skewed = c1.val_loss - c0.val_loss, aux.val_loss - broken.val_loss
+        # "Explains": the skewed cost is more than twice the plain one and at least 0.05 nats more.
+        why = ("the skewed init is what makes it costly" if skewed > 2 * max(plain, 0.0) + 0.05
+               else "the skewed init does not explain its cost")
+        out.append(f"the aux loss x{coef:g} costs {plain:+.3f} vs no aux loss from the unskewed init "
+                   f"({c1.val_loss:.3f} vs {c0.val_loss:.3f}) and {skewed:+.3f} from the skewed one "
+                   f"({aux.val_loss:.3f} vs {broken.val_loss:.3f}; furthest behind, {worst[0]:+.3f}, at step "
+                   f"{worst[1]}): {why}")
     return Verdict(out, ok)
 
 
