@@ -44,7 +44,7 @@ class LabConfig:
     unstable_lr: float = 3e-2
     unstable_router_std: float = 0.5
     z_loss_coef: float = 1e-2
-    unstable_init_scale: float = 10.0  # broken-big-init: every weight's init variance x this (Switch §2.4)
+    unstable_init_scale: float = 10.0  # probe-big-init: every weight's init variance x this (Switch §2.4)
     spike_factor: float = 1.5  # a loss > factor x running median of the last steps is a spike
     # capacity
     capacity_factors: tuple[float | None, ...] = (0.5, 1.0, 1.25, None)
