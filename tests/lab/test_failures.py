@@ -35,6 +35,12 @@ def test_config_errors_name_the_field() -> None:
         LabConfig(steps=0)
     with pytest.raises(ConfigError, match="capacity_factors"):
         LabConfig(capacity_factors=(0.0,))
+    with pytest.raises(ConfigError, match="LabConfig.aux_loss_coef must be > 0 for the collapse"):
+        experiment_runs("collapse", LabConfig(aux_loss_coef=0.0), 512)
+    with pytest.raises(ConfigError, match="LabConfig.ep_sizes"):
+        LabConfig(ep_sizes=(3,))
+    with pytest.raises(ConfigError, match="LabConfig.cost_capacity_factor"):
+        LabConfig(cost_capacity_factor=0.0)
     with pytest.raises(ConfigError, match="unknown lab experiment"):
         experiment_runs("melt", LabConfig(), 512)
 

@@ -87,11 +87,13 @@ def runs(cfg: LabConfig, vocab_size: int) -> list[RunSpec]:
     """No balancing loss from a skewed router; the same init with each cure and with the
     swept aux coefficients; the dense model of the width a collapsed top-K router uses
     (K*F); the aux loss from an unskewed init."""
+    if cfg.aux_loss_coef == 0:  # the cure would be the broken run
+        raise ConfigError("LabConfig.aux_loss_coef must be > 0 for the collapse experiment (it is the cure's)")
     skew = lambda m: skew_router(m, strength=cfg.skew_strength, seed=cfg.seed)  # noqa: E731
+    balancing = lambda c: "no balancing loss" if c == 0 else f"load-balancing loss x {c:g}"  # noqa: E731
 
     def aux_run(c: float, role: str) -> RunSpec:
-        what = "no balancing loss" if c == 0 else f"load-balancing loss x {c:g}"
-        return RunSpec(aux_run_name(c, cfg.aux_loss_coef), f"softmax top-k router skewed at init, {what}",
+        return RunSpec(aux_run_name(c, cfg.aux_loss_coef), f"softmax top-k router skewed at init, {balancing(c)}",
                        cfg.model_config(vocab_size, aux_loss_coef=c), cfg.lr, skew,
                        {"role": role, "router": "softmax", "aux_loss_coef": c, "skewed": True})
 
@@ -112,8 +114,7 @@ def runs(cfg: LabConfig, vocab_size: int) -> list[RunSpec]:
     ]
     specs += [aux_run(c, SWEEP) for c in sorted(set(cfg.aux_sweep) - {0.0, cfg.aux_loss_coef})]
     for c in (0.0, cfg.aux_loss_coef):
-        what = "no balancing loss" if c == 0 else f"load-balancing loss x {c:g}"
-        specs.append(RunSpec(f"unskewed-{'no-aux' if c == 0 else 'aux-loss'}", f"default router init, {what}",
+        specs.append(RunSpec(f"unskewed-{'no-aux' if c == 0 else 'aux-loss'}", f"default router init, {balancing(c)}",
                              cfg.model_config(vocab_size, aux_loss_coef=c), cfg.lr, None,
                              {"role": CONTROL, "router": "softmax", "aux_loss_coef": c, "skewed": False}))
     return specs
