@@ -35,6 +35,12 @@ def test_config_errors_name_the_field() -> None:
         LabConfig(steps=0)
     with pytest.raises(ConfigError, match="capacity_factors"):
         LabConfig(capacity_factors=(0.0,))
+    with pytest.raises(ConfigError, match="LabConfig.aux_loss_coef must be > 0 for the collapse"):
+        experiment_runs("collapse", LabConfig(aux_loss_coef=0.0), 512)
+    with pytest.raises(ConfigError, match="LabConfig.ep_sizes"):
+        LabConfig(ep_sizes=(3,))
+    with pytest.raises(ConfigError, match="LabConfig.cost_capacity_factor"):
+        LabConfig(cost_capacity_factor=0.0)
     with pytest.raises(ConfigError, match="unknown lab experiment"):
         experiment_runs("melt", LabConfig(), 512)
 
@@ -54,7 +60,7 @@ def test_skew_router_makes_the_favoured_experts_take_every_token(data, lab_cfg) 
 @pytest.fixture(scope="module")
 def collapse(data, lab_cfg, tmp_path_factory):
     return run_experiment("collapse", data, tmp_path_factory.mktemp("collapse"), config=lab_cfg, progress=False,
-                          only=["broken-no-aux", "aux-loss"])
+                          only=["broken-no-aux", "aux-loss", "dense-active"])
 
 
 def test_collapse_raises_busiest_share_and_aux_loss_lowers_it(collapse, lab_cfg) -> None:
@@ -67,11 +73,30 @@ def test_collapse_raises_busiest_share_and_aux_loss_lowers_it(collapse, lab_cfg)
     assert broken.val_loss is not None and np.isfinite(broken.val_loss)
 
 
+def test_collapse_measures_what_the_imbalance_costs(collapse, lab_cfg) -> None:
+    broken, cured, dense = (collapse.runs[n] for n in ("broken-no-aux", "aux-loss", "dense-active"))
+    for r in (broken, cured):
+        assert r.drop_capacity_factor == lab_cfg.cost_capacity_factor
+        assert 0.0 <= r.dropped_at_capacity <= 1.0
+        assert set(r.ep_step_factor) == {str(ep) for ep in lab_cfg.ep_sizes}
+        assert all(1.0 <= f <= int(ep) for ep, f in r.ep_step_factor.items())
+        assert 1.0 <= r.effective_experts <= lab_cfg.num_experts
+    # An expert with share s > cf/E of the assignments loses at least s - cf/E of them.
+    assert broken.dropped_at_capacity > 0.1 and broken.dropped_at_capacity > cured.dropped_at_capacity
+    assert broken.ep_step_factor["8"] > cured.ep_step_factor["8"]
+    assert broken.effective_experts < cured.effective_experts
+    # The dense twin trains on the same batches; it has no router to measure.
+    assert dense.val_loss is not None and dense.dropped_at_capacity is None and dense.busiest_expert_share is None
+    assert [s for s, _ in dense.val_curve] == [s for s, _ in broken.val_curve]
+    # Without the sweep and the aux-free run the verdict says what it cannot judge.
+    assert not collapse.passed and any("cannot compare the cures' costs" in v for v in collapse.verdicts)
+
+
 def test_experiment_json_and_plots_are_on_disk(collapse) -> None:
     out = collapse.out_dir
     d = json.loads((__import__("pathlib").Path(out) / "experiment.json").read_text())
     assert d["experiment"] == "collapse"
-    assert set(d["runs"]) == {"broken-no-aux", "aux-loss"}
+    assert set(d["runs"]) == {"broken-no-aux", "aux-loss", "dense-active"}
     for path in d["plots"].values():
         assert __import__("pathlib").Path(path).is_file()
     # Each run keeps its metrics: the summary can be recomputed from disk.
@@ -81,7 +106,8 @@ def test_experiment_json_and_plots_are_on_disk(collapse) -> None:
     summary = collapse.json_summary()
     for r in summary["runs"].values():
         for key in ("busiest_expert_share", "load_cv", "dead_experts", "dropped_fraction", "max_router_logit",
-                    "nan_steps", "val_loss"):
+                    "nan_steps", "val_loss", "dropped_at_capacity", "drop_capacity_factor", "ep_step_factor",
+                    "effective_experts"):
             assert key in r
 
 
@@ -114,7 +140,7 @@ def test_instability_z_loss_keeps_router_logits_smaller(data, lab_cfg, tmp_path)
     res = run_experiment("instability", data, tmp_path, config=lab_cfg.with_(steps=30), progress=False)
     broken, cured = res.runs["broken-no-zloss"], res.runs["z-loss"]
     assert broken.max_router_logit > cured.max_router_logit
-    assert set(res.runs) == {"broken-no-zloss", "broken-bf16-router", "z-loss"}
+    assert set(res.runs) == {"broken-no-zloss", "broken-bf16-router", "probe-big-init", "z-loss"}
     assert res.runs["broken-bf16-router"].settings["router_dtype"] == "bfloat16"
     for r in res.runs.values():  # measured on every run, a share
         assert 0.0 <= r.bf16_routing_flips <= 1.0

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from moelab.lab.failures import EXPERIMENTS, SCALES, run_experiment, verdict_table
+from moelab.errors import ConfigError
+from moelab.lab.failures import EXPERIMENTS, SCALES, experiment_runs, run_experiment, verdict_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="experiment folder (default runs/lab/NAME)")
     p.add_argument("--scale", default="default", choices=sorted(SCALES), help="model/run size (default: default)")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="training steps per run")
+    p.add_argument("--runs", nargs="+", default=None, metavar="RUN",
+                   help="train only these runs of the experiment (its verdict says what it cannot judge without "
+                   "the others)")
     p.add_argument("--seed", type=int, default=None, metavar="N")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH", help="train on these files instead")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-data cache (default runs/cache/data)")
@@ -37,13 +41,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = SCALES[args.scale]
     changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     cfg = cfg.with_(**changes)
+    if args.runs:  # checked before the data is built (run names do not depend on the vocabulary)
+        names = [s.name for s in experiment_runs(args.experiment, cfg, vocab_size=512)]
+        unknown = [r for r in args.runs if r not in names]
+        if unknown:
+            raise ConfigError(f"--runs: unknown run(s) {', '.join(unknown)} for {args.experiment}; "
+                              f"its runs are {', '.join(names)}")
     data = prepare_data(args.cache_dir, data_paths=args.data)
     out = args.out or f"runs/lab/{args.experiment}"
     from moelab.train import TrainingInterrupted
 
     try:
         result = run_experiment(args.experiment, data, out, config=cfg, progress=not args.no_progress,
-                                resume=args.resume)
+                                resume=args.resume, only=args.runs)
     except TrainingInterrupted as e:
         print(f"moelab lab: interrupted in {e.run_dir} at step {e.step}; checkpoint written. To continue, run "
               "the same command with --resume: finished runs are kept", file=sys.stderr)

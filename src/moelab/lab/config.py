@@ -37,10 +37,14 @@ class LabConfig:
     skew_strength: float = 3.0  # router logit advantage of the favoured experts at init
     aux_loss_coef: float = 0.01  # the cure; also the setting of the instability/capacity runs
     bias_update_rate: float = 0.01  # aux-loss-free balancing, sized for a short run
+    aux_sweep: tuple[float, ...] = (1e-3, 1e-1)  # more aux coefficients, besides 0 (broken) and aux_loss_coef
+    cost_capacity_factor: float = 1.25  # the GShard/Switch training capacity the drops are measured at
+    ep_sizes: tuple[int, ...] = (2, 4, 8)  # expert-parallel sizes the step-time factor is given for
     # instability
     unstable_lr: float = 3e-2
     unstable_router_std: float = 0.5
     z_loss_coef: float = 1e-2
+    unstable_init_scale: float = 10.0  # probe-big-init: every weight's init variance x this (Switch §2.4)
     spike_factor: float = 1.5  # a loss > factor x running median of the last steps is a spike
     # capacity
     capacity_factors: tuple[float | None, ...] = (0.5, 1.0, 1.25, None)
@@ -55,7 +59,7 @@ class LabConfig:
             raise ConfigError(f"LabConfig.eval_every must be an integer >= 0, got {self.eval_every!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"LabConfig.seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("lr", "unstable_lr", "unstable_router_std", "spike_factor"):
+        for name in ("lr", "unstable_lr", "unstable_router_std", "unstable_init_scale", "spike_factor"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"LabConfig.{name} must be a finite number > 0, got {value!r}")
@@ -65,6 +69,17 @@ class LabConfig:
                 raise ConfigError(f"LabConfig.{name} must be a finite number >= 0, got {value!r}")
         if self.top_k > self.num_experts:
             raise ConfigError(f"LabConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        for c in self.aux_sweep:
+            if not (isinstance(c, int | float) and math.isfinite(c) and c >= 0):
+                raise ConfigError(f"LabConfig.aux_sweep must hold finite numbers >= 0, got {c!r}")
+        if not (isinstance(self.cost_capacity_factor, int | float) and math.isfinite(self.cost_capacity_factor)
+                and self.cost_capacity_factor > 0):
+            raise ConfigError(f"LabConfig.cost_capacity_factor must be a finite number > 0, "
+                              f"got {self.cost_capacity_factor!r}")
+        for ep in self.ep_sizes:
+            if not isinstance(ep, int) or isinstance(ep, bool) or ep <= 0 or self.num_experts % ep:
+                raise ConfigError(f"LabConfig.ep_sizes must hold positive divisors of num_experts="
+                                  f"{self.num_experts}, got {ep!r}")
         for cf in self.capacity_factors:
             if cf is not None and not (math.isfinite(cf) and cf > 0):
                 raise ConfigError(f"LabConfig.capacity_factors must hold numbers > 0 or None, got {cf!r}")
@@ -88,10 +103,13 @@ class LabConfig:
         )
 
 
-# Scales: "default" for `moelab lab`, "quick" for the demo, "test" for the test suite.
+# Scales: "default" for `moelab lab`, "quick" for the demo, "long" for the collapse horizon,
+# "test" for the test suite.
 SCALES: dict[str, LabConfig] = {
-    "default": LabConfig(),
-    "quick": LabConfig(steps=80, batch_size=12, seq_len=48),
+    "default": LabConfig(eval_every=15),
+    "quick": LabConfig(steps=80, batch_size=12, seq_len=48, eval_every=10),
+    # The horizon where a balanced MoE passes the collapsed one (docs/lab.md, collapse).
+    "long": LabConfig(steps=1000, eval_every=50),
     "test": LabConfig(steps=25, batch_size=4, seq_len=32, d_model=32, n_heads=2, n_kv_heads=1,
                       d_expert=32, eval_batches=1),
 }

@@ -43,8 +43,12 @@ class DemoConfig:
     eval_interval: int = 20
     eval_batches: int = 2
     dense_total: bool = True
+    # Collapse: the default lab scale (150 steps) and the four runs its verdict needs most
+    # (collapse, both cures and their costs, the dense twin): ~1.5-2 minutes on 2 quiet
+    # cores. The horizon where the balanced MoE passes the collapsed one (300-400 steps
+    # of the `long` scale) does not fit the demo; its rule 5 says so, docs/lab.md has the curve.
     collapse: LabConfig = field(default_factory=lambda: SCALES["default"])
-    collapse_runs: tuple[str, ...] = ("broken-no-aux", "aux-loss", "aux-free-bias")
+    collapse_runs: tuple[str, ...] = ("broken-no-aux", "aux-loss", "aux-free-bias", "dense-active")
     analysis_tokens: int = 4096
     seed: int = 0
 

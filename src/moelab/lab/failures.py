@@ -86,11 +86,13 @@ class ExperimentResult:
         }
 
     def json_summary(self) -> dict[str, Any]:
-        """The `moelab lab --json` object: final values per run."""
+        """The `moelab lab --json` object: final values per run, with the measured costs
+        of its routing (collapse: ``dropped_at_capacity`` at ``drop_capacity_factor``,
+        ``ep_step_factor`` per EP size, ``effective_experts``; null where not measured)."""
         keys = ("busiest_expert_share", "load_cv", "dead_experts", "dropped_fraction", "max_router_logit",
-                "peak_router_logit", "initial_router_logit", "loss_spikes", "nan_steps", "val_loss", "steps_done", "stopped_reason",
-                "bf16_routing_flips",
-                "run_dir", "description")
+                "peak_router_logit", "initial_router_logit", "loss_spikes", "nan_steps", "val_loss", "steps_done",
+                "stopped_reason", "bf16_routing_flips", "drop_capacity_factor", "dropped_at_capacity",
+                "ep_step_factor", "effective_experts", "settings", "run_dir", "description")
         return {
             "experiment": self.experiment,
             "num_experts": self.num_experts,
@@ -208,7 +210,9 @@ def run_experiment(
         experiment=experiment, runs=summaries, verdicts=verdict.lines, plots={}, out_dir=str(out),
         num_experts=cfg.num_experts, top_k=cfg.top_k, config=cfg.to_dict(), passed=verdict.passed,
     )
-    result.plots = {k: str(v) for k, v in draw_experiment_plots(experiment, metrics, out, cfg.num_experts).items()}
+    made = draw_experiment_plots(experiment, metrics, out, cfg.num_experts) | exp.summary_plots(
+        summaries, out / "plots", cfg.num_experts)
+    result.plots = {k: str(v) for k, v in made.items()}
     atomic_write_json(out / "experiment.json", result.to_dict())
     return result
 
@@ -254,17 +258,27 @@ def verdict_table(result: ExperimentResult | dict[str, Any]) -> str:
     d = result.to_dict() if isinstance(result, ExperimentResult) else result
     E = d["num_experts"]
     head = ["run", "busiest", "x1/E", "load CV", "dead", "dropped", "max logit", "spikes", "NaN", "val loss"]
+    # The measured routing costs (collapse), as columns only when some run has them.
+    eps = sorted({k for r in d["runs"].values() for k in (r.get("ep_step_factor") or {})}, key=int)
+    cfs = {r.get("drop_capacity_factor") for r in d["runs"].values()} - {None}
+    costs = bool(eps or cfs)
+    if costs:
+        head += [f"drop@{'/'.join(f'{c:g}' for c in sorted(cfs))}", *(f"EP{k} x" for k in eps), "eff. experts"]
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     rows = []
     for name, r in d["runs"].items():
         share = r.get("busiest_expert_share")
-
-        def f(v: Any, fmt: str) -> str:
-            return "-" if v is None else format(v, fmt)
-
-        rows.append([name, f(share, ".3f"), f(share * E if share is not None else None, ".1f"), f(r.get("load_cv"), ".2f"),
-                     f(r.get("dead_experts"), "d"), f(r.get("dropped_fraction"), ".1%"),
-                     f(r.get("max_router_logit"), ".1f"), f(r.get("loss_spikes"), "d"), f(r.get("nan_steps"), "d"),
-                     f(r.get("val_loss"), ".3f")])
+        row = [name, f(share, ".3f"), f(share * E if share is not None else None, ".1f"), f(r.get("load_cv"), ".2f"),
+               f(r.get("dead_experts"), "d"), f(r.get("dropped_fraction"), ".1%"),
+               f(r.get("max_router_logit"), ".1f"), f(r.get("loss_spikes"), "d"), f(r.get("nan_steps"), "d"),
+               f(r.get("val_loss"), ".3f")]
+        if costs:
+            row += [f(r.get("dropped_at_capacity"), ".1%"),
+                    *(f((r.get("ep_step_factor") or {}).get(k), ".2f") for k in eps), f(r.get("effective_experts"), ".1f")]
+        rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])

@@ -216,6 +216,25 @@ def plot_bars(values: Mapping[str, float], path: str | Path, *, ylabel: str, tit
     return _save(fig, path)
 
 
+def plot_tradeoff(points: Mapping[str, tuple[float, float]], path: str | Path, *, xlabel: str, ylabel: str,
+                  title: str, vline: float | None = None, vline_label: str = "") -> Path:
+    """One labelled point per run, e.g. load balance (x) against val loss (y)."""
+    fig = _figure(6.5, 4)
+    ax = fig.add_subplot()
+    for i, (name, (x, y)) in enumerate(points.items()):
+        ax.scatter([x], [y], color=f"C{i % 10}", s=30)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if vline is not None:
+        ax.axvline(vline, color="grey", ls=":", lw=1, label=vline_label or None)
+        if vline_label:
+            ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- specialisation
 
 

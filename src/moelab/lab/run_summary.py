@@ -48,6 +48,13 @@ class RunSummary:
     # instability: share of (token, MoE layer) pairs of the validation batches whose top-k
     # set a bf16 router would choose differently from a float32 one (`bf16_routing_flips`)
     bf16_routing_flips: float | None = None
+    # (step, val loss) of every evaluation: where two runs' curves cross (`crossing_step`)
+    val_curve: list[list[float]] = field(default_factory=list)
+    # collapse: the trained routers on held-out tokens (`moelab.lab.imbalance.RoutingCosts`)
+    drop_capacity_factor: float | None = None
+    dropped_at_capacity: float | None = None  # share of assignments dropped at that capacity factor
+    ep_step_factor: dict[str, float] | None = None  # EP size -> max / mean device load
+    effective_experts: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +82,24 @@ def count_spikes(loss: np.ndarray, factor: float, window: int = 20, warmup: int 
         if prev.size and loss[i] > factor * float(np.median(prev)):
             spikes += 1
     return spikes
+
+
+def crossing_step(curve_a: list[list[float]], curve_b: list[list[float]]) -> int | None:
+    """The first evaluation step from which run a's val loss stays below run b's.
+
+    Curves are ``(step, val loss)`` pairs; only the steps both evaluated are compared
+    (same eval interval: all of them). ``None`` when a is not below b at the last common
+    step (it has not passed, or passed and fell back), or there is no common step.
+    """
+    b = {int(s): v for s, v in curve_b}
+    common = [(int(s), v, b[int(s)]) for s, v in curve_a if int(s) in b]
+    cross = None
+    for step, va, vb in common:
+        if va < vb:
+            cross = step if cross is None else cross
+        else:
+            cross = None
+    return cross
 
 
 def summarize_run(
@@ -146,4 +171,6 @@ def summarize_run(
         final_train_loss=float(np.mean(finite_loss[-window:])) if finite_loss.size else None,
         per_layer=per_layer,
         settings=settings or {},
+        val_curve=[[int(r["step"]), float(r["val_loss"])] for r in metrics.eval
+                   if r.get("val_loss") is not None and math.isfinite(r["val_loss"])],
     )

@@ -83,6 +83,10 @@ def no_measurements(model: Transformer, data: Any, cfg: LabConfig) -> dict[str, 
     return {}
 
 
+def no_summary_plots(runs: Mapping[str, RunSummary], out: Path, num_experts: int) -> dict[str, Path]:
+    return {}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Experiment:
     """A failure mode as a paired experiment (broken vs cured).
@@ -90,7 +94,9 @@ class Experiment:
     `runs` gives the runs (the broken ones first, named ``broken-...``); `verdict` reads
     the `RunSummary` fields named in `reads`; `plots` are drawn besides the loss curves
     and per-run expert load; `measure` runs on each finished run's trained model and
-    returns extra `RunSummary` fields (an empty dict for most experiments).
+    returns extra `RunSummary` fields (an empty dict for most experiments);
+    `summary_plots(summaries, plots_dir, num_experts)` draws plots of the final figures
+    (name -> path).
     """
 
     name: str
@@ -99,3 +105,4 @@ class Experiment:
     reads: tuple[str, ...]
     plots: tuple[MetricPlot, ...] = ()
     measure: Callable[[Transformer, Any, LabConfig], dict[str, Any]] = no_measurements
+    summary_plots: Callable[[Mapping[str, RunSummary], Path, int], dict[str, Path]] = no_summary_plots
