@@ -1,8 +1,10 @@
 """`run_demo`: the whole moelab story in one command (what `make demo` runs).
 
 1. `moelab size` of Mixtral 8x7B against a dense 13B (instant);
-2. train the tiny MoE, its matched-compute dense baseline and the matched-parameter dense
-   model on the same batches, and compare them (`moelab.train.compare`);
+2. train the demo's MoE (fine-grained + shared experts, the design that wins at this
+   budget), its matched-compute dense twin and the Mixtral-style top-2-of-8 MoE on the
+   same batches, and compare them (`moelab.train.compare`), with quality per FLOP and
+   per byte of weights side by side;
 3. a short routing-collapse experiment (`moelab.lab.failures`);
 4. the MoE's expert specialisation on held-out text (`moelab.lab.specialization`);
 5. one self-contained HTML report (`moelab.lab.report`).
@@ -11,11 +13,16 @@ Sized for < ~10 minutes on 2 CPU cores including building the corpus and tokeniz
 first run (later runs reuse the cache). Each step is a library call whose result is
 returned in `DemoResult`; `on_stage(name, text)` receives each stage's printable output
 as soon as it is ready (the CLI prints it), since the library itself never prints.
+`demo_json` is the `moelab demo --json` object (keys in docs/train.md, "The demo").
+
+What the demo compares and how it trains (`DEMO_MODELS`, `demo_train_config`) is what
+`benchmarks/demo_seeds.py` measured over seeds (BENCHMARKS.md, "The demo's MoE").
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,20 +36,38 @@ from moelab.lab.specialization import AnalysisConfig, analyze_model, summary_lin
 
 logger = logging.getLogger(__name__)
 
+# The compared models by role (`moelab.train.compare.ROLES`), presets in moelab.model.presets:
+# the fine-grained + shared MoE that beats its dense twin at this budget (DeepSeekMoE's
+# design), the dense model of the same active FFN width, and Mixtral-style top-2 of 8.
+DEMO_MODELS: dict[str, str] = {"moe": "tiny-finegrained-moe", "dense": "tiny-dense", "moe_coarse": "tiny-moe"}
+DENSE_TOTAL = "tiny-dense-total"
+
+# The one sentence on why top-2 of 8 needs more tokens (BENCHMARKS.md, "Where does the MoE win?").
+TOP2_NOTE = (
+    "Why top-2 of 8 trails here: each of its 8 wide experts trains on only a quarter of the tokens and "
+    "nothing is shared, so at this budget its extra parameters are undertrained (it needs ~10x the tokens "
+    "before capacity, not data, limits the dense twin), while the shared expert sees every token and 32 "
+    "narrow experts, 4 per token, give more combinations from the same active width (DeepSeekMoE).")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     """Scale of the demo. The defaults fit the ~10 minute budget on 2 CPU cores."""
 
-    # ~5 minutes in all on 2 CPU cores (compare ~4, collapse ~1). The collapse experiment
-    # runs at the lab's default scale: at the "quick" scale (80 steps) the aux-loss cure
-    # has not yet revived the starved experts, so the demo would show no cure.
-    compare_steps: int = 240
-    batch_size: int = 16
+    # The comparison: ~5 minutes for the three models on 2 quiet CPU cores. The collapse
+    # experiment runs at the lab's default scale: at the "quick" scale (80 steps) the
+    # aux-loss cure has not yet revived the starved experts, so the demo would show no cure.
+    compare_steps: int = 600
+    batch_size: int = 8
     seq_len: int = 128
-    eval_interval: int = 20
-    eval_batches: int = 2
-    dense_total: bool = True
+    eval_interval: int = 25
+    eval_batches: int = 4
+    # fp32: bf16 autocast makes the fine-grained MoE's step slower on an AVX512-BF16 CPU
+    # (its experts are 64 wide: 32 small GEMMs plus casts) and the dense one faster, so it
+    # buys no tokens for the three models together (BENCHMARKS.md, "The demo's MoE").
+    precision: str = "fp32"
+    moe_coarse: bool = True  # the Mixtral-style top-2 row
+    dense_total: bool = False  # the dense model with all the experts' width (+~40% compare time)
     collapse: LabConfig = field(default_factory=lambda: SCALES["default"])
     collapse_runs: tuple[str, ...] = ("broken-no-aux", "aux-loss", "aux-free-bias")
     analysis_tokens: int = 4096
@@ -55,6 +80,30 @@ class DemoConfig:
                 raise ConfigError(f"DemoConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
             raise ConfigError(f"DemoConfig.eval_interval must be an integer >= 0, got {self.eval_interval!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"DemoConfig.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+
+
+def demo_models(cfg: DemoConfig) -> dict[str, tuple[str, Any]]:
+    """``{role: (preset name, ModelConfig)}`` of the demo's comparison."""
+    from moelab.model import get_preset
+
+    roles = dict(DEMO_MODELS)
+    if not cfg.moe_coarse:
+        roles.pop("moe_coarse")
+    if cfg.dense_total:
+        roles["dense_total"] = DENSE_TOTAL
+    return {role: (name, get_preset(name)) for role, name in roles.items()}
+
+
+def demo_train_config(cfg: DemoConfig) -> Any:
+    """The `TrainConfig` every compared model trains with (same seed, same batches)."""
+    from moelab.train import TrainConfig
+
+    return TrainConfig(steps=cfg.compare_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                       eval_interval=cfg.eval_interval, eval_batches=cfg.eval_batches, seed=cfg.seed,
+                       precision=cfg.precision, checkpoint_interval=0,
+                       log_interval=max(1, cfg.compare_steps // 20))
 
 
 @dataclass
@@ -65,7 +114,7 @@ class DemoResult:
     comparison: Any  # moelab.train.compare.ComparisonResult
     collapse: Any  # moelab.lab.failures.ExperimentResult
     analysis: Any  # moelab.lab.specialization.SpecializationResult
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, and "total"
 
 
 def size_table(models: tuple[str, ...] = ("mixtral-8x7b", "dense-13b")) -> str:
@@ -91,8 +140,6 @@ def run_demo(
     """Run the five demo stages into `out_dir`; see the module docstring."""
     from moelab.data.loader import prepare_data
     from moelab.hf.native import load_any
-    from moelab.model import get_preset
-    from moelab.train import TrainConfig
     from moelab.train.compare import compare, render_table
 
     cfg = config or DemoConfig()
@@ -100,7 +147,7 @@ def run_demo(
     emit = on_stage or (lambda name, text: None)
     seconds: dict[str, float] = {}
 
-    t = time.perf_counter()
+    start = t = time.perf_counter()
     sizes = size_table()
     seconds["size"] = time.perf_counter() - t
     emit("size: Mixtral 8x7B vs a dense 13B", sizes)
@@ -112,17 +159,12 @@ def run_demo(
                  f"vocab {data.vocab_size} ({seconds['data']:.1f} s)")
 
     t = time.perf_counter()
-    train_cfg = TrainConfig(steps=cfg.compare_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                            eval_interval=cfg.eval_interval, eval_batches=cfg.eval_batches, seed=cfg.seed,
-                            warmup_steps=max(1, cfg.compare_steps // 10), checkpoint_interval=0,
-                            log_interval=max(1, cfg.compare_steps // 20))
-    models = {"moe": ("tiny-moe", get_preset("tiny-moe")), "dense": ("tiny-dense", get_preset("tiny-dense"))}
-    if cfg.dense_total:
-        models["dense_total"] = ("tiny-dense-total", get_preset("tiny-dense-total"))
-    comparison = compare(models, train_cfg, data, out / "compare", progress=progress, overwrite=True,
+    models = demo_models(cfg)
+    comparison = compare(models, demo_train_config(cfg), data, out / "compare", progress=progress, overwrite=True,
                          tensorboard=False)
     seconds["compare"] = time.perf_counter() - t
-    emit("compare: tiny MoE vs dense baselines (same batches)", render_table(comparison))
+    compare_text = render_table(comparison) + ("\n\n" + TOP2_NOTE if "moe_coarse" in models else "")
+    emit("compare: fine-grained MoE vs its dense twin and top-2 of 8 (same batches)", compare_text)
 
     t = time.perf_counter()
     lab_cfg = replace(cfg.collapse, seed=cfg.seed)
@@ -134,7 +176,7 @@ def run_demo(
          + f"\n\ncollapse and cures {'shown as claimed' if collapse.passed else 'NOT shown at this scale'}")
 
     t = time.perf_counter()
-    moe_dir = out / "compare" / "tiny-moe"
+    moe_dir = out / "compare" / models["moe"][0]
     loaded = load_any(moe_dir)
     from moelab.lab.specialization import held_out_tokens
 
@@ -149,8 +191,68 @@ def run_demo(
     report = build_report(
         [out / "compare", out / "lab"], out / "report.html", title="moelab demo",
         summary_blocks=[("moelab size: Mixtral 8x7B vs dense 13B", sizes),
-                        ("MoE vs dense (same token stream)", render_table(comparison))],
+                        ("MoE vs dense (same token stream)", compare_text)],
     )
     seconds["report"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - start
     return DemoResult(out_dir=out, report=report, size_table=sizes, comparison=comparison, collapse=collapse,
                       analysis=analysis, seconds=seconds)
+
+
+DEMO_JSON_FORMAT = "moelab-demo"
+
+
+def _finite(x: float | None) -> float | None:
+    # JSON has no NaN/Infinity: a diverged run's loss is reported as null.
+    return x if x is None or math.isfinite(x) else None
+
+
+def demo_json(result: DemoResult) -> dict[str, Any]:
+    """The `moelab demo --json` object (keys documented in docs/train.md, "The demo").
+
+    ``compare.models``, by model name: role, the MoE design (for an MoE), val loss, the
+    steps to reach the dense model's final val loss / dense steps (null: never), quality
+    per training TFLOP and per MiB of weights (`moelab.train.compare`); ``collapse`` is
+    `ExperimentResult.json_summary()` as it is (each run's measured figures);
+    ``seconds``: wall time per stage and in total."""
+    cmp = result.comparison
+    models = {}
+    for role, m in cmp.models.items():
+        moe_cfg = m.run_dir and _moe_design(m.run_dir)
+        models[m.name] = {
+            "role": role,
+            "moe": moe_cfg or None,
+            "val_loss": _finite(m.val_loss),
+            "steps_to_dense_loss_ratio": m.steps_to_dense_loss_ratio,
+            "quality_per_tflop": _finite(m.quality_per_tflop),
+            "quality_per_mib": _finite(m.quality_per_mib),
+            "total_params": m.total_params,
+            "active_params": m.active_params,
+            "train_flops": m.train_flops,
+            "weight_bytes": m.weight_bytes,
+            "steps_done": m.steps_done,
+        }
+    return {
+        "format": DEMO_JSON_FORMAT,
+        "version": 1,
+        "compare": {
+            "roles": {role: m.name for role, m in cmp.models.items()},
+            "dense_final_val_loss": _finite(cmp.models["dense"].val_loss),
+            "models": models,
+            "train_config": cmp.train_config,
+        },
+        "collapse": result.collapse.json_summary(),
+        "seconds": dict(result.seconds),
+        "report": str(result.report),
+    }
+
+
+_DESIGN_KEYS = ("num_experts", "top_k", "d_expert", "num_shared_experts", "d_shared_expert")
+
+
+def _moe_design(run_dir: str) -> dict[str, Any] | None:
+    """The routed/shared expert shape of the model trained in `run_dir` (None: dense)."""
+    from moelab.rundir.files import read_run_config
+
+    moe = read_run_config(run_dir)["model"].get("moe")
+    return None if moe is None else {k: moe.get(k) for k in _DESIGN_KEYS}
