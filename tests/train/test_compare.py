@@ -19,7 +19,9 @@ from moelab.train.compare import (
     compare,
     compare_seeds,
     learned_nats,
-    quality_per_cost,
+    loss_at_step,
+    quality_per_mib,
+    quality_per_tflop,
     render_seeds,
     render_table,
     steps_to_reach,
@@ -85,13 +87,21 @@ def test_compare_trains_all_on_same_stream(data, tmp_path):
 
 
 def test_quality_per_flop_and_per_byte_are_the_documented_ratios():
-    # ln(8192) - 3.5 nats learned, over 7.7 TFLOP and over 6 MiB of weights.
     q = math.log(8192) - 3.5
     assert learned_nats(3.5, 8192) == pytest.approx(q)
-    assert quality_per_cost(3.5, 8192, 7.7e12, 6 * 2**20) == pytest.approx((q / 7.7, q / 6))
-    assert quality_per_cost(None, 8192, 7.7e12, 6 * 2**20) == (None, None)
-    # More is better: a lower loss at the same cost is more quality per FLOP and per byte.
-    assert quality_per_cost(3.4, 8192, 1e12, 2**20)[0] > quality_per_cost(3.5, 8192, 1e12, 2**20)[0]
+    # Per byte: the final quality over the MiB of weights.
+    assert quality_per_mib(3.5, 8192, 6 * 2**20) == pytest.approx(q / 6)
+    assert quality_per_mib(None, 8192, 6 * 2**20) is None
+    hist = [{"step": 0, "val_loss": 9.0}, {"step": 10, "val_loss": 5.0}, {"step": 20, "val_loss": 3.0}]
+    assert loss_at_step(hist, 15) == pytest.approx(4.0) and loss_at_step(hist, 20) == 3.0
+    assert loss_at_step(hist, 25) is None
+    # Per FLOP, at equal compute: 1 TFLOP a step, a budget of 15 TFLOP reads the curve at step 15.
+    assert quality_per_tflop(hist, 8192, 1e12, 15e12) == pytest.approx((math.log(8192) - 4.0) / 15)
+    # A model 1.5x as costly per step meets that budget at step 10.
+    assert quality_per_tflop(hist, 8192, 1.5e12, 15e12) == pytest.approx((math.log(8192) - 5.0) / 15)
+    # A run that stopped short of the budget counts what it spent.
+    assert quality_per_tflop(hist, 8192, 0.5e12, 15e12) == pytest.approx((math.log(8192) - 3.0) / 10)
+    assert quality_per_tflop([], 8192, 1e12, 15e12) is None
 
 
 def test_every_model_gets_its_steps_to_dense_loss_and_the_tradeoff_columns(data, tmp_path):
@@ -109,8 +119,12 @@ def test_every_model_gets_its_steps_to_dense_loss_and_the_tradeoff_columns(data,
         assert m.tokens_trained == 6 * tc.batch_size * tc.seq_len
         assert m.train_flops == pytest.approx(m.train_flops_per_token * m.tokens_trained)
         assert m.weight_bytes == 2 * m.total_params  # bf16, every expert resident
-        assert (m.quality_per_tflop, m.quality_per_mib) == pytest.approx(
-            quality_per_cost(m.val_loss, m.vocab_size, m.train_flops, m.weight_bytes))
+        assert m.quality_per_mib == pytest.approx(quality_per_mib(m.val_loss, m.vocab_size, m.weight_bytes))
+        assert m.quality_per_tflop == pytest.approx(quality_per_tflop(
+            m.history, m.vocab_size, m.train_flops_per_token * tc.batch_size * tc.seq_len, dense.train_flops))
+    # At its own budget the dense model's figure is its final quality over its FLOPs.
+    assert dense.quality_per_tflop == pytest.approx(learned_nats(dense.val_loss, dense.vocab_size)
+                                                    / (dense.train_flops / 1e12))
     # Same active FLOPs, more weights: per byte the MoE pays for every expert it holds.
     moe = result.models["moe"]
     assert moe.weight_bytes > dense.weight_bytes

@@ -14,11 +14,12 @@ model never gets there within the run. Every model but the dense one gets the fi
 
 The trade-off (docs/train.md, "Quality per FLOP and per byte"): a model's *quality* is
 ``ln(vocab) - val_loss``, the nats per token it has learned beyond a uniform guess over
-the vocabulary; quality per FLOP divides it by the training FLOPs the run spent
-(TFLOP), quality per byte by its weights' size (MiB, bf16: every expert resident). Same
-tokens for every model, so an MoE with the dense model's active FLOPs wins the first
-exactly when its loss is lower, and loses the second unless its loss falls as fast as
-its weights grow.
+the vocabulary. Quality per FLOP is taken at *equal training compute*: the quality on the
+model's eval curve at the training FLOPs the dense model spent in its whole run (its val
+loss interpolated there), divided by those TFLOP. Quality per byte is the final quality
+divided by the weights' size (MiB, bf16: every expert resident). An MoE with its dense
+twin's active FLOPs wins the first exactly when its loss at the dense budget is lower,
+and loses the second unless its loss falls as fast as its weights grow.
 """
 
 from __future__ import annotations
@@ -58,13 +59,35 @@ def learned_nats(val_loss: float, vocab_size: int) -> float:
     return math.log(vocab_size) - val_loss
 
 
-def quality_per_cost(val_loss: float | None, vocab_size: int, train_flops: float,
-                     weight_bytes_: float) -> tuple[float | None, float | None]:
-    """(nats per training TFLOP spent, nats per MiB of weights); None without a val loss."""
-    if val_loss is None:
-        return None, None
-    q = learned_nats(val_loss, vocab_size)
-    return q / (train_flops / 1e12), q / (weight_bytes_ / MIB)
+def loss_at_step(history: list[dict], step: float) -> float | None:
+    """The val loss of an eval curve at a (fractional) `step`, linearly interpolated
+    between the eval points that bracket it; None outside the curve."""
+    points = sorted((r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None)
+    for (s0, l0), (s1, l1) in zip(points, points[1:], strict=False):
+        if s0 <= step <= s1:
+            return l0 if s1 == s0 else l0 + (l1 - l0) * (step - s0) / (s1 - s0)
+    return points[-1][1] if points and points[-1][0] == step else None
+
+
+def quality_per_tflop(history: list[dict], vocab_size: int, flops_per_step: float,
+                      budget_flops: float) -> float | None:
+    """Quality (`learned_nats`) at `budget_flops` of training compute, per TFLOP: the eval
+    curve read at step ``budget / flops_per_step`` (or at its end, with the FLOPs it spent,
+    if the run stopped short of the budget). None without a val loss there."""
+    points = [r for r in history if r.get("val_loss") is not None]
+    if not points or flops_per_step <= 0:
+        return None
+    last = max(r["step"] for r in points)
+    step = min(budget_flops / flops_per_step, last)
+    loss = loss_at_step(points, step)
+    if loss is None or not math.isfinite(loss) or step <= 0:
+        return None
+    return learned_nats(loss, vocab_size) / (step * flops_per_step / 1e12)
+
+
+def quality_per_mib(val_loss: float | None, vocab_size: int, weight_bytes_: float) -> float | None:
+    """Final quality (`learned_nats`) per MiB of weights; None without a val loss."""
+    return None if val_loss is None else learned_nats(val_loss, vocab_size) / (weight_bytes_ / MIB)
 
 
 @dataclass(frozen=True)
@@ -93,16 +116,14 @@ class ModelSummary:
     # None for the dense model itself and for a model that never got there.
     steps_to_dense_loss: float | None = None
     steps_to_dense_loss_ratio: float | None = None
-
-    @property
-    def quality_per_tflop(self) -> float | None:
-        """Nats per token learned (`learned_nats`) per training TFLOP spent."""
-        return quality_per_cost(self.val_loss, self.vocab_size, self.train_flops, self.weight_bytes)[0]
+    # Nats learned per TFLOP at the dense run's training FLOPs (`quality_per_tflop`); set by
+    # `compare`, which knows that budget.
+    quality_per_tflop: float | None = None
 
     @property
     def quality_per_mib(self) -> float | None:
         """Nats per token learned (`learned_nats`) per MiB of weights (WEIGHT_DTYPE)."""
-        return quality_per_cost(self.val_loss, self.vocab_size, self.train_flops, self.weight_bytes)[1]
+        return quality_per_mib(self.val_loss, self.vocab_size, self.weight_bytes)
 
 
 @dataclass(frozen=True)
@@ -118,7 +139,7 @@ class ComparisonResult:
         models = {}
         for m in self.models.values():
             d = asdict(m)
-            d["quality_per_tflop"], d["quality_per_mib"] = m.quality_per_tflop, m.quality_per_mib
+            d["quality_per_mib"] = m.quality_per_mib
             d["history"] = [{"step": r["step"], "val_loss": r["val_loss"]} for r in m.history]
             models[m.name] = d
         return {
@@ -136,8 +157,9 @@ class ComparisonResult:
                 "flops_per_token": "2 * active matmul params + attention scores at context seq_len; train = 3x",
                 "tokens_per_s": "median over steady-state training steps (data + forward + backward + AdamW)",
                 "steps_to_dense_loss": "per model, the same crossing as moe_steps_to_dense_loss",
-                "quality_per_tflop": "(ln(vocab_size) - val_loss) / (train_flops / 1e12): nats per token learned "
-                "beyond a uniform guess, per training TFLOP spent (train_flops = train_flops_per_token x tokens)",
+                "quality_per_tflop": "(ln(vocab_size) - L) / (B / 1e12): nats per token learned beyond a uniform "
+                "guess per training TFLOP, at B = the dense run's train_flops (train_flops_per_token x tokens), L = "
+                "the model's val loss interpolated on its eval curve at B",
                 "quality_per_mib": f"(ln(vocab_size) - val_loss) / (weight_bytes / 2^20), weights in {WEIGHT_DTYPE}",
             },
         }
@@ -228,9 +250,12 @@ def compare(
         logger.info("%s: val_loss %s, %.0f tokens/s", name, result.val_loss, result.tokens_per_s)
 
     dense = summaries["dense"]
-    if dense.val_loss is not None and dense.stopped_reason is None:
-        for role, m in summaries.items():
-            if role != "dense" and (steps := steps_to_reach(m.history, dense.val_loss)) is not None:
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+    for role, m in summaries.items():
+        summaries[role] = m = replace(m, quality_per_tflop=quality_per_tflop(
+            m.history, m.vocab_size, m.train_flops_per_token * tokens_per_step, dense.train_flops))
+        if role != "dense" and dense.val_loss is not None and dense.stopped_reason is None:
+            if (steps := steps_to_reach(m.history, dense.val_loss)) is not None:
                 summaries[role] = replace(m, steps_to_dense_loss=steps,
                                           steps_to_dense_loss_ratio=steps / dense.steps_done)
     moe = summaries["moe"]
@@ -374,7 +399,8 @@ def _aligned(table: list[list[str]]) -> list[str]:
 
 
 TRADEOFF_NOTE = ("quality = ln(vocab) - val loss (nats/token learned beyond a uniform guess); nats/TFLOP: per "
-                 f"training TFLOP spent; nats/MiB: per MiB of weights ({WEIGHT_DTYPE}, every expert resident)")
+                 "training TFLOP, at the dense run's training FLOPs (equal compute); nats/MiB: final quality per "
+                 f"MiB of weights ({WEIGHT_DTYPE}, every expert resident)")
 
 
 def render_table(result: ComparisonResult) -> str:
