@@ -44,10 +44,10 @@ DENSE_TOTAL = "tiny-dense-total"
 
 # The one sentence on why top-2 of 8 needs more tokens (BENCHMARKS.md, "Where does the MoE win?").
 TOP2_NOTE = (
-    "Why top-2 of 8 trails here: each of its 8 wide experts trains on only a quarter of the tokens and "
-    "nothing is shared, so at this budget its extra parameters are undertrained (it needs ~10x the tokens "
-    "before capacity, not data, limits the dense twin), while the shared expert sees every token and 32 "
-    "narrow experts, 4 per token, give more combinations from the same active width (DeepSeekMoE).")
+    "Why top-2 of 8 needs more tokens: all of its active width is routed, so each of its FFN weights learns "
+    "from only a quarter of the tokens where the dense twin's learn from all of them, and at this budget the "
+    "extra capacity does not yet pay for that; the fine-grained MoE keeps half its active width in a shared "
+    "expert that sees every token and spends the other half on 4 of 32 narrow experts (DeepSeekMoE).")
 
 
 @dataclass(frozen=True, kw_only=True)
