@@ -1,6 +1,6 @@
 """Benchmark: the demo's comparison over seeds, exactly as `moelab demo` trains it.
 
-    python -m benchmarks.demo_seeds --seeds 0 1 [--threads 1] [--out runs/bench/demo-seeds] [--json]
+    python -m benchmarks.demo_seeds --seeds 0 1 [--threads 1] [--out runs/bench/demo-seeds] [--json] [--steps N]
 
 `moelab.lab.demo.demo_models` and `demo_train_config` (the demo's presets and
 `TrainConfig`, nothing re-typed here) through `moelab.train.compare.compare_seeds`: per
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--steps", type=int, default=None, help="override the demo's steps (a smoke run)")
     p.add_argument("--out", default="runs/bench/demo-seeds")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     threads = set_threads(args.threads)
-    cfg = DemoConfig()
+    cfg = DemoConfig() if args.steps is None else DemoConfig(compare_steps=args.steps)
     models = demo_models(cfg)
     data = prepare_data(args.cache_dir, vocab_size=models["moe"][1].vocab_size)
     t0 = time.perf_counter()
