@@ -112,3 +112,10 @@ def test_demo_cli_rejects_bad_flags_in_one_line(capsys):
     assert main(["demo", "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert "--steps must be >= 1" in err and "Traceback" not in err
+
+
+def test_demo_json_has_no_nan_anywhere():
+    from moelab.lab.demo import _json_safe
+
+    assert _json_safe({"a": [1.0, float("nan")], "b": {"c": float("inf"), "d": "x", "e": 2}}) == \
+        {"a": [1.0, None], "b": {"c": None, "d": "x", "e": 2}}

@@ -55,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
     result = run_demo(args.out, config=cfg, cache_dir=args.cache_dir, progress=not args.no_progress, on_stage=show)
     print(f"\ndemo done in {time.perf_counter() - start:.0f} s; report: {result.report}", file=stage_out)
     if args.json:
-        print(json.dumps(demo_json(result), indent=2))
+        print(json.dumps(demo_json(result), indent=2, allow_nan=False))
     return 0

@@ -207,6 +207,17 @@ def _finite(x: float | None) -> float | None:
     return x if x is None or math.isfinite(x) else None
 
 
+def _json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float (anywhere, e.g. in the collapse runs' figures) as None."""
+    if isinstance(obj, float):
+        return _finite(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def demo_json(result: DemoResult) -> dict[str, Any]:
     """The `moelab demo --json` object (keys documented in docs/train.md, "The demo").
 
@@ -214,7 +225,8 @@ def demo_json(result: DemoResult) -> dict[str, Any]:
     steps to reach the dense model's final val loss / dense steps (null: never), quality
     per training TFLOP and per MiB of weights (`moelab.train.compare`); ``collapse`` is
     `ExperimentResult.json_summary()` as it is (each run's measured figures);
-    ``seconds``: wall time per stage and in total."""
+    ``seconds``: wall time per stage and in total. Non-finite floats become None (JSON
+    has no NaN), so the object always serialises as strict JSON."""
     cmp = result.comparison
     models = {}
     for role, m in cmp.models.items():
@@ -232,7 +244,7 @@ def demo_json(result: DemoResult) -> dict[str, Any]:
             "weight_bytes": m.weight_bytes,
             "steps_done": m.steps_done,
         }
-    return {
+    return _json_safe({
         "format": DEMO_JSON_FORMAT,
         "version": 1,
         "compare": {
@@ -244,7 +256,7 @@ def demo_json(result: DemoResult) -> dict[str, Any]:
         "collapse": result.collapse.json_summary(),
         "seconds": dict(result.seconds),
         "report": str(result.report),
-    }
+    })
 
 
 _DESIGN_KEYS = ("num_experts", "top_k", "d_expert", "num_shared_experts", "d_shared_expert")
