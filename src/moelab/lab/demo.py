@@ -15,8 +15,10 @@ returned in `DemoResult`; `on_stage(name, text)` receives each stage's printable
 as soon as it is ready (the CLI prints it), since the library itself never prints.
 `demo_json` is the `moelab demo --json` object (keys in docs/train.md, "The demo").
 
-What the demo compares and how it trains (`DEMO_MODELS`, `demo_train_config`) is what
-`benchmarks/demo_seeds.py` measured over seeds (BENCHMARKS.md, "The demo's MoE").
+What the demo compares and how it trains (`DEMO_MODELS`, `demo_train_config`: the presets
+and `TrainConfig`'s defaults in fp32) is what BENCHMARKS.md ("The demo's MoE") measured
+with `moelab compare --seeds` and `benchmarks/sweep.py`; `benchmarks/demo_seeds.py`
+reruns exactly this comparison over seeds.
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ class DemoConfig:
     seq_len: int = 128
     eval_interval: int = 25
     eval_batches: int = 4
-    # fp32: bf16 autocast makes the fine-grained MoE's step slower on an AVX512-BF16 CPU
-    # (its experts are 64 wide: 32 small GEMMs plus casts) and the dense one faster, so it
-    # buys no tokens for the three models together (BENCHMARKS.md, "The demo's MoE").
+    # fp32: on this AVX512-BF16 CPU bf16 autocast made the fine-grained MoE's step slower
+    # (its experts are only 64 wide) and the dense one faster, interleaved in one process,
+    # so it buys no tokens for the three models together (BENCHMARKS.md, "The demo's MoE").
     precision: str = "fp32"
     moe_coarse: bool = True  # the Mixtral-style top-2 row
     dense_total: bool = False  # the dense model with all the experts' width (+~40% compare time)
