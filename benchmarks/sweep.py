@@ -137,7 +137,7 @@ QUALITY3_VARIANTS: dict[str, dict[str, Any]] = {
 # Round 4 (CPU, issue #17): the demo's budget (~600 steps x batch 8 of tokens for three
 # models in ~6 minutes on 2 cores), searching for the fine-grained + shared MoE reaching
 # its dense twin in <= 0.8x the steps in two seeds. Every variant is run for seeds 0 and
-# 1 (`seed_pairs`); "_eval_batches" sets TrainConfig.eval_batches (default 4).
+# 1 (`seed_pairs`).
 QUALITY4_VARIANTS: dict[str, dict[str, Any]] = {
     "fg-s300": dict(FG, steps=300),
     "fg-bs16-s300": dict(FG, batch_size=16, steps=300),
@@ -197,8 +197,6 @@ def quality_tasks(variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         for role in roles:
             train = dict(steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
                          seed=s["seed"])
-            if "_eval_batches" in s:
-                train["eval_batches"] = s["_eval_batches"]
             tasks.append(dict(grid="quality", variant=name, role=role, settings=s, train=train, vocab=s["vocab"]))
     return tasks
 
