@@ -9,8 +9,9 @@
 4. the MoE's expert specialisation on held-out text (`moelab.lab.specialization`);
 5. one self-contained HTML report (`moelab.lab.report`).
 
-Sized for < ~10 minutes on 2 CPU cores including building the corpus and tokenizer on the
-first run (later runs reuse the cache). Each step is a library call whose result is
+Sized for ~10 minutes on 2 CPU cores; measured 11.5 minutes with 1 torch thread on a
+lightly shared machine, the comparison 10.3 of them (BENCHMARKS.md, "The demo's MoE"),
+plus building the corpus and tokenizer on the first run (later runs reuse the cache). Each step is a library call whose result is
 returned in `DemoResult`; `on_stage(name, text)` receives each stage's printable output
 as soon as it is ready (the CLI prints it), since the library itself never prints.
 `demo_json` is the `moelab demo --json` object (keys in docs/train.md, "The demo").
@@ -54,9 +55,9 @@ TOP2_NOTE = (
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """Scale of the demo. The defaults fit the ~10 minute budget on 2 CPU cores."""
+    """Scale of the demo. The defaults aim at ~10 minutes on 2 CPU cores (measured: 11.5)."""
 
-    # The comparison: ~5 minutes for the three models on 2 quiet CPU cores. The collapse
+    # The comparison: 619 s for the three models (1 thread, load ~2; BENCHMARKS.md). The collapse
     # experiment runs at the lab's default scale: at the "quick" scale (80 steps) the
     # aux-loss cure has not yet revived the starved experts, so the demo would show no cure.
     compare_steps: int = 600
