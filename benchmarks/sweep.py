@@ -3,6 +3,10 @@
     python -m benchmarks.sweep quality     --out runs/sweep/quality     [--workers N] [--budget-s S]
     python -m benchmarks.sweep quality2    --out runs/sweep/quality2    (round 2: shared + fine-grained)
     python -m benchmarks.sweep quality3    --out runs/sweep/quality3    (round 3: narrow models, CPU)
+    python -m benchmarks.sweep quality4    --out runs/sweep/quality4    (round 4: the demo's budget, CPU)
+    python -m benchmarks.sweep quality4b   --out runs/sweep/quality4b   (round 4b: screening designs)
+    python -m benchmarks.sweep quality4c   --out runs/sweep/quality4c   (round 4c: the aux coefficient)
+    python -m benchmarks.sweep quality4d   --out runs/sweep/quality4d   (round 4d: the demo's scale, 2 seeds)
     python -m benchmarks.sweep instability --out runs/sweep/instability [--workers N] [--budget-s S]
     (--device cuda --precision fp32 --cache-entry runs/cache/data/<entry> on a GPU machine)
 
@@ -130,6 +134,42 @@ QUALITY3_VARIANTS: dict[str, dict[str, Any]] = {
     "d32-E32k4s1-de128": dict(FG, d_expert=128, d_model=32, n_heads=2, n_kv_heads=1),
     "d32-E64k8s1": dict(FG, num_experts=64, top_k=8, d_shared=256, d_model=32, n_heads=2, n_kv_heads=1),
 }
+# Round 4 (CPU, issue #17): the demo's budget (~600 steps x batch 8 of tokens for three
+# models in ~6 minutes on 2 cores), searching for the fine-grained + shared MoE reaching
+# its dense twin in <= 0.8x the steps in two seeds. Every variant is run for seeds 0 and
+# 1 (`seed_pairs`).
+QUALITY4_VARIANTS: dict[str, dict[str, Any]] = {
+    "fg-s300": dict(FG, steps=300),
+    "fg-bs16-s300": dict(FG, batch_size=16, steps=300),
+}
+# Round 4b: screening at 300 steps, seed 0, MoE only (the dense model is fg-s300-seed0's):
+# fewer experts see more tokens each (the budget, not capacity, limits), less aux loss,
+# more of the active width routed.
+QUALITY4B_VARIANTS: dict[str, dict[str, Any]] = {
+    "fg-aux1e-3-s300": dict(FG, aux=1e-3, steps=300, _roles=("moe",)),
+    "E16k4s1-s300": dict(FG, num_experts=16, steps=300, _roles=("moe",)),
+    "E32k6s1-ds128-s300": dict(FG, top_k=6, d_shared=128, steps=300, _roles=("moe",)),
+    "E8k2s1-de128-s300": dict(FG, num_experts=8, top_k=2, d_expert=128, steps=300, _roles=("moe",)),
+}
+# Round 4c: after 4b (aux 1e-3 and 16 experts both lost ground to fg-s300): balance harder.
+QUALITY4C_VARIANTS: dict[str, dict[str, Any]] = {
+    "fg-aux3e-2-s300": dict(FG, aux=3e-2, steps=300, _roles=("moe",)),
+    "fg-aux1e-1-s300": dict(FG, aux=1e-1, steps=300, _roles=("moe",)),
+}
+# Round 4d: the demo's scale (600 x 8, TrainConfig's defaults, fp32) over seeds 0 and 1:
+# tiny-finegrained-moe with its dense twin (what the demo trains), and the aux 0.1 lead of
+# 4c (MoE only: its dense model is fg's of the same seed).
+QUALITY4D_VARIANTS: dict[str, dict[str, Any]] = {
+    "fg": dict(FG),
+    "fg-aux1e-1": dict(FG, aux=1e-1, _roles=("moe",)),
+}
+
+
+def seed_pairs(variants: dict[str, dict[str, Any]], seeds: tuple[int, ...] = (0, 1)) -> dict[str, dict[str, Any]]:
+    """Each variant once per seed, named ``<variant>-seed<s>``."""
+    return {f"{name}-seed{s}": dict(over, seed=s) for name, over in variants.items() for s in seeds}
+
+
 # Variants that also train the dense model with the MoE's total FFN width.
 QUALITY_WITH_TOTAL = {"base", "bs32-steps1200", "d64-bs32-steps1200", "bs32-v2048", "bs64-steps1200"}
 
@@ -233,8 +273,8 @@ def run_task(task: dict[str, Any], runs_root: str, device: str, precision: str, 
     s = task["settings"]
     run_dir = Path(runs_root) / task["grid"] / task["variant"] / task["role"]
     train_kw = {"precision": precision, **task["train"]}
-    train_cfg = TrainConfig(device=device, eval_interval=25, eval_batches=4, checkpoint_interval=0,
-                            log_interval=50, **{"seed": 0, **train_kw})
+    train_cfg = TrainConfig(device=device, eval_interval=25, checkpoint_interval=0, log_interval=50,
+                            **{"seed": 0, "eval_batches": 4, **train_kw})
     model = None
     if task["grid"] == "quality":
         cfg = quality_models(s)[task["role"]]
@@ -287,7 +327,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("grid", choices=["quality", "quality2", "quality3", "instability"])
+    p.add_argument("grid", choices=["quality", "quality2", "quality3", "quality4", "quality4b", "quality4c", "quality4d", "instability"])
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -314,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--cache-entry {entry}: {e}")
     tasks = {"quality": lambda: quality_tasks(QUALITY_VARIANTS), "quality2": lambda: quality_tasks(QUALITY2_VARIANTS),
              "quality3": lambda: quality_tasks(QUALITY3_VARIANTS),
+             "quality4": lambda: quality_tasks(seed_pairs(QUALITY4_VARIANTS)),
+             "quality4b": lambda: quality_tasks(QUALITY4B_VARIANTS),
+             "quality4c": lambda: quality_tasks(QUALITY4C_VARIANTS),
+             "quality4d": lambda: quality_tasks(seed_pairs(QUALITY4D_VARIANTS)),
              "instability": instability_tasks}[args.grid]()
     if args.only:
         tasks = [t for t in tasks if t["variant"] in set(args.only)]

@@ -135,22 +135,39 @@ def test_collapse_verdict_fails_when_a_cost_is_not_measured(field: str) -> None:
     assert any(f"costs NOT measured: broken-no-aux lacks {field}" in line for line in v.lines)
 
 
-@pytest.mark.parametrize(("changes", "says"), [
+@pytest.mark.parametrize(("changes", "says", "rule"), [
     # The collapsed run still has the best loss at the horizon: the capacity cost is not shown.
-    ({"broken-no-aux": dict(val_loss=4.40)}, "the collapsed run is still ahead"),
+    ({"broken-no-aux": dict(val_loss=4.40)}, "the collapsed run is still ahead", 5),
     # A collapsed router that drops no more than the cure: no system cost shown.
-    ({"broken-no-aux": dict(dropped_at_capacity=0.01)}, "does NOT clearly cost"),
+    ({"broken-no-aux": dict(dropped_at_capacity=0.01)}, "does NOT clearly cost", 4),
     # The dense twin is as good as the balanced MoE: the collapsed one is the odd one out.
-    ({"dense-active": dict(val_loss=4.45)}, "NOT nearer to it"),
+    ({"dense-active": dict(val_loss=4.45)}, "NOT nearer to it", 6),
     # The aux loss balances more cheaply than the aux-free bias.
-    ({"aux-loss": dict(val_loss=4.45)}, "the aux-free bias is NOT cheaper"),
+    ({"aux-loss": dict(val_loss=4.45)}, "the aux-free bias is NOT cheaper", 7),
     # Without the dense twin there is nothing to compare the collapsed MoE with.
-    ({"dense-active": dict(val_loss=None)}, "dense-active NOT run"),
+    ({"dense-active": dict(val_loss=None)}, "dense-active NOT run", 6),
 ])
-def test_collapse_verdict_fails_each_lesson_it_does_not_see(changes: dict, says: str) -> None:
+def test_collapse_verdict_fails_each_lesson_it_does_not_see(changes: dict, says: str, rule: int) -> None:
     v = REGISTRY["collapse"].verdict(collapse_runs(**changes), 8)
     assert not v.passed
     assert any(says in line for line in v.lines), v.lines
+    # The failed rule is marked (what the demo's summary line reads); the others are judged too.
+    assert v.rules[rule] is False and set(v.rules) == set(range(1, 8)) and v.rules[1] and v.rules[3]
+
+
+def test_the_demo_says_which_lessons_its_scale_shows() -> None:
+    from moelab.lab.demo import collapse_summary
+    from moelab.lab.failures import ExperimentResult
+
+    def result(v):
+        return ExperimentResult(experiment="collapse", runs={}, verdicts=v.lines, plots={}, out_dir="", num_experts=8,
+                                top_k=2, passed=v.passed, rules=v.rules)
+
+    assert collapse_summary(result(REGISTRY["collapse"].verdict(collapse_runs(), 8))).startswith("every lesson")
+    short = collapse_summary(result(REGISTRY["collapse"].verdict(collapse_runs(
+        **{"broken-no-aux": dict(val_loss=4.40)}), 8)))
+    assert "NOT shown: [5] collapse wastes capacity" in short and "--scale long" in short
+    assert "[4] collapse costs the system" in short.split("NOT shown")[0]
 
 
 def test_instability_probe_is_reported_not_paired() -> None:

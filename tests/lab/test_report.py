@@ -60,6 +60,25 @@ def test_report_shows_the_verdict_that_experiment_json_holds(lab_dir, tmp_path, 
     assert ("<span class='bad'>not shown</span>" in doc) == (not passed)
 
 
+def test_report_shows_a_comparison_as_its_tradeoff_table(tmp_path) -> None:
+    """A `moelab compare` folder (comparison.json, runs below it) gives the summary its
+    trade-off table: quality per FLOP beside quality per byte, as comparison.json holds them."""
+    def model(role, val, ratio, q_flop, q_mib):
+        return {"role": role, "total_params": 5_000_000, "active_params": 3_000_000, "train_flops_per_token": 1.26e7,
+                "val_loss": val, "steps_to_dense_loss_ratio": ratio, "quality_per_tflop": q_flop,
+                "quality_per_mib": q_mib}
+
+    cmp = {"roles": {"moe": "fg", "dense": "d", "moe_coarse": "top2"},
+           "models": {"fg": model("moe", 3.5, 0.78, 0.7213, 0.5121), "d": model("dense", 3.55, None, 0.7151, 0.9012),
+                      "top2": model("moe_coarse", 3.6, None, 0.7088, 0.4987)}}
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "comparison.json").write_text(json.dumps(cmp))
+    doc = build_report([tmp_path / "cmp"], tmp_path / "r.html").read_text(encoding="utf-8")
+    for cell in ("<th>nats/TFLOP</th>", "<th>nats/MiB</th>", "<th>steps to dense loss</th>", "<td>0.78x</td>",
+                 "<td>never</td>", "<td>0.7213</td>", "<td>0.9012</td>", "<td>top2</td>"):
+        assert cell in doc, cell
+
+
 def test_report_refuses_a_folder_with_nothing_to_report(tmp_path) -> None:
     with pytest.raises(DataError, match="nothing to report"):
         build_report([tmp_path], tmp_path / "r.html")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,18 @@ from moelab.accounting import count_params, spec_from_moelab_config
 from moelab.cli.main import main
 from moelab.errors import ConfigError
 from moelab.model import PRESETS, Transformer
-from moelab.train.compare import compare, compare_seeds, render_seeds, render_table, steps_to_reach
+from moelab.train.compare import (
+    COMPARISON_FILE,
+    compare,
+    compare_seeds,
+    learned_nats,
+    loss_at_step,
+    quality_per_mib,
+    quality_per_tflop,
+    render_seeds,
+    render_table,
+    steps_to_reach,
+)
 
 from .conftest import tiny_dense, tiny_moe, tiny_train
 
@@ -74,6 +86,59 @@ def test_compare_trains_all_on_same_stream(data, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "m", kind="train")] == list(range(1, 7))
 
 
+def test_quality_per_flop_and_per_byte_are_the_documented_ratios():
+    q = math.log(8192) - 3.5
+    assert learned_nats(3.5, 8192) == pytest.approx(q)
+    # Per byte: the final quality over the MiB of weights.
+    assert quality_per_mib(3.5, 8192, 6 * 2**20) == pytest.approx(q / 6)
+    assert quality_per_mib(None, 8192, 6 * 2**20) is None
+    hist = [{"step": 0, "val_loss": 9.0}, {"step": 10, "val_loss": 5.0}, {"step": 20, "val_loss": 3.0}]
+    assert loss_at_step(hist, 15) == pytest.approx(4.0) and loss_at_step(hist, 20) == 3.0
+    assert loss_at_step(hist, 25) is None
+    # Per FLOP, at equal compute: 1 TFLOP a step, a budget of 15 TFLOP reads the curve at step 15.
+    assert quality_per_tflop(hist, 8192, 1e12, 15e12) == pytest.approx((math.log(8192) - 4.0) / 15)
+    # A model 1.5x as costly per step meets that budget at step 10.
+    assert quality_per_tflop(hist, 8192, 1.5e12, 15e12) == pytest.approx((math.log(8192) - 5.0) / 15)
+    # A run that stopped short of the budget counts what it spent.
+    assert quality_per_tflop(hist, 8192, 0.5e12, 15e12) == pytest.approx((math.log(8192) - 3.0) / 10)
+    assert quality_per_tflop([], 8192, 1e12, 15e12) is None
+
+
+def test_every_model_gets_its_steps_to_dense_loss_and_the_tradeoff_columns(data, tmp_path):
+    models = {"moe": ("m", tiny_moe()), "dense": ("d", tiny_dense(64)), "moe_coarse": ("c", tiny_moe(top_k=1))}
+    tc = tiny_train(steps=6, eval_interval=2)
+    result = compare(models, tc, data, tmp_path, progress=False, tensorboard=False)
+    dense = result.models["dense"]
+    assert dense.steps_to_dense_loss is None and dense.steps_to_dense_loss_ratio is None
+    for role in ("moe", "moe_coarse"):
+        m = result.models[role]
+        assert m.steps_to_dense_loss == steps_to_reach(m.history, dense.val_loss)
+        assert m.steps_to_dense_loss_ratio == (None if m.steps_to_dense_loss is None
+                                               else pytest.approx(m.steps_to_dense_loss / 6))
+    for m in result.models.values():
+        assert m.tokens_trained == 6 * tc.batch_size * tc.seq_len
+        assert m.train_flops == pytest.approx(m.train_flops_per_token * m.tokens_trained)
+        assert m.weight_bytes == 2 * m.total_params  # bf16, every expert resident
+        assert m.quality_per_mib == pytest.approx(quality_per_mib(m.val_loss, m.vocab_size, m.weight_bytes))
+        assert m.quality_per_tflop == pytest.approx(quality_per_tflop(
+            m.history, m.vocab_size, m.train_flops_per_token * tc.batch_size * tc.seq_len, dense.train_flops))
+    # At its own budget the dense model's figure is its final quality over its FLOPs.
+    assert dense.quality_per_tflop == pytest.approx(learned_nats(dense.val_loss, dense.vocab_size)
+                                                    / (dense.train_flops / 1e12))
+    # Same active FLOPs, more weights: per byte the MoE pays for every expert it holds.
+    moe = result.models["moe"]
+    assert moe.weight_bytes > dense.weight_bytes
+    table = render_table(result)
+    header = table.splitlines()[0].split("  ")
+    for col in ("steps to dense loss", "nats/TFLOP", "nats/MiB"):
+        assert col in [h.strip() for h in header]
+    assert f"{moe.quality_per_mib:.4f}" in table and f"{dense.quality_per_tflop:.4f}" in table
+    # The comparison is written beside the runs (the HTML report reads it).
+    saved = json.loads((tmp_path / COMPARISON_FILE).read_text())
+    assert saved["roles"] == {"moe": "m", "dense": "d", "moe_coarse": "c"}
+    assert saved["models"]["m"]["quality_per_mib"] == pytest.approx(moe.quality_per_mib)
+
+
 def test_compare_over_seeds_aggregates_the_per_seed_runs(data, tmp_path):
     models = {"moe": ("m", tiny_moe()), "dense": ("d", tiny_dense(64))}
     res = compare_seeds(models, tiny_train(steps=4, eval_interval=2), data, tmp_path, [0, 3], progress=False,
@@ -95,6 +160,14 @@ def test_compare_over_seeds_aggregates_the_per_seed_runs(data, tmp_path):
     json.dumps(d)
     assert set(d["val_loss"]) == {"m", "d"} and len(d["per_seed"]) == 2
     assert "over seeds [0, 3]" in render_seeds(res)
+    # The seeds' trade-off table: per role the seed means of quality per FLOP and per byte.
+    trade = d["tradeoff"]
+    assert trade["dense"]["steps_to_dense_loss_ratio_per_seed"] is None
+    assert trade["moe"]["steps_to_dense_loss_ratio_per_seed"] == [r.models["moe"].steps_to_dense_loss_ratio
+                                                                    for r in res.results]
+    assert trade["moe"]["quality_per_mib_mean"] == pytest.approx(
+        sum(r.models["moe"].quality_per_mib for r in res.results) / 2)
+    assert "nats/TFLOP" in render_seeds(res) and "nats/MiB" in render_seeds(res)
     with pytest.raises(ConfigError, match="seeds must be distinct"):
         compare_seeds(models, tiny_train(), data, tmp_path / "x", [1, 1])
 

@@ -68,6 +68,7 @@ class ExperimentResult:
     top_k: int
     config: dict[str, Any] = field(default_factory=dict)
     passed: bool = True  # every claimed effect was seen
+    rules: dict[int, bool] = field(default_factory=dict)  # the verdict's numbered rules -> held
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +79,7 @@ class ExperimentResult:
             "top_k": self.top_k,
             "uniform_share": 1.0 / self.num_experts,
             "passed": self.passed,
+            "rules": {str(k): v for k, v in self.rules.items()},
             "verdicts": self.verdicts,
             "runs": {name: r.to_dict() for name, r in self.runs.items()},
             "plots": self.plots,
@@ -98,6 +100,7 @@ class ExperimentResult:
             "num_experts": self.num_experts,
             "top_k": self.top_k,
             "passed": self.passed,
+            "rules": {str(k): v for k, v in self.rules.items()},
             "verdicts": self.verdicts,
             "runs": {name: {k: getattr(r, k) for k in keys} | {"per_layer": r.per_layer}
                      for name, r in self.runs.items()},
@@ -209,6 +212,7 @@ def run_experiment(
     result = ExperimentResult(
         experiment=experiment, runs=summaries, verdicts=verdict.lines, plots={}, out_dir=str(out),
         num_experts=cfg.num_experts, top_k=cfg.top_k, config=cfg.to_dict(), passed=verdict.passed,
+        rules=verdict.rules,
     )
     made = draw_experiment_plots(experiment, metrics, out, cfg.num_experts) | exp.summary_plots(
         summaries, out / "plots", cfg.num_experts)

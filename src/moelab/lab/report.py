@@ -8,8 +8,10 @@ nothing to show says so rather than disappearing, so a reader knows what was not
 
 What a folder is, is read from its files: ``experiment.json`` (a lab experiment, whose
 runs are sub-folders), ``metrics.jsonl`` (a training run), ``analysis.json`` (a
-specialisation analysis, usually inside a run folder). A folder with none of these is
-searched down to two levels below it.
+specialisation analysis, usually inside a run folder), ``comparison.json`` (a `moelab
+compare` folder, whose runs are sub-folders: the summary shows its trade-off table,
+quality per FLOP beside quality per byte). A folder with none of these is searched
+down to two levels below it.
 
 This module owns every piece of analysis HTML too (tables, coloured text, the
 ``analysis.html`` fragment): functions of ``analysis.json``'s dict, not of the statistics code.
@@ -34,6 +36,7 @@ from moelab.lab.failures import load_experiment, verdict_table
 from moelab.lab.metrics import RunMetrics
 from moelab.lab.plots import data_uri, img_tag
 from moelab.rundir.files import CONFIG_FILE, read_run_config
+from moelab.train.compare import COMPARISON_FILE, TRADEOFF_NOTE
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class Sources:
     runs: list[Path] = field(default_factory=list)  # training runs (metrics.jsonl)
     experiments: list[Path] = field(default_factory=list)  # lab experiments (experiment.json)
     analyses: list[Path] = field(default_factory=list)  # analysis.json files
+    comparisons: list[Path] = field(default_factory=list)  # comparison.json files (moelab compare)
     skipped: list[str] = field(default_factory=list)  # "folder (why)" for folders not searched
 
 
@@ -87,6 +91,9 @@ def find_sources(paths: Sequence[str | Path]) -> Sources:
         if (p / "analysis.json").is_file():
             src.analyses.append(p / "analysis.json")
             found = True
+        # A comparison folder is also searched: its runs are its sub-folders.
+        if (p / COMPARISON_FILE).is_file():
+            src.comparisons.append(p / COMPARISON_FILE)
         if not found and p.is_dir():
             for child in sorted(c for c in p.iterdir() if c.is_dir()):
                 if child.name.startswith("."):
@@ -95,7 +102,7 @@ def find_sources(paths: Sequence[str | Path]) -> Sources:
                     src.skipped.append(f"{child} (a symlink, not followed)")
                 elif child.name not in _NOT_RUNS:
                     found |= visit(child, depth + 1)
-        return found
+        return found or (p / COMPARISON_FILE).is_file()
 
     for raw in paths:
         p = Path(raw)
@@ -105,7 +112,7 @@ def find_sources(paths: Sequence[str | Path]) -> Sources:
             p = p.parent
         if not visit(p):
             raise DataError(
-                f"{p} holds no metrics.jsonl, experiment.json or analysis.json (nor do its sub-folders): "
+                f"{p} holds no metrics.jsonl, experiment.json, analysis.json or comparison.json (nor do its sub-folders): "
                 "nothing to report"
             )
     return src
@@ -253,6 +260,33 @@ def analysis_html_fragment(analysis: Mapping[str, Any], images: Mapping[str, str
     return "\n".join(parts)
 
 
+# --------------------------------------------------------------------------- comparison HTML
+
+
+def comparison_table_html(comparison: Mapping[str, Any]) -> str:
+    """The trade-off table of one `moelab compare` result (the dict of ``comparison.json``):
+    per model its size, compute, val loss, steps to the dense model's final val loss, and
+    quality per training TFLOP beside quality per MiB of weights (`moelab.train.compare`)."""
+    roles = comparison["roles"]
+    head = ["model", "role", "total params", "active params", "train GFLOP/tok", "val loss",
+            "steps to dense loss", "nats/TFLOP", "nats/MiB"]
+
+    def num(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    rows = []
+    for role, name in roles.items():
+        m = comparison["models"][name]
+        ratio = m.get("steps_to_dense_loss_ratio")
+        cells = [name, role, f"{m['total_params'] / 1e6:.2f}M", f"{m['active_params'] / 1e6:.2f}M",
+                 f"{m['train_flops_per_token'] / 1e9:.4f}", num(m.get("val_loss"), ".4f"),
+                 "-" if role == "dense" else ("never" if ratio is None else f"{ratio:.2f}x"),
+                 num(m.get("quality_per_tflop"), ".4f"), num(m.get("quality_per_mib"), ".4f")]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(rows)
+            + f"</table><p class='note'>{html.escape(TRADEOFF_NOTE)}</p>")
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -272,8 +306,8 @@ def build_report(
     """
     src = find_sources(paths)
     out_path = Path(out_path)
-    logger.info("report: %d run(s), %d experiment(s), %d analysis file(s)", len(src.runs), len(src.experiments),
-                len(src.analyses))
+    logger.info("report: %d run(s), %d experiment(s), %d analysis file(s), %d comparison(s)", len(src.runs),
+                len(src.experiments), len(src.analyses), len(src.comparisons))
     if src.skipped:
         logger.info("report: skipped %s", "; ".join(src.skipped))
 
@@ -282,6 +316,13 @@ def build_report(
                + ", ".join(f"<code>{html.escape(str(p))}</code>" for p in paths) + ".</p>"]
     for heading, text in summary_blocks:
         summary.append(f"<h3>{html.escape(heading)}</h3><pre>{html.escape(text)}</pre>")
+    for c_path in src.comparisons:
+        c = _read_json(c_path)
+        if not c or "roles" not in c or "models" not in c:
+            logger.warning("%s is not a moelab comparison; skipped", c_path)
+            continue
+        summary.append(f"<h3>MoE vs dense: the trade-off <span class='note'>({html.escape(str(c_path.parent))})"
+                       f"</span></h3>" + comparison_table_html(c))
     if src.runs:
         rows = []
         for run in src.runs:

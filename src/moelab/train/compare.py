@@ -1,19 +1,31 @@
 """MoE vs dense: train matched models on the same token stream and compare.
 
-Three models: the MoE, the dense model with the MoE's *active* FFN width (same FLOPs per
-token: the fair compute baseline) and, optionally, the dense model with the MoE's *total*
-FFN width (same parameters, E/K times the FFN compute: the other side of the trade). All
-train with the same `TrainConfig` (so the same seed and the same step-indexed batches).
+Up to four models: the MoE, the dense model with the MoE's *active* FFN width (same FLOPs
+per token: the fair compute baseline), optionally the dense model with the MoE's *total*
+FFN width (same parameters, E/K times the FFN compute: the other side of the trade) and
+optionally a second, coarse-grained MoE (``moe_coarse``: e.g. Mixtral-style top-2 of 8
+beside a fine-grained main MoE). All train with the same `TrainConfig` (so the same seed
+and the same step-indexed batches).
 
-Steps to reach a loss: the first point where the MoE's validation curve (evaluated every
+Steps to reach a loss: the first point where a model's validation curve (evaluated every
 ``eval_interval`` steps, plus step 0) falls to the dense model's *final* validation loss,
-linearly interpolated between the two eval points that bracket it. ``None`` when the MoE
-never gets there within the run.
+linearly interpolated between the two eval points that bracket it. ``None`` when the
+model never gets there within the run. Every model but the dense one gets the figure.
+
+The trade-off (docs/train.md, "Quality per FLOP and per byte"): a model's *quality* is
+``ln(vocab) - val_loss``, the nats per token it has learned beyond a uniform guess over
+the vocabulary. Quality per FLOP is taken at *equal training compute*: the quality on the
+model's eval curve at the training FLOPs the dense model spent in its whole run (its val
+loss interpolated there), divided by those TFLOP. Quality per byte is the final quality
+divided by the weights' size (MiB, bf16: every expert resident). An MoE with its dense
+twin's active FLOPs wins the first exactly when its loss at the dense budget is lower,
+and loses the second unless its loss falls as fast as its weights grow.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,15 +33,61 @@ from typing import Any
 
 from moelab.accounting import count_params, spec_from_moelab_config
 from moelab.accounting.flops import forward_flops_per_token, training_flops_per_token
+from moelab.accounting.memory import weight_bytes
 from moelab.data import PreparedData
 from moelab.errors import ConfigError
+from moelab.io import atomic_write_json
 from moelab.model import ModelConfig
 from moelab.rundir.files import STATE_FILE
 from moelab.train.trainer import TrainConfig, TrainResult, train
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("moe", "dense", "dense_total")
+ROLES = ("moe", "dense", "dense_total", "moe_coarse")
+# Written by `compare` beside the run directories (`ComparisonResult.to_dict()`); the
+# HTML report (`moelab.lab.report`) shows it as the trade-off table.
+COMPARISON_FILE = "comparison.json"
+# The weights' dtype of "quality per byte": what a served model holds (`moelab size`'s default).
+WEIGHT_DTYPE = "bf16"
+MIB = 2**20
+
+
+def learned_nats(val_loss: float, vocab_size: int) -> float:
+    """Quality of a language model: ``ln(vocab_size) - val_loss``, the nats per token its
+    predictions gain over a uniform guess (0 at initialisation, up to ln V for a perfect
+    predictor). A loss is not a quantity one can divide by a cost; this is (more is better)."""
+    return math.log(vocab_size) - val_loss
+
+
+def loss_at_step(history: list[dict], step: float) -> float | None:
+    """The val loss of an eval curve at a (fractional) `step`, linearly interpolated
+    between the eval points that bracket it; None outside the curve."""
+    points = sorted((r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None)
+    for (s0, l0), (s1, l1) in zip(points, points[1:], strict=False):
+        if s0 <= step <= s1:
+            return l0 if s1 == s0 else l0 + (l1 - l0) * (step - s0) / (s1 - s0)
+    return points[-1][1] if points and points[-1][0] == step else None
+
+
+def quality_per_tflop(history: list[dict], vocab_size: int, flops_per_step: float,
+                      budget_flops: float) -> float | None:
+    """Quality (`learned_nats`) at `budget_flops` of training compute, per TFLOP: the eval
+    curve read at step ``budget / flops_per_step`` (or at its end, with the FLOPs it spent,
+    if the run stopped short of the budget). None without a val loss there."""
+    points = [r for r in history if r.get("val_loss") is not None]
+    if not points or flops_per_step <= 0:
+        return None
+    last = max(r["step"] for r in points)
+    step = min(budget_flops / flops_per_step, last)
+    loss = loss_at_step(points, step)
+    if loss is None or not math.isfinite(loss) or step <= 0:
+        return None
+    return learned_nats(loss, vocab_size) / (step * flops_per_step / 1e12)
+
+
+def quality_per_mib(val_loss: float | None, vocab_size: int, weight_bytes_: float) -> float | None:
+    """Final quality (`learned_nats`) per MiB of weights; None without a val loss."""
+    return None if val_loss is None else learned_nats(val_loss, vocab_size) / (weight_bytes_ / MIB)
 
 
 @dataclass(frozen=True)
@@ -40,6 +98,10 @@ class ModelSummary:
     active_params: int  # per token: total minus the routed experts a token does not use
     forward_flops_per_token: float  # at context = seq_len (moelab.accounting.flops)
     train_flops_per_token: float  # 3x forward
+    vocab_size: int
+    tokens_trained: int  # steps_done x batch_size x seq_len
+    train_flops: float  # train_flops_per_token x tokens_trained: the run's training compute
+    weight_bytes: float  # all parameters at WEIGHT_DTYPE (every expert resident)
     tokens_per_s: float
     step_time_s: float
     val_loss: float | None
@@ -50,6 +112,18 @@ class ModelSummary:
     run_dir: str | None = None
     threads: int = 0
     load_avg: float | None = None  # median 1-minute load average while it trained: timings depend on it
+    # Steps (interpolated) to reach the dense model's final val loss, and / dense steps;
+    # None for the dense model itself and for a model that never got there.
+    steps_to_dense_loss: float | None = None
+    steps_to_dense_loss_ratio: float | None = None
+    # Nats learned per TFLOP at the dense run's training FLOPs (`quality_per_tflop`); set by
+    # `compare`, which knows that budget.
+    quality_per_tflop: float | None = None
+
+    @property
+    def quality_per_mib(self) -> float | None:
+        """Nats per token learned (`learned_nats`) per MiB of weights (WEIGHT_DTYPE)."""
+        return quality_per_mib(self.val_loss, self.vocab_size, self.weight_bytes)
 
 
 @dataclass(frozen=True)
@@ -65,6 +139,7 @@ class ComparisonResult:
         models = {}
         for m in self.models.values():
             d = asdict(m)
+            d["quality_per_mib"] = m.quality_per_mib
             d["history"] = [{"step": r["step"], "val_loss": r["val_loss"]} for r in m.history]
             models[m.name] = d
         return {
@@ -81,6 +156,11 @@ class ComparisonResult:
                 "active_params": "parameters used per token (routed experts: top_k of num_experts)",
                 "flops_per_token": "2 * active matmul params + attention scores at context seq_len; train = 3x",
                 "tokens_per_s": "median over steady-state training steps (data + forward + backward + AdamW)",
+                "steps_to_dense_loss": "per model, the same crossing as moe_steps_to_dense_loss",
+                "quality_per_tflop": "(ln(vocab_size) - L) / (B / 1e12): nats per token learned beyond a uniform "
+                "guess per training TFLOP, at B = the dense run's train_flops (train_flops_per_token x tokens), L = "
+                "the model's val loss interpolated on its eval curve at B",
+                "quality_per_mib": f"(ln(vocab_size) - val_loss) / (weight_bytes / 2^20), weights in {WEIGHT_DTYPE}",
             },
         }
 
@@ -100,13 +180,19 @@ def steps_to_reach(history: list[dict], target: float) -> float | None:
 def summarize(name: str, role: str, cfg: ModelConfig, train_cfg: TrainConfig, result: TrainResult) -> ModelSummary:
     spec = spec_from_moelab_config(cfg, name=name)
     counts = count_params(spec)
+    train_flops_per_token = training_flops_per_token(spec, counts, train_cfg.seq_len)
+    tokens = result.steps_done * train_cfg.batch_size * train_cfg.seq_len
     return ModelSummary(
         name=name,
         role=role,
         total_params=counts.total,
         active_params=counts.active,
         forward_flops_per_token=forward_flops_per_token(spec, counts, train_cfg.seq_len),
-        train_flops_per_token=training_flops_per_token(spec, counts, train_cfg.seq_len),
+        train_flops_per_token=train_flops_per_token,
+        vocab_size=cfg.vocab_size,
+        tokens_trained=tokens,
+        train_flops=train_flops_per_token * tokens,
+        weight_bytes=weight_bytes(counts, WEIGHT_DTYPE),
         tokens_per_s=result.tokens_per_s,
         step_time_s=result.step_time_s,
         val_loss=result.val_loss,
@@ -163,20 +249,27 @@ def compare(
         summaries[role] = summarize(name, role, cfg, train_cfg, result)
         logger.info("%s: val_loss %s, %.0f tokens/s", name, result.val_loss, result.tokens_per_s)
 
-    moe, dense = summaries["moe"], summaries["dense"]
-    steps = ratio = None
-    if dense.val_loss is not None and dense.stopped_reason is None:
-        steps = steps_to_reach(moe.history, dense.val_loss)
-        if steps is not None:
-            ratio = steps / dense.steps_done
+    dense = summaries["dense"]
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+    for role, m in summaries.items():
+        summaries[role] = m = replace(m, quality_per_tflop=quality_per_tflop(
+            m.history, m.vocab_size, m.train_flops_per_token * tokens_per_step, dense.train_flops))
+        if role != "dense" and dense.val_loss is not None and dense.stopped_reason is None:
+            if (steps := steps_to_reach(m.history, dense.val_loss)) is not None:
+                summaries[role] = replace(m, steps_to_dense_loss=steps,
+                                          steps_to_dense_loss_ratio=steps / dense.steps_done)
+    moe = summaries["moe"]
+    steps, ratio = moe.steps_to_dense_loss, moe.steps_to_dense_loss_ratio
     time_ratio = moe.step_time_s / dense.step_time_s if dense.step_time_s > 0 else None
-    return ComparisonResult(
+    result = ComparisonResult(
         models=summaries,
         moe_steps_to_dense_loss=steps,
         moe_steps_to_dense_loss_ratio=ratio,
         time_per_step_ratio=time_ratio,
         train_config=train_cfg.to_dict(),
     )
+    atomic_write_json(out_dir / COMPARISON_FILE, result.to_dict())
+    return result
 
 
 @dataclass(frozen=True)
@@ -217,10 +310,34 @@ class SeedsComparison:
         reached = steps_to_reach(mean_hist, target)
         return None if reached is None else reached / self.results[0].models["dense"].steps_done
 
+    def tradeoff(self) -> dict[str, dict[str, Any]]:
+        """The seeds' trade-off table, by role: name, val loss mean/std, the steps-to-dense-loss
+        ratio per seed, and the seed means of quality per TFLOP and per MiB (None when a
+        seed has no val loss)."""
+        stats = self.val_loss_stats()
+
+        def mean(xs: list[float | None]) -> float | None:
+            return None if any(x is None for x in xs) else sum(xs) / len(xs)
+
+        out = {}
+        for role in self.results[0].models:
+            ms = [r.models[role] for r in self.results]
+            out[role] = {
+                "name": ms[0].name,
+                "val_loss_mean": stats[role]["mean"],
+                "val_loss_std": stats[role]["std"],
+                "steps_to_dense_loss_ratio_per_seed": None if role == "dense"
+                else [m.steps_to_dense_loss_ratio for m in ms],
+                "quality_per_tflop_mean": mean([m.quality_per_tflop for m in ms]),
+                "quality_per_mib_mean": mean([m.quality_per_mib for m in ms]),
+            }
+        return out
+
     def to_dict(self) -> dict:
         times = [r.time_per_step_ratio for r in self.results if r.time_per_step_ratio is not None]
         return {
             "seeds": self.seeds,
+            "tradeoff": self.tradeoff(),
             "val_loss": {self.results[0].models[role].name: st for role, st in self.val_loss_stats().items()},
             "moe_steps_to_dense_loss_ratio_per_seed": [r.moe_steps_to_dense_loss_ratio for r in self.results],
             "moe_steps_to_dense_loss_ratio_mean_curves": self.mean_curve_ratio(),
@@ -249,10 +366,15 @@ def compare_seeds(
 def render_seeds(result: SeedsComparison) -> str:
     """Plain-text summary of a multi-seed comparison (the per-seed tables first)."""
     parts = [f"--- seed {s} ---\n{render_table(r)}" for s, r in zip(result.seeds, result.results, strict=True)]
-    lines = [f"--- over seeds {result.seeds} ---"]
-    for role, st in result.val_loss_stats().items():
-        name = result.results[0].models[role].name
-        lines.append(f"{name} ({role}): val loss " + ("-" if st["mean"] is None else f"{st['mean']:.4f} +- {st['std']:.4f}"))
+    table = [["model", "role", "val loss (mean +- std)", "steps to dense loss, per seed", "nats/TFLOP",
+              "nats/MiB"]]
+    for role, t in result.tradeoff().items():
+        per_seed = t["steps_to_dense_loss_ratio_per_seed"]
+        table.append([t["name"], role,
+                      "-" if t["val_loss_mean"] is None else f"{t['val_loss_mean']:.4f} +- {t['val_loss_std']:.4f}",
+                      "-" if per_seed is None else ", ".join(_ratio(x) for x in per_seed),
+                      _fmt(t["quality_per_tflop_mean"], ".4f"), _fmt(t["quality_per_mib_mean"], ".4f")])
+    lines = [f"--- over seeds {result.seeds}: the trade-off ---", *_aligned(table), TRADEOFF_NOTE]
     per_seed = ", ".join("never" if r is None else f"{r:.2f}x" for r in
                          (x.moe_steps_to_dense_loss_ratio for x in result.results))
     mean_ratio = result.mean_curve_ratio()
@@ -261,12 +383,33 @@ def render_seeds(result: SeedsComparison) -> str:
     return "\n\n".join(parts) + "\n\n" + "\n".join(lines)
 
 
+def _ratio(x: float | None) -> str:
+    return "never" if x is None else f"{x:.2f}x"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _aligned(table: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+TRADEOFF_NOTE = ("quality = ln(vocab) - val loss (nats/token learned beyond a uniform guess); nats/TFLOP: per "
+                 "training TFLOP, at the dense run's training FLOPs (equal compute); nats/MiB: final quality per "
+                 f"MiB of weights ({WEIGHT_DTYPE}, every expert resident)")
+
+
 def render_table(result: ComparisonResult) -> str:
-    """A plain-text table of the comparison (for the CLI)."""
+    """A plain-text table of the comparison (for the CLI), with the quality-per-FLOP and
+    quality-per-byte columns (module docstring)."""
     rows = list(result.models.values())
     domains = sorted({d for m in rows for d in m.val_loss_by_domain})
     header = ["model", "role", "total params", "active params", "train GFLOP/tok", "tokens/s", "s/step",
-              "val loss", *[f"val {d}" for d in domains]]
+              "val loss", "steps to dense loss", "nats/TFLOP", "nats/MiB", *[f"val {d}" for d in domains]]
     table = [header]
     for m in rows:
         table.append([
@@ -277,12 +420,14 @@ def render_table(result: ComparisonResult) -> str:
             f"{m.train_flops_per_token / 1e9:.4f}",
             f"{m.tokens_per_s:.0f}",
             f"{m.step_time_s:.3f}",
-            "-" if m.val_loss is None else f"{m.val_loss:.4f}",
+            _fmt(m.val_loss, ".4f"),
+            "-" if m.role == "dense" else _ratio(m.steps_to_dense_loss_ratio),
+            _fmt(m.quality_per_tflop, ".4f"),
+            _fmt(m.quality_per_mib, ".4f"),
             *[f"{m.val_loss_by_domain[d]:.4f}" if d in m.val_loss_by_domain else "-" for d in domains],
         ])
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(table)
+    lines.append(TRADEOFF_NOTE)
     moe, dense = result.models["moe"], result.models["dense"]
     if result.moe_steps_to_dense_loss is not None:
         lines.append(

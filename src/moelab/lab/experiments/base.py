@@ -77,6 +77,7 @@ class Verdict:
 
     lines: list[str]
     passed: bool
+    rules: dict[int, bool] = field(default_factory=dict)  # numbered rules -> held (collapse's verdict)
 
 
 def no_measurements(model: Transformer, data: Any, cfg: LabConfig) -> dict[str, Any]:

@@ -173,6 +173,12 @@ def _costs(r: RunSummary) -> str:
             f"{r.effective_experts:.1f} experts in effective use")
 
 
+# The verdict's rules, by number (`Verdict.rules` says which held).
+RULES = {1: "collapse measured", 2: "the cures undo it", 3: "costs measured", 4: "collapse costs the system",
+         5: "collapse wastes capacity (val loss)", 6: "collapsed MoE ~ its dense twin",
+         7: "aux-free bias is the cheaper cure"}
+
+
 def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
     """Judge the lesson, rule by rule (each a line; every rule must hold to pass):
 
@@ -197,7 +203,7 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
     skewed init does to the aux loss's cost), not judged.
     """
     out: list[str] = []
-    ok = True
+    rules: dict[int, bool] = {}  # rule number -> held
     by_role: dict[str, list[RunSummary]] = {}
     for r in runs.values():
         by_role.setdefault(_role(r), []).append(r)
@@ -209,12 +215,12 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
         if _role(r) != DENSE:
             out.append(_state(r, E)[2])
     collapsed, _, _ = _state(broken, E)
-    ok &= collapsed
+    rules[1] = collapsed
     out.append(f"[1] collapse {'measured' if collapsed else 'NOT seen'} in {broken.name}")
     broken_share = broken.busiest_expert_share or 1.0
     undone = [c for c in cures if (c.dead_experts or 0) == 0 and c.busiest_expert_share is not None
               and c.busiest_expert_share <= 0.6 * broken_share]
-    ok &= len(undone) == len(cures)
+    rules[2] = len(undone) == len(cures)
     out.append(f"[2] cures that undid the collapse: {', '.join(c.name for c in undone) or 'none'}"
                + ("" if len(undone) == len(cures) else f"; NOT: {', '.join(c.name for c in cures if c not in undone)}"))
 
@@ -222,7 +228,7 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
     missing = {k: v for k, v in missing.items() if v}
     if missing:
         out.append("[3] costs NOT measured: " + "; ".join(f"{k} lacks {', '.join(v)}" for k, v in missing.items()))
-        return Verdict(out, False)
+        return Verdict(out, False, rules | {3: False})
     out.append("[3] costs measured for the broken run and every cure")
     for r in [broken, *cures]:
         out.append(_costs(r))
@@ -230,7 +236,7 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
     drops_more = all(broken.dropped_at_capacity > c.dropped_at_capacity for c in cures)
     slower = top_ep is not None and all(broken.ep_step_factor[top_ep] > (c.ep_step_factor or {}).get(top_ep, math.inf)
                                         for c in cures)
-    ok &= drops_more and slower
+    rules[3], rules[4] = True, drops_more and slower
     out.append(f"[4] collapse {'costs' if drops_more and slower else 'does NOT clearly cost'} the system: drops "
                f"{broken.dropped_at_capacity:.1%} vs {', '.join(f'{c.dropped_at_capacity:.1%}' for c in cures)} "
                f"for the cures; EP={top_ep} step x{(broken.ep_step_factor or {}).get(top_ep, math.nan):.2f} vs "
@@ -239,7 +245,7 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
     best = min(undone or cures, key=lambda c: c.val_loss)
     cross = crossing_step(best.val_curve, broken.val_curve)
     wasted = best.val_loss < broken.val_loss
-    ok &= wasted
+    rules[5] = wasted
     out.append(f"[5] at step {broken.steps_done} {best.name} (cured) has val loss {best.val_loss:.3f} vs the "
                f"collapsed {broken.val_loss:.3f} ({best.val_loss - broken.val_loss:+.3f}): "
                + (f"collapse wastes capacity; the balanced curve passes the collapsed one at step {cross}" if wasted
@@ -247,11 +253,11 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
                   "wastes (docs/lab.md: `--scale long`)"))
     dense = (by_role.get(DENSE) or [None])[0]
     if dense is None or dense.val_loss is None:
-        ok = False
+        rules[6] = False
         out.append("[6] dense-active NOT run (or not finished): the dense twin is not measured")
     else:
         like_dense = abs(broken.val_loss - dense.val_loss) < abs(best.val_loss - dense.val_loss)
-        ok &= like_dense
+        rules[6] = like_dense
         gain = dense.val_loss - best.val_loss
         kept = (f"; of the {gain:.3f} nats the balanced MoE gains over it, the collapsed one keeps "
                 f"{(dense.val_loss - broken.val_loss) / gain:.0%}" if gain > 0 else
@@ -270,12 +276,12 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
     aux_balanced = [r for r in swept if r.settings.get("aux_loss_coef", 0.0) > 0 and (r.dead_experts or 0) == 0
                     and (r.busiest_expert_share or 1.0) <= 0.6 * broken_share]
     if free is None or free not in undone or not aux_balanced:
-        ok = False
+        rules[7] = False
         out.append("[7] cannot compare the cures' costs: the aux-free run or a balanced aux-loss run is missing "
                    "or did not balance")
     else:
         cheaper = all(free.val_loss <= r.val_loss for r in aux_balanced)
-        ok &= cheaper
+        rules[7] = cheaper
         out.append(f"[7] the aux-free bias balances at val loss {free.val_loss:.3f}; the aux-loss runs that balance: "
                    + ", ".join(f"{r.settings['aux_loss_coef']:g} -> {r.val_loss:.3f} ({r.val_loss - free.val_loss:+.3f})"
                                for r in aux_balanced)
@@ -297,7 +303,7 @@ def verdict(runs: Mapping[str, RunSummary], E: int) -> Verdict:
                    f"({c1.val_loss:.3f} vs {c0.val_loss:.3f}) and {skewed:+.3f} from the skewed one "
                    f"({aux.val_loss:.3f} vs {broken.val_loss:.3f}; furthest behind, {worst[0]:+.3f}, at step "
                    f"{worst[1]}): {why}")
-    return Verdict(out, ok)
+    return Verdict(out, len(rules) == len(RULES) and all(rules.values()), rules)
 
 
 def summary_plots(runs: Mapping[str, RunSummary], out: Path, E: int) -> dict[str, Path]:
