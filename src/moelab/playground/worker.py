@@ -17,6 +17,10 @@ from pathlib import Path
 
 from moelab.playground.runs import INTERRUPTED_EXIT, SCALE_DATA, STATE_FILE, BreakRequest
 
+# The runs the page plots: collapse's broken run and its two cures (the lab's full
+# experiment adds the dense twin, the aux sweep and the unskewed controls: `moelab lab`).
+PAGE_RUNS: dict[str, tuple[str, ...]] = {"collapse": ("broken-no-aux", "aux-loss", "aux-free-bias")}
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moelab.playground.worker")
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         request = BreakRequest(**json.loads((args.folder / STATE_FILE).read_text(encoding="utf-8"))["request"])
         data = prepare_data(args.folder.parent / ".cache" / "data", **SCALE_DATA[request.scale])
         result = run_experiment(request.experiment, data, args.folder, config=request.lab_config(),
-                                progress=False, resume=args.resume)
+                                progress=False, resume=args.resume, only=PAGE_RUNS.get(request.experiment))
     except TrainingInterrupted as e:
         print(f"stopped at step {e.step}; checkpoint in {e.run_dir} (resume continues)", file=sys.stderr)
         return INTERRUPTED_EXIT
