@@ -9,8 +9,8 @@
 4. the MoE's expert specialisation on held-out text (`moelab.lab.specialization`);
 5. one self-contained HTML report (`moelab.lab.report`).
 
-Sized for ~10 minutes on 2 CPU cores; measured 11.5 minutes with 1 torch thread on a
-lightly shared machine, the comparison 10.3 of them (BENCHMARKS.md, "The demo's MoE"),
+Aimed at ~10 minutes on 2 CPU cores; measured 12.1 minutes (723 s) by `make demo` on a clean
+clone at 2 threads, the comparison 636 s of them (BENCHMARKS.md, "The demo's MoE"),
 plus building the corpus and tokenizer on the first run (later runs reuse the cache). Each step is a library call whose result is
 returned in `DemoResult`; `on_stage(name, text)` receives each stage's printable output
 as soon as it is ready (the CLI prints it), since the library itself never prints.
@@ -55,7 +55,7 @@ TOP2_NOTE = (
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """Scale of the demo. The defaults aim at ~10 minutes on 2 CPU cores (measured: 11.5)."""
+    """Scale of the demo. The defaults aim at ~10 minutes on 2 CPU cores (measured: 12.1)."""
 
     # The comparison: 619 s for the three models (1 thread, load ~2; BENCHMARKS.md). The collapse
     # experiment runs at the lab's default scale: at the "quick" scale (80 steps) the
