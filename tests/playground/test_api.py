@@ -293,9 +293,11 @@ def test_a_run_queues_streams_and_ends_with_the_verdict(client, served, tmp_path
     kinds = [k for k, _ in evs]
     points = [d for k, d in evs if k == "point"]
     assert kinds[0] == "status" and kinds[-2:] == ["verdict", "end"]
-    assert len(points) == 3 * 6  # three runs x six steps, each step as it was written
-    assert {p["run"] for p in points} == {"broken-no-aux", "aux-loss", "aux-free-bias"}
-    assert all(len(p["load"]) == 8 and abs(sum(p["load"]) - 1) < 1e-9 for p in points)
+    assert len(points) == 4 * 6  # four runs x six steps, each step as it was written
+    assert {p["run"] for p in points} == {"broken-no-aux", "aux-loss", "aux-free-bias", "dense-active"}
+    moe = [p for p in points if p["run"] != "dense-active"]
+    assert all(len(p["load"]) == 8 and abs(sum(p["load"]) - 1) < 1e-9 for p in moe)
+    assert all(p["load"] == [] for p in points if p["run"] == "dense-active")  # no router
     verdict = evs[-2][1]
     on_disk = load_experiment(cfg.runs_dir / first["id"])
     assert verdict["verdicts"] == on_disk["verdicts"] and verdict["passed"] == on_disk["passed"]

@@ -168,7 +168,7 @@ def test_break_streams_points_then_a_verdict(page):
     wait_for(lambda: int(counter.get_attribute("data-count") or 0) > 0, 60, "live points")
     first = int(counter.get_attribute("data-count"))
     verdict = wait_for(lambda: page.find_elements("id", "verdict-headline"), 90, "the verdict")
-    assert first >= 1 and int(counter.get_attribute("data-count")) == 3 * 8  # every step of the three runs
+    assert first >= 1 and int(counter.get_attribute("data-count")) == 4 * 8  # every step of the four runs
     assert verdict[0].text.startswith("verdict: effect")
     lines = [li.text for li in page.find_elements("css selector", "#break-verdict li")]
     # The collapse verdict's lines: each run's state, then its numbered rules.

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from moelab.playground.runs import INTERRUPTED_EXIT, SCALE_DATA, STATE_FILE, BreakRequest
 
-# The runs the page plots: collapse's broken run and its two cures (the lab's full
-# experiment adds the dense twin, the aux sweep and the unskewed controls: `moelab lab`).
-PAGE_RUNS: dict[str, tuple[str, ...]] = {"collapse": ("broken-no-aux", "aux-loss", "aux-free-bias")}
+# The runs the page trains: collapse's broken run, its two cures and the dense twin its
+# verdict compares with (the lab's full experiment adds the aux sweep and the unskewed
+# controls: `moelab lab`), the demo's four.
+PAGE_RUNS: dict[str, tuple[str, ...]] = {
+    "collapse": ("broken-no-aux", "aux-loss", "aux-free-bias", "dense-active")}
 
 
 def main(argv: list[str] | None = None) -> int:

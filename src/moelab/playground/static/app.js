@@ -343,13 +343,15 @@ function redrawBreak() {
   lineChart($("#chart-loss"), line("loss"));
   lineChart($("#chart-share"), line("busiest_expert_share"), {hline: 1 / brk.E, ymin: 0});
   lineChart($("#chart-logit"), line("max_router_logit"));
-  // The load chart shows the run picked under it (by default the one training now).
+  // The load chart shows the run picked under it (by default the latest one with a router:
+  // a dense run has no expert load).
   const sel = $("#load-run");
-  if (sel.options.length !== names.length) {
+  const routed = names.filter((n) => brk.load[n]);
+  if (sel.options.length !== routed.length) {
     const keep = sel.value;
     sel.innerHTML = "";
-    for (const n of names) { const o = document.createElement("option"); o.value = o.textContent = n; sel.appendChild(o); }
-    sel.value = names.includes(keep) && sel.dataset.picked ? keep : (names[names.length - 1] || "");
+    for (const n of routed) { const o = document.createElement("option"); o.value = o.textContent = n; sel.appendChild(o); }
+    sel.value = routed.includes(keep) && sel.dataset.picked ? keep : (routed[routed.length - 1] || "");
   }
   const shown = sel.value;
   barChart($("#chart-load"), shown && brk.load[shown] ? brk.load[shown] : [], {hline: 1 / brk.E});
