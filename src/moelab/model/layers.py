@@ -22,24 +22,6 @@ from moelab.model.config import ModelConfig, RopeScaling, YarnRope
 from moelab.moe import FeedForward, MoE, MoEOutput
 
 
-class LayerNorm(nn.Module):
-    """(x - mean) / std * weight, no bias (DBRX's ``nn.LayerNorm(bias=False)``), in float32."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return F.layer_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), None, self.eps).to(x.dtype)
-
-
-def block_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    """The blocks' and the final norm of `cfg` (``ModelConfig.norm``)."""
-    return LayerNorm(dim, cfg.norm_eps) if cfg.norm == "layer" else RMSNorm(dim, cfg.norm_eps)
-
-
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 (bf16 mean-of-squares loses precision)."""
 
@@ -48,11 +30,26 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
+    def normalize(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # F.rms_norm: the same x * rsqrt(mean(x^2) + eps) * weight as HF's Llama/Mixtral
         # RMSNorm (equal to it in tests), one fused kernel instead of five ops.
-        return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return self.normalize(x.to(dtype), self.weight.to(dtype)).to(x.dtype)
+
+
+class LayerNorm(RMSNorm):
+    """(x - mean) / std * weight, no bias (DBRX's ``nn.LayerNorm(bias=False)``), in float32."""
+
+    def normalize(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), weight, None, self.eps)
+
+
+def block_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """The blocks' and the final norm of `cfg` (``ModelConfig.norm``)."""
+    return LayerNorm(dim, cfg.norm_eps) if cfg.norm == "layer" else RMSNorm(dim, cfg.norm_eps)
 
 
 def rope_cos_sin(
