@@ -101,6 +101,23 @@ def int4_scales_and_zeros(scale_ON: torch.Tensor, zero_ON: torch.Tensor) -> torc
     return torch.stack([scale_ON, zero_ON], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
 
 
+def portable_from_kernel_int4(packed_OP: torch.Tensor, sz_NO2: torch.Tensor, group_size: int, d_in: int,
+                              d_out: int) -> dict[str, torch.Tensor]:
+    """The portable int4 form (``qweight`` nibbles ``[O, I/2]``, ``scale`` and ``zero``
+    ``[O, N]``) of one matrix from the kernel's copy.
+
+    The packed layout is the CPU build's, so it is read back through the kernel itself:
+    with scale 1 and zero 8 the kernel's ``(q - 8) * scale + zero`` is ``q``, an integer
+    bf16 holds exactly, so ``I_I @ W^T`` with the identity returns the nibbles."""
+    N = d_in // group_size
+    eye = torch.eye(d_in, dtype=KERNEL_DTYPE)
+    unit = torch.stack([torch.ones(N, d_out), torch.full((N, d_out), 8.0)], dim=-1).to(KERNEL_DTYPE)
+    q_OI = torch._weight_int4pack_mm_for_cpu(eye, packed_OP, group_size, unit).t()
+    return {"qweight": formats.pack_int4(q_OI.round().to(torch.uint8)),
+            "scale": sz_NO2[..., 0].t().contiguous().to(formats.SCALE_DTYPE),
+            "zero": sz_NO2[..., 1].t().contiguous().to(formats.SCALE_DTYPE)}
+
+
 _said: set[str] = set()
 
 
@@ -399,23 +416,13 @@ class QuantizedExperts(nn.Module):
 
     def portable_int4(self, proj: str) -> dict[str, torch.Tensor]:
         """The saved form of an int4 projection (``qweight`` nibbles ``[E, O, I/2]``,
-        ``scale`` and ``zero`` ``[E, O, N]``) rebuilt from the kernel's copy.
-
-        The packed layout is the CPU build's, so it is read back through the kernel itself:
-        with scale 1 and zero 8 the kernel's ``(q - 8) * scale + zero`` is ``q``, an integer
-        bf16 holds exactly, so ``I_I @ W^T`` with the identity returns the nibbles."""
+        ``scale`` and ``zero`` ``[E, O, N]``) rebuilt from the kernel's copy
+        (`portable_from_kernel_int4`, expert by expert)."""
         packed, sz = self._int4_cache[proj]
-        E, G = self.num_experts, self.fmt.group_size
         d_out, d_in = (self.d_model, self.d_expert) if proj == "out" else (self.H, self.d_model)
-        N = d_in // G
-        eye = torch.eye(d_in, dtype=KERNEL_DTYPE)
-        unit = torch.stack([torch.ones(N, d_out), torch.full((N, d_out), 8.0)], dim=-1).to(KERNEL_DTYPE)
-        q_EOI = torch.stack([torch._weight_int4pack_mm_for_cpu(eye, packed[e], G, unit).t() for e in range(E)])
-        return {
-            "qweight": formats.pack_int4(q_EOI.round().to(torch.uint8)),
-            "scale": sz[..., 0].transpose(1, 2).contiguous().to(formats.SCALE_DTYPE),
-            "zero": sz[..., 1].transpose(1, 2).contiguous().to(formats.SCALE_DTYPE),
-        }
+        per = [portable_from_kernel_int4(packed[e], sz[e], self.fmt.group_size, d_in, d_out)
+               for e in range(self.num_experts)]
+        return {k: torch.stack([p[k] for p in per]) for k in ("qweight", "scale", "zero")}
 
     # -- accounting
 

@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 from moelab.quant import formats
-from moelab.quant.experts import KERNEL_DTYPE, check_inference, int4_scales_and_zeros, kernel_runs
+from moelab.quant.experts import (
+    KERNEL_DTYPE,
+    check_inference,
+    int4_scales_and_zeros,
+    kernel_runs,
+    portable_from_kernel_int4,
+)
 from moelab.quant.formats import QuantFormat
 
 INT4_ROW_MULTIPLE = 16  # torch's int4 CPU packing takes output rows in multiples of 16
@@ -58,19 +64,6 @@ def quantizable_linears(model: nn.Module, fmt: QuantFormat) -> tuple[list[str], 
         else:
             take.append(name)
     return take, skip
-
-
-def _unpack_kernel_int4(packed: torch.Tensor, sz_NO2: torch.Tensor, group_size: int, d_in: int, d_out: int):
-    """The portable ``(qweight [O, I/2], scale [O, N], zero [O, N])`` of an int4 kernel copy:
-    with scale 1 and zero 8 the kernel's ``(q - 8) * scale + zero`` is ``q``, so the identity
-    times the packed weight returns the nibbles (exact in bf16)."""
-    N = d_in // group_size
-    eye = torch.eye(d_in, dtype=KERNEL_DTYPE)
-    unit = torch.stack([torch.ones(N, d_out), torch.full((N, d_out), 8.0)], dim=-1).to(KERNEL_DTYPE)
-    q_OI = torch._weight_int4pack_mm_for_cpu(eye, packed, group_size, unit).t()
-    return {"qweight": formats.pack_int4(q_OI.round().to(torch.uint8)),
-            "scale": sz_NO2[..., 0].t().contiguous().to(formats.SCALE_DTYPE),
-            "zero": sz_NO2[..., 1].t().contiguous().to(formats.SCALE_DTYPE)}
 
 
 def _state_dict_with_portable(module: QuantizedLinear, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -144,7 +137,7 @@ class QuantizedLinear(nn.Module):
 
     def portable_int4(self) -> dict[str, torch.Tensor]:
         packed, sz = self._packed
-        return _unpack_kernel_int4(packed, sz, self.fmt.group_size, self.in_features, self.out_features)
+        return portable_from_kernel_int4(packed, sz, self.fmt.group_size, self.in_features, self.out_features)
 
     def _portable(self, what: str) -> torch.Tensor:
         t = self._buffers.get(what)
