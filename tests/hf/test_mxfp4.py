@@ -27,6 +27,14 @@ def test_dequantisation_is_transformers_bit_for_bit():
     assert ours.shape == (3, 40, 64) and torch.equal(ours, ref.transpose(1, 2))
 
 
+def test_dequantisation_in_chunks_of_rows_is_transformers_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, 256, (2, 2100, 1, 16), generator=g, dtype=torch.uint8)  # 4200 rows: two chunks
+    scales = torch.randint(110, 140, (2, 2100, 1), generator=g, dtype=torch.uint8)
+    ref = mx.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    assert torch.equal(dequantize_mxfp4(blocks, scales), ref.transpose(1, 2))
+
+
 def test_quantisation_round_trips_and_is_within_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(2, 16, 96) * 0.05

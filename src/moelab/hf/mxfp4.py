@@ -45,11 +45,17 @@ def dequantize_mxfp4(blocks_EOGB: torch.Tensor, scales_EOG: torch.Tensor, *, nam
         raise CheckpointError(f"{name}: MXFP4 blocks {tuple(blocks_EOGB.shape)} and scales "
                               f"{tuple(scales_EOG.shape)} do not fit (expected [..., G, 16] and [..., G])")
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    lo = lut[(blocks_EOGB & 0x0F).long()]
-    hi = lut[(blocks_EOGB >> 4).long()]
-    vals = torch.stack([lo, hi], dim=-1).flatten(-2)  # [..., G, 32]: even elements from the low nibble
-    vals = torch.ldexp(vals, scales_EOG.to(torch.int32).sub(SCALE_BIAS).unsqueeze(-1))
-    return vals.flatten(-2)
+    lead = blocks_EOGB.shape[:-2]
+    G = blocks_EOGB.shape[-2]
+    out = torch.empty(*lead, G * BLOCK, dtype=torch.float32)
+    # 4096 rows at a time: the nibble tables of a whole gpt-oss-120b
+    # projection would be several times its float32 size on top of it.
+    blocks_RGB, scales_RG, out_RI = blocks_EOGB.reshape(-1, G, BLOCK // 2), scales_EOG.reshape(-1, G), out.view(-1, G * BLOCK)
+    for r0 in range(0, blocks_RGB.shape[0], 4096):
+        blk, sc = blocks_RGB[r0 : r0 + 4096], scales_RG[r0 : r0 + 4096]
+        vals = torch.stack([lut[(blk & 0x0F).long()], lut[(blk >> 4).long()]], dim=-1).flatten(-2)  # even: low nibble
+        out_RI[r0 : r0 + 4096] = torch.ldexp(vals, sc.to(torch.int32).sub(SCALE_BIAS).unsqueeze(-1)).flatten(-2)
+    return out
 
 
 def _fp4_codes(x: torch.Tensor) -> torch.Tensor:
