@@ -175,18 +175,24 @@ def test_tied_embeddings_saved_once(data, run_dir):
     assert model.num_params() == Transformer(cfg).num_params()
 
 
+def _small_jsonl(data, tmp_path):
+    """A small two-domain JSONL from the fixture's validation text: quick data preparation
+    for the tests that run a real `moelab train`."""
+    tok = data.tokenizer
+    docs = [{"text": tok.decode(data.val[d][i : i + 400].tolist()), "domain": d}
+            for d in ("code", "prose") for i in range(0, 8000, 400)]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in docs))
+    return jsonl
+
+
 @pytest.mark.slow
 def test_subprocess_sigkill_then_resume(data, tmp_path):
     """A real `moelab train` killed with SIGKILL after its first checkpoint resumes to the
     same weights as an uninterrupted run."""
     cfg_path = tmp_path / "model.json"
     cfg_path.write_text(json.dumps(tiny_moe().to_dict()))
-    # A small two-domain JSONL from the fixture's validation text keeps data preparation quick.
-    tok = data.tokenizer
-    docs = [{"text": tok.decode(data.val[d][i : i + 400].tolist()), "domain": d}
-            for d in ("code", "prose") for i in range(0, 8000, 400)]
-    jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in docs))
+    jsonl = _small_jsonl(data, tmp_path)
     common = ["--model", str(cfg_path), "--data", str(jsonl), "--steps", "200", "--batch-size", "4",
               "--seq-len", "32", "--checkpoint-interval", "20", "--eval-interval", "100", "--eval-batches", "1",
               "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-tensorboard",
@@ -240,11 +246,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(data, tmp_pa
     the exact resume command; running that command gives the uninterrupted run's metrics."""
     cfg_path = tmp_path / "model.json"
     cfg_path.write_text(json.dumps(tiny_moe().to_dict()))
-    tok = data.tokenizer
-    docs = [{"text": tok.decode(data.val[d][i : i + 400].tolist()), "domain": d}
-            for d in ("code", "prose") for i in range(0, 8000, 400)]
-    jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in docs))
+    jsonl = _small_jsonl(data, tmp_path)
     common = ["--model", str(cfg_path), "--data", str(jsonl), "--steps", "300", "--batch-size", "4",
               "--seq-len", "32", "--checkpoint-interval", "1000", "--eval-interval", "50", "--eval-batches", "1",
               "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-tensorboard",
