@@ -174,12 +174,9 @@ def main() -> None:
             quantize_model(q, QuantFormat(name=fmt, group_size=128) if fmt == "int4" else fmt)
             models[f"ours_{fmt}"] = q
             models[f"ours_{fmt}_rest_bf16"] = copy.deepcopy(q).to(torch.bfloat16)
-            try:
-                a = copy.deepcopy(ours)
-                quantize_model(a, QuantFormat(name=fmt, group_size=128) if fmt == "int4" else fmt, what="all")
-                models[f"ours_{fmt}_all"] = a
-            except Exception as e:  # noqa: BLE001 - an older tree without --what all: say so
-                log.info("no --what all for %s: %s", fmt, e)
+            a = copy.deepcopy(ours)
+            quantize_model(a, QuantFormat(name=fmt, group_size=128) if fmt == "int4" else fmt, what="all")
+            models[f"ours_{fmt}_all"] = a
         llms = {}
         try:
             import llama_cpp
