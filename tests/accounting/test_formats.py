@@ -120,6 +120,14 @@ def test_memory_plan_resident_offloaded_and_not_at_all():
     assert at.runs and not by(memory_plan(spec, counts, f.smallest_memory * (1 - 1e-6), kv_bytes=0.0, group_size=32))["fp32"].runs
 
 
+def test_the_torch_free_copies_are_the_quantisers_own():
+    from moelab.accounting import formats as acc
+    from moelab.quant import formats as qf
+
+    assert acc.INT4_GROUP_SIZES == qf.INT4_GROUP_SIZES
+    assert acc.SCALE_BYTES == qf.SCALE_DTYPE.itemsize
+
+
 def test_bad_format_and_group_size_are_named():
     spec, counts = _spec_counts()
     with pytest.raises(ConfigError, match="not a moelab format"):
