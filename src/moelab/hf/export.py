@@ -48,15 +48,21 @@ def hf_tensors(model: Transformer, family: str, dtype: torch.dtype | None = None
         if stacked is None:
             yield adapter.hf_key(key, family), t
             continue
-        layer, which = stacked
-        for e in range(t.shape[0]):
-            gate, up, down = adapter.per_expert_keys(layer, e, family)
-            if which == "gate_up_proj":
-                g, u = t[e].chunk(2, dim=0)
-                yield gate, g.contiguous()
-                yield up, u.contiguous()
-            else:
-                yield down, t[e].contiguous()
+        yield from _per_expert(t, *stacked, family)
+
+
+def _per_expert(t: torch.Tensor, layer: int, which: str, family: str,
+                moe: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """A stacked expert tensor as the per-expert layout's (HF name, tensor) pairs: gate and
+    up rows of ``gate_up_proj`` apart, ``down_proj`` as it is."""
+    for e in range(t.shape[0]):
+        gate, up, down = adapter.per_expert_keys(layer, e, family, moe)
+        if which == "gate_up_proj":
+            g, u = t[e].chunk(2, dim=0)
+            yield gate, g.contiguous()
+            yield up, u.contiguous()
+        else:
+            yield down, t[e].contiguous()
 
 
 def _tokenizer_config(tokenizer_path: Path, max_len: int) -> dict:
@@ -174,14 +180,7 @@ def _recorded_family_tensors(model: Transformer, family: str, hf_config: dict, l
         t = t.detach() if dtype is None or not t.is_floating_point() else t.detach().to(dtype)
         stacked = adapter.stacked_expert_param(key)
         if stacked is not None and per_expert:
-            layer, which = stacked
-            for e in range(t.shape[0]):
-                gate, up, down = adapter.per_expert_keys(layer, e, family, moe)
-                if which == "gate_up_proj":
-                    g, u = t[e].chunk(2, dim=0)
-                    out[gate], out[up] = g.contiguous(), u.contiguous()
-                else:
-                    out[down] = t[e].contiguous()
+            out.update(_per_expert(t, *stacked, family, moe))
             continue
         if key.endswith("router.expert_bias") and family not in adapter.CORRECTION_BIAS_FAMILIES:
             if t.any():
