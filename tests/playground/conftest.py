@@ -8,13 +8,14 @@ the playground's "tiny" scale, trained by the real worker subprocess.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from moelab.dist.launch import free_port
 
 pytest.importorskip("fastapi")
 
@@ -82,12 +83,6 @@ def served(tmp_path_factory, model_dir):
     app = create_app(cfg)
     yield app, cfg
     app.state.runs.shutdown(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -8,13 +8,14 @@ its server down (which drains the engine) and joins the thread.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass
 
 import pytest
 import torch
+
+from moelab.dist.launch import free_port
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("fastapi")
@@ -62,12 +63,6 @@ def model(tokenizer, tmp_path_factory):
     from moelab.hf import from_pretrained
 
     return from_pretrained(save_tiny_mixtral(tokenizer, tmp_path_factory.mktemp("tiny-mixtral")))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
