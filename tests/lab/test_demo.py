@@ -46,7 +46,7 @@ def test_the_demo_trains_what_the_benchmark_measured():
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
-    cfg = DemoConfig(**TINY)
+    cfg = DemoConfig(**TINY, workers=1)  # in this process (the --json test below runs its default workers)
     stages: list[str] = []
     texts: dict[str, str] = {}
 
@@ -106,12 +106,17 @@ def test_demo_config_rejects_bad_sizes():
         DemoConfig(compare_steps=0)
     with pytest.raises(ConfigError, match="precision"):
         DemoConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="workers"):
+        DemoConfig(workers=0)
 
 
 def test_demo_cli_rejects_bad_flags_in_one_line(capsys):
     assert main(["demo", "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert "--steps must be >= 1" in err and "Traceback" not in err
+    assert main(["demo", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--workers must be >= 1" in err and "Traceback" not in err
 
 
 def test_demo_json_has_no_nan_anywhere():

@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted comparison in --out: finished runs are kept, the unfinished one "
                    "resumes from its checkpoint (same flags as the first time)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="train the models side by side in N processes, each with a share of --threads (default 1: "
+                   "one after the other in this process; small models train faster as one 1-thread process per "
+                   "core, docs/train.md)")
     add_training_arguments(p)
     p.set_defaults(func=run)
 
@@ -76,10 +80,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     if args.resume and args.overwrite:
         raise ConfigError("--resume keeps the finished runs, --overwrite replaces them: choose one")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     train_cfg = train_config_from_args(args)
     data = load_data(args, vocab.pop())
     kwargs = dict(progress=not args.no_progress, overwrite=args.overwrite, tensorboard=not args.no_tensorboard,
-                  resume=args.resume)
+                  resume=args.resume, workers=args.workers, threads=args.threads)
     try:
         return _run(args, configs, train_cfg, data, kwargs)
     except TrainingInterrupted as e:

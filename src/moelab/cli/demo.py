@@ -25,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, metavar="N", help="training steps of the comparison")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-data cache (default runs/cache/data)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a machine busy with other work)")
+                   help="CPU threads in all (default: the cores); the models train side by side in one worker "
+                   "process per thread unless --workers says otherwise")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="train the compared models and the collapse runs in N processes side by side, each with "
+                   "a share of --threads (default: one per thread; 1: one after the other in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true",
                    help="print the demo's figures as one JSON object on stdout (stage output goes to stderr; "
@@ -45,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+        cfg = replace(cfg, workers=args.workers)
     start = time.perf_counter()
     # With --json, stdout carries the one JSON object and nothing else.
     stage_out = sys.stderr if args.json else sys.stdout
@@ -52,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     def show(name: str, text: str) -> None:
         print(f"\n=== {name} ({time.perf_counter() - start:.0f} s) ===\n{text}", file=stage_out, flush=True)
 
-    result = run_demo(args.out, config=cfg, cache_dir=args.cache_dir, progress=not args.no_progress, on_stage=show)
+    result = run_demo(args.out, config=cfg, cache_dir=args.cache_dir, progress=not args.no_progress, on_stage=show,
+                      threads=args.threads)
     print(f"\ndemo done in {time.perf_counter() - start:.0f} s; report: {result.report}", file=stage_out)
     if args.json:
         print(json.dumps(demo_json(result), indent=2, allow_nan=False))

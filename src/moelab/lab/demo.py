@@ -79,6 +79,11 @@ class DemoConfig:
     collapse_runs: tuple[str, ...] = ("broken-no-aux", "aux-loss", "aux-free-bias", "dense-active")
     analysis_tokens: int = 4096
     seed: int = 0
+    # The compared models (and then the collapse runs) train side by side, one worker
+    # process per core (`moelab.train.workers`): at this size one process does not use
+    # two cores well. None: one per core (or per thread of run_demo's `threads`); 1: in
+    # this process, one after the other.
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("compare_steps", "batch_size", "seq_len", "eval_batches", "analysis_tokens"):
@@ -87,6 +92,9 @@ class DemoConfig:
                 raise ConfigError(f"DemoConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
             raise ConfigError(f"DemoConfig.eval_interval must be an integer >= 0, got {self.eval_interval!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or isinstance(self.workers, bool)
+                                         or self.workers < 1):
+            raise ConfigError(f"DemoConfig.workers must be a positive integer or None, got {self.workers!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"DemoConfig.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
 
@@ -156,8 +164,10 @@ def run_demo(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     on_stage: Callable[[str, str], None] | None = None,
+    threads: int | None = None,
 ) -> DemoResult:
-    """Run the five demo stages into `out_dir`; see the module docstring."""
+    """Run the five demo stages into `out_dir`; see the module docstring. `threads`: the
+    CPU threads the training stages share among their workers (default: the cores)."""
     from moelab.data.loader import prepare_data
     from moelab.hf.native import load_any
     from moelab.train.compare import compare, render_table
@@ -181,7 +191,7 @@ def run_demo(
     t = time.perf_counter()
     models = demo_models(cfg)
     comparison = compare(models, demo_train_config(cfg), data, out / "compare", progress=progress, overwrite=True,
-                         tensorboard=False)
+                         tensorboard=False, workers=cfg.workers, threads=threads)
     seconds["compare"] = time.perf_counter() - t
     compare_text = render_table(comparison) + ("\n\n" + TOP2_NOTE if "moe_coarse" in models else "")
     emit("compare: fine-grained MoE vs its dense twin and top-2 of 8 (same batches)", compare_text)
@@ -189,7 +199,7 @@ def run_demo(
     t = time.perf_counter()
     lab_cfg = replace(cfg.collapse, seed=cfg.seed)
     collapse = run_experiment("collapse", data, out / "lab" / "collapse", config=lab_cfg, progress=progress,
-                              only=cfg.collapse_runs)
+                              only=cfg.collapse_runs, workers=cfg.workers, threads=threads)
     seconds["collapse"] = time.perf_counter() - t
     emit("lab collapse: no balancing loss vs the cures",
          verdict_table(collapse) + "\n\n" + "\n".join(f"- {v}" for v in collapse.verdicts)

@@ -41,6 +41,7 @@ from moelab.lab.metrics import RunMetrics
 from moelab.lab.run_summary import RunSummary, count_spikes, summarize_run
 from moelab.model import Transformer
 from moelab.moe import NonFiniteRouterError
+from moelab.train.workers import plan_workers, run_parallel
 
 __all__ = [
     "EXPERIMENTS", "REGISTRY", "RESULT_FORMAT", "SCALES", "ExperimentResult", "LabConfig", "RunOutcome",
@@ -162,6 +163,25 @@ def train_run(spec: RunSpec, cfg: LabConfig, data: Any, run_dir: Path, progress:
                       nan_steps=nan_steps, val_loss=val_loss, stopped_reason=stopped, model=model)
 
 
+def _train_and_measure(exp: Any, spec: RunSpec, cfg: LabConfig, data: Any, run_dir: Path, progress: bool,
+                       resume: bool) -> tuple[RunOutcome, dict[str, Any]]:
+    """One run trained, and the experiment's measurements of its trained model."""
+    logger.info("lab %s: run %s (%s)", exp.name, spec.name, spec.description)
+    run = train_run(spec, cfg, data, run_dir, progress, resume=resume)
+    return run, (exp.measure(run.model, data, cfg) if run.finished else {})
+
+
+def _lab_run_in_worker(experiment: str, cfg: LabConfig, name: str, cache_entry: str, run_dir: str,
+                       resume: bool) -> tuple[RunOutcome, dict[str, Any]]:
+    from moelab.data import load_cache_entry
+
+    data = load_cache_entry(cache_entry)
+    exp = get_experiment(experiment)
+    spec = next(s for s in exp.runs(cfg, data.vocab_size) if s.name == name)
+    run, measured = _train_and_measure(exp, spec, cfg, data, Path(run_dir), False, resume)
+    return replace(run, model=None), measured  # the model stays here: the parent needs only its figures
+
+
 def _train_rows(run_dir: Path) -> list[dict[str, Any]]:
     try:
         return RunMetrics.from_run(run_dir).train
@@ -178,6 +198,8 @@ def run_experiment(
     progress: bool = True,
     only: Sequence[str] | None = None,
     resume: bool = False,
+    workers: int | None = 1,
+    threads: int | None = None,
 ) -> ExperimentResult:
     """Run the paired runs of `experiment`, summarise them, write plots and ``experiment.json``.
 
@@ -185,6 +207,8 @@ def run_experiment(
     (a full run directory). `only` restricts to some run names (tests, the demo).
     A run that diverges is stopped by the trainer and reported, never raised.
     ``resume=True`` keeps the finished runs of an interrupted experiment (`train_run`).
+    ``workers``: train the runs side by side in that many processes (`moelab.train.workers`;
+    ``None``: one per core) of an equal share of `threads`; ``1``: one after the other here.
     """
     exp = get_experiment(experiment)
     cfg = config or LabConfig()
@@ -195,13 +219,19 @@ def run_experiment(
         if unknown:
             raise ConfigError(f"unknown run(s) {sorted(unknown)} for {experiment}; runs are {[s.name for s in specs]}")
         specs = [s for s in specs if s.name in only]
+    n_workers, threads = plan_workers(len(specs), workers, threads)
+    if n_workers == 1:
+        outcomes = [_train_and_measure(exp, spec, cfg, data, out / spec.name, progress, resume) for spec in specs]
+    else:
+        logger.info("lab %s: %d runs in %d worker processes of %d thread(s)", experiment, len(specs), n_workers,
+                    threads)
+        outcomes = run_parallel(_lab_run_in_worker, [(experiment, cfg, spec.name, str(data.cache_dir),
+                                                      str(out / spec.name), resume) for spec in specs],
+                                workers=n_workers, threads=threads)
     summaries: dict[str, RunSummary] = {}
     metrics: dict[str, RunMetrics] = {}
-    for spec in specs:
-        logger.info("lab %s: run %s (%s)", experiment, spec.name, spec.description)
-        run = train_run(spec, cfg, data, out / spec.name, progress, resume=resume)
+    for spec, (run, measured) in zip(specs, outcomes, strict=True):
         metrics[spec.name] = run.metrics
-        measured = exp.measure(run.model, data, cfg) if run.finished else {}
         summary = summarize_run(
             spec.name, run.metrics, run_dir=run.run_dir, description=spec.description, val_loss=run.val_loss,
             nan_steps=run.nan_steps, stopped_reason=run.stopped_reason, steps_done=run.steps_done,

@@ -40,6 +40,7 @@ from moelab.io import atomic_write_json
 from moelab.model import ModelConfig
 from moelab.rundir.files import STATE_FILE
 from moelab.train.trainer import TrainConfig, TrainResult, train
+from moelab.train.workers import plan_workers, run_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,24 @@ def summarize(name: str, role: str, cfg: ModelConfig, train_cfg: TrainConfig, re
     )
 
 
+def _train_one(cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData, run_dir: Path, *, progress: bool,
+               tensorboard: bool, overwrite: bool, resume: bool) -> TrainResult:
+    """One compared model's run; ``resume`` continues it (see `compare`)."""
+    logger.info("training %s for %d steps", run_dir.name, train_cfg.steps)
+    if resume and (run_dir / STATE_FILE).is_file():
+        logger.info("%s: resuming %s", run_dir.name, run_dir)
+        return train(cfg, train_cfg, data, run_dir, progress=progress, tensorboard=tensorboard, resume=True)
+    return train(cfg, train_cfg, data, run_dir, progress=progress, tensorboard=tensorboard,
+                 overwrite=overwrite or (resume and run_dir.is_dir()))
+
+
+def _train_in_worker(cfg: ModelConfig, train_cfg: TrainConfig, cache_entry: str, run_dir: str,
+                     flags: dict[str, bool]) -> TrainResult:
+    from moelab.data import load_cache_entry
+
+    return _train_one(cfg, train_cfg, load_cache_entry(cache_entry), Path(run_dir), progress=False, **flags)
+
+
 def compare(
     models: dict[str, tuple[str, ModelConfig]],
     train_cfg: TrainConfig,
@@ -216,9 +235,15 @@ def compare(
     overwrite: bool = False,
     tensorboard: bool = True,
     resume: bool = False,
+    workers: int | None = 1,
+    threads: int | None = None,
 ) -> ComparisonResult:
     """Train each model (``{role: (name, config)}``, roles from `ROLES`; "moe" and "dense"
     required) under ``out_dir/<name>`` and compare them.
+
+    ``workers``: train the models side by side in that many worker processes
+    (`moelab.train.workers`; ``None``: one per core), each with an equal share of
+    `threads` (default: the cores). ``1``: one after the other in this process.
 
     ``resume=True`` continues an interrupted comparison: a finished run is kept as it is
     (read back, not retrained), one with a checkpoint resumes from it, one killed before
@@ -233,19 +258,21 @@ def compare(
     if len(set(names)) != len(names):
         raise ValueError(f"compare: model names must differ (each gets its own run directory), got {names}")
     out_dir = Path(out_dir)
+    runs = [(role, *models[role]) for role in ROLES if role in models]
+    n_workers, threads = plan_workers(len(runs), workers, threads)
+    flags = dict(tensorboard=tensorboard, overwrite=overwrite, resume=resume)
+    if n_workers == 1:
+        results = [_train_one(cfg, train_cfg, data, out_dir / name, progress=progress, **flags)
+                   for _, name, cfg in runs]
+    else:
+        # Side by side: no progress bars (they would interleave), a log line per run.
+        logger.info("training %s in %d worker processes of %d thread(s)", ", ".join(n for _, n, _ in runs),
+                    n_workers, threads)
+        worker_cfg = replace(train_cfg, num_threads=threads)  # not a maths field: resume accepts it
+        results = run_parallel(_train_in_worker, [(cfg, worker_cfg, str(data.cache_dir), str(out_dir / name), flags)
+                                                  for _, name, cfg in runs], workers=n_workers, threads=threads)
     summaries: dict[str, ModelSummary] = {}
-    for role in ROLES:
-        if role not in models:
-            continue
-        name, cfg = models[role]
-        logger.info("training %s (%s) for %d steps", name, role, train_cfg.steps)
-        run_dir = out_dir / name
-        if resume and (run_dir / STATE_FILE).is_file():
-            logger.info("%s: resuming %s", name, run_dir)
-            result = train(cfg, train_cfg, data, run_dir, progress=progress, tensorboard=tensorboard, resume=True)
-        else:
-            result = train(cfg, train_cfg, data, run_dir, progress=progress, tensorboard=tensorboard,
-                           overwrite=overwrite or (resume and run_dir.is_dir()))
+    for (role, name, cfg), result in zip(runs, results, strict=True):
         summaries[role] = summarize(name, role, cfg, train_cfg, result)
         logger.info("%s: val_loss %s, %.0f tokens/s", name, result.val_loss, result.tokens_per_s)
 
