@@ -4,8 +4,8 @@
 
 For a trained moelab run (its own tokenizer and the default corpus's validation split,
 prepared as `moelab analyze` does), each format is made from the same fp32 weights with
-`moelab.quant.quantize_model` (routed experts only; everything else stays fp32) and
-measured side by side in one process:
+`moelab.quant.quantize_model` (routed experts only, everything else fp32; and the
+``-all`` rows: `--what all`) and measured side by side in one process:
 
   - validation LM loss, overall (token-weighted) and per domain (`moelab.train.trainer.evaluate`);
   - greedy agreement with fp32: the fp32 model writes ``--gen`` tokens greedily from a few
@@ -34,21 +34,30 @@ from benchmarks.common import machine_info, set_threads
 from moelab.io import atomic_write_json
 
 log = logging.getLogger("benchmarks.quant_quality")
-FORMATS = ("fp32", "bf16", "int8", "int4")
+# "-all": `--what all` (attention, dense FFNs, shared experts and the LM head too; the
+# routers and a tied head stay float), the setting of the decode targets.
+FORMATS = ("fp32", "bf16", "int8", "int4", "int8-all", "int4-all")
+
+
+def _fmt(fmt: str):
+    from moelab.quant import QuantFormat
+
+    name = fmt.removesuffix("-all")
+    return QuantFormat(name="int4", group_size=128) if name == "int4" else name
 
 
 def variant(model, fmt: str):
-    from moelab.quant import QuantFormat, quantize_model
+    from moelab.quant import quantize_model
 
     m = copy.deepcopy(model)
     if fmt == "fp32":
         return m
-    quantize_model(m, QuantFormat(name="int4", group_size=128) if fmt == "int4" else fmt)
+    quantize_model(m, _fmt(fmt), what="all" if fmt.endswith("-all") else "experts")
     return m.eval()
 
 
 def file_bytes(model, fmt: str, run_dir: Path | None) -> int:
-    from moelab.quant import QuantFormat, save_quantized
+    from moelab.quant import save_quantized
     from moelab.rundir import save_model
 
     with tempfile.TemporaryDirectory() as d:
@@ -56,8 +65,7 @@ def file_bytes(model, fmt: str, run_dir: Path | None) -> int:
         if fmt == "fp32":
             save_model(model, out)
         else:
-            save_quantized(model, out, fmt=QuantFormat(name="int4", group_size=128) if fmt == "int4" else fmt,
-                           source={"benchmark": str(run_dir or "random")})
+            save_quantized(model, out, fmt=_fmt(fmt), source={"benchmark": str(run_dir or "random")})
         return (out / "model.safetensors").stat().st_size
 
 
