@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted experiment in --out: finished runs are kept, an interrupted one "
                    "resumes from its checkpoint, the others run")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="train the runs side by side in N processes, each with a share of the cores (default 1: one "
+                   "after the other; docs/train.md 'Side by side')")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -41,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = SCALES[args.scale]
     changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     cfg = cfg.with_(**changes)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.runs:  # checked before the data is built (run names do not depend on the vocabulary)
         names = [s.name for s in experiment_runs(args.experiment, cfg, vocab_size=512)]
         unknown = [r for r in args.runs if r not in names]
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = run_experiment(args.experiment, data, out, config=cfg, progress=not args.no_progress,
-                                resume=args.resume, only=args.runs)
+                                resume=args.resume, only=args.runs, workers=args.workers)
     except TrainingInterrupted as e:
         print(f"moelab lab: interrupted in {e.run_dir} at step {e.step}; checkpoint written. To continue, run "
               "the same command with --resume: finished runs are kept", file=sys.stderr)
