@@ -214,3 +214,28 @@ def test_rows_and_result_say_the_threads_and_load(data, run_dir):
     rows = read_metrics(run_dir, kind="train")
     assert all(row["threads"] == r.threads and "load_avg_1m" in row for row in rows)
     assert r.load_avg is None or r.load_avg >= 0
+
+
+def test_a_param_group_may_scale_the_schedule(data, run_dir, monkeypatch):
+    """A group with "lr_scale" follows `lr_at` times its scale (benchmarks/sweep.py's
+    per-expert learning rate); the other groups follow `lr_at` itself."""
+    import moelab.train.trainer as trainer
+
+    made = []
+
+    def build(model, cfg, *, fused=False):
+        opt = build_optimizer(model, cfg, fused=fused)
+        experts = [p for n, p in model.named_parameters() if ".mlp.experts." in n]
+        ids = {id(p) for p in experts}
+        opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"] if id(p) not in ids]
+        opt.add_param_group({"params": experts, "weight_decay": cfg.weight_decay, "lr_scale": 0.5})
+        made.append(opt)
+        return opt
+
+    monkeypatch.setattr(trainer, "build_optimizer", build)
+    tc = tiny_train(steps=5, checkpoint_interval=0)
+    train(tiny_moe(), tc, data, run_dir, progress=False, tensorboard=False)
+    (opt,) = made
+    last = lr_at(tc.steps - 1, tc)
+    assert opt.param_groups[0]["lr"] == pytest.approx(last)
+    assert opt.param_groups[-1]["lr"] == pytest.approx(0.5 * last) and opt.param_groups[-1]["params"]

@@ -15,7 +15,7 @@ from moelab.lab.demo import DemoConfig, demo_json, run_demo
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="the whole story in ~12 minutes on 2 CPU cores (what `make demo` runs)",
+        help="the whole story in ~6 minutes on 2 CPU cores (what `make demo` runs)",
         description="Size Mixtral 8x7B against a dense 13B; train the fine-grained + shared MoE, its "
         "matched-compute dense twin and a Mixtral-style top-2 MoE on the same batches and compare them "
         "(quality per FLOP and per byte of weights); run a short routing-collapse experiment; analyse the "

@@ -9,9 +9,10 @@
 4. the MoE's expert specialisation on held-out text (`moelab.lab.specialization`);
 5. one self-contained HTML report (`moelab.lab.report`).
 
-Aimed at ~10 minutes on 2 CPU cores; measured 12.1 minutes (723 s) by `make demo` on a clean
-clone at 2 threads, the comparison 636 s of them (BENCHMARKS.md, "The demo's MoE"),
-plus building the corpus and tokenizer on the first run (later runs reuse the cache). Each step is a library call whose result is
+Aimed at ~10 minutes on 2 CPU cores; measured 5.9 minutes (356 s, the comparison 303 s
+of them) with the models trained side by side (`DemoConfig.workers`), against 12.1
+minutes one after the other (BENCHMARKS.md, "The demo's MoE"), plus building the corpus
+and tokenizer on the first run (later runs reuse the cache). Each step is a library call whose result is
 returned in `DemoResult`; `on_stage(name, text)` receives each stage's printable output
 as soon as it is ready (the CLI prints it), since the library itself never prints.
 `demo_json` is the `moelab demo --json` object (keys in docs/train.md, "The demo").
@@ -55,9 +56,10 @@ TOP2_NOTE = (
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """Scale of the demo. The defaults aim at ~10 minutes on 2 CPU cores (measured: 12.1)."""
+    """Scale of the demo. The defaults aim at ~10 minutes on 2 CPU cores (measured: 5.9)."""
 
-    # The comparison: 619 s for the three models (1 thread, load ~2; BENCHMARKS.md). The collapse
+    # The comparison: 303 s for the three models side by side on 2 cores (619 s one after
+    # the other at 1 thread; BENCHMARKS.md). The collapse
     # experiment runs at the lab's default scale: at the "quick" scale (80 steps) the
     # aux-loss cure has not yet revived the starved experts, so the demo would show no cure.
     compare_steps: int = 600
@@ -72,17 +74,20 @@ class DemoConfig:
     moe_coarse: bool = True  # the Mixtral-style top-2 row
     dense_total: bool = False  # the dense model with all the experts' width (+~40% compare time)
     # Collapse: the default lab scale (150 steps) and the four runs its verdict needs most
-    # (collapse, both cures and their costs, the dense twin): ~1.5-2 minutes on 2 quiet
-    # cores. The horizon where the balanced MoE passes the collapsed one (300-400 steps
-    # of the `long` scale) does not fit the demo; its rule 5 says so, docs/lab.md has the curve.
+    # (collapse, both cures and their costs, the dense twin): 47 s on 2 cores side by side.
+    # The horizon where the balanced MoE passes the collapsed one (300-400 steps of the
+    # `long` scale's 1000) does not fit the demo: a 400-step run of its own schedule still
+    # leaves the collapsed run 0.004 ahead; rule 5 says so, docs/lab.md has both.
     collapse: LabConfig = field(default_factory=lambda: SCALES["default"])
     collapse_runs: tuple[str, ...] = ("broken-no-aux", "aux-loss", "aux-free-bias", "dense-active")
     analysis_tokens: int = 4096
     seed: int = 0
-    # The compared models (and then the collapse runs) train side by side, one worker
-    # process per core (`moelab.train.workers`): at this size one process does not use
-    # two cores well. None: one per core (or per thread of run_demo's `threads`); 1: in
-    # this process, one after the other.
+    # The compared models train side by side (`moelab.train.workers`): at this size one
+    # process does not use two cores well. None: every compared model in its own process
+    # at once, sharing run_demo's `threads` (at least 1 each: on 2 cores the three models
+    # are time-sliced and finish together, 53.6 s against 66.6 s for two workers and the
+    # third model after them, measured at 100 steps); the collapse runs one worker per
+    # thread. N: N workers for both stages; 1: in this process, one after the other.
     workers: int | None = None
 
     def __post_init__(self) -> None:
@@ -145,6 +150,16 @@ def collapse_summary(collapse: Any) -> str:
                "docs/lab.md)" if not collapse.rules.get(5) else ""))
 
 
+def _compare_workers(cfg: DemoConfig, n_models: int, threads: int | None) -> int:
+    """`DemoConfig.workers` for the comparison: None is every model at once, unless there
+    is a single thread to run them on."""
+    from moelab import hardware
+
+    if cfg.workers is not None:
+        return cfg.workers
+    return n_models if (threads or hardware.available_cpus()) > 1 else 1
+
+
 def size_table(models: tuple[str, ...] = ("mixtral-8x7b", "dense-13b")) -> str:
     """The `moelab size` table for `models` (the same library calls as the CLI)."""
     from moelab.accounting.report import render_table, resolve, size_report
@@ -191,7 +206,7 @@ def run_demo(
     t = time.perf_counter()
     models = demo_models(cfg)
     comparison = compare(models, demo_train_config(cfg), data, out / "compare", progress=progress, overwrite=True,
-                         tensorboard=False, workers=cfg.workers, threads=threads)
+                         tensorboard=False, workers=_compare_workers(cfg, len(models), threads), threads=threads)
     seconds["compare"] = time.perf_counter() - t
     compare_text = render_table(comparison) + ("\n\n" + TOP2_NOTE if "moe_coarse" in models else "")
     emit("compare: fine-grained MoE vs its dense twin and top-2 of 8 (same batches)", compare_text)

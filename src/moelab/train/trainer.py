@@ -560,8 +560,8 @@ def _train(
                 logger.info("interrupted: checkpoint at step %d written in %s", step, run_dir)
                 raise TrainingInterrupted(run_dir, step)
             t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, train_cfg)
+            for group in optimizer.param_groups:  # a group may scale the schedule ("lr_scale")
+                group["lr"] = lr_at(step, train_cfg) * group.get("lr_scale", 1.0)
             x, y = batcher.get_batch(step)
             if parallel is not None:
                 x, y = parallel.shard_batch(x, y)
