@@ -71,7 +71,7 @@ def child(args) -> None:
         from moelab.offload import load_offloaded
 
         off = load_offloaded(args.run, expert_memory=int(args.budget), policy=args.policy,
-                             page_cache=args.page_cache)
+                             page_cache=args.page_cache, prefetch=args.prefetch_child)
         model, store = off.model, off.store
         if args.page_cache == "drop":
             store.file.drop_cached_pages()  # cold from the first read on
@@ -91,6 +91,7 @@ def child(args) -> None:
     print(json.dumps({
         "budget": args.budget, "policy": args.policy if store is not None else None,
         "page_cache": args.page_cache if store is not None else None,
+        "prefetch": args.prefetch_child if store is not None else None,
         "decode_tok_s": statistics.median(rates), "decode_tok_s_all": rates, "load_s": load_s,
         "rss_before_load": before["VmRSS"], "rss_after_load": after_load["VmRSS"], "vmhwm": end["VmHWM"],
         "rss_end": end["VmRSS"], "rss_file_end": end["RssFile"], "token_ids": tokens,
@@ -117,9 +118,23 @@ def build(args, folder: Path) -> dict:
             "non_expert_bytes": total - expert, "one_expert_bytes": expert // (args.layers * args.experts)}
 
 
-def run_child(run: Path, budget: str, policy: str, args, page_cache: str = "keep") -> dict:
+def describe(run: Path) -> dict:
+    """`build`'s figures for an existing float run (``--model-run``)."""
+    from moelab.rundir import load_model
+
+    model = load_model(run).model
+    n_layers = sum(1 for n, _ in model.named_parameters() if n.endswith(".experts.down_proj"))
+    expert = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"config": model.cfg.to_dict(), "params": model.num_params(), "expert_bytes": expert,
+            "non_expert_bytes": total - expert, "one_expert_bytes": expert // (n_layers * model.cfg.moe.num_experts),
+            "run": str(run)}
+
+
+def run_child(run: Path, budget: str, policy: str, args, page_cache: str = "keep", prefetch: bool = False) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.memory", "--child", "--run", str(run), "--budget", budget,
            "--policy", policy, "--page-cache", page_cache, "--threads", str(args.threads),
+           *(["--prefetch-child"] if prefetch else []),
            "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -148,8 +163,16 @@ def main() -> None:
     ap.add_argument("--budget", help=argparse.SUPPRESS)
     ap.add_argument("--policy", default="lru", help=argparse.SUPPRESS)
     ap.add_argument("--page-cache", default="keep", help=argparse.SUPPRESS)
+    ap.add_argument("--prefetch-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cold", action="store_true",
                     help="also each budget with a cold page cache (LRU): every expert read comes from the disk")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="also each budget with LRU and next-layer prefetch (and cold with prefetch, with --cold)")
+    ap.add_argument("--model-run", type=Path, default=None,
+                    help="measure this float moelab run (e.g. a trained one, whose next-layer guesses mean something) "
+                    "instead of building a random model")
+    ap.add_argument("--fractions", default=None, help="expert budgets as fractions of the expert bytes "
+                    "(default 1,0.5,0.25,0.125)")
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -161,22 +184,32 @@ def main() -> None:
     from moelab.io import atomic_write_json
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
-        model = build(args, run)
+        if args.model_run:
+            run = args.model_run
+            model = describe(run)
+        else:
+            run = Path(tmp) / "run"
+            model = build(args, run)
         log.info("model: %.0fM params, experts %.0f MiB, non-expert %.0f MiB", model["params"] / 1e6,
                  model["expert_bytes"] / 2**20, model["non_expert_bytes"] / 2**20)
+        fractions = tuple(float(x) for x in args.fractions.split(",")) if args.fractions else FRACTIONS
         cases = [(None, "resident", "-")] + [(f, str(int(f * model["expert_bytes"])), p)
-                                             for f in FRACTIONS for p in args.policies.split(",")]
+                                             for f in fractions for p in args.policies.split(",")]
+        if args.prefetch:
+            cases += [(f, str(int(f * model["expert_bytes"])), "lru+prefetch") for f in fractions]
         if args.cold:
-            cases += [(f, str(int(f * model["expert_bytes"])), "lru-cold") for f in FRACTIONS]
+            cases += [(f, str(int(f * model["expert_bytes"])), "lru-cold") for f in fractions]
+            if args.prefetch:
+                cases += [(f, str(int(f * model["expert_bytes"])), "lru-cold+prefetch") for f in fractions]
         # Rounds over all cases, interleaved: other jobs on a shared machine then slow every
         # case alike rather than one; the best round per case is the least disturbed one.
         runs: dict[tuple, list[dict]] = {(f, p): [] for f, _, p in cases}
         for i in range(args.rounds):
             for frac, budget, policy in cases:
-                cold = policy.endswith("-cold")
-                r = run_child(run, budget, policy.removesuffix("-cold") if policy != "-" else "lru", args,
-                              page_cache="drop" if cold else "keep")
+                base, _, extra = policy.partition("+")
+                cold = base.endswith("-cold")
+                r = run_child(run, budget, base.removesuffix("-cold") if policy != "-" else "lru", args,
+                              page_cache="drop" if cold else "keep", prefetch=extra == "prefetch")
                 log.info("round %d %s %s: %.1f tok/s", i, frac, policy, r["decode_tok_s"])
                 runs[(frac, policy)].append(r)
         rows = []
@@ -193,11 +226,13 @@ def main() -> None:
             r["expected_bytes"] = r["rss_before_load"] + model["non_expert_bytes"] + held
             r["slack_bytes"] = r["vmhwm"] - r["expected_bytes"]
             r["speed_vs_resident"] = r["decode_tok_s"] / resident["decode_tok_s"]
-            log.info("%-9s %-4s %7.1f tok/s (%.2fx)  VmHWM %6.0f MiB  expected %6.0f MiB  slack %+5.0f MiB  hit %s",
+            log.info("%-9s %-17s %7.1f tok/s (%.2fx)  VmHWM %6.0f MiB  expected %6.0f MiB  slack %+5.0f MiB  hit %s"
+                     "  stall %s  prefetched %s used %s",
                      "resident" if r["fraction"] is None else f"{r['fraction']:.1%}", r["policy"] or "-",
                      r["decode_tok_s"], r["speed_vs_resident"], r["vmhwm"] / 2**20, r["expected_bytes"] / 2**20,
-                     r["slack_bytes"] / 2**20, f"{s['hit_rate']:.1%}" if s else "-")
-    atomic_write_json(args.json, {"machine": machine_info(), "model": model, "args": vars(args) | {"json": str(args.json)},
+                     r["slack_bytes"] / 2**20, f"{s['hit_rate']:.1%}" if s else "-",
+                     f"{s['stall_s']:.2f}s" if s else "-", s.get("prefetched", "-"), s.get("prefetch_used", "-"))
+    atomic_write_json(args.json, {"machine": machine_info(), "model": model, "args": vars(args) | {"json": str(args.json), "model_run": str(args.model_run) if args.model_run else None},
                                   "rows": rows})
     log.info("wrote %s", args.json)
 

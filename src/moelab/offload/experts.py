@@ -17,7 +17,9 @@ float experts do, so the local dispatcher drives it unchanged:
   ``forward_gathered``, so the dispatcher gathers and combines itself.
 
 Experts are fetched one at a time and used at once: a pool of one slot per layer is
-enough for any routing. Inference only (the store's weights have no gradient); a call
+enough for any routing. With ``next_router`` set (`load_offloaded(prefetch=True)`), each
+forward first asks the store to prefetch the experts the next MoE layer's router picks
+for this layer's input, then holds its own pool while it reads it (`ExpertStore.using`). Inference only (the store's weights have no gradient); a call
 that would need one is refused.
 """
 
@@ -43,13 +45,15 @@ def _loop_forward(experts: OffloadedExperts, x_AD: torch.Tensor, counts_E: torch
                   weight_A: torch.Tensor) -> torch.Tensor:
     """Readable reference: each expert's slice of rows through `OffloadedExperts.expert_ffn`."""
     _check_inference(x_AD, weight_A)
+    experts.prefetch_next(x_AD)
     y_AD = x_AD.new_zeros(x_AD.shape[0], experts.d_model)
     start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n:
-            rows = slice(start, start + n)
-            y_AD[rows] = experts.expert_ffn(x_AD[rows], e) * weight_A[rows].to(x_AD.dtype).unsqueeze(-1)
-            start += n
+    with experts.store.using(experts.layer):
+        for e, n in enumerate(counts_E.tolist()):
+            if n:
+                rows = slice(start, start + n)
+                y_AD[rows] = experts.expert_ffn(x_AD[rows], e) * weight_A[rows].to(x_AD.dtype).unsqueeze(-1)
+                start += n
     return y_AD
 
 
@@ -64,7 +68,9 @@ def _fused(experts: OffloadedExperts, x: torch.Tensor, counts_E: torch.Tensor, w
         w_in_HD, w_out_DF = experts.weights(e)
         return F.linear(act_forward(F.linear(x_RD, w_in_HD), experts.activation).mul_(w_A1[rows]), w_out_DF)
 
-    return per_expert_rows(x, counts_E, weight_A.shape[0], experts.d_model, expert, token_idx_A)
+    experts.prefetch_next(x)
+    with experts.store.using(experts.layer):
+        return per_expert_rows(x, counts_E, weight_A.shape[0], experts.d_model, expert, token_idx_A)
 
 
 LOOP = ExpertsBackend(
@@ -90,6 +96,23 @@ class OffloadedExperts(nn.Module):
         self.store, self.layer = store, layer
         self.num_experts, self.d_model, self.d_expert = lay.num_experts, lay.d_model, lay.d_expert
         self.activation, self.impl = lay.activation, impl
+        # (router of the next MoE layer, its store index), set by `load_offloaded(prefetch=
+        # True)`; a tuple, so that the router is not registered as this module's child.
+        self.next_router: tuple[nn.Module, int] | None = None
+
+    def prefetch_next(self, x_ND: torch.Tensor) -> None:
+        """Ask the store to load the experts the next MoE layer's router would pick for
+        these rows (this layer's input stands in for that layer's), most picked first."""
+        if self.next_router is None:
+            return
+        router, layer = self.next_router
+        with torch.no_grad():
+            route = router.select(router.logits(x_ND))
+        if route.expert_idx_TK is None:  # expert choice: no per-token guess to make
+            return
+        counts_E = torch.bincount(route.expert_idx_TK.reshape(-1), minlength=router.cfg.num_experts)
+        order = torch.argsort(counts_E, descending=True, stable=True)
+        self.store.prefetch(layer, order[counts_E[order] > 0].tolist())
 
     def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W_in [H, D], W_out [D, F])`` of expert e, from the store (valid until the

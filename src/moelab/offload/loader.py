@@ -89,10 +89,13 @@ def load_offloaded(
     policy: str = "lru",
     scope: str = "layer",
     page_cache: str = "keep",
+    prefetch: bool = False,
 ) -> OffloadedModel:
     """A float moelab run (dir or ``model.safetensors``) with its routed experts offloaded:
     at most `expert_memory` bytes of them resident (module docstring; `ExpertStore` for
-    ``policy`` "lru" / "lfu", ``scope`` "layer" / "global" and ``page_cache`` "keep" / "drop")."""
+    ``policy`` "lru" / "lfu", ``scope`` "layer" / "global" and ``page_cache`` "keep" / "drop").
+    ``prefetch=True``: each MoE layer prefetches the next one's likely experts on a
+    background thread (`ExpertStore`, "Prefetch"; docs/offload.md has what it measured)."""
     p = Path(path)
     _check_source(p)
     run_dir, weights = existing_run_paths(p)
@@ -110,11 +113,14 @@ def load_offloaded(
         raise ConfigError(f"{run_dir}: the model has no MoE layers; there are no experts to offload")
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     store = ExpertStore(weights, layouts, expert_memory=expert_memory, policy=policy, scope=scope,
-                        dtype=moes[0].experts.down_proj.dtype, page_cache=page_cache)
+                        dtype=moes[0].experts.down_proj.dtype, page_cache=page_cache, prefetch=prefetch)
     ignore = set()
     for j, (moe, layout) in enumerate(zip(moes, layouts, strict=True)):
         moe.experts = OffloadedExperts(store, j, impl=moe.cfg.impl)
         ignore.update((layout.in_name, layout.out_name))
+    if prefetch:
+        for j in range(len(moes) - 1):
+            moes[j].experts.next_router = (moes[j + 1].router, j + 1)
     try:
         assign_weights(model, weights, ignore=frozenset(ignore))
     except BaseException:

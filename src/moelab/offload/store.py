@@ -28,15 +28,29 @@ the budget is under one layer's worth). ``scope="global"`` is one pool for all l
 (uneven layers may use more). A budget below one expert per pool is a `ConfigError`
 naming ``expert_memory`` and the smallest allowed value.
 
-Not thread-safe (one forward at a time).
+**Prefetch** (``prefetch=True``, scope "layer" only): `prefetch(layer, experts)` loads
+experts into a layer's pool on a background thread while the forward computes the layer
+before it (`OffloadedExperts` asks with the next layer's router applied to this layer's
+input: the Pre-gated MoE / MoE-Infinity guess). Each pool has a lock; a forward holds its
+layer's pool (`using`) from the layer's first expert to its last, and a prefetch that
+arrives for a pool in use is dropped, so a slot is never overwritten while the forward
+reads it. Waiting for a prefetch in flight counts as stall. `OffloadStats` says how many
+experts were loaded ahead, how many of them were then used, and how many were evicted
+unused.
+
+One forward at a time (the prefetch thread is the only other party).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +119,14 @@ class OffloadStats:
     total_experts: int  # experts in the model (L x E)
     policy: str
     scope: str
+    # prefetch (zeros without it): experts loaded ahead by the background thread, those
+    # then asked for (their accesses are hits), those evicted before any use, and requests
+    # dropped because the forward had already reached their layer.
+    prefetched: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    prefetch_dropped: int = 0
+    prefetch_bytes_read: int = 0
 
     @property
     def accesses(self) -> int:
@@ -124,7 +146,10 @@ class OffloadStats:
         return (f"experts offloaded ({self.policy}, per {self.scope}): {self.slots}/{self.total_experts} slots, "
                 f"{_size(self.resident_bytes)} resident of {_size(self.budget_bytes)} budget; "
                 f"{self.accesses} accesses, hit rate {self.hit_rate:.1%}, {self.misses} misses, "
-                f"{self.evictions} evictions, read {_size(self.bytes_read)}, stall {self.stall_s:.2f} s")
+                f"{self.evictions} evictions, read {_size(self.bytes_read)}, stall {self.stall_s:.2f} s"
+                + (f"; prefetched {self.prefetched} ({_size(self.prefetch_bytes_read)}), {self.prefetch_used} used, "
+                   f"{self.prefetch_wasted} evicted unused, {self.prefetch_dropped} requests too late"
+                   if self.prefetched or self.prefetch_dropped else ""))
 
 
 def _size(n: int) -> str:
@@ -222,6 +247,9 @@ class _Pool:
         self.capacity, self.policy = capacity, policy
         self.slots: list[torch.Tensor] = []  # flat buffers of one expert each
         self.where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
+        self.lock = threading.Lock()  # the forward's thread and the prefetch thread
+        self.in_use = False  # a forward is reading this pool's slots (prefetches are dropped)
+        self.ahead: set[tuple[int, int]] = set()  # loaded by a prefetch, not asked for yet
 
 
 class ExpertStore:
@@ -235,7 +263,7 @@ class ExpertStore:
 
     def __init__(self, path: str | Path, layouts: list[ExpertLayout], *, expert_memory: int,
                  policy: str = "lru", scope: str = "layer", dtype: torch.dtype = torch.float32,
-                 page_cache: str = "keep"):
+                 page_cache: str = "keep", prefetch: bool = False):
         if not layouts:
             raise ConfigError("ExpertStore: the model has no MoE layers; there are no experts to offload")
         if policy not in POLICIES:
@@ -244,6 +272,9 @@ class ExpertStore:
             raise ConfigError(f"offload scope={scope!r} is not allowed; allowed: {', '.join(SCOPES)}")
         if page_cache not in PAGE_CACHE:
             raise ConfigError(f"offload page_cache={page_cache!r} is not allowed; allowed: {', '.join(PAGE_CACHE)}")
+        if prefetch and scope != "layer":
+            raise ConfigError("offload prefetch needs scope='layer' (a prefetch fills the next layer's own pool; "
+                              "with one global pool every prefetch would land in the pool the forward is reading)")
         if len({(lay.d_model, lay.d_expert, lay.activation) for lay in layouts}) != 1:
             raise ConfigError("ExpertStore: every MoE layer's experts must have the same shape")
         self.layouts, self.dtype, self.policy_name, self.scope = layouts, dtype, policy, scope
@@ -276,7 +307,9 @@ class ExpertStore:
             if a != b:
                 raise CheckpointError(f"{path}: {layout.in_name} is {a} but {layout.out_name} is {b}")
             self._stored.append(a)
-        self._staging: dict[torch.dtype, torch.Tensor] = {}  # one expert in a stored dtype != dtype
+        self._local = threading.local()  # per thread: one expert in a stored dtype != dtype
+        self._count_lock = threading.Lock()  # resident bytes: both threads allocate slots
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="moelab-prefetch") if prefetch else None
         self.reset_stats()
 
     # -- the cache
@@ -285,47 +318,109 @@ class ExpertStore:
         """Expert `e` of MoE layer `layer` (its index in `layouts`): ``(W_in, W_out)``."""
         pool = self._pools[self._pool_of[layer]]
         key = (layer, e)
-        slot = pool.where.get(key)
-        if slot is not None:
-            self._hits += 1
-            pool.policy.on_hit(key)
-        else:
-            t0 = time.perf_counter()
-            self._misses += 1
-            if len(pool.slots) < pool.capacity:
-                slot = len(pool.slots)
-                pool.slots.append(torch.empty(self.layouts[layer].expert_numel, dtype=self.dtype))
+        t0 = time.perf_counter()
+        with pool.lock:
+            slot = pool.where.get(key)
+            if slot is not None:
+                self._hits += 1
+                pool.policy.on_hit(key)
+                if key in pool.ahead:
+                    pool.ahead.discard(key)
+                    self._pf_used += 1
+            else:
+                self._misses += 1
+                slot = self._take_slot(pool, key)
+                self._bytes_read += self._load(layer, e, pool.slots[slot])
+                self._stall += time.perf_counter() - t0
+            return self._views(layer, pool.slots[slot])
+
+    def _take_slot(self, pool: _Pool, key: tuple[int, int]) -> int:
+        """A slot for `key` (a new one while the pool has room, else the victim's), now
+        holding `key` as far as the pool knows; call with ``pool.lock`` held."""
+        if len(pool.slots) < pool.capacity:
+            slot = len(pool.slots)
+            pool.slots.append(torch.empty(self.layouts[key[0]].expert_numel, dtype=self.dtype))
+            with self._count_lock:
                 self._resident += self.expert_bytes
                 self._peak = max(self._peak, self._resident)
-            else:
-                victim = pool.policy.victim()
-                pool.policy.on_evict(victim)
-                slot = pool.where.pop(victim)
-                self._evictions += 1
-            self._load(layer, e, pool.slots[slot])
-            pool.where[key] = slot
-            pool.policy.on_insert(key)
-            self._stall += time.perf_counter() - t0
-        return self._views(layer, pool.slots[slot])
+        else:
+            victim = pool.policy.victim()
+            pool.policy.on_evict(victim)
+            slot = pool.where.pop(victim)
+            self._evictions += 1
+            if victim in pool.ahead:
+                pool.ahead.discard(victim)
+                self._pf_wasted += 1
+        pool.where[key] = slot
+        pool.policy.on_insert(key)
+        return slot
+
+    # -- prefetch
+
+    @contextlib.contextmanager
+    def using(self, layer: int) -> Iterator[None]:
+        """While a forward reads `layer`'s experts: a prefetch in flight for its pool is
+        waited for (stall), and one that arrives later is dropped."""
+        if self._prefetcher is None:
+            yield
+            return
+        pool = self._pools[self._pool_of[layer]]
+        t0 = time.perf_counter()
+        with pool.lock:
+            pool.in_use = True
+        self._stall += time.perf_counter() - t0
+        try:
+            yield
+        finally:
+            with pool.lock:
+                pool.in_use = False
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Load `experts` of `layer` (most wanted first; as many as its pool holds) on the
+        background thread. A no-op without ``prefetch=True``."""
+        if self._prefetcher is not None and experts:
+            self._prefetcher.submit(self._prefetch, layer, list(experts))
+
+    def _prefetch(self, layer: int, experts: list[int]) -> None:
+        pool = self._pools[self._pool_of[layer]]
+        with pool.lock:
+            if pool.in_use or self.file.fd < 0:
+                self._pf_dropped += 1
+                return
+            for e in experts[: pool.capacity]:
+                key = (layer, e)
+                if key in pool.where:
+                    continue
+                slot = self._take_slot(pool, key)
+                self._pf_bytes += self._load(layer, e, pool.slots[slot])
+                pool.ahead.add(key)
+                self._pf_loaded += 1
+
+    def wait_prefetch(self) -> None:
+        """Block until every prefetch asked for so far is done (tests, benchmarks)."""
+        if self._prefetcher is not None:
+            self._prefetcher.submit(lambda: None).result()
 
     def _views(self, layer: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self.layouts[layer]
         n_in = lay.in_rows * lay.d_model
         return buf[:n_in].view(lay.in_rows, lay.d_model), buf[n_in:].view(lay.d_model, lay.d_expert)
 
-    def _load(self, layer: int, e: int, buf: torch.Tensor) -> None:
+    def _load(self, layer: int, e: int, buf: torch.Tensor) -> int:
+        """Read expert e of `layer` into the slot `buf`; returns the bytes read."""
         stored = self._stored[layer]
         target = buf
         if stored != self.dtype:  # read in the stored dtype, then cast into the slot
-            if stored not in self._staging:
-                self._staging[stored] = torch.empty(buf.numel(), dtype=stored)
-            target = self._staging[stored]
+            staging = self._local.__dict__.setdefault("staging", {})
+            if stored not in staging:
+                staging[stored] = torch.empty(buf.numel(), dtype=stored)
+            target = staging[stored]
         w_in, w_out = self._views(layer, target)
         lay = self.layouts[layer]
-        self._bytes_read += self.file.read_row(lay.in_name, e, w_in)
-        self._bytes_read += self.file.read_row(lay.out_name, e, w_out)
+        n = self.file.read_row(lay.in_name, e, w_in) + self.file.read_row(lay.out_name, e, w_out)
         if target is not buf:
             buf.copy_(target)
+        return n
 
     def resident(self, layer: int) -> list[int]:
         """The experts of `layer` in the cache now (sorted)."""
@@ -340,7 +435,10 @@ class ExpertStore:
     # -- stats
 
     def reset_stats(self) -> None:
+        if getattr(self, "_prefetcher", None) is not None:
+            self.wait_prefetch()  # a prefetch in flight would count into the new stats
         self._hits = self._misses = self._evictions = self._bytes_read = 0
+        self._pf_loaded = self._pf_used = self._pf_wasted = self._pf_dropped = self._pf_bytes = 0
         self._stall = 0.0
         self._resident = sum(len(p.slots) for p in getattr(self, "_pools", [])) * self.expert_bytes
         self._peak = self._resident
@@ -352,10 +450,15 @@ class ExpertStore:
             resident_bytes=self._resident, peak_resident_bytes=self._peak,
             slots=sum(p.capacity for p in self._pools),
             total_experts=sum(lay.num_experts for lay in self.layouts), policy=self.policy_name, scope=self.scope,
+            prefetched=self._pf_loaded, prefetch_used=self._pf_used, prefetch_wasted=self._pf_wasted,
+            prefetch_dropped=self._pf_dropped, prefetch_bytes_read=self._pf_bytes,
         )
 
     def close(self) -> None:
         """Close the file and drop the cache."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+            self._prefetcher = None
         self.file.close()
         for p in self._pools:
             p.slots.clear()
