@@ -66,6 +66,8 @@ SCOPES = ("layer", "global")
 # would not have (benchmarks/memory.py --cold), and the file does not push other pages out.
 PAGE_CACHE = ("keep", "drop")
 
+_NO_PREFETCH = contextlib.nullcontext()
+
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -357,13 +359,14 @@ class ExpertStore:
 
     # -- prefetch
 
-    @contextlib.contextmanager
-    def using(self, layer: int) -> Iterator[None]:
+    def using(self, layer: int) -> contextlib.AbstractContextManager[None]:
         """While a forward reads `layer`'s experts: a prefetch in flight for its pool is
-        waited for (stall), and one that arrives later is dropped."""
-        if self._prefetcher is None:
-            yield
-            return
+        waited for (stall), and one that arrives later is dropped. Without prefetch a
+        shared no-op (no generator per layer per token on the decode path)."""
+        return _NO_PREFETCH if self._prefetcher is None else self._using(layer)
+
+    @contextlib.contextmanager
+    def _using(self, layer: int) -> Iterator[None]:
         pool = self._pools[self._pool_of[layer]]
         t0 = time.perf_counter()
         with pool.lock:
