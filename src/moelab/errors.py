@@ -22,3 +22,7 @@ class DataError(MoelabError, ValueError):
 
 class CheckpointError(MoelabError, ValueError):
     """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+class WorkerLostError(MoelabError, RuntimeError):
+    """A worker process (training runs side by side) died without reporting back."""

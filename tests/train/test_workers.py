@@ -117,3 +117,16 @@ def test_ctrl_c_checkpoints_every_run_of_a_parallel_compare(data, tmp_path):
         a = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / "full" / name)]
         b = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(cut / name)]
         assert a == b, name
+
+
+def _dies(code: int) -> None:
+    os._exit(code)  # what the OOM killer leaves: no exception, no result
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_is_one_clear_error():
+    from moelab.errors import WorkerLostError
+    from moelab.train.workers import run_parallel
+
+    with pytest.raises(WorkerLostError, match="a worker process died .* m, d did not all finish.*--resume"):
+        run_parallel(_dies, [(3,), (3,)], workers=2, threads=2, names=["m", "d"])

@@ -227,7 +227,7 @@ def run_experiment(
                     threads)
         outcomes = run_parallel(_lab_run_in_worker, [(experiment, cfg, spec.name, str(data.cache_dir),
                                                       str(out / spec.name), resume) for spec in specs],
-                                workers=n_workers, threads=threads)
+                                workers=n_workers, threads=threads, names=[spec.name for spec in specs])
     summaries: dict[str, RunSummary] = {}
     metrics: dict[str, RunMetrics] = {}
     for spec, (run, measured) in zip(specs, outcomes, strict=True):

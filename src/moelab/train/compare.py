@@ -270,7 +270,8 @@ def compare(
                     n_workers, threads)
         worker_cfg = replace(train_cfg, num_threads=threads)  # not a maths field: resume accepts it
         results = run_parallel(_train_in_worker, [(cfg, worker_cfg, str(data.cache_dir), str(out_dir / name), flags)
-                                                  for _, name, cfg in runs], workers=n_workers, threads=threads)
+                                                  for _, name, cfg in runs], workers=n_workers, threads=threads,
+                               names=[name for _, name, _ in runs])
     summaries: dict[str, ModelSummary] = {}
     for (role, name, cfg), result in zip(runs, results, strict=True):
         summaries[role] = summarize(name, role, cfg, train_cfg, result)

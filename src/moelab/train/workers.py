@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab import hardware
-from moelab.errors import ConfigError
+from moelab.errors import ConfigError, WorkerLostError
 from moelab.train.trainer import TrainingInterrupted
 
 
@@ -97,12 +97,25 @@ def _call(fn: Callable[..., Any], args: tuple) -> Any:
         return _Interrupted(e.run_dir, e.step)
 
 
-def run_parallel(fn: Callable[..., Any], tasks: Sequence[tuple], *, workers: int, threads: int) -> list[Any]:
+def run_parallel(fn: Callable[..., Any], tasks: Sequence[tuple], *, workers: int, threads: int,
+                 names: Sequence[str] | None = None) -> list[Any]:
     """``[fn(*task) for task in tasks]``, computed in `workers` spawned processes of
     `threads` torch threads each, in the order of `tasks` (submit the longest first).
 
     `fn` must be importable by name (a module-level function) and its arguments and
-    result picklable."""
+    result picklable. A worker that dies (killed, out of memory) is a `WorkerLostError`
+    naming the runs (`names`, default "task <i>") that did not finish."""
+    labels = list(names) if names is not None else [f"task {i}" for i in range(len(tasks))]
+    try:
+        return _run_parallel(fn, tasks, workers=workers, threads=threads)
+    except cf.process.BrokenProcessPool as e:
+        raise WorkerLostError(
+            f"a worker process died (killed, or out of memory?) while training: {', '.join(labels)} did not all "
+            f"finish ({e}); each run directory keeps what it wrote, and --resume continues from the last "
+            "checkpoints") from None
+
+
+def _run_parallel(fn: Callable[..., Any], tasks: Sequence[tuple], *, workers: int, threads: int) -> list[Any]:
     results: list[Any] = [None] * len(tasks)
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
