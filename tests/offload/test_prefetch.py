@@ -36,7 +36,9 @@ def test_prefetched_generation_equals_the_resident_model(tmp_path, per_layer, im
     off.store.wait_prefetch()
     s = off.stats()
     assert s.peak_resident_bytes <= 3 * per_layer * EXPERT_BYTES  # prefetches count in the budget
-    assert s.prefetched > 0 and s.prefetch_bytes_read == s.prefetched * EXPERT_BYTES
+    # How many guesses load before the forward gets there is a race with the thread (the
+    # unit tests below pin the mechanics down); what holds whatever the timing:
+    assert s.prefetch_bytes_read == s.prefetched * EXPERT_BYTES
     assert s.prefetch_used + s.prefetch_wasted <= s.prefetched
     assert s.bytes_read == s.misses * EXPERT_BYTES  # demand reads only
     if per_layer == 4:  # all resident: a prefetched expert is never evicted

@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     off.add_argument(
         "--expert-memory", metavar="SIZE",
         help="keep at most SIZE of routed-expert weights resident (e.g. 2GB, 500MiB, bytes) and read the "
-        "rest from model.safetensors on demand (docs/offload.md); prints the cache stats at the end",
+        "rest from model.safetensors on demand (docs/offload.md); with --device cuda, SIZE of GPU memory and "
+        "the rest in pinned CPU memory; prints the cache stats at the end",
     )
     off.add_argument("--offload-policy", choices=("lru", "lfu"), default="lru", help="eviction policy (default lru)")
     off.add_argument("--offload-scope", choices=("layer", "global"), default="layer",
@@ -91,10 +92,12 @@ def run(args: argparse.Namespace) -> int:
 
         if args.compile:
             raise ConfigError("--compile does not support --expert-memory (the offloaded experts run eagerly)")
-        if check_device(args.device) != "cpu" or args.dtype:
-            raise ConfigError("--expert-memory runs on --device cpu in the checkpoint's dtype (no --dtype)")
+        if args.dtype:
+            raise ConfigError("--expert-memory runs in the checkpoint's dtype (no --dtype)")
+        # --device cuda: the expert cache on the GPU, the rest in pinned CPU memory
         loaded = load_offloaded(args.path, expert_memory=parse_size(args.expert_memory, "--expert-memory"),
-                                policy=args.offload_policy, scope=args.offload_scope)
+                                policy=args.offload_policy, scope=args.offload_scope,
+                                device=check_device(args.device))
         store = loaded.store
     else:
         loaded = load_any(args.path, verify=not args.no_verify, device=check_device(args.device))

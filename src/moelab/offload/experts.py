@@ -125,8 +125,9 @@ class OffloadedExperts(nn.Module):
         return F.linear(act_forward(F.linear(x_ND, w_in), self.activation, inplace=False), w_out)
 
     def backend(self, x: torch.Tensor) -> ExpertsBackend:
-        if x.device.type != "cpu":
-            raise ConfigError(f"offloaded experts run on CPU only; the input is on {x.device}")
+        if x.device.type != self.store.device.type:
+            raise ConfigError(f"offloaded experts run on their store's device ({self.store.device}); the input is "
+                              f"on {x.device}")
         return LOOP if self.impl == "loop" else FUSED
 
     def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor, weight_A: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ checks, the expert tensors left unread (``ignore``). The expert weights are neve
 materialised: the resident weights are the non-expert ones plus the store's slots,
 which never exceed ``expert_memory``.
 
-Supported: float moelab run directories (or their ``model.safetensors``), CPU. Refused
+Supported: float moelab run directories (or their ``model.safetensors``), CPU, and CUDA
+(``device="cuda"``: the cache on the GPU, the rest in pinned CPU memory). Refused
 with a `CheckpointError` naming the file: quantised runs (a "quant" entry in
 config.json), Hugging Face folders (convert them first: ``moelab convert HF_DIR
 --to-moelab OUT``), anything else that is not a moelab run.
@@ -90,12 +91,15 @@ def load_offloaded(
     scope: str = "layer",
     page_cache: str = "keep",
     prefetch: bool = False,
+    device: str = "cpu",
 ) -> OffloadedModel:
     """A float moelab run (dir or ``model.safetensors``) with its routed experts offloaded:
     at most `expert_memory` bytes of them resident (module docstring; `ExpertStore` for
     ``policy`` "lru" / "lfu", ``scope`` "layer" / "global" and ``page_cache`` "keep" / "drop").
     ``prefetch=True``: each MoE layer prefetches the next one's likely experts on a
-    background thread (`ExpertStore`, "Prefetch"; docs/offload.md has what it measured)."""
+    background thread (`ExpertStore`, "Prefetch"; docs/offload.md has what it measured).
+    ``device="cuda"``: the non-expert weights and the expert cache on the GPU, every expert
+    read once into pinned CPU memory (`ExpertStore`, "On a GPU")."""
     p = Path(path)
     _check_source(p)
     run_dir, weights = existing_run_paths(p)
@@ -113,7 +117,8 @@ def load_offloaded(
         raise ConfigError(f"{run_dir}: the model has no MoE layers; there are no experts to offload")
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     store = ExpertStore(weights, layouts, expert_memory=expert_memory, policy=policy, scope=scope,
-                        dtype=moes[0].experts.down_proj.dtype, page_cache=page_cache, prefetch=prefetch)
+                        dtype=moes[0].experts.down_proj.dtype, page_cache=page_cache, prefetch=prefetch,
+                        device=device)
     ignore = set()
     for j, (moe, layout) in enumerate(zip(moes, layouts, strict=True)):
         moe.experts = OffloadedExperts(store, j, impl=moe.cfg.impl)
@@ -123,6 +128,7 @@ def load_offloaded(
             moes[j].experts.next_router = (moes[j + 1].router, j + 1)
     try:
         assign_weights(model, weights, ignore=frozenset(ignore))
+        model.to(store.device)  # the non-expert weights (the offloaded experts hold none)
     except BaseException:
         store.close()
         raise

@@ -38,6 +38,14 @@ reads it. Waiting for a prefetch in flight counts as stall. `OffloadStats` says 
 experts were loaded ahead, how many of them were then used, and how many were evicted
 unused.
 
+**On a GPU** (``device="cuda"``): the slots -- the hot experts, under the budget -- are
+GPU memory, and every expert read from the file is also kept in pinned CPU memory (the
+host tier, read once: llama.cpp's ``-ot exps=CPU`` layout with a GPU cache in front), so
+a miss after the first is one host-to-device copy, issued on the current stream (kernels
+that read the slot before are queued ahead of it). The budget counts GPU bytes; the host
+tier holds up to all the experts (``host_bytes`` in the stats). Not measured on a GPU yet:
+tests/offload/test_cuda_offload.py runs it where CUDA exists.
+
 One forward at a time (the prefetch thread is the only other party).
 """
 
@@ -129,6 +137,8 @@ class OffloadStats:
     prefetch_wasted: int = 0
     prefetch_dropped: int = 0
     prefetch_bytes_read: int = 0
+    device: str = "cpu"  # where the slots are (cuda: the host tier is pinned CPU memory)
+    host_bytes: int = 0  # the host tier (device cuda): experts kept in pinned CPU memory
 
     @property
     def accesses(self) -> int:
@@ -265,7 +275,7 @@ class ExpertStore:
 
     def __init__(self, path: str | Path, layouts: list[ExpertLayout], *, expert_memory: int,
                  policy: str = "lru", scope: str = "layer", dtype: torch.dtype = torch.float32,
-                 page_cache: str = "keep", prefetch: bool = False):
+                 page_cache: str = "keep", prefetch: bool = False, device: str | torch.device = "cpu"):
         if not layouts:
             raise ConfigError("ExpertStore: the model has no MoE layers; there are no experts to offload")
         if policy not in POLICIES:
@@ -279,6 +289,12 @@ class ExpertStore:
                               "with one global pool every prefetch would land in the pool the forward is reading)")
         if len({(lay.d_model, lay.d_expert, lay.activation) for lay in layouts}) != 1:
             raise ConfigError("ExpertStore: every MoE layer's experts must have the same shape")
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"offload device={str(self.device)!r} is not supported; allowed: cpu, cuda")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("offload device='cuda' but torch sees no CUDA device")
+        self._host: dict[tuple[int, int], torch.Tensor] = {}  # device cuda: (layer, e) -> pinned expert
         self.layouts, self.dtype, self.policy_name, self.scope = layouts, dtype, policy, scope
         lay = layouts[0]
         self.expert_bytes = lay.expert_numel * dtype.itemsize
@@ -341,7 +357,7 @@ class ExpertStore:
         holding `key` as far as the pool knows; call with ``pool.lock`` held."""
         if len(pool.slots) < pool.capacity:
             slot = len(pool.slots)
-            pool.slots.append(torch.empty(self.layouts[key[0]].expert_numel, dtype=self.dtype))
+            pool.slots.append(torch.empty(self.layouts[key[0]].expert_numel, dtype=self.dtype, device=self.device))
             with self._count_lock:
                 self._resident += self.expert_bytes
                 self._peak = max(self._peak, self._resident)
@@ -410,7 +426,21 @@ class ExpertStore:
         return buf[:n_in].view(lay.in_rows, lay.d_model), buf[n_in:].view(lay.d_model, lay.d_expert)
 
     def _load(self, layer: int, e: int, buf: torch.Tensor) -> int:
-        """Read expert e of `layer` into the slot `buf`; returns the bytes read."""
+        """Expert e of `layer` into the slot `buf`; returns the bytes read from the file."""
+        if self.device.type == "cpu":
+            return self._read(layer, e, buf)
+        key, n = (layer, e), 0
+        host = self._host.get(key)
+        if host is None:  # first use: from the file into the pinned host tier, kept
+            host = torch.empty(buf.numel(), dtype=self.dtype, pin_memory=True)
+            n = self._read(layer, e, host)
+            with self._count_lock:
+                self._host[key] = host
+        buf.copy_(host, non_blocking=True)  # the host copy is never written again: safe to overlap
+        return n
+
+    def _read(self, layer: int, e: int, buf: torch.Tensor) -> int:
+        """Read expert e of `layer` from the file into the CPU tensor `buf`; the bytes read."""
         stored = self._stored[layer]
         target = buf
         if stored != self.dtype:  # read in the stored dtype, then cast into the slot
@@ -454,7 +484,8 @@ class ExpertStore:
             slots=sum(p.capacity for p in self._pools),
             total_experts=sum(lay.num_experts for lay in self.layouts), policy=self.policy_name, scope=self.scope,
             prefetched=self._pf_loaded, prefetch_used=self._pf_used, prefetch_wasted=self._pf_wasted,
-            prefetch_dropped=self._pf_dropped, prefetch_bytes_read=self._pf_bytes,
+            prefetch_dropped=self._pf_dropped, prefetch_bytes_read=self._pf_bytes, device=str(self.device),
+            host_bytes=sum(t.numel() * t.element_size() for t in list(self._host.values())),
         )
 
     def close(self) -> None:
@@ -466,6 +497,7 @@ class ExpertStore:
         for p in self._pools:
             p.slots.clear()
             p.where.clear()
+        self._host.clear()
         self._resident = 0
 
     def __del__(self) -> None:
