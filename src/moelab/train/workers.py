@@ -12,7 +12,8 @@ What is not lost: every run writes its own run directory as it would in one proc
 Ctrl-C each worker checkpoints its run (the trainer's SIGINT handling) and this module
 raises `TrainingInterrupted` for the first one once all have stopped, so ``--resume``
 continues them all. A run that fails raises its error here after the runs already going
-have finished (their directories are complete; ``--resume`` keeps them).
+have finished (their directories are complete; ``--resume`` keeps them); a worker that
+dies without a word (killed, out of memory) is a `WorkerLostError` naming the runs.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from moelab.train.trainer import TrainingInterrupted
 def plan_workers(n_runs: int, workers: int | None, threads: int | None = None) -> tuple[int, int]:
     """``(workers, threads per worker)`` for `n_runs` runs.
 
-    `threads` is the total thread budget (default: the CPUs this process may use, `moelab.hardware.available_cpus`). ``workers=None``: one
-    per thread of the budget, at most one per run; ``workers=1`` means "in this
-    process" (the caller trains one run after the other). Each worker gets an equal
-    share of the budget, at least 1.
+    `threads` is the total thread budget (default: the CPUs this process may use,
+    `moelab.hardware.available_cpus`). ``workers=None``: one per thread of the budget,
+    at most one per run; ``workers=1`` means "in this process" (the caller trains one
+    run after the other). Each worker gets an equal share of the budget, at least 1.
     """
     for name, value in (("workers", workers), ("threads", threads)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
