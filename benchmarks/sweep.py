@@ -202,6 +202,8 @@ QUALITY6_VARIANTS: dict[str, dict[str, Any]] = {
     # buys about twice the tokens: batch 16 (half the gradient noise of batches that mix
     # four domains of very different loss), both models.
     "fg-bs16": dict(FG, batch_size=16),
+    # More of the active width routed: a shared expert of 128 and 6 of the 32 (active 512).
+    "fg-k6-ds128": dict(FG, top_k=6, d_shared=128, _roles=("moe",)),
 }
 
 
