@@ -118,9 +118,9 @@ def test_ctrl_c_checkpoints_every_run_of_a_parallel_compare(data, tmp_path):
         b = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(cut / name)]
         assert a == b, name
 
-
-def _dies(code: int) -> None:
-    os._exit(code)  # what the OOM killer leaves: no exception, no result
+# The workers are spawned processes that import their function by name, and pytest's
+# importlib mode keeps test modules off sys.path: the tasks below are the standard
+# library's own functions.
 
 
 @pytest.mark.slow
@@ -129,4 +129,24 @@ def test_a_worker_that_dies_is_one_clear_error():
     from moelab.train.workers import run_parallel
 
     with pytest.raises(WorkerLostError, match="a worker process died .* m, d did not all finish.*--resume"):
-        run_parallel(_dies, [(3,), (3,)], workers=2, threads=2, names=["m", "d"])
+        run_parallel(os._exit, [(3,), (3,)], workers=2, threads=2, names=["m", "d"])  # as the OOM killer leaves it
+
+
+@pytest.mark.slow
+def test_on_wait_reports_while_runs_are_going():
+    from moelab.train.workers import run_parallel
+
+    calls = []
+    assert run_parallel(time.sleep, [(1.5,), (0.1,)], workers=2, threads=2, on_wait=lambda: calls.append(1),
+                        wait_s=0.2) == [None, None]
+    assert len(calls) >= 2  # at least once per 0.2 s wait while the 1.5 s run went on
+
+
+def test_last_step_reads_the_tail_of_a_run_being_written(tmp_path):
+    from moelab.train.metrics import last_step
+
+    assert last_step(tmp_path) is None  # no metrics.jsonl yet
+    rows = [json.dumps({"kind": "train", "step": s, "pad": "x" * 3000}) for s in range(1, 41)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"kind": "train", "st')  # a row being written
+    assert last_step(tmp_path) == 40
+    assert last_step(tmp_path / "metrics.jsonl") == 40

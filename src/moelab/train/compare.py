@@ -39,6 +39,7 @@ from moelab.errors import ConfigError
 from moelab.io import atomic_write_json
 from moelab.model import ModelConfig
 from moelab.rundir.files import STATE_FILE
+from moelab.train.metrics import last_step
 from moelab.train.trainer import TrainConfig, TrainResult, train
 from moelab.train.workers import plan_workers, run_parallel
 
@@ -269,9 +270,15 @@ def compare(
         logger.info("training %s in %d worker processes of %d thread(s)", ", ".join(n for _, n, _ in runs),
                     n_workers, threads)
         worker_cfg = replace(train_cfg, num_threads=threads)  # not a maths field: resume accepts it
+
+        def report() -> None:
+            steps = [(name, last_step(out_dir / name)) for _, name, _ in runs]
+            logger.info("side by side: %s", ", ".join(f"{n} step {'-' if s is None else s}/{train_cfg.steps}"
+                                                     for n, s in steps))
+
         results = run_parallel(_train_in_worker, [(cfg, worker_cfg, str(data.cache_dir), str(out_dir / name), flags)
                                                   for _, name, cfg in runs], workers=n_workers, threads=threads,
-                               names=[name for _, name, _ in runs])
+                               names=[name for _, name, _ in runs], on_wait=report if progress else None)
     summaries: dict[str, ModelSummary] = {}
     for (role, name, cfg), result in zip(runs, results, strict=True):
         summaries[role] = summarize(name, role, cfg, train_cfg, result)

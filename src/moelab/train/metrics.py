@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,6 +40,31 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     return value
+
+
+def last_step(path: str | Path) -> int | None:
+    """The step of the last complete row of a run's `metrics.jsonl` (a run dir or the
+    file), read from its tail only: how far a run training elsewhere has got. None: no
+    file or no complete row yet."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - (1 << 16)))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a row being written, or the cut first line of the tail
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            return row["step"]
+    return None
 
 
 def read_metrics(path: str | Path, *, kind: str | None = None) -> list[dict]:

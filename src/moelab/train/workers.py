@@ -99,16 +99,19 @@ def _call(fn: Callable[..., Any], args: tuple) -> Any:
 
 
 def run_parallel(fn: Callable[..., Any], tasks: Sequence[tuple], *, workers: int, threads: int,
-                 names: Sequence[str] | None = None) -> list[Any]:
+                 names: Sequence[str] | None = None, on_wait: Callable[[], None] | None = None,
+                 wait_s: float = 20.0) -> list[Any]:
     """``[fn(*task) for task in tasks]``, computed in `workers` spawned processes of
     `threads` torch threads each, in the order of `tasks` (submit the longest first).
 
     `fn` must be importable by name (a module-level function) and its arguments and
     result picklable. A worker that dies (killed, out of memory) is a `WorkerLostError`
-    naming the runs (`names`, default "task <i>") that did not finish."""
+    naming the runs (`names`, default "task <i>") that did not finish. `on_wait` is
+    called every `wait_s` seconds while runs are still going (progress lines: the
+    workers show no progress bars, which would interleave)."""
     labels = list(names) if names is not None else [f"task {i}" for i in range(len(tasks))]
     try:
-        return _run_parallel(fn, tasks, workers=workers, threads=threads)
+        return _run_parallel(fn, tasks, workers=workers, threads=threads, on_wait=on_wait, wait_s=wait_s)
     except cf.process.BrokenProcessPool as e:
         raise WorkerLostError(
             f"a worker process died (killed, or out of memory?) while training: {', '.join(labels)} did not all "
@@ -116,15 +119,22 @@ def run_parallel(fn: Callable[..., Any], tasks: Sequence[tuple], *, workers: int
             "checkpoints") from None
 
 
-def _run_parallel(fn: Callable[..., Any], tasks: Sequence[tuple], *, workers: int, threads: int) -> list[Any]:
+def _run_parallel(fn: Callable[..., Any], tasks: Sequence[tuple], *, workers: int, threads: int,
+                  on_wait: Callable[[], None] | None, wait_s: float) -> list[Any]:
     results: list[Any] = [None] * len(tasks)
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                 initargs=(threads,)) as pool:
         futures = {pool.submit(_call, fn, task): i for i, task in enumerate(tasks)}
         try:
-            for fut in cf.as_completed(futures):
-                results[futures[fut]] = fut.result()
+            pending = set(futures)
+            while pending:
+                done, pending = cf.wait(pending, timeout=wait_s if on_wait else None,
+                                        return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    results[futures[fut]] = fut.result()
+                if pending and on_wait is not None:
+                    on_wait()
         except BaseException as e:
             # Ctrl-C: each worker checkpoints its run (a second Ctrl-C stops them at once).
             # An error: the runs already going finish their directories. Start nothing new.
