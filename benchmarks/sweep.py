@@ -299,12 +299,23 @@ def _load_data(cache_entries: dict[int, str], vocab: int):
     return prepare_data(vocab_size=vocab)
 
 
-def _scale_expert_lr(scale: float) -> None:
-    """In this worker, give the routed experts' weights their own AdamW group whose lr is
-    `scale` x the schedule (the trainer multiplies each group's lr by its "lr_scale")."""
+_BUILD_OPTIMIZER = None  # the trainer's own, kept before the first `_set_expert_lr`
+
+
+def _set_expert_lr(scale: float) -> None:
+    """In this worker, from now on: the routed experts' weights in their own AdamW group
+    whose lr is `scale` x the schedule (the trainer multiplies each group's lr by its
+    "lr_scale"); ``scale=1.0`` puts the trainer's own optimizer back. Set for every task,
+    since a pool's worker runs many."""
+    global _BUILD_OPTIMIZER
     import moelab.train.trainer as trainer
 
-    base = trainer.build_optimizer
+    if _BUILD_OPTIMIZER is None:
+        _BUILD_OPTIMIZER = trainer.build_optimizer
+    base = _BUILD_OPTIMIZER
+    if scale == 1.0:
+        trainer.build_optimizer = base
+        return
 
     def build(model, cfg, *, fused=False):
         opt = base(model, cfg, fused=fused)
@@ -345,8 +356,7 @@ def run_task(task: dict[str, Any], runs_root: str, device: str, precision: str, 
         torch.manual_seed(0)
         model = Transformer(cfg)
         scale_router_init(model, s["router_std"], seed=0)
-    if task["grid"] == "quality" and s.get("expert_lr", 1.0) != 1.0:
-        _scale_expert_lr(s["expert_lr"])
+    _set_expert_lr(s.get("expert_lr", 1.0) if task["grid"] == "quality" else 1.0)
     t0 = time.perf_counter()
     result = train(cfg, train_cfg, data, run_dir, progress=False, tensorboard=False, overwrite=True, model=model)
     rows = read_metrics(run_dir, kind="train")

@@ -34,11 +34,12 @@ def hf_config(family: str, **overrides):
     return cfg
 
 
-def random_hf_model(family: str, seed: int = 0, **overrides):
-    """A tiny HF model with weights large enough that routing and logits vary a lot
-    (the default init leaves norms at 1 and logits near 0, which would hide mistakes)."""
+def random_from_config(cfg, seed: int = 0):
+    """``AutoModelForCausalLM.from_config(cfg)`` with weights large enough that routing and
+    logits vary a lot (the default init leaves norms at 1 and logits near 0, which would
+    hide mistakes)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -46,6 +47,11 @@ def random_hf_model(family: str, seed: int = 0, **overrides):
             else:
                 p.normal_(1, 0.2)
     return model
+
+
+def random_hf_model(family: str, seed: int = 0, **overrides):
+    """A tiny HF model of `family` (`hf_config`), random as `random_from_config` makes it."""
+    return random_from_config(hf_config(family, **overrides), seed)
 
 
 @pytest.fixture

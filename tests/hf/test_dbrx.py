@@ -13,6 +13,8 @@ from moelab.cli.main import main
 from moelab.errors import ConfigError
 from moelab.hf import load_hf
 
+from .conftest import random_from_config
+
 transformers = pytest.importorskip("transformers")
 V = 96
 
@@ -22,12 +24,7 @@ def _dbrx(**ffn):
         d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=V,
         attn_config={"kv_n_heads": 2, "clip_qkv": 1.5, "rope_theta": 10000.0},
         ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2, **ffn})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(1, 0.2)
-    return model
+    return random_from_config(cfg)
 
 
 @pytest.mark.parametrize("ffn", [{}, {"moe_normalize_expert_weights": None}], ids=["renorm", "no-renorm"])

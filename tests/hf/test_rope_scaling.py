@@ -15,6 +15,8 @@ from moelab.hf.export import export_hf
 from moelab.model.config import RopeScaling
 from moelab.model.layers import scaled_inv_freq
 
+from .conftest import random_from_config
+
 transformers = pytest.importorskip("transformers")
 T = transformers
 
@@ -52,12 +54,7 @@ def _mixtral(params: dict):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                           num_local_experts=4, num_experts_per_tok=2, bos_token_id=None, eos_token_id=None,
                           pad_token_id=None, rope_parameters=dict(params))
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(1, 0.2)
-    return model
+    return random_from_config(cfg)
 
 
 @pytest.mark.parametrize("kind", sorted(SCALINGS))
@@ -84,11 +81,7 @@ def test_llama4_with_its_published_llama3_rope(tmp_path):
                              rope_parameters=params, intermediate_size=16, intermediate_size_mlp=48,
                              num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
                              interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=64)
-    torch.manual_seed(0)
-    hf = T.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(1, 0.2)
+    hf = random_from_config(cfg)
     hf.save_pretrained(tmp_path)
     imp = load_hf(tmp_path)
     ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))

@@ -294,6 +294,9 @@ class ExpertStore:
             raise ConfigError(f"offload device={str(self.device)!r} is not supported; allowed: cpu, cuda")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("offload device='cuda' but torch sees no CUDA device")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"offload device={str(self.device)!r}: this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
         self._host: dict[tuple[int, int], torch.Tensor] = {}  # device cuda: (layer, e) -> pinned expert
         self.layouts, self.dtype, self.policy_name, self.scope = layouts, dtype, policy, scope
         lay = layouts[0]
@@ -336,8 +339,7 @@ class ExpertStore:
         """Expert `e` of MoE layer `layer` (its index in `layouts`): ``(W_in, W_out)``."""
         pool = self._pools[self._pool_of[layer]]
         key = (layer, e)
-        t0 = time.perf_counter()
-        with pool.lock:
+        with pool.lock:  # held by a prefetch only outside `using`, where the forward does not wait for it
             slot = pool.where.get(key)
             if slot is not None:
                 self._hits += 1
@@ -346,6 +348,7 @@ class ExpertStore:
                     pool.ahead.discard(key)
                     self._pf_used += 1
             else:
+                t0 = time.perf_counter()
                 self._misses += 1
                 slot = self._take_slot(pool, key)
                 self._bytes_read += self._load(layer, e, pool.slots[slot])
