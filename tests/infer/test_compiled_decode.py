@@ -123,3 +123,30 @@ def test_compiled_generate_sees_new_weights():
     after = generate(model, PROMPTS, max_new_tokens=10, compile=True).token_ids
     assert after == generate(model, PROMPTS, max_new_tokens=10).token_ids
     assert after != before
+
+
+@pytest.mark.slow
+def test_compiled_generate_of_a_bf16_model_equals_eager():
+    """A bf16 model compiles (its experts' backend asks the CPU once, outside the graph)."""
+    model = tiny_model().to(torch.bfloat16)
+    assert generate(model, PROMPTS[:1], max_new_tokens=8, compile=True).token_ids == \
+        generate(model, PROMPTS[:1], max_new_tokens=8).token_ids
+
+
+@pytest.mark.slow
+def test_compiled_decode_raises_non_finite_router_error():
+    """The routers' check inside the compiled step is an assert; the step raises the same
+    `NonFiniteRouterError` as eager decoding. Every token but the prompt's has a NaN
+    embedding and every logit is 0 (greedy: token 0), so the prefill is finite and the first
+    compiled step is not."""
+    from moelab.moe import NonFiniteRouterError
+
+    model = tiny_model()
+    with torch.no_grad():
+        keep = model.embed_tokens.weight[[1, 2, 3]].clone()
+        model.embed_tokens.weight.fill_(float("nan"))
+        model.embed_tokens.weight[[1, 2, 3]] = keep
+        model.lm_head.weight.zero_()
+    for compile in (False, True):
+        with pytest.raises(NonFiniteRouterError, match="router logits contain NaN/Inf"):
+            generate(model, [[1, 2, 3]], max_new_tokens=4, compile=compile)

@@ -66,3 +66,21 @@ def test_static_mask_equals_prefix_mask_over_the_filled_columns():
     static = causal_mask(B, torch.arange(offset, offset + T), S, window, valid)
     assert torch.equal(static[..., : offset + T], dyn)
     assert not static[..., offset + T :].any()
+
+
+@pytest.mark.parametrize("H,K,Dv", [(4, 2, 8), (4, 4, 8), (6, 1, 5)], ids=["gqa", "mha", "mqa-dv"])
+def test_one_query_attention_equals_sdpa(H, K, Dv):
+    """The compiled decode step's attention (one query per row, written as reductions)
+    against SDPA, its reference: grouped-query heads, a padding mask, a value dim of its own."""
+    from moelab.model.layers import one_query_attention
+
+    g = torch.Generator().manual_seed(H * 10 + K)
+    B, S, D = 3, 11, 8
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, K, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, K, S, Dv, generator=g, dtype=torch.float64)
+    valid_BS = torch.rand(B, S, generator=g) > 0.3
+    valid_BS[:, 0] = True
+    mask = causal_mask(B, torch.tensor([S - 1]), S, None, valid_BS)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+    torch.testing.assert_close(one_query_attention(q, k, v, mask), want)

@@ -207,3 +207,52 @@ def test_compiled_generation_refuses_quantised_experts_without_their_kernel(monk
     monkeypatch.setitem(qexperts._PROBED, "int8", False)  # as on a torch without the kernel
     with pytest.raises(ConfigError, match="compile=True does not support these QuantizedExperts experts"):
         generate(model, [[1, 2, 3]], max_new_tokens=2, compile=True)
+
+
+# ------------------------------------------------------------ the traced int8 path (compiled)
+
+
+def test_traced_int8_rows_equal_the_kernel():
+    """`int8_rows_traced` is what the kernel computes (bf16 in, float32 sums, bf16 out),
+    row by row with each row's own matrix: eagerly the same to bf16 rounding."""
+    if not qexperts.kernel_runs("int8"):
+        pytest.skip("the int8 kernel does not run in this torch build")
+    g = torch.Generator().manual_seed(0)
+    q_ROI = torch.randint(-127, 128, (3, 40, 64), generator=g, dtype=torch.int8)
+    s_RO = (torch.rand(3, 40, generator=g) * 0.01).to(formats.SCALE_DTYPE)
+    x_RI = torch.randn(3, 64, generator=g)
+    got = qexperts.int8_rows_traced(x_RI, q_ROI, s_RO)
+    want = torch.stack([torch._weight_int8pack_mm(x_RI[r:r + 1].to(torch.bfloat16), q_ROI[r], s_RO[r])[0]
+                        for r in range(3)])
+    assert got.dtype == torch.bfloat16
+    assert _rel(got.float(), want.float()) < 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("counts", [[0, 1, 0, 1], [2, 0, 0, 0], [1, 2, 0, 1], [3, 3, 1, 1], [5, 0, 4, 1]],
+                         ids=["1tok", "dup", "mixed", "A8", "A10-op"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_compiled_int8_experts_equal_the_dequantised_reference(activation, counts):
+    """In a compiled graph the int8 experts run traced (`_traced_int8_experts`: each row
+    reads its own expert's weights) up to `TRACED_INT8_MAX_ROWS` rows and through the
+    kernel op beyond: both equal the float reference on the same rows."""
+    if not qexperts.kernel_runs("int8"):
+        pytest.skip("the int8 kernel does not run in this torch build")
+    q = QuantizedExperts.from_experts(_layer(activation).experts, FORMATS["int8"])
+    ref = q.dequantized()
+    counts_E = torch.tensor(counts)
+    A = int(counts_E.sum())
+    x_AD = torch.randn(A, D).to(torch.bfloat16).float()
+    w_A = torch.rand(A)
+    traced = []
+    real = qexperts._traced_int8_experts
+    fn = torch.compile(lambda x, c, w: q(x, c, w), fullgraph=True, dynamic=False)
+    try:
+        qexperts._traced_int8_experts = lambda *a: traced.append(1) or real(*a)
+        with torch.no_grad():
+            got = fn(x_AD, counts_E, w_A)
+            want = ref(x_AD, counts_E, w_A)
+    finally:
+        qexperts._traced_int8_experts = real
+    assert bool(traced) == (A <= qexperts.TRACED_INT8_MAX_ROWS)
+    assert _rel(got, want) < 2e-2

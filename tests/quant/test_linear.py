@@ -145,3 +145,14 @@ def test_compiled_decode_of_a_whole_quantised_model_equals_eager(name):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     assert generate(model, prompts, max_new_tokens=6, compile=True).token_ids == \
         generate(model, prompts, max_new_tokens=6).token_ids
+
+
+@pytest.mark.slow
+def test_compiled_one_row_decode_of_an_int8_model_equals_eager():
+    """One prompt: every int8 linear of the compiled step sees one row, where it runs the
+    traced reduction (`int8_rows_traced`) instead of the kernel; same greedy tokens."""
+    model = _model()
+    quantize_model(model, FORMATS["int8"], what="all")
+    for prompt in ([1, 2, 3], [9, 40, 7, 7, 100]):
+        assert generate(model, [prompt], max_new_tokens=8, compile=True).token_ids == \
+            generate(model, [prompt], max_new_tokens=8).token_ids

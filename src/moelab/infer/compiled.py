@@ -12,8 +12,12 @@ columns written so far), so one compiled graph serves every step of a generation
 to the eager dynamic-cache decode).
 
 Which experts run is data dependent: inside the graph the routed experts' GEMMs are an
-opaque op that runs eager code on the original weights (`moelab.moe.ops`).
-Everything else is inductor's: with freezing, the dense linears (attention, router, LM
+opaque op that runs eager code on the original weights (`moelab.moe.ops`), except int8
+experts at up to 8 rows, which are traced (`moelab.quant.experts.int8_rows_traced`).
+One-row steps also trace what would otherwise be calls out of the graph: attention
+(`moelab.model.layers.one_query_attention`), the sort of one token's experts
+(`moelab.moe.dispatch.order_of_distinct`), the routers' finiteness check (an assert) and,
+when greedy, the argmax. Everything else is inductor's: with freezing, the dense linears (attention, router, LM
 head) become MKL-packed GEMMs, which at 8 rows run about twice as fast as ATen's
 (the [8, 768] x [768, 32000] LM head: 3.2 vs 6.4 ms here), and the small ops of each
 layer fuse into a few C++ kernels. See BENCHMARKS.md "## Decode" for what it gains.
@@ -28,7 +32,7 @@ import torch._inductor.config
 
 from moelab.errors import ConfigError
 from moelab.model import StaticKVCache, Transformer
-from moelab.moe import MoE, RoutedExperts
+from moelab.moe import MoE, NonFiniteRouterError, RoutedExperts, routing
 
 # Cache lengths are rounded up to a power of two (at least this) so that prompts of
 # similar length share one compiled graph; each new (B, S) compiles again.
@@ -79,6 +83,14 @@ def decode_one_token(
     return out.logits[:, -1]
 
 
+def decode_one_token_greedy(
+    model: Transformer, ids_B1: torch.Tensor, positions_B1: torch.Tensor, cache: StaticKVCache
+) -> torch.Tensor:
+    """`decode_one_token` and its argmax, ``[B]`` token ids: greedy decoding inside the graph
+    (eager ``argmax`` over a 32000-wide row costs ~20 us a step; fused, next to nothing)."""
+    return decode_one_token(model, ids_B1, positions_B1, cache).argmax(dim=-1)
+
+
 # One compiled step per model, rebuilt when its weights change: freezing bakes the weights
 # into the graph (and repacks the dense ones), so a stale graph would silently use old
 # weights. Keyed weakly: a model that is gone takes its graphs with it.
@@ -90,32 +102,50 @@ def _weights_key(model: Transformer) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
-def compiled_decode_step(model: Transformer, *, freezing: bool = True, max_autotune: bool = False):
-    """`decode_one_token` compiled for `model` (inductor, static shapes), cached.
+def compiled_decode_step(model: Transformer, *, freezing: bool = True, max_autotune: bool = False,
+                         greedy: bool = False):
+    """`decode_one_token` (``greedy``: `decode_one_token_greedy`) compiled for `model`
+    (inductor, static shapes), cached.
 
     ``freezing``: inductor treats the weights as constants, which on CPU lets it repack the
     dense linears for MKL (`mkl._mkl_linear`); ``max_autotune``: inductor benchmarks its
     own GEMM templates against ATen. Both are read from inductor's global config when a
     graph is compiled (``torch.compile(options=...)`` does not reach freezing in torch
-    2.13), so they are patched in around every call: compiles happen on a call.
+    2.13), so they are patched in around a call that may compile.
+
+    The step is called ``step(model, ids_B1, positions_B1, cache, repeat=False)``.
+    ``repeat=True`` says the call repeats the previous one but for the token and position
+    values (same objects, shapes and dtypes: the steps of one generation after its first):
+    such a call cannot compile, so it skips the config patch (~15 us) and runs only the
+    guards that tell this function's cached graphs apart
+    (``set_stance(skip_guard_eval_unsafe=True)``), not all ~300 (~0.1 ms a step).
     """
     options = {"freezing": freezing, "max_autotune": max_autotune}
     per_model = _COMPILED.setdefault(model, {})
-    options_key = tuple(sorted(options.items()))
+    options_key = (*sorted(options.items()), ("greedy", greedy))
     weights = _weights_key(model)
     hit = per_model.get(options_key)
     if hit is not None and hit[0] == weights:
         return hit[1]
     # A fresh code object per (model, weights, options): dynamo caches compiled graphs on
     # the code object, and its guards do not look at weight values.
-    fn = decode_one_token
+    fn = decode_one_token_greedy if greedy else decode_one_token
     fresh = type(fn)(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     # fullgraph: a graph break would silently fall back to eager for the whole step.
     compiled = torch.compile(fresh, dynamic=False, fullgraph=True)
 
-    def step(*args):
-        with torch._inductor.config.patch(options):
-            return compiled(*args)
+    def step(*args, repeat: bool = False):
+        try:
+            if repeat:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return compiled(*args)
+            with torch._inductor.config.patch(options):
+                return compiled(*args)
+        except RuntimeError as e:
+            # The routers' finiteness check compiles to an assert (`moelab.moe.router`).
+            if routing.NON_FINITE_LOGITS in str(e):
+                raise NonFiniteRouterError(f"{routing.NON_FINITE_LOGITS} (in a compiled decode step)") from None
+            raise
 
     per_model[options_key] = (weights, step)
     return step

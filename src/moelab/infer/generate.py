@@ -184,7 +184,7 @@ def generate(
         # Freezing repacks the dense weights for MKL: at 8 rows their GEMMs run ~2x faster
         # (the LM head 3.2 vs 6.4 ms), at one row no faster (15.0 vs 15.2 ms per step),
         # while the packed copies cost memory (+190-270 MB RSS for the 213M benchmark model).
-        step_fn = compiled_decode_step(model, freezing=B > 1)
+        step_fn = compiled_decode_step(model, freezing=B > 1, greedy=sampling.greedy)
         model.rope_table(cache, dtype)
     try:
         with torch.inference_mode():
@@ -224,11 +224,15 @@ def generate(
                 pos_B1 = pos_B1 + 1
                 if step_fn is not None:
                     t_step = time.perf_counter()
-                    logits_BV = step_fn(model, token_B.unsqueeze(1), pos_B1, static_cache)
+                    stepped = step_fn(model, token_B.unsqueeze(1), pos_B1, static_cache, repeat=step > 1)
                     if step == 1:  # the first compiled call compiles (tens of seconds): timed apart
                         first_s = time.perf_counter() - t_step
                         result.extras["compile_s"] = first_s
                         t0 += first_s
+                    if sampling.greedy:  # the graph took the argmax: token ids
+                        token_B = stepped
+                        continue
+                    logits_BV = stepped
                 else:
                     out = model(
                         token_B.unsqueeze(1),

@@ -9,8 +9,6 @@ one opaque op that runs the eager segmented kernel on the original weights:
   torch 2.13), and the traceable alternatives cost memory traffic: gathering
   ``w[expert_idx]`` copies the chosen experts' weights before the product, running all
   E experts reads E/K times the weights.
-- The router's finiteness check is a Python bool (a graph break); as an op it runs
-  inside the graph, with the same error.
 
 Training under `torch.compile` (``moelab train --compile``) has the same problem with
 gradients: traced, the eager kernel's ``counts.tolist()`` makes dynamo specialise the
@@ -24,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from moelab.moe import routing
 from moelab.moe.cpu_kernels import (
     _forward_chunks,
     chunks_of,
@@ -124,15 +121,3 @@ def segmented_expert_ffn_train(
     """`cpu_kernels.segmented_ffn` with autograd, as ops a compiled training graph does
     not trace (module docstring): ``y_AD``."""
     return _segmented_expert_ffn_fwd(x_AD, w_in_EHD, w_out_EDF, weight_A, tokens_per_expert_E, activation)[0]
-
-
-@torch.library.custom_op("moelab::checked_router_logits", mutates_args=())
-def checked_router_logits(logits_TE: torch.Tensor) -> torch.Tensor:
-    """The logits, after `routing.check_router_logits` (raises on NaN/Inf)."""
-    routing.check_router_logits(logits_TE)
-    return logits_TE.clone()  # a custom op may not return its input
-
-
-@checked_router_logits.register_fake
-def _(logits_TE):
-    return torch.empty_like(logits_TE)

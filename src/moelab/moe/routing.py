@@ -23,14 +23,15 @@ class NonFiniteRouterError(MoelabError, ValueError):
     """Router logits contain NaN or Inf (training has diverged, or the input is bad)."""
 
 
+NON_FINITE_LOGITS = "router logits contain NaN/Inf: training has diverged or the input is not finite"
+
+
 def check_router_logits(logits_TE: torch.Tensor, x_TD: torch.Tensor | None = None) -> None:
     """Raise `NonFiniteRouterError` if any logit is NaN/Inf (one host sync); the message
     says whether the router's input ``x_TD`` (when given) was finite."""
     if not bool(torch.isfinite(logits_TE).all()):
         where = "" if x_TD is None else f" (input finite: {bool(torch.isfinite(x_TD).all())})"
-        raise NonFiniteRouterError(
-            f"router logits contain NaN/Inf: training has diverged or the input is not finite{where}"
-        )
+        raise NonFiniteRouterError(f"{NON_FINITE_LOGITS}{where}")
 
 
 def softmax_topk(

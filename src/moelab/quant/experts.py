@@ -243,8 +243,48 @@ def _(x_AD, p_in, sz_in, p_out, sz_out, weight_A, tokens_per_expert_E, group_siz
     return x_AD.new_empty(x_AD.shape[0], d_model)
 
 
+def int8_rows_traced(x_RI: torch.Tensor, q_ROI: torch.Tensor, s_RO: torch.Tensor) -> torch.Tensor:
+    """``y_RO = (x_R . q_R^T) * s_R`` with row r's own int8 matrix ``q_ROI[r]``: what
+    `torch._weight_int8pack_mm` computes (bf16 in, float32 sums, bf16 out), written as a
+    reduction that inductor fuses with the dequantisation (and with a gather that made
+    ``q_ROI``, which it reads in place). At one row it streams the int8 weights about
+    1.7x as fast as the kernel (BENCHMARKS.md "Decode per weight format")."""
+    x_RI = x_RI.to(KERNEL_DTYPE).float().contiguous()
+    if torch.compiler.is_compiling():
+        # A realisation barrier: inductor's lowering of `as_strided` materialises its input,
+        # which otherwise it would recompute inside the reduction for every output row.
+        x_RI = torch.as_strided(x_RI, x_RI.shape, x_RI.stride())
+    x_R1I = x_RI.unsqueeze(1)
+    return ((x_R1I * q_ROI.float()).sum(-1) * s_RO.float()).to(KERNEL_DTYPE)
+
+
+def _traced_int8_experts(experts: QuantizedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
+                         weight_A: torch.Tensor) -> torch.Tensor:
+    """`_run_rows` with the int8 kernel, traced: each row reads its own expert's matrices
+    (``expert_A`` from the counts: rows are grouped by expert), so a weight is read once per
+    row that uses it, which at one token (every row a different expert) is once."""
+    A, E = x_AD.shape[0], counts_E.shape[0]
+    # ends_E[e] = rows of experts <= e (a cumsum, as a sum inductor fuses instead of calling
+    # ``cumsum``); the expert of row a is the number of experts whose rows end at or before a.
+    e_E = torch.arange(E, device=x_AD.device)
+    ends_E = (counts_E.unsqueeze(0) * (e_E.unsqueeze(0) <= e_E.unsqueeze(1))).sum(1)
+    expert_A = (ends_E.unsqueeze(0) <= torch.arange(A, device=x_AD.device).unsqueeze(1)).sum(1)
+    q_in, s_in, q_out, s_out = (experts.qweight("in"), experts.scale("in"), experts.qweight("out"),
+                                experts.scale("out"))
+    h_AH = int8_rows_traced(x_AD, q_in[expert_A], s_in[expert_A]).float()
+    a_AF = act_forward(h_AH, experts.activation, inplace=False) * weight_A.float().unsqueeze(-1)
+    return int8_rows_traced(a_AF, q_out[expert_A], s_out[expert_A]).to(x_AD.dtype)
+
+
+# Rows up to which the traced int8 experts beat the per-expert kernel loop in a compiled
+# step (measured: BENCHMARKS.md "Decode per weight format").
+TRACED_INT8_MAX_ROWS = 8
+
+
 def _compiled_forward(experts: QuantizedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
                       weight_A: torch.Tensor) -> torch.Tensor:
+    if experts.fmt.name == "int8" and x_AD.shape[0] <= TRACED_INT8_MAX_ROWS:
+        return _traced_int8_experts(experts, x_AD, counts_E, weight_A)
     if experts.fmt.name == "int8":
         return int8_expert_ffn(x_AD, experts.qweight("in"), experts.scale("in"), experts.qweight("out"),
                                experts.scale("out"), weight_A, counts_E, experts.activation)

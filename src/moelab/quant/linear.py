@@ -38,6 +38,7 @@ from moelab.quant.experts import (
     KERNEL_DTYPE,
     check_inference,
     int4_scales_and_zeros,
+    int8_rows_traced,
     kernel_runs,
     portable_from_kernel_int4,
 )
@@ -179,7 +180,9 @@ class QuantizedLinear(nn.Module):
         x_RI = x.reshape(-1, self.in_features)
         if self._kernel_runs_here(x):
             a = x_RI.to(KERNEL_DTYPE)
-            if self.fmt.name == "int8":
+            if self.fmt.name == "int8" and torch.compiler.is_compiling() and x_RI.shape[0] == 1:
+                y = int8_rows_traced(a, self.qweight.unsqueeze(0), self.scale.unsqueeze(0))
+            elif self.fmt.name == "int8":
                 y = torch._weight_int8pack_mm(a, self.qweight, self.scale)
             else:
                 packed, sz = self.kernel_weights()
