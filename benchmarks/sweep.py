@@ -9,6 +9,7 @@
     python -m benchmarks.sweep quality4d   --out runs/sweep/quality4d   (round 4d: the demo's scale, 2 seeds)
     python -m benchmarks.sweep quality5    --out runs/sweep/quality5    (round 5: d_model 64, 2 seeds)
     python -m benchmarks.sweep quality6    --out runs/sweep/quality6    (round 6: the experts' lr, 2 seeds)
+    python -m benchmarks.sweep quality7    --out runs/sweep/quality7    (round 7: weight decay, 2 seeds)
     python -m benchmarks.sweep instability --out runs/sweep/instability [--workers N] [--budget-s S]
     (--device cuda --precision fp32 --cache-entry runs/cache/data/<entry> on a GPU machine)
 
@@ -58,7 +59,7 @@ QUALITY_BASE: dict[str, Any] = dict(
     d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, num_experts=8, top_k=2, d_expert=256,
     shared=0, d_shared=None, vocab=8192,
     steps=600, batch_size=8, seq_len=128, lr=3e-3, aux=0.01, bias_rate=0.0, renorm=True, seed=0, scale=1.0,
-    expert_lr=1.0,
+    expert_lr=1.0, expert_wd=None, wd=0.1,
 )
 
 # name -> overrides, in priority order (a budget-cut sweep runs the first ones).
@@ -206,6 +207,15 @@ QUALITY6_VARIANTS: dict[str, dict[str, Any]] = {
     "fg-k6-ds128": dict(FG, top_k=6, d_shared=128, _roles=("moe",)),
 }
 
+# Round 7 (CPU, 2026-12-02): weight decay. AdamW shrinks every matrix by lr x wd each step
+# (0.1 here: ~16% over the run), the routed experts too, though each is trained by a
+# fraction of the tokens; the dense twin's FFN by all of them. `expert_wd` sets the routed
+# experts' decay alone (MoE only), `wd` every matrix's in both models.
+QUALITY7_VARIANTS: dict[str, dict[str, Any]] = {
+    "fg-ewd0": dict(FG, expert_wd=0.0, _roles=("moe",)),
+    "fg-wd0": dict(FG, wd=0.0),
+}
+
 
 def seed_pairs(variants: dict[str, dict[str, Any]], seeds: tuple[int, ...] = (0, 1)) -> dict[str, dict[str, Any]]:
     """Each variant once per seed, named ``<variant>-seed<s>``."""
@@ -238,7 +248,7 @@ def quality_tasks(variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         roles = s.pop("_roles", None) or (["moe", "dense"] + (["dense_total"] if name in QUALITY_WITH_TOTAL else []))
         for role in roles:
             train = dict(steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                         seed=s["seed"])
+                         seed=s["seed"], weight_decay=s["wd"])
             tasks.append(dict(grid="quality", variant=name, role=role, settings=s, train=train, vocab=s["vocab"]))
     return tasks
 
@@ -299,21 +309,22 @@ def _load_data(cache_entries: dict[int, str], vocab: int):
     return prepare_data(vocab_size=vocab)
 
 
-_BUILD_OPTIMIZER = None  # the trainer's own, kept before the first `_set_expert_lr`
+_BUILD_OPTIMIZER = None  # the trainer's own, kept before the first `_set_expert_group`
 
 
-def _set_expert_lr(scale: float) -> None:
+def _set_expert_group(lr_scale: float, weight_decay: float | None) -> None:
     """In this worker, from now on: the routed experts' weights in their own AdamW group
-    whose lr is `scale` x the schedule (the trainer multiplies each group's lr by its
-    "lr_scale"); ``scale=1.0`` puts the trainer's own optimizer back. Set for every task,
-    since a pool's worker runs many."""
+    whose lr is `lr_scale` x the schedule (the trainer multiplies each group's lr by its
+    "lr_scale") and whose decay is `weight_decay` (None: the other matrices'); ``(1.0,
+    None)`` puts the trainer's own optimizer back. Set for every task, since a pool's
+    worker runs many."""
     global _BUILD_OPTIMIZER
     import moelab.train.trainer as trainer
 
     if _BUILD_OPTIMIZER is None:
         _BUILD_OPTIMIZER = trainer.build_optimizer
     base = _BUILD_OPTIMIZER
-    if scale == 1.0:
+    if lr_scale == 1.0 and weight_decay is None:
         trainer.build_optimizer = base
         return
 
@@ -324,7 +335,8 @@ def _set_expert_lr(scale: float) -> None:
         keep = [p for p in decay["params"] if id(p) not in experts]
         moved = [p for p in decay["params"] if id(p) in experts]
         decay["params"] = keep
-        opt.add_param_group({"params": moved, "weight_decay": decay["weight_decay"], "lr_scale": scale})
+        wd = decay["weight_decay"] if weight_decay is None else weight_decay
+        opt.add_param_group({"params": moved, "weight_decay": wd, "lr_scale": lr_scale})
         return opt
 
     trainer.build_optimizer = build
@@ -356,7 +368,10 @@ def run_task(task: dict[str, Any], runs_root: str, device: str, precision: str, 
         torch.manual_seed(0)
         model = Transformer(cfg)
         scale_router_init(model, s["router_std"], seed=0)
-    _set_expert_lr(s.get("expert_lr", 1.0) if task["grid"] == "quality" else 1.0)
+    if task["grid"] == "quality":
+        _set_expert_group(s.get("expert_lr", 1.0), s.get("expert_wd"))
+    else:
+        _set_expert_group(1.0, None)
     t0 = time.perf_counter()
     result = train(cfg, train_cfg, data, run_dir, progress=False, tensorboard=False, overwrite=True, model=model)
     rows = read_metrics(run_dir, kind="train")
@@ -402,7 +417,7 @@ def summarize(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("grid", choices=["quality", "quality2", "quality3", "quality4", "quality4b", "quality4c", "quality4d",
-                                    "quality5", "quality6", "instability"])
+                                    "quality5", "quality6", "quality7", "instability"])
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -435,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
              "quality4d": lambda: quality_tasks(seed_pairs(QUALITY4D_VARIANTS)),
              "quality5": lambda: quality_tasks(seed_pairs(QUALITY5_VARIANTS)),
              "quality6": lambda: quality_tasks(seed_pairs(QUALITY6_VARIANTS)),
+             "quality7": lambda: quality_tasks(seed_pairs(QUALITY7_VARIANTS)),
              "instability": instability_tasks}[args.grid]()
     if args.only:
         tasks = [t for t in tasks if t["variant"] in set(args.only)]

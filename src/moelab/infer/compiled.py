@@ -25,6 +25,7 @@ layer fuse into a few C++ kernels. See BENCHMARKS.md "## Decode" for what it gai
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -33,6 +34,10 @@ import torch._inductor.config
 from moelab.errors import ConfigError
 from moelab.model import StaticKVCache, Transformer
 from moelab.moe import MoE, NonFiniteRouterError, RoutedExperts, routing
+
+# `set_stance(skip_guard_eval_unsafe=...)` is torch >= 2.6's; older ones run every guard.
+_CAN_SKIP_GUARDS = "skip_guard_eval_unsafe" in inspect.signature(
+    getattr(torch.compiler, "set_stance", lambda: None)).parameters
 
 # Cache lengths are rounded up to a power of two (at least this) so that prompts of
 # similar length share one compiled graph; each new (B, S) compiles again.
@@ -136,7 +141,7 @@ def compiled_decode_step(model: Transformer, *, freezing: bool = True, max_autot
 
     def step(*args, repeat: bool = False):
         try:
-            if repeat:
+            if repeat and _CAN_SKIP_GUARDS:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return compiled(*args)
             with torch._inductor.config.patch(options):

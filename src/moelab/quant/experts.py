@@ -248,7 +248,8 @@ def int8_rows_traced(x_RI: torch.Tensor, q_ROI: torch.Tensor, s_RO: torch.Tensor
     `torch._weight_int8pack_mm` computes (bf16 in, float32 sums, bf16 out), written as a
     reduction that inductor fuses with the dequantisation (and with a gather that made
     ``q_ROI``, which it reads in place). At one row it streams the int8 weights about
-    1.7x as fast as the kernel (BENCHMARKS.md "Decode per weight format")."""
+    1.7x as fast as the kernel (BENCHMARKS.md "Decode per weight format"). For compiled
+    graphs: run eagerly it materialises the ``[R, O, I]`` product (tests only)."""
     x_RI = x_RI.to(KERNEL_DTYPE).float().contiguous()
     if torch.compiler.is_compiling():
         # A realisation barrier: inductor's lowering of `as_strided` materialises its input,
