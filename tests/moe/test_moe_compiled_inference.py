@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.moe import MoEConfig, cpu_kernels, dispatch, ops
+from moelab.moe import MoEConfig, cpu_kernels, ops, traced
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["mm_loop", "grouped_mm"])
-@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("T", [1, 5, 40])
 @pytest.mark.parametrize("cfg_kw", [
     dict(num_experts=4, top_k=2),
     dict(num_experts=6, top_k=3, activation="gelu"),
@@ -23,8 +23,9 @@ from moelab.moe import MoEConfig, cpu_kernels, dispatch, ops
 ])
 def test_compiled_inference_branch_equals_reference(make_pair, monkeypatch, T, cfg_kw, dtype):
     """`MoE.forward` with `torch.compiler.is_compiling()` forced True (outside the ops'
-    bodies, which run eagerly in a real graph too), under no_grad. One token takes the GEMV
-    pairs; more take chunks, where float64 runs the per-expert mm loop and float32
+    bodies, which run eagerly in a real graph too), under no_grad. Up to
+    `traced.TRACED_MAX_ROWS` rows take the traced rows (`traced.expert_rows`, no op); more
+    take the op's chunks, where float64 runs the per-expert mm loop and float32
     `torch._grouped_mm`."""
     if dtype == torch.float32 and T > 1 and not cpu_kernels.GROUPED_MM:
         pytest.skip("this torch has no torch._grouped_mm")
@@ -53,10 +54,10 @@ def test_compiled_inference_branch_equals_reference(make_pair, monkeypatch, T, c
     monkeypatch.undo()
     with torch.no_grad():
         want = ref(x, telemetry=False).output
-    assert calls == ["segmented_expert_ffn"]
-    if T == 1:
-        assert gemv and not grouped
+    if T * cfg_kw["top_k"] <= traced.TRACED_MAX_ROWS:
+        assert calls == [] and not gemv and not grouped
     else:
+        assert calls == ["segmented_expert_ffn"]
         assert not gemv and grouped and set(grouped) == {dtype == torch.float32}
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, want, **tol)
@@ -77,7 +78,7 @@ def test_op_passes_opcheck(make_pair, T):
 def test_order_of_distinct_is_argsort(A):
     g = torch.Generator().manual_seed(A)
     expert_A = torch.randperm(16, generator=g)[:A]
-    assert torch.equal(dispatch.order_of_distinct(expert_A), torch.argsort(expert_A))
+    assert torch.equal(traced.order_of_distinct(expert_A), torch.argsort(expert_A))
 
 
 @pytest.mark.slow

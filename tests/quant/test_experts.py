@@ -244,15 +244,15 @@ def test_compiled_int8_experts_equal_the_dequantised_reference(activation, count
     A = int(counts_E.sum())
     x_AD = torch.randn(A, D).to(torch.bfloat16).float()
     w_A = torch.rand(A)
-    traced = []
+    hits = []
     real = qexperts._traced_int8_experts
     fn = torch.compile(lambda x, c, w: q(x, c, w), fullgraph=True, dynamic=False)
     try:
-        qexperts._traced_int8_experts = lambda *a: traced.append(1) or real(*a)
+        qexperts._traced_int8_experts = lambda *a: hits.append(1) or real(*a)
         with torch.no_grad():
             got = fn(x_AD, counts_E, w_A)
             want = ref(x_AD, counts_E, w_A)
     finally:
         qexperts._traced_int8_experts = real
-    assert bool(traced) == (A <= qexperts.TRACED_INT8_MAX_ROWS)
+    assert bool(hits) == (A <= qexperts.TRACED_INT8_MAX_ROWS)
     assert _rel(got, want) < 2e-2

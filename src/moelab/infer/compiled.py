@@ -33,7 +33,7 @@ import torch._inductor.config
 
 from moelab.errors import ConfigError
 from moelab.model import StaticKVCache, Transformer
-from moelab.moe import MoE, NonFiniteRouterError, RoutedExperts, routing
+from moelab.moe import MoE, NonFiniteRouterError, RoutedExperts, routing, traced
 
 # `set_stance(skip_guard_eval_unsafe=...)` is torch >= 2.6's; older ones run every guard.
 _CAN_SKIP_GUARDS = "skip_guard_eval_unsafe" in inspect.signature(
@@ -83,8 +83,13 @@ def check_compilable(model: Transformer) -> None:
 def decode_one_token(
     model: Transformer, ids_B1: torch.Tensor, positions_B1: torch.Tensor, cache: StaticKVCache
 ) -> torch.Tensor:
-    """Logits ``[B, V]`` of one new token per row, written at the cache's next column."""
-    out = model(ids_B1, positions=positions_B1, cache=cache, last_only=True, telemetry=False)
+    """Logits ``[B, V]`` of one new token per row, written at the cache's next column.
+    Traced, one-row float linears become fused reductions (`moelab.moe.traced.OneRowLinears`)."""
+    if torch.compiler.is_compiling():
+        with traced.OneRowLinears():
+            out = model(ids_B1, positions=positions_B1, cache=cache, last_only=True, telemetry=False)
+    else:
+        out = model(ids_B1, positions=positions_B1, cache=cache, last_only=True, telemetry=False)
     return out.logits[:, -1]
 
 

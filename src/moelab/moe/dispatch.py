@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from moelab.moe import routing
+from moelab.moe import routing, traced
 from moelab.moe.cpu_kernels import gather_rows, scatter_add_rows
 from moelab.moe.losses import load_balancing_loss, router_z_loss
 from moelab.moe.router import RouterOutput
@@ -103,16 +103,6 @@ def assignments_expert_choice(token_idx_EC: torch.Tensor, weights_EC: torch.Tens
     E, C = token_idx_EC.shape
     expert_A = torch.arange(E, device=token_idx_EC.device).repeat_interleave(C)
     return token_idx_EC.reshape(-1), expert_A, weights_EC.reshape(-1)
-
-
-def order_of_distinct(expert_A: torch.Tensor) -> torch.Tensor:
-    """``argsort(expert_A)`` for distinct values (one token's top-k), as comparisons and
-    sums that a compiled graph fuses into its own loops instead of calling ``sort``: the
-    rank of each value is how many are smaller, and ``order[r]`` the position of rank r."""
-    A = expert_A.shape[0]
-    rank_A = (expert_A.unsqueeze(0) < expert_A.unsqueeze(1)).sum(1)
-    pos_A = torch.arange(A, device=expert_A.device)
-    return ((rank_A.unsqueeze(0) == pos_A.unsqueeze(1)) * pos_A.unsqueeze(0)).sum(1)
 
 
 def count_per_expert(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -203,7 +193,7 @@ class LocalDispatcher:
                 token_A, expert_A, weight_A = assignments_token_choice(route.expert_idx_TK, route.weights_TK, keep_TK)
             dropped = (~keep_TK).sum() if keep_TK is not None else None
         if T == 1 and keep_TK is None and not route.is_expert_choice and torch.compiler.is_compiling():
-            order_A = order_of_distinct(expert_A)
+            order_A = traced.order_of_distinct(expert_A)
         else:
             # Stable: tokens keep their order inside each expert, so sums are deterministic.
             order_A = torch.argsort(expert_A, stable=True)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab import hardware
-from moelab.moe import cpu_kernels, ops
+from moelab.moe import cpu_kernels, ops, traced
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,10 @@ def _segmented_call(x, w_in, w_out, weight_A, counts_E, activation, token_idx_A)
     on the routing (`moelab.moe.ops`); with gradients when the graph trains."""
     if token_idx_A is None and torch.compiler.is_compiling():
         if not torch.is_grad_enabled():
+            if x.device.type == "cpu" and x.shape[0] <= traced.TRACED_MAX_ROWS:
+                # A decode step's few rows: traced, each row reading its own expert's
+                # weights in a fused reduction (`moelab.moe.traced`).
+                return traced.expert_rows(x, counts_E, weight_A, w_in, w_out, activation)
             return ops.segmented_expert_ffn(x, w_in, w_out, weight_A, counts_E, activation)
         if x.device.type == "cpu":
             return ops.segmented_expert_ffn_train(x, w_in, w_out, weight_A, counts_E, activation)

@@ -37,6 +37,7 @@ from torch import nn
 
 from moelab.errors import ConfigError
 from moelab.moe.cpu_kernels import act_forward, per_expert_rows
+from moelab.moe import traced
 from moelab.moe.experts import ExpertsBackend, RoutedExperts
 from moelab.quant import formats
 from moelab.quant.formats import QuantFormat
@@ -245,40 +246,24 @@ def _(x_AD, p_in, sz_in, p_out, sz_out, weight_A, tokens_per_expert_E, group_siz
 
 def int8_rows_traced(x_RI: torch.Tensor, q_ROI: torch.Tensor, s_RO: torch.Tensor) -> torch.Tensor:
     """``y_RO = (x_R . q_R^T) * s_R`` with row r's own int8 matrix ``q_ROI[r]``: what
-    `torch._weight_int8pack_mm` computes (bf16 in, float32 sums, bf16 out), written as a
-    reduction that inductor fuses with the dequantisation (and with a gather that made
-    ``q_ROI``, which it reads in place). At one row it streams the int8 weights about
-    1.7x as fast as the kernel (BENCHMARKS.md "Decode per weight format"). For compiled
-    graphs: run eagerly it materialises the ``[R, O, I]`` product (tests only)."""
-    x_RI = x_RI.to(KERNEL_DTYPE).float().contiguous()
-    if torch.compiler.is_compiling():
-        # A realisation barrier: inductor's lowering of `as_strided` materialises its input,
-        # which otherwise it would recompute inside the reduction for every output row.
-        x_RI = torch.as_strided(x_RI, x_RI.shape, x_RI.stride())
-    x_R1I = x_RI.unsqueeze(1)
-    return ((x_R1I * q_ROI.float()).sum(-1) * s_RO.float()).to(KERNEL_DTYPE)
+    `torch._weight_int8pack_mm` computes (bf16 in, float32 sums, bf16 out), as
+    `moelab.moe.traced.rows_matvec`, the reduction inductor compiles with the
+    dequantisation inside its loop. At one row it streams the int8 weights ~1.7x as fast
+    as the kernel (BENCHMARKS.md "Decode per weight format"). For compiled graphs."""
+    return traced.rows_matvec(x_RI.to(KERNEL_DTYPE), q_ROI, s_RO).to(KERNEL_DTYPE)
 
 
 def _traced_int8_experts(experts: QuantizedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
                          weight_A: torch.Tensor) -> torch.Tensor:
-    """`_run_rows` with the int8 kernel, traced: each row reads its own expert's matrices
-    (``expert_A`` from the counts: rows are grouped by expert), so a weight is read once per
-    row that uses it, which at one token (every row a different expert) is once."""
-    A, E = x_AD.shape[0], counts_E.shape[0]
-    # ends_E[e] = rows of experts <= e (a cumsum, as a sum inductor fuses instead of calling
-    # ``cumsum``); the expert of row a is the number of experts whose rows end at or before a.
-    e_E = torch.arange(E, device=x_AD.device)
-    ends_E = (counts_E.unsqueeze(0) * (e_E.unsqueeze(0) <= e_E.unsqueeze(1))).sum(1)
-    expert_A = (ends_E.unsqueeze(0) <= torch.arange(A, device=x_AD.device).unsqueeze(1)).sum(1)
-    q_in, s_in, q_out, s_out = (experts.qweight("in"), experts.scale("in"), experts.qweight("out"),
-                                experts.scale("out"))
-    h_AH = int8_rows_traced(x_AD, q_in[expert_A], s_in[expert_A]).float()
-    a_AF = act_forward(h_AH, experts.activation, inplace=False) * weight_A.float().unsqueeze(-1)
-    return int8_rows_traced(a_AF, q_out[expert_A], s_out[expert_A]).to(x_AD.dtype)
+    """`_run_rows` with the int8 kernel's contract (bf16 GEMM inputs and outputs), traced:
+    `moelab.moe.traced.expert_rows` over the int8 weights and their scales."""
+    return traced.expert_rows(x_AD, counts_E, weight_A, experts.qweight("in"), experts.qweight("out"),
+                              experts.activation, experts.scale("in"), experts.scale("out"), act_dtype=KERNEL_DTYPE)
 
 
-# Rows up to which the traced int8 experts beat the per-expert kernel loop in a compiled
-# step (measured: BENCHMARKS.md "Decode per weight format").
+# Rows up to which the traced int8 experts beat the per-expert kernel loop in a compiled step
+# (the 207M benchmark model, 1 thread: faster at batch 1, 2 and 4; at batch 8, 16 rows,
+# slower: 22.3 against 20.8 ms a step).
 TRACED_INT8_MAX_ROWS = 8
 
 
