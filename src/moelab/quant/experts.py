@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from moelab.errors import ConfigError
-from moelab.moe.cpu_kernels import act_forward, per_expert_rows
 from moelab.moe import traced
+from moelab.moe.cpu_kernels import act_forward, per_expert_rows
 from moelab.moe.experts import ExpertsBackend, RoutedExperts
 from moelab.quant import formats
 from moelab.quant.formats import QuantFormat
