@@ -215,6 +215,26 @@ def test_generate_and_routing_record(saved, name):
     assert out.routing is not None and len(out.routing[0]) == 4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt_oss", "llama4_text"])
+def test_compiled_generate_of_reference_only_experts(saved, name):
+    """gpt-oss (biases, clamped GLU, sinks) and Llama 4 (routing weight on the input) take
+    the readable loop eagerly; compiled, a few rows are traced per row
+    (`experts._traced_reference`): the eager greedy tokens at batch 1 and 2. A batch with
+    more rows than that is refused by name, not with a tracing error."""
+    from moelab.infer.generate import generate
+    from moelab.moe import traced
+
+    _, folder = saved(name)
+    model = load_hf(folder).model
+    for prompts in ([[1, 2, 3]], [[1, 2, 3], [4, 5]]):
+        assert generate(model, prompts, max_new_tokens=6, compile=True).token_ids == \
+            generate(model, prompts, max_new_tokens=6).token_ids
+    too_many = [[1, 2]] * (traced.TRACED_MAX_ROWS // model.cfg.moe.top_k + 1)
+    with pytest.raises(ConfigError, match="compile=True runs these experts .* traced, for at most"):
+        generate(model, too_many, max_new_tokens=2, compile=True)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, "RoPE scaling 'dynamic'"),
     ("topk_method", "noaux_tc", "field 'topk_method'='noaux_tc' is not supported"),

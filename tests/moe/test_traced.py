@@ -57,3 +57,24 @@ def test_expert_of_rows_matches_repeat_interleave(counts):
     A = int(counts_E.sum())
     want = torch.repeat_interleave(torch.arange(len(counts)), counts_E)
     assert torch.equal(traced.expert_of_rows(counts_E, A), want)
+
+
+@pytest.mark.parametrize("kw", [dict(bias=True, activation="swiglu_oai"), dict(weight_on_input=True),
+                                dict(bias=True, activation="gelu")], ids=["gpt-oss", "llama4", "bias-gelu"])
+def test_traced_reference_experts_equal_the_loop(kw):
+    """Experts only the loop runs (biases, gpt-oss's clamped GLU, Llama 4's weight on the
+    input), per row with their own expert's weights (`experts._traced_reference`, what a
+    compiled graph runs): the loop's output."""
+    from moelab.moe import experts as ex
+
+    torch.manual_seed(0)
+    act = kw.pop("activation", "swiglu")
+    e = ex.RoutedExperts(16, 8, 4, act, **kw).double()
+    with torch.no_grad():
+        for p in e.parameters():
+            p.normal_(0, 0.5)
+    counts_E = torch.tensor([1, 0, 2, 1])
+    x_AD = torch.randn(4, 16, dtype=torch.float64)
+    w_A = torch.rand(4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ex._traced_reference(e, x_AD, counts_E, w_A), ex._loop_forward(e, x_AD, counts_E, w_A))

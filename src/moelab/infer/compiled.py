@@ -52,11 +52,22 @@ def static_cache_len(needed: int, max_seq_len: int) -> int:
     return max(needed, min(n, max_seq_len))
 
 
-def check_compilable(model: Transformer) -> None:
-    """Refuse, naming the setting, what the one-graph decode step cannot trace."""
+def check_compilable(model: Transformer, batch_size: int | None = None) -> None:
+    """Refuse, naming the setting, what the one-graph decode step cannot trace (for a
+    batch of ``batch_size`` rows, when given)."""
     moe = model.cfg.moe
     if moe is None:
         return
+    reference_only = [m for m in model.modules() if isinstance(m, RoutedExperts) and m.reference_only]
+    if reference_only and batch_size is not None and batch_size * moe.top_k > traced.TRACED_MAX_ROWS:
+        # Experts only the readable loop runs (biases, gpt-oss's clamped GLU, Llama 4's
+        # weight on the input) are traced per row in the graph; the loop cannot be.
+        raise ConfigError(
+            f"generate: compile=True runs these experts ({reference_only[0].extra_repr()}, with biases, a "
+            f"clamped GLU or the routing weight on the input) traced, for at most "
+            f"{traced.TRACED_MAX_ROWS // moe.top_k} rows a batch at top_k={moe.top_k}; got {batch_size} "
+            "prompts: use fewer, or compile=False"
+        )
     if moe.capacity_factor is not None:
         raise ConfigError(
             f"generate: compile=True does not support ModelConfig.moe.capacity_factor={moe.capacity_factor} "

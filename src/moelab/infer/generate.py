@@ -144,7 +144,7 @@ def generate(
             "logits only); use compile=False to record routing"
         )
     if compile:
-        check_compilable(model)
+        check_compilable(model, batch_size=len(prompts_ids))
     stop_ids = set(int(t) for t in (stop_token_ids or ()))
     cfg = model.cfg
     device = model.embed_tokens.weight.device

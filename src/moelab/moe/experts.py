@@ -100,7 +100,11 @@ def select_backend(experts: RoutedExperts, x_AD: torch.Tensor, impl: str = "grou
 
 
 def _loop_forward(experts: RoutedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor):
-    """Readable reference: each expert's slice of rows through `RoutedExperts.expert_ffn`."""
+    """Readable reference: each expert's slice of rows through `RoutedExperts.expert_ffn`.
+    (In a compiled inference graph, a few rows run `_traced_reference` instead: the loop's
+    ``counts.tolist()`` cannot be traced.)"""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x_AD.shape[0] <= traced.TRACED_MAX_ROWS:
+        return _traced_reference(experts, x_AD, counts_E, weight_A)
     parts, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
@@ -114,6 +118,28 @@ def _loop_forward(experts: RoutedExperts, x_AD: torch.Tensor, counts_E: torch.Te
     if not parts:
         return _empty_output(experts, x_AD)
     return torch.cat(parts)
+
+
+def _traced_reference(experts: RoutedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
+                      weight_A: torch.Tensor) -> torch.Tensor:
+    """`_loop_forward`'s ``expert_ffn`` per row with the row's own expert's weights and
+    biases (`moelab.moe.traced`): what the experts the fast kernels do not take (biases,
+    gpt-oss's clamped GLU, Llama 4's weight on the input) run as in a compiled decode step."""
+    e_A = traced.expert_of_rows(counts_E, x_AD.shape[0])
+    w_A1 = weight_A.to(x_AD.dtype).unsqueeze(-1)
+    x_in = x_AD * w_A1 if experts.weight_on_input else x_AD
+    h_AH = traced.rows_matvec(x_in, experts.w_in[e_A])
+    if experts.has_bias:
+        h_AH = h_AH + experts.b_in[e_A].to(h_AH.dtype)
+    if experts.activation == "swiglu_oai":
+        a_AF = swiglu_oai(h_AH, experts.swiglu_alpha, experts.swiglu_limit)
+    else:
+        a_AF = activate(h_AH, experts.activation)
+    y_AD = traced.rows_matvec(a_AF, experts.down_proj[e_A])
+    if experts.has_bias:
+        y_AD = y_AD + experts.down_proj_bias[e_A].to(y_AD.dtype)
+    y_AD = y_AD.to(x_AD.dtype)
+    return y_AD if experts.weight_on_input else y_AD * w_A1
 
 
 def _empty_output(experts: RoutedExperts, x_AD: torch.Tensor) -> torch.Tensor:
