@@ -11,20 +11,21 @@ columns written so far), so one compiled graph serves every step of a generation
 `decode_one_token` run eagerly is the reference of the compiled path (tests compare it
 to the eager dynamic-cache decode).
 
-Which experts run is data dependent: inside the graph the routed experts' GEMMs are an
-opaque op that runs eager code on the original weights (`moelab.moe.ops`), except int8
-experts at up to 8 rows, which are traced (`moelab.quant.experts.int8_rows_traced`).
-One-row steps also trace what would otherwise be calls out of the graph: attention
-(`moelab.model.layers.one_query_attention`), the sort of one token's experts
-(`moelab.moe.dispatch.order_of_distinct`), the routers' finiteness check (an assert) and,
-when greedy, the argmax. Everything else is inductor's: with freezing, the dense linears (attention, router, LM
-head) become MKL-packed GEMMs, which at 8 rows run about twice as fast as ATen's
-(the [8, 768] x [768, 32000] LM head: 3.2 vs 6.4 ms here), and the small ops of each
-layer fuse into a few C++ kernels. See BENCHMARKS.md "## Decode" for what it gains.
+Which experts run is data dependent: inside the graph many rows' expert GEMMs are an
+opaque op that runs eager code on the original weights (`moelab.moe.ops`). A decode step's
+few rows, and every one-row linear, are traced instead as fused reductions over the weights
+(`moelab.moe.traced`: float experts up to 32 rows, int8 up to 8), and so are one-query
+attention (`moelab.model.layers.one_query_attention`), the sort of one token's experts
+(`traced.order_of_distinct`), the routers' finiteness check (an assert) and, when greedy,
+the argmax. Everything else is inductor's: with freezing (batches of more than one row),
+the dense linears (attention, router, LM head) become MKL-packed GEMMs, which at 8 rows run
+about twice as fast as ATen's (the [8, 768] x [768, 32000] LM head: 3.2 vs 6.4 ms here),
+and the small ops of each layer fuse into a few C++ kernels. See BENCHMARKS.md "## Decode" for what it gains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 
@@ -65,8 +66,8 @@ def check_compilable(model: Transformer, batch_size: int | None = None) -> None:
         raise ConfigError(
             f"generate: compile=True runs these experts ({reference_only[0].extra_repr()}, with biases, a "
             f"clamped GLU or the routing weight on the input) traced, for at most "
-            f"{traced.TRACED_MAX_ROWS // moe.top_k} rows a batch at top_k={moe.top_k}; got {batch_size} "
-            "prompts: use fewer, or compile=False"
+            f"{traced.TRACED_MAX_ROWS // moe.top_k} prompts a batch at top_k={moe.top_k}; got {batch_size}: "
+            "use fewer, or compile=False"
         )
     if moe.capacity_factor is not None:
         raise ConfigError(
@@ -96,10 +97,7 @@ def decode_one_token(
 ) -> torch.Tensor:
     """Logits ``[B, V]`` of one new token per row, written at the cache's next column.
     Traced, one-row float linears become fused reductions (`moelab.moe.traced.OneRowLinears`)."""
-    if torch.compiler.is_compiling():
-        with traced.OneRowLinears():
-            out = model(ids_B1, positions=positions_B1, cache=cache, last_only=True, telemetry=False)
-    else:
+    with traced.OneRowLinears() if torch.compiler.is_compiling() else contextlib.nullcontext():
         out = model(ids_B1, positions=positions_B1, cache=cache, last_only=True, telemetry=False)
     return out.logits[:, -1]
 
