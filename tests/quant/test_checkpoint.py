@@ -65,7 +65,7 @@ def test_round_trip_is_bit_for_bit(tmp_path, name):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["format"] == "moelab-run"
     assert cfg["quant"] == {"format": name, "group_size": 32 if name == "int4" else None, "what": "experts",
-                            "moelab_quant_version": 1}
+                            "moelab_quant_version": 2}
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert f.metadata()["moelab_quant"] == name
         keys = set(f.keys())
@@ -119,7 +119,8 @@ def _edit_quant(run, **changes):
 @pytest.mark.parametrize("edit, match", [
     (dict(replace={"format": "int3"}), r"\"quant\"\.format='int3' is not a format .*allowed: bf16, int8, int4"),
     (dict(replace="int8"), r"\"quant\" must be an object"),
-    (dict(moelab_quant_version=2), r"\"quant\"\.moelab_quant_version=2"),
+    (dict(moelab_quant_version=3), r"\"quant\"\.moelab_quant_version=3 is not supported \(expected one of 1, 2\)"),
+    (dict(moelab_quant_version=True), r"\"quant\"\.moelab_quant_version=True"),
     (dict(what="everything"), r"\"quant\"\.what='everything'"),
     (dict(format="bf16", what="all"), r"\"quant\"\.what='all' with format bf16"),
     (dict(group_size=64), r"\"quant\"\.group_size=64, but only int4 has groups"),

@@ -8,6 +8,8 @@ rounding, hence 1e-2 of the output's scale. The dequantise fallback is float32: 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -85,15 +87,39 @@ def test_int4_holds_one_resident_copy_and_saves_the_portable_form_bit_for_bit():
     assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
 
 
+@pytest.mark.parametrize("out_features", [40, 1])
+def test_int4_pads_output_rows_to_the_kernels_multiple_of_16(out_features):
+    """An LM head of a 28093-token vocabulary, a 1-wide gate: the kernel's copy gets zero rows
+    up to a multiple of 16, the output is sliced back, and the saved form is the unpadded one."""
+    torch.manual_seed(1)
+    lin = nn.Linear(64, out_features, bias=True)
+    q = QuantizedLinear.from_linear(lin, FORMATS["int4"])
+    packed, sz = q.kernel_weights()
+    assert packed.shape[0] == sz.shape[1] == (48 if out_features == 40 else 16)
+    x = torch.randn(2, 3, 64)
+    with torch.inference_mode():
+        y, ref = q(x), _reference(q, x)
+    assert y.shape == (2, 3, out_features)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-2 * float(ref.abs().max()))
+    assert (q.weight - lin.weight).abs().max() < 0.1  # the reference is the quantised weight itself
+    sd = q.state_dict()
+    assert sd["qweight"].shape == (out_features, 32) and sd["scale"].shape == (out_features, 2)
+    assert q.nbytes() == out_features * (32 + 2 * 2 * 2)  # nibbles + bf16 scale and zero per group
+    other = QuantizedLinear(64, out_features, True, FORMATS["int4"])
+    other.load_state_dict(sd)
+    with torch.inference_mode():
+        assert torch.equal(other(x), y)
+
+
 def test_inference_only():
     q = QuantizedLinear.from_linear(_linear(False), FORMATS["int8"])
     with pytest.raises(ConfigError, match="inference-only"):
         q(torch.randn(2, 64, requires_grad=True))
 
 
-def _model(tie: bool = False) -> Transformer:
+def _model(tie: bool = False, vocab: int = 128) -> Transformer:
     moe = MoEConfig(d_model=64, d_expert=64, num_experts=4, top_k=2)
-    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=96, max_seq_len=64,
+    cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=96, max_seq_len=64,
                       moe=moe, first_dense_layers=1, tie_embeddings=tie)
     torch.manual_seed(0)
     return Transformer(cfg).eval()
@@ -106,6 +132,36 @@ def test_the_rule_takes_every_linear_but_routers_and_a_tied_head():
     assert len(take) == 7 + 4 + 1
     take, skip = quantizable_linears(_model(tie=True), FORMATS["int8"])
     assert "lm_head" not in take and skip == ["lm_head"]
+    # int4 takes a 120-row LM head (its kernel copy is padded); version-1 files left it float.
+    take, skip = quantizable_linears(_model(vocab=120), FORMATS["int4"])
+    assert "lm_head" in take and skip == []
+    take, skip = quantizable_linears(_model(vocab=120), FORMATS["int4"], pad_rows=False)
+    assert "lm_head" not in take and skip == ["lm_head"]
+
+
+def test_an_int4_version_1_file_loads_with_its_float_lm_head(tmp_path):
+    """Version 1 of the checkpoint left int4 linears with output rows not a multiple of 16
+    float. Such a model (made here by putting the float LM head back) saves as version 1,
+    loads as it was saved, and its logits are the same; today's rule quantises the head."""
+    fmt = FORMATS["int4"]
+    model = _model(vocab=120)
+    head = model.lm_head
+    quantize_model(model, fmt, what="all")
+    model.lm_head = head
+    ids = torch.randint(0, 120, (2, 7))
+    with torch.inference_mode():
+        want = model(ids, telemetry=False).logits
+    run = save_quantized(model, tmp_path / "v1", fmt=fmt)
+    assert json.loads((run / "config.json").read_text())["quant"]["moelab_quant_version"] == 1
+    loaded = load_quantized(run).model
+    assert type(loaded.lm_head) is nn.Linear
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids, telemetry=False).logits, want)
+    new = _model(vocab=120)
+    quantize_model(new, fmt, what="all")
+    run2 = save_quantized(new, tmp_path / "v2", fmt=fmt)
+    assert json.loads((run2 / "config.json").read_text())["quant"]["moelab_quant_version"] == 2
+    assert isinstance(load_quantized(run2).model.lm_head, QuantizedLinear)
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))

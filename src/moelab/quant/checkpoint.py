@@ -4,7 +4,7 @@ A quantised checkpoint is an ordinary run directory (`moelab.rundir`):
 
     config.json        the run config plus a top-level entry
                        "quant": {"format": "int8" | "int4" | "bf16", "group_size": int | null,
-                                 "what": "experts" | "all", "moelab_quant_version": 1}
+                                 "what": "experts" | "all", "moelab_quant_version": 2}
     model.safetensors  non-expert weights as they are; each MoE layer's routed experts under
                        the layer's usual prefix ``layers.N.mlp.experts.``:
                          int8: <proj>_qweight int8 [E, O, I], <proj>_scale bf16 [E, O]
@@ -20,7 +20,10 @@ A quantised checkpoint is an ordinary run directory (`moelab.rundir`):
     tokenizer.json     when the source had one
 
 ``group_size`` is the int4 group (null for int8 and bf16). The int4 kernel's own packed copy
-is not saved (its layout is blocked per CPU build): loading rebuilds it.
+is not saved (its layout is blocked per CPU build): loading rebuilds it. Version 1 files are
+read too: they differ only in int4 ``"what": "all"``, which left float the linears whose
+output rows are not a multiple of 16 (version 2 quantises them, `moelab.quant.linear`); a
+model loaded from one is saved as version 1 again.
 
 `moelab.rundir.load_model` (a lower layer, which knows no quantised experts) refuses such a
 run; `moelab.hf.load_any` hands it to `load_quantized`. The `LoadedModel` it returns says
@@ -41,7 +44,7 @@ from moelab.model import Transformer
 from moelab.moe import MoE, RoutedExperts
 from moelab.quant.experts import QuantizedExperts, kernel_runs
 from moelab.quant.formats import FORMATS, QuantFormat
-from moelab.quant.linear import QuantizedLinear, quantizable_linears
+from moelab.quant.linear import INT4_ROWS_PADDED_SINCE, QuantizedLinear, quantizable_linears
 from moelab.quant.quantize import BF16, WHAT, swap_linears
 from moelab.rundir import (
     QUANT_KEY,
@@ -61,31 +64,37 @@ from moelab.rundir import (
 
 log = logging.getLogger(__name__)
 
-QUANT_VERSION = 1
+QUANT_VERSION = 2
+READ_VERSIONS = (1, 2)
 CHECKPOINT_FORMATS = (BF16, *FORMATS)  # what "quant"."format" may say
 
 
-def quant_entry(fmt: QuantFormat | str, what: str = "experts") -> dict:
+def quant_entry(fmt: QuantFormat | str, what: str = "experts", version: int = QUANT_VERSION) -> dict:
     """The config.json "quant" entry for `fmt` (a `QuantFormat`, "int8" or "bf16")."""
     name = fmt.name if isinstance(fmt, QuantFormat) else fmt
     group = fmt.group_size if isinstance(fmt, QuantFormat) and name == "int4" else None
-    return {"format": name, "group_size": group, "what": what, "moelab_quant_version": QUANT_VERSION}
+    return {"format": name, "group_size": group, "what": what, "moelab_quant_version": version}
 
 
-def _what_of(model: nn.Module, fmt: QuantFormat | str) -> str:
-    """"all" when the model's other linears are quantised too (every one the rule takes), else
-    "experts"; a model quantised only in part is refused."""
+def _what_of(model: nn.Module, fmt: QuantFormat | str) -> tuple[str, int]:
+    """("all" when the model's other linears are quantised too, every one the rule takes,
+    else "experts"; the version whose rule they follow). A model quantised only in part is
+    refused."""
     has = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     if not has:
-        return "experts"
-    # The float linears the rule would still take, and quantised ones of another format.
-    left = quantizable_linears(model, fmt)[0] if isinstance(fmt, QuantFormat) else []
+        return "experts", QUANT_VERSION
     wrong = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and (
         not isinstance(fmt, QuantFormat) or m.fmt != fmt)]
+    # The float linears the rule would still take: today's, or version 1's (a model loaded
+    # from a version-1 int4 file keeps its float linears and is saved as one again).
+    left = quantizable_linears(model, fmt)[0] if isinstance(fmt, QuantFormat) else []
+    version = QUANT_VERSION
+    if left and not wrong and fmt.name == "int4" and not quantizable_linears(model, fmt, pad_rows=False)[0]:
+        left, version = [], INT4_ROWS_PADDED_SINCE - 1
     if wrong or left:
         raise ConfigError(f"save_quantized: the model's linears are quantised only in part or in another format "
                           f"({(wrong or left)[0]}); quantise the float model with what='all'")
-    return "all"
+    return "all", version
 
 
 def _as_format(fmt: QuantFormat | str) -> QuantFormat | str:
@@ -139,13 +148,13 @@ def save_quantized(
     """
     fmt = _as_format(fmt)
     _check_model_is(model, fmt)
-    what = _what_of(model, fmt)
+    what, version = _what_of(model, fmt)
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise CheckpointError(f"{tokenizer_path}: tokenizer file not found")
     with atomic_dir(out) as tmp:
-        save_model(model, tmp, tokenizer_path=tokenizer_path, source=source, quant=quant_entry(fmt, what))
+        save_model(model, tmp, tokenizer_path=tokenizer_path, source=source, quant=quant_entry(fmt, what, version))
     return out
 
 
@@ -162,9 +171,9 @@ def read_quant_entry(entry: object, cfg_path: Path) -> QuantFormat | str:
         raise CheckpointError(f"{cfg_path}: \"quant\".format={name!r} is not a format this version reads; "
                               f"allowed: {', '.join(CHECKPOINT_FORMATS)}")
     version = entry.get("moelab_quant_version")
-    if version != QUANT_VERSION:
+    if isinstance(version, bool) or version not in READ_VERSIONS:
         raise CheckpointError(f"{cfg_path}: \"quant\".moelab_quant_version={version!r} is not supported "
-                              f"(expected {QUANT_VERSION})")
+                              f"(expected one of {', '.join(map(str, READ_VERSIONS))})")
     what = entry.get("what")
     if what not in WHAT:
         raise CheckpointError(f"{cfg_path}: \"quant\".what={what!r} is not supported; allowed: {', '.join(WHAT)}")
@@ -206,10 +215,11 @@ def _swap_experts(model: Transformer, fmt: QuantFormat | str, cfg_path: Path) ->
     return frozenset(exact)
 
 
-def _swap_linears(model: Transformer, fmt: QuantFormat) -> frozenset[str]:
+def _swap_linears(model: Transformer, fmt: QuantFormat, version: int) -> frozenset[str]:
     """On the meta device: the linears ``what="all"`` quantises as empty `QuantizedLinear`s
-    (the same rule as `quantize_model`); their state-dict names, whose dtypes are exact."""
-    take, _ = quantizable_linears(model, fmt)
+    (the same rule as `quantize_model`, or version 1's); their state-dict names, whose
+    dtypes are exact."""
+    take, _ = quantizable_linears(model, fmt, pad_rows=version >= INT4_ROWS_PADDED_SINCE)
     swap_linears(model, take, lambda lin: QuantizedLinear(lin.in_features, lin.out_features, lin.bias is not None,
                                                           fmt))
     return frozenset(f"{n}.{k}" for n in take for k in model.get_submodule(n).state_dict())
@@ -242,7 +252,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", veri
         model = Transformer(cfg)
         exact = _swap_experts(model, fmt, cfg_path)
         if entry.get("what") == "all":
-            exact |= _swap_linears(model, fmt)
+            exact |= _swap_linears(model, fmt, entry["moelab_quant_version"])
     metadata = assign_weights(model, weights, device=device, exact_dtype=exact)
     tag = metadata.get(QUANT_METADATA_KEY)
     if tag != name:

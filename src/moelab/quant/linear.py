@@ -16,9 +16,13 @@ Which linears (`quantizable_linears`, the one rule quantising and loading both f
 every ``nn.Linear`` of the model except the MoE routers (a `Router` holds its own
 weight, so it is never an ``nn.Linear``: routing decisions stay float), and except an LM
 head tied to the input embedding (the embedding is a row lookup; quantising the shared
-matrix would change the lookup too). int4 also skips linears its kernel cannot take
-(I not divisible by the group size, or O not a multiple of 16, e.g. a shared expert's
-1-wide gate): they stay float, and the report counts them.
+matrix would change the lookup too). int4 also skips linears whose input dim the group size does not divide: they stay
+float, and the report counts them. Its kernel packs output rows in multiples of 16, so a
+linear with other O (an LM head of a 28093-token vocabulary, a shared expert's 1-wide
+gate) gets zero rows appended in the kernel's copy and its output sliced back: the
+padding is at most 15 rows, and without it such an LM head stayed float32 and was most of
+an int4 decode step's bytes (``INT4_ROWS_PADDED_SINCE`` says which checkpoints follow
+this rule; version-1 files left those linears float).
 
 int4's kernel copy is the only resident one after packing, as for the experts: the
 portable buffers are dropped, and `state_dict` rebuilds them bit for bit through the
@@ -45,14 +49,26 @@ from moelab.quant.experts import (
 from moelab.quant.formats import QuantFormat
 
 INT4_ROW_MULTIPLE = 16  # torch's int4 CPU packing takes output rows in multiples of 16
+# The quant checkpoint version from which int4 linears of any output dim are quantised (the
+# kernel's copy padded to `INT4_ROW_MULTIPLE` rows); before it, those stayed float.
+INT4_ROWS_PADDED_SINCE = 2
 
 
-def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
-    return in_features % group_size == 0 and out_features % INT4_ROW_MULTIPLE == 0
+def int4_fits(out_features: int, in_features: int, group_size: int, *, pad_rows: bool = True) -> bool:
+    """Whether int4 takes a linear: the group divides its input dim (and, under the
+    version-1 rule, ``pad_rows=False``, its output rows are a multiple of 16)."""
+    return in_features % group_size == 0 and (pad_rows or out_features % INT4_ROW_MULTIPLE == 0)
 
 
-def quantizable_linears(model: nn.Module, fmt: QuantFormat) -> tuple[list[str], list[str]]:
-    """(names of the ``nn.Linear`` modules ``--what all`` quantises, names it leaves float)."""
+def padded_rows(out_features: int) -> int:
+    """Output rows of the int4 kernel's copy: ``out_features`` up to a multiple of 16."""
+    return -(-out_features // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
+
+
+def quantizable_linears(model: nn.Module, fmt: QuantFormat, *, pad_rows: bool = True) -> tuple[list[str], list[str]]:
+    """(names of the ``nn.Linear`` modules ``--what all`` quantises, names it leaves float).
+    ``pad_rows=False``: the rule of version-1 checkpoints (int4 leaves linears whose output
+    rows are not a multiple of 16 float)."""
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
     take, skip = [], []
     for name, m in model.named_modules():
@@ -60,7 +76,7 @@ def quantizable_linears(model: nn.Module, fmt: QuantFormat) -> tuple[list[str], 
             continue
         if tied and name == "lm_head":
             skip.append(name)
-        elif fmt.name == "int4" and not int4_fits(m.out_features, m.in_features, fmt.group_size):
+        elif fmt.name == "int4" and not int4_fits(m.out_features, m.in_features, fmt.group_size, pad_rows=pad_rows):
             skip.append(name)
         else:
             take.append(name)
@@ -126,19 +142,27 @@ class QuantizedLinear(nn.Module):
     # -- the int4 kernel's copy
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(packed [O, I/2] uint8 in the kernel's layout, scales_and_zeros [N, O, 2] bf16)``;
-        made once from the portable buffers, which are then dropped (module docstring)."""
+        """``(packed [O16, I/2] uint8 in the kernel's layout, scales_and_zeros [N, O16, 2]
+        bf16)``, O16 = `padded_rows` (the rows past O have scale and zero 0: they compute
+        0); made once from the portable buffers, which are then dropped (module docstring)."""
         if self._packed is None or self._buffers.get("qweight") is not None:
+            pad = padded_rows(self.out_features) - self.out_features
             q_OI = formats.unpack_int4(self.qweight).to(torch.int32)
+            scale_ON, zero_ON = self.scale, self.zero
+            if pad:
+                q_OI = torch.cat([q_OI, q_OI.new_full((pad, q_OI.shape[1]), 8)])
+                scale_ON, zero_ON = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale_ON, zero_ON))
             self._packed = (torch._convert_weight_to_int4pack_for_cpu(q_OI, 1),
-                            int4_scales_and_zeros(self.scale, self.zero))
+                            int4_scales_and_zeros(scale_ON, zero_ON))
             for n in ("qweight", "scale", "zero"):
                 self._buffers[n] = None
         return self._packed
 
     def portable_int4(self) -> dict[str, torch.Tensor]:
         packed, sz = self._packed
-        return portable_from_kernel_int4(packed, sz, self.fmt.group_size, self.in_features, self.out_features)
+        full = portable_from_kernel_int4(packed, sz, self.fmt.group_size, self.in_features,
+                                         padded_rows(self.out_features))
+        return {k: t[: self.out_features].contiguous() for k, t in full.items()}
 
     def _portable(self, what: str) -> torch.Tensor:
         t = self._buffers.get(what)
@@ -186,7 +210,7 @@ class QuantizedLinear(nn.Module):
                 y = torch._weight_int8pack_mm(a, self.qweight, self.scale)
             else:
                 packed, sz = self.kernel_weights()
-                y = torch._weight_int4pack_mm_for_cpu(a, packed, self.fmt.group_size, sz)
+                y = torch._weight_int4pack_mm_for_cpu(a, packed, self.fmt.group_size, sz)[:, : self.out_features]
         else:
             y = x_RI.float() @ self.weight.to(x.device).t()
         y = y.to(x.dtype)
