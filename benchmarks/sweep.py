@@ -10,6 +10,7 @@
     python -m benchmarks.sweep quality5    --out runs/sweep/quality5    (round 5: d_model 64, 2 seeds)
     python -m benchmarks.sweep quality6    --out runs/sweep/quality6    (round 6: the experts' lr, 2 seeds)
     python -m benchmarks.sweep quality7    --out runs/sweep/quality7    (round 7: weight decay, 2 seeds)
+    python -m benchmarks.sweep quality8    --out runs/sweep/quality8    (round 8: vocabulary, first dense layer)
     python -m benchmarks.sweep instability --out runs/sweep/instability [--workers N] [--budget-s S]
     (--device cuda --precision fp32 --cache-entry runs/cache/data/<entry> on a GPU machine)
 
@@ -59,7 +60,7 @@ QUALITY_BASE: dict[str, Any] = dict(
     d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, num_experts=8, top_k=2, d_expert=256,
     shared=0, d_shared=None, vocab=8192,
     steps=600, batch_size=8, seq_len=128, lr=3e-3, aux=0.01, bias_rate=0.0, renorm=True, seed=0, scale=1.0,
-    expert_lr=1.0, expert_wd=None, wd=0.1,
+    expert_lr=1.0, expert_wd=None, wd=0.1, first_dense=0,
 )
 
 # name -> overrides, in priority order (a budget-cut sweep runs the first ones).
@@ -216,6 +217,18 @@ QUALITY7_VARIANTS: dict[str, dict[str, Any]] = {
     "fg-wd0": dict(FG, wd=0.0),
 }
 
+# Round 8 (CPU, 2026-12-02): where the FFN holds more of the model. At vocabulary 8192 and
+# d_model 128 the embedding and output matrices are 2.1M of the dense twin's 3.08M weights
+# and half its FLOPs, so most of what 0.6M tokens teach is lexical, which the experts do not
+# hold. At 2048 the FFNs are most of the model (both models; steps are cheaper too). And
+# DeepSeek's first dense layer (`first_k_dense_replace`): layer 0's routing sees token
+# embeddings alone and balances worst, so it trains as the dense twin's FFN (MoE only;
+# active FLOPs unchanged, 7/8 of layer 0's routed weights gone).
+QUALITY8_VARIANTS: dict[str, dict[str, Any]] = {
+    "fg-v2048": dict(FG, vocab=2048),
+    "fg-first-dense": dict(FG, first_dense=1, _roles=("moe",)),
+}
+
 
 def seed_pairs(variants: dict[str, dict[str, Any]], seeds: tuple[int, ...] = (0, 1)) -> dict[str, dict[str, Any]]:
     """Each variant once per seed, named ``<variant>-seed<s>``."""
@@ -238,7 +251,8 @@ def quality_models(s: dict[str, Any]) -> dict[str, Any]:
     base = ModelConfig(vocab_size=s["vocab"], d_model=s["d_model"], n_layers=s["n_layers"], n_heads=s["n_heads"],
                        n_kv_heads=s["n_kv_heads"], d_ff=active_ffn_hidden(moe), max_seq_len=max(512, s["seq_len"]))
     total_ff = s["num_experts"] * s["d_expert"] + s["shared"] * (s["d_shared"] or s["d_expert"])
-    return {"moe": base.with_(moe=moe), "dense": base, "dense_total": base.with_(d_ff=total_ff)}
+    return {"moe": base.with_(moe=moe, first_dense_layers=s["first_dense"]), "dense": base,
+            "dense_total": base.with_(d_ff=total_ff)}
 
 
 def quality_tasks(variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -417,7 +431,7 @@ def summarize(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("grid", choices=["quality", "quality2", "quality3", "quality4", "quality4b", "quality4c", "quality4d",
-                                    "quality5", "quality6", "quality7", "instability"])
+                                    "quality5", "quality6", "quality7", "quality8", "instability"])
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -451,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
              "quality5": lambda: quality_tasks(seed_pairs(QUALITY5_VARIANTS)),
              "quality6": lambda: quality_tasks(seed_pairs(QUALITY6_VARIANTS)),
              "quality7": lambda: quality_tasks(seed_pairs(QUALITY7_VARIANTS)),
+             "quality8": lambda: quality_tasks(seed_pairs(QUALITY8_VARIANTS)),
              "instability": instability_tasks}[args.grid]()
     if args.only:
         tasks = [t for t in tasks if t["variant"] in set(args.only)]
