@@ -11,6 +11,7 @@
     python -m benchmarks.sweep quality6    --out runs/sweep/quality6    (round 6: the experts' lr, 2 seeds)
     python -m benchmarks.sweep quality7    --out runs/sweep/quality7    (round 7: weight decay, 2 seeds)
     python -m benchmarks.sweep quality8    --out runs/sweep/quality8    (round 8: vocabulary, first dense layer)
+    python -m benchmarks.sweep quality9    --out runs/sweep/quality9    (round 9: 8x the tokens, 2 seeds)
     python -m benchmarks.sweep instability --out runs/sweep/instability [--workers N] [--budget-s S]
     (--device cuda --precision fp32 --cache-entry runs/cache/data/<entry> on a GPU machine)
 
@@ -229,6 +230,18 @@ QUALITY8_VARIANTS: dict[str, dict[str, Any]] = {
     "fg-first-dense": dict(FG, first_dense=1, _roles=("moe",)),
 }
 
+# Round 9 (CPU, 2026-12-02): 8x the demo's tokens (batch 32 x 1200 steps, 4.9M tokens), the
+# scale at which the H100 sweep's top-2 MoE still trailed (`bs32-steps1200`, +0.0075): does
+# the fine-grained MoE's lead in nats grow with the tokens until 0.8x is in reach?
+QUALITY9_VARIANTS: dict[str, dict[str, Any]] = {
+    "fg-bs32-s1200": dict(FG, batch_size=32, steps=1200),
+    # after seed 0 (the lead fell from -0.06 at step 100 to -0.003 at 1200, while the H100
+    # sweep's dense model of the MoE's total width pulled ahead at this many tokens): is it
+    # the balance the aux loss imposes on every batch? DeepSeek-V3's bias balancing instead
+    # (aux 0, bias rate 1e-3; MoE only, against fg-bs32-s1200's dense runs).
+    "fg-bs32-s1200-auxfree": dict(FG, batch_size=32, steps=1200, aux=0.0, bias_rate=1e-3, _roles=("moe",)),
+}
+
 
 def seed_pairs(variants: dict[str, dict[str, Any]], seeds: tuple[int, ...] = (0, 1)) -> dict[str, dict[str, Any]]:
     """Each variant once per seed, named ``<variant>-seed<s>``."""
@@ -431,7 +444,7 @@ def summarize(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("grid", choices=["quality", "quality2", "quality3", "quality4", "quality4b", "quality4c", "quality4d",
-                                    "quality5", "quality6", "quality7", "quality8", "instability"])
+                                    "quality5", "quality6", "quality7", "quality8", "quality9", "instability"])
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -466,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
              "quality6": lambda: quality_tasks(seed_pairs(QUALITY6_VARIANTS)),
              "quality7": lambda: quality_tasks(seed_pairs(QUALITY7_VARIANTS)),
              "quality8": lambda: quality_tasks(seed_pairs(QUALITY8_VARIANTS)),
+             "quality9": lambda: quality_tasks(seed_pairs(QUALITY9_VARIANTS)),
              "instability": instability_tasks}[args.grid]()
     if args.only:
         tasks = [t for t in tasks if t["variant"] in set(args.only)]
