@@ -16,13 +16,13 @@ Which linears (`quantizable_linears`, the one rule quantising and loading both f
 every ``nn.Linear`` of the model except the MoE routers (a `Router` holds its own
 weight, so it is never an ``nn.Linear``: routing decisions stay float), and except an LM
 head tied to the input embedding (the embedding is a row lookup; quantising the shared
-matrix would change the lookup too). int4 also skips linears whose input dim the group size does not divide: they stay
-float, and the report counts them. Its kernel packs output rows in multiples of 16, so a
-linear with other O (an LM head of a 28093-token vocabulary, a shared expert's 1-wide
-gate) gets zero rows appended in the kernel's copy and its output sliced back: the
-padding is at most 15 rows, and without it such an LM head stayed float32 and was most of
-an int4 decode step's bytes (``INT4_ROWS_PADDED_SINCE`` says which checkpoints follow
-this rule; version-1 files left those linears float).
+matrix would change the lookup too). int4 also skips linears whose input dim the group
+size does not divide: they stay float, and the report counts them. Its kernel packs output
+rows in multiples of 16, so a linear with other O (an LM head of a 28093-token vocabulary,
+a shared expert's 1-wide gate) gets zero rows appended in the kernel's copy and its output
+sliced back: the padding is at most 15 rows, and without it such an LM head stayed float32
+and was most of an int4 decode step's bytes (``INT4_ROWS_PADDED_SINCE`` says which
+checkpoints follow this rule; version-1 files left those linears float).
 
 int4's kernel copy is the only resident one after packing, as for the experts: the
 portable buffers are dropped, and `state_dict` rebuilds them bit for bit through the
