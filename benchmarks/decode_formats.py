@@ -14,6 +14,7 @@ same numbers in its own format:
                              float32 (what `moelab quantize --what experts` keeps)
   ours_int8_rest_bf16 ...    the same with the rest cast to bf16 (`generate --dtype bf16`)
   ours_int8_all ...          `--what all`: attention, dense FFNs and the LM head int8 too
+  ours_int4_all_head8        int4 `--what all` with the LM head in int8 (`--head-format int8`)
   *_compiled                 `generate(compile=True)` (with --compile)
   llama_cpp_f16, _q8_0       llama-cpp-python on our GGUF export (batch 1 only: its
                              high-level API decodes one sequence; the batched server is
@@ -177,6 +178,10 @@ def main() -> None:
             a = copy.deepcopy(ours)
             quantize_model(a, QuantFormat(name=fmt, group_size=128) if fmt == "int4" else fmt, what="all")
             models[f"ours_{fmt}_all"] = a
+        # int4 `--what all` with the LM head in int8 (`moelab quantize --head-format int8`)
+        h = copy.deepcopy(ours)
+        quantize_model(h, QuantFormat(name="int4", group_size=128), what="all", head="int8")
+        models["ours_int4_all_head8"] = h
         llms = {}
         try:
             import llama_cpp

@@ -36,13 +36,14 @@ from moelab.io import atomic_write_json
 log = logging.getLogger("benchmarks.quant_quality")
 # "-all": `--what all` (attention, dense FFNs, shared experts and the LM head too; the
 # routers and a tied head stay float), the setting of the decode targets.
-FORMATS = ("fp32", "bf16", "int8", "int4", "int8-all", "int4-all")
+# "-head8": the LM head in int8 beside the int4 linears (`moelab quantize --head-format int8`).
+FORMATS = ("fp32", "bf16", "int8", "int4", "int8-all", "int4-all", "int4-all-head8")
 
 
 def _fmt(fmt: str):
     from moelab.quant import QuantFormat
 
-    name = fmt.removesuffix("-all")
+    name = fmt.removesuffix("-head8").removesuffix("-all")
     return QuantFormat(name="int4", group_size=128) if name == "int4" else name
 
 
@@ -52,7 +53,8 @@ def variant(model, fmt: str):
     m = copy.deepcopy(model)
     if fmt == "fp32":
         return m
-    quantize_model(m, _fmt(fmt), what="all" if fmt.endswith("-all") else "experts")
+    quantize_model(m, _fmt(fmt), what="all" if "-all" in fmt else "experts",
+                   head="int8" if fmt.endswith("-head8") else None)
     return m.eval()
 
 
@@ -89,13 +91,14 @@ def agreement(ref_ids: list[list[int]], prompts: list[list[int]], model) -> tupl
     return same / total, sum(prefix) / len(prefix)
 
 
-def measure(model, *, prompts, gen: int, val=None, run_dir: Path | None = None) -> list[dict]:
+def measure(model, *, prompts, gen: int, val=None, run_dir: Path | None = None,
+            formats: tuple[str, ...] = FORMATS) -> list[dict]:
     from moelab.infer.generate import generate
     from moelab.train.trainer import evaluate
 
     ref = [generate(model, [p], max_new_tokens=gen).token_ids[0] for p in prompts]
     rows = []
-    for fmt in FORMATS:
+    for fmt in formats:
         m = variant(model, fmt)
         row: dict = {"format": fmt, "file_bytes": file_bytes(m, fmt, run_dir)}
         if val is not None:
@@ -120,8 +123,14 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=256, help="greedy tokens per prompt")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--random-hf", action="store_true", help="also the ~200M random Mixtral (no val loss)")
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated, fp32 first (the file-size base)")
     p.add_argument("--threads", type=int)
     args = p.parse_args()
+    formats = tuple(args.formats.split(","))
+    if unknown := [f for f in formats if f not in FORMATS]:
+        p.error(f"--formats: {unknown[0]!r} is not a format; allowed: {', '.join(FORMATS)}")
+    if formats[0] != "fp32":
+        p.error("--formats must start with fp32 (file sizes are given as a ratio to it)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     threads = set_threads(args.threads)
     result: dict = {"machine": machine_info(), "threads": threads, "args": vars(args)}
@@ -140,7 +149,8 @@ def main() -> None:
         prompts = [held[d][:32].tolist() for d in list(held)[: args.prompts]]
         log.info("run %s: %.1fM parameters, domains %s", args.run, loaded.model.num_params() / 1e6, list(held))
         result["run"] = {"path": args.run, "params": loaded.model.num_params(),
-                         "rows": measure(loaded.model, prompts=prompts, gen=args.gen, val=val, run_dir=Path(args.run))}
+                         "rows": measure(loaded.model, prompts=prompts, gen=args.gen, val=val, run_dir=Path(args.run),
+                                         formats=formats)}
     if args.random_hf:
         from transformers import AutoModelForCausalLM, MixtralConfig
 
@@ -155,7 +165,8 @@ def main() -> None:
             ours = from_pretrained(d)
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, 32000, (args.prompts, 32), generator=g).tolist()
-        result["random_hf"] = {"params": ours.num_params(), "rows": measure(ours, prompts=prompts, gen=args.gen)}
+        result["random_hf"] = {"params": ours.num_params(), "rows": measure(ours, prompts=prompts, gen=args.gen,
+                                                                             formats=formats)}
     if "run" not in result and "random_hf" not in result:
         p.error("give --run RUN_DIR and/or --random-hf")
     out = Path(args.json)

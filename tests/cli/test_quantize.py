@@ -92,6 +92,24 @@ def test_quantize_what_all_quantises_the_other_linears_and_generates_the_same(ru
     assert generate(loaded, ids, max_new_tokens=6).token_ids == generate(reference, ids, max_new_tokens=6).token_ids
 
 
+def test_quantize_head_format_int8_keeps_the_lm_head_in_int8(run, tmp_path, capsys):
+    out = tmp_path / "int4-head8"
+    argv = ["quantize", str(run), str(out), "--format", "int4", "--group-size", "32", "--what", "all"]
+    assert main([*argv, "--head-format", "int8"]) == 0
+    assert "the LM head in int8" in capsys.readouterr().out
+    from moelab.quant import QuantFormat
+    from moelab.quant.linear import QuantizedLinear
+
+    loaded = load_any(out).model
+    assert loaded.lm_head.fmt == QuantFormat(name="int8")
+    assert isinstance(loaded.layers[0].self_attn.q_proj, QuantizedLinear)
+    assert loaded.layers[0].self_attn.q_proj.fmt == QuantFormat(name="int4", group_size=32)
+    reference = rundir.load_model(run).model
+    quantize_model(reference, QuantFormat(name="int4", group_size=32), what="all", head="int8")
+    ids = [[1, 2, 3, 4]]
+    assert generate(loaded, ids, max_new_tokens=6).token_ids == generate(reference, ids, max_new_tokens=6).token_ids
+
+
 def test_quantize_a_hugging_face_folder(save_hf, tmp_path, capsys):
     _, folder = save_hf("mixtral")
     assert main(["quantize", str(folder), str(tmp_path / "q"), "--format", "int8"]) == 0
@@ -106,6 +124,10 @@ def test_quantize_a_hugging_face_folder(save_hf, tmp_path, capsys):
     (["--format", "int8", "--group-size", "32"], ["--group-size", "int4 only"]),
     (["--format", "int4", "--group-size", "48"], ["--group-size 48", "not allowed"]),
     (["--format", "int4"], ["--group-size 128", "does not divide"]),  # the default group vs d_model 32
+    (["--format", "int8", "--what", "all", "--head-format", "int8"], ["--head-format needs --format int4 --what all",
+                                                                     "got --format int8"]),
+    (["--format", "int4", "--group-size", "32", "--head-format", "int8"], ["--what experts"]),
+    (["--format", "int4", "--what", "all", "--head-format", "int4"], ["--head-format 'int4'", "allowed: int8"]),
 ])
 def test_bad_flags_are_one_line_naming_the_flag(run, tmp_path, capsys, argv, words):
     assert main(["quantize", str(run), str(tmp_path / "q"), *argv]) == 2

@@ -119,7 +119,9 @@ def _edit_quant(run, **changes):
 @pytest.mark.parametrize("edit, match", [
     (dict(replace={"format": "int3"}), r"\"quant\"\.format='int3' is not a format .*allowed: bf16, int8, int4"),
     (dict(replace="int8"), r"\"quant\" must be an object"),
-    (dict(moelab_quant_version=3), r"\"quant\"\.moelab_quant_version=3 is not supported \(expected one of 1, 2\)"),
+    (dict(moelab_quant_version=4), r"\"quant\"\.moelab_quant_version=4 is not supported \(expected one of 1, 2, 3\)"),
+    (dict(head="int8"), r"\"quant\"\.head is in a version-2 entry; it needs \"moelab_quant_version\": 3"),
+    (dict(head="int8", moelab_quant_version=3), r"\"quant\"\.head='int8' needs int4 with what='all' \(got int8"),
     (dict(moelab_quant_version=True), r"\"quant\"\.moelab_quant_version=True"),
     (dict(what="everything"), r"\"quant\"\.what='everything'"),
     (dict(format="bf16", what="all"), r"\"quant\"\.what='all' with format bf16"),

@@ -182,6 +182,48 @@ def test_a_whole_model_saved_and_loaded_gives_the_same_logits(tmp_path, name):
         assert torch.equal(loaded(ids, telemetry=False).logits, out)
 
 
+def test_an_int8_head_beside_int4_linears_saves_as_version_3_and_loads_the_same(tmp_path):
+    fmt = FORMATS["int4"]
+    model = _model(vocab=120)
+    float_head = model.lm_head
+    x = torch.randn(5, 64)
+    report = quantize_model(model, fmt, what="all", head="int8")
+    assert report.head == "int8" and report.linears == 12
+    head = model.lm_head
+    assert isinstance(head, QuantizedLinear) and head.fmt == QuantFormat(name="int8")
+    assert all(m.fmt == fmt for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and n != "lm_head")
+    # The head is int8's quantisation of the float head, finer than int4's.
+    with torch.inference_mode():
+        ref = float_head(x)
+        err8 = (head(x) - ref).abs().mean()
+        err4 = (QuantizedLinear.from_linear(float_head, fmt)(x) - ref).abs().mean()
+    assert torch.equal(head.weight, QuantizedLinear.from_linear(float_head, QuantFormat(name="int8")).weight)
+    assert err8 < err4 / 4
+    ids = torch.randint(0, 120, (2, 7))
+    with torch.inference_mode():
+        want = model(ids, telemetry=False).logits
+    run = save_quantized(model, tmp_path / "head8", fmt=fmt)
+    entry = json.loads((run / "config.json").read_text())["quant"]
+    assert entry["moelab_quant_version"] == 3 and entry["head"] == "int8"
+    loaded = load_quantized(run).model
+    assert loaded.lm_head.fmt == QuantFormat(name="int8")
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids, telemetry=False).logits, want)
+    again = save_quantized(loaded, tmp_path / "again", fmt=fmt)
+    assert json.loads((again / "config.json").read_text())["quant"] == entry
+
+
+def test_an_int8_head_is_refused_where_it_would_mean_nothing():
+    with pytest.raises(ConfigError, match=r"head='int8' needs int4 with what='all' \(got int8"):
+        quantize_model(_model(), "int8", what="all", head="int8")
+    with pytest.raises(ConfigError, match=r"head='int8' needs int4 with what='all' \(got int4, what='experts'"):
+        quantize_model(_model(), FORMATS["int4"], head="int8")
+    with pytest.raises(ConfigError, match=r"head='int4' is not a head format; allowed: int8"):
+        quantize_model(_model(), FORMATS["int4"], what="all", head="int4")
+    with pytest.raises(ConfigError, match="tied to its input embedding"):
+        quantize_model(_model(tie=True), FORMATS["int4"], what="all", head="int8")
+
+
 def test_a_partly_quantised_model_is_refused_on_save(tmp_path):
     model = _model()
     quantize_model(model, "int8", what="all")

@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--what", default="experts",
                    help="experts (the default): the routed experts only; all: also attention, dense FFNs, shared "
                    "experts and the LM head (not the routers, not a tied LM head); int8/int4 only")
+    p.add_argument("--head-format", metavar="FORMAT",
+                   help="int8: with --format int4 --what all, keep the LM head in int8 (llama.cpp's "
+                   "--output-tensor-type; the head is most of int4's quality cost, see docs/quant.md)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing moelab run")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of a moelab run's weights (~1 s per 1.5 GB)")
@@ -37,6 +40,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _format(args: argparse.Namespace):
     """The `QuantFormat` (or "bf16") the flags ask for, checked before anything is loaded."""
+    from moelab.quant.linear import HEAD_FORMATS
+
+    fmt = _body_format(args)
+    if args.head_format is not None:
+        if args.head_format not in HEAD_FORMATS:
+            raise ConfigError(f"--head-format {args.head_format!r} is not a choice; allowed: {', '.join(HEAD_FORMATS)}")
+        if args.fmt != "int4" or args.what != "all":
+            raise ConfigError(f"--head-format needs --format int4 --what all (got --format {args.fmt} --what "
+                              f"{args.what}): it keeps the LM head finer than the other int4 linears")
+    return fmt
+
+
+def _body_format(args: argparse.Namespace):
     from moelab.quant import QuantFormat
 
     if args.what not in ("experts", "all"):
@@ -70,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if any(isinstance(m, QuantizedExperts) for m in loaded.model.modules()) or loaded.kind == "moelab-bf16":
         raise ConfigError(f"{src}: already quantised ({loaded.kind}); quantise the float checkpoint")
     try:
-        report = quantize_model(loaded.model, fmt, what=args.what)
+        report = quantize_model(loaded.model, fmt, what=args.what, head=args.head_format)
     except ConfigError as e:
         raise ConfigError(f"--group-size {fmt.group_size}: {e}" if args.fmt == "int4" else str(e)) from None
     if report.layers == 0:
@@ -89,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         "what": report.what,
         "linears": report.linears,
         "linears_left_float": list(report.linears_float),
+        "head_format": report.head,
         "linear_bytes_before": report.linear_bytes_before,
         "linear_bytes_after": report.linear_bytes_after,
         "file_bytes": file_bytes,
@@ -102,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
               f"{MODEL_FILE} {_mb(file_bytes)}")
         if report.what == "all":
             kept = f"; left float: {', '.join(report.linears_float)}" if report.linears_float else ""
+            head = f"; the LM head in {report.head}" if report.head else ""
             print(f"  and {report.linears} other linears: {_mb(report.linear_bytes_before)} -> "
-                  f"{_mb(report.linear_bytes_after)}{kept}")
+                  f"{_mb(report.linear_bytes_after)}{kept}{head}")
     return 0
 
 

@@ -4,7 +4,8 @@ A quantised checkpoint is an ordinary run directory (`moelab.rundir`):
 
     config.json        the run config plus a top-level entry
                        "quant": {"format": "int8" | "int4" | "bf16", "group_size": int | null,
-                                 "what": "experts" | "all", "moelab_quant_version": 2}
+                                 "what": "experts" | "all", "moelab_quant_version": 2,
+                                 "head": "int8" (only with int4 "all"; version 3)}
     model.safetensors  non-expert weights as they are; each MoE layer's routed experts under
                        the layer's usual prefix ``layers.N.mlp.experts.``:
                          int8: <proj>_qweight int8 [E, O, I], <proj>_scale bf16 [E, O]
@@ -23,7 +24,9 @@ A quantised checkpoint is an ordinary run directory (`moelab.rundir`):
 is not saved (its layout is blocked per CPU build): loading rebuilds it. Version 1 files are
 read too: they differ only in int4 ``"what": "all"``, which left float the linears whose
 output rows are not a multiple of 16 (version 2 quantises them, `moelab.quant.linear`); a
-model loaded from one is saved as version 1 again.
+model loaded from one is saved as version 1 again. Version 3 files are those with a "head"
+entry: the LM head in int8 beside int4 linears (`moelab.quant.linear.HEAD`); files without
+one are still written as version 2, which older readers take.
 
 `moelab.rundir.load_model` (a lower layer, which knows no quantised experts) refuses such a
 run; `moelab.hf.load_any` hands it to `load_quantized`. The `LoadedModel` it returns says
@@ -44,8 +47,15 @@ from moelab.model import Transformer
 from moelab.moe import MoE, RoutedExperts
 from moelab.quant.experts import QuantizedExperts, kernel_runs
 from moelab.quant.formats import FORMATS, QuantFormat
-from moelab.quant.linear import INT4_ROWS_PADDED_SINCE, QuantizedLinear, quantizable_linears
-from moelab.quant.quantize import BF16, WHAT, swap_linears
+from moelab.quant.linear import (
+    HEAD,
+    HEAD_FORMAT_SINCE,
+    INT4_ROWS_PADDED_SINCE,
+    QuantizedLinear,
+    linear_format,
+    quantizable_linears,
+)
+from moelab.quant.quantize import BF16, WHAT, check_head, swap_linears
 from moelab.rundir import (
     QUANT_KEY,
     QUANT_METADATA_KEY,
@@ -64,37 +74,44 @@ from moelab.rundir import (
 
 log = logging.getLogger(__name__)
 
-QUANT_VERSION = 2
-READ_VERSIONS = (1, 2)
+QUANT_VERSION = 2  # what a file without a "head" entry is written as
+READ_VERSIONS = (1, 2, 3)
 CHECKPOINT_FORMATS = (BF16, *FORMATS)  # what "quant"."format" may say
 
 
-def quant_entry(fmt: QuantFormat | str, what: str = "experts", version: int = QUANT_VERSION) -> dict:
+def quant_entry(fmt: QuantFormat | str, what: str = "experts", version: int = QUANT_VERSION,
+                head: QuantFormat | None = None) -> dict:
     """The config.json "quant" entry for `fmt` (a `QuantFormat`, "int8" or "bf16")."""
     name = fmt.name if isinstance(fmt, QuantFormat) else fmt
     group = fmt.group_size if isinstance(fmt, QuantFormat) and name == "int4" else None
-    return {"format": name, "group_size": group, "what": what, "moelab_quant_version": version}
+    entry = {"format": name, "group_size": group, "what": what, "moelab_quant_version": version}
+    if head is not None:
+        entry["head"] = head.name
+    return entry
 
 
-def _what_of(model: nn.Module, fmt: QuantFormat | str) -> tuple[str, int]:
+def _what_of(model: nn.Module, fmt: QuantFormat | str) -> tuple[str, int, QuantFormat | None]:
     """("all" when the model's other linears are quantised too, every one the rule takes,
-    else "experts"; the version whose rule they follow). A model quantised only in part is
-    refused."""
-    has = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    if not has:
-        return "experts", QUANT_VERSION
-    wrong = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and (
-        not isinstance(fmt, QuantFormat) or m.fmt != fmt)]
+    else "experts"; the version whose rule they follow; the LM head's own format or None).
+    A model quantised only in part is refused."""
+    quantized = {n: m.fmt for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not quantized:
+        return "experts", QUANT_VERSION, None
+    head = quantized.get(HEAD) if isinstance(fmt, QuantFormat) and quantized.get(HEAD, fmt) != fmt else None
+    if head is not None:
+        check_head(head, fmt, "all", "save_quantized: the LM head's format")
+    wrong = [n for n, f in quantized.items() if not isinstance(fmt, QuantFormat) or f != linear_format(n, fmt, head)]
     # The float linears the rule would still take: today's, or version 1's (a model loaded
     # from a version-1 int4 file keeps its float linears and is saved as one again).
-    left = quantizable_linears(model, fmt)[0] if isinstance(fmt, QuantFormat) else []
-    version = QUANT_VERSION
-    if left and not wrong and fmt.name == "int4" and not quantizable_linears(model, fmt, pad_rows=False)[0]:
+    left = quantizable_linears(model, fmt, head=head)[0] if isinstance(fmt, QuantFormat) else []
+    version = QUANT_VERSION if head is None else HEAD_FORMAT_SINCE
+    if (left and not wrong and head is None and fmt.name == "int4"
+            and not quantizable_linears(model, fmt, pad_rows=False)[0]):
         left, version = [], INT4_ROWS_PADDED_SINCE - 1
     if wrong or left:
         raise ConfigError(f"save_quantized: the model's linears are quantised only in part or in another format "
                           f"({(wrong or left)[0]}); quantise the float model with what='all'")
-    return "all", version
+    return "all", version, head
 
 
 def _as_format(fmt: QuantFormat | str) -> QuantFormat | str:
@@ -148,13 +165,13 @@ def save_quantized(
     """
     fmt = _as_format(fmt)
     _check_model_is(model, fmt)
-    what, version = _what_of(model, fmt)
+    what, version, head = _what_of(model, fmt)
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise CheckpointError(f"{tokenizer_path}: tokenizer file not found")
     with atomic_dir(out) as tmp:
-        save_model(model, tmp, tokenizer_path=tokenizer_path, source=source, quant=quant_entry(fmt, what, version))
+        save_model(model, tmp, tokenizer_path=tokenizer_path, source=source, quant=quant_entry(fmt, what, version, head))
     return out
 
 
@@ -215,13 +232,29 @@ def _swap_experts(model: Transformer, fmt: QuantFormat | str, cfg_path: Path) ->
     return frozenset(exact)
 
 
-def _swap_linears(model: Transformer, fmt: QuantFormat, version: int) -> frozenset[str]:
+def read_head(entry: dict, fmt: QuantFormat | str, cfg_path: Path) -> QuantFormat | None:
+    """The LM head's own format a checked "quant" entry names (its "head"), or None."""
+    if "head" not in entry:
+        return None
+    version = entry["moelab_quant_version"]
+    if version < HEAD_FORMAT_SINCE:
+        raise CheckpointError(f"{cfg_path}: \"quant\".head is in a version-{version} entry; it needs "
+                              f"\"moelab_quant_version\": {HEAD_FORMAT_SINCE}")
+    try:
+        return check_head(entry["head"], fmt, entry["what"], "\"quant\".head")
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+
+
+def _swap_linears(model: Transformer, fmt: QuantFormat, version: int, head: QuantFormat | None) -> frozenset[str]:
     """On the meta device: the linears ``what="all"`` quantises as empty `QuantizedLinear`s
     (the same rule as `quantize_model`, or version 1's); their state-dict names, whose
     dtypes are exact."""
-    take, _ = quantizable_linears(model, fmt, pad_rows=version >= INT4_ROWS_PADDED_SINCE)
-    swap_linears(model, take, lambda lin: QuantizedLinear(lin.in_features, lin.out_features, lin.bias is not None,
-                                                          fmt))
+    take, _ = quantizable_linears(model, fmt, pad_rows=version >= INT4_ROWS_PADDED_SINCE, head=head)
+    for name in take:
+        f = linear_format(name, fmt, head)
+        swap_linears(model, [name], lambda lin, f=f: QuantizedLinear(lin.in_features, lin.out_features,
+                                                                     lin.bias is not None, f))
     return frozenset(f"{n}.{k}" for n in take for k in model.get_submodule(n).state_dict())
 
 
@@ -244,6 +277,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", veri
         raise CheckpointError(f"{cfg_path}: not a quantised run (no \"{QUANT_KEY}\" entry); "
                               "load it with moelab.rundir.load_model or moelab.hf.load_any")
     fmt = read_quant_entry(entry, cfg_path)
+    head = read_head(entry, fmt, cfg_path)
     name = fmt.name if isinstance(fmt, QuantFormat) else fmt
     cfg = model_config_of(run_cfg, run_dir)
     if verify:
@@ -252,7 +286,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", veri
         model = Transformer(cfg)
         exact = _swap_experts(model, fmt, cfg_path)
         if entry.get("what") == "all":
-            exact |= _swap_linears(model, fmt, entry["moelab_quant_version"])
+            exact |= _swap_linears(model, fmt, entry["moelab_quant_version"], head)
     metadata = assign_weights(model, weights, device=device, exact_dtype=exact)
     tag = metadata.get(QUANT_METADATA_KEY)
     if tag != name:

@@ -52,6 +52,13 @@ INT4_ROW_MULTIPLE = 16  # torch's int4 CPU packing takes output rows in multiple
 # The quant checkpoint version from which int4 linears of any output dim are quantised (the
 # kernel's copy padded to `INT4_ROW_MULTIPLE` rows); before it, those stayed float.
 INT4_ROWS_PADDED_SINCE = 2
+# The LM head may take a finer format than the other linears (llama.cpp's
+# ``--output-tensor-type``: its Q4 mixes keep the output matrix at Q6_K). Measured on a
+# trained small-moe (BENCHMARKS.md "Quantised experts: quality"): of int4 ``--what all``'s
+# +0.0069 nats, +0.0058 is the LM head's. Checkpoints that use it are version 3.
+HEAD = "lm_head"
+HEAD_FORMATS = ("int8",)
+HEAD_FORMAT_SINCE = 3
 
 
 def int4_fits(out_features: int, in_features: int, group_size: int, *, pad_rows: bool = True) -> bool:
@@ -65,22 +72,31 @@ def padded_rows(out_features: int) -> int:
     return -(-out_features // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
 
 
-def quantizable_linears(model: nn.Module, fmt: QuantFormat, *, pad_rows: bool = True) -> tuple[list[str], list[str]]:
+def quantizable_linears(model: nn.Module, fmt: QuantFormat, *, pad_rows: bool = True,
+                        head: QuantFormat | None = None) -> tuple[list[str], list[str]]:
     """(names of the ``nn.Linear`` modules ``--what all`` quantises, names it leaves float).
     ``pad_rows=False``: the rule of version-1 checkpoints (int4 leaves linears whose output
-    rows are not a multiple of 16 float)."""
+    rows are not a multiple of 16 float). ``head``: the (untied) LM head's own format
+    (`linear_format`), which int8 always takes."""
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
     take, skip = [], []
     for name, m in model.named_modules():
         if type(m) is not nn.Linear:
             continue
-        if tied and name == "lm_head":
+        if tied and name == HEAD:
             skip.append(name)
+        elif head is not None and name == HEAD:
+            take.append(name)
         elif fmt.name == "int4" and not int4_fits(m.out_features, m.in_features, fmt.group_size, pad_rows=pad_rows):
             skip.append(name)
         else:
             take.append(name)
     return take, skip
+
+
+def linear_format(name: str, fmt: QuantFormat, head: QuantFormat | None) -> QuantFormat:
+    """The format of linear `name` under ``--what all`` in `fmt` with LM head format `head`."""
+    return head if head is not None and name == HEAD else fmt
 
 
 def _state_dict_with_portable(module: QuantizedLinear, state_dict: dict, prefix: str, local_metadata) -> None:
