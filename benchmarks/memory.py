@@ -17,6 +17,11 @@ less when fewer experts were ever routed to) + slack; the slack printed is the
 difference (activations, KV cache, code pages first touched, the loader's transient
 peak). The cases run in ``--rounds`` interleaved rounds; each keeps its fastest round.
 
+``--quant int8|int4`` (with ``--what experts|all``) measures the same cases on a quantised
+copy of the run (`moelab quantize`, int4 groups of ``--group-size``): the resident model is
+then `load_quantized`'s, the offloaded store holds quantised experts, and the fractions are
+of the quantised expert bytes.
+
 Page cache: warm by default (the file was just written and every case reads it, so a miss
 is a copy from the page cache). ``--cold`` adds each budget with LRU and a cold page
 cache: the file's pages are dropped at the start (``posix_fadvise(DONTNEED)``) and after
@@ -64,9 +69,9 @@ def child(args) -> None:
     t0 = time.perf_counter()
     store = None
     if args.budget == "resident":
-        from moelab.rundir import load_model
+        from moelab.hf import load_any
 
-        model = load_model(args.run).model
+        model = load_any(args.run).model  # a float or a quantised run
     else:
         from moelab.offload import load_offloaded
 
@@ -131,6 +136,34 @@ def describe(run: Path) -> dict:
             "run": str(run)}
 
 
+def quantize_run(run: Path, out: Path, args) -> dict:
+    """`run` quantised to ``args.quant`` into `out`; `describe`'s figures for it (bytes as
+    resident: int4 experts in the kernel's copy, which has the stored form's size)."""
+    from moelab.moe import MoE
+    from moelab.offload import expert_layouts
+    from moelab.quant import QuantFormat, load_quantized, quantize_model, save_quantized
+    from moelab.quant.linear import QuantizedLinear
+    from moelab.rundir import load_model
+
+    loaded = load_model(run)
+    params = loaded.model.num_params()  # (a quantised model's codes are buffers, not parameters)
+    fmt = QuantFormat(name=args.quant, group_size=args.group_size)
+    quantize_model(loaded.model, fmt, what=args.what)
+    save_quantized(loaded.model, out, fmt=fmt, tokenizer_path=loaded.tokenizer_path)
+    model = load_quantized(out).model
+    layouts = expert_layouts(model, fmt)
+    one = layouts[0].slot_bytes()
+    experts = one * sum(lay.num_experts for lay in layouts)
+    moes = {id(m.experts) for m in model.modules() if isinstance(m, MoE)}
+    non_expert = sum(t.numel() * t.element_size() for mod in model.modules() if id(mod) not in moes
+                     for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]) + sum(
+        m.kernel_only_nbytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+    return {"config": model.cfg.to_dict(), "params": params, "expert_bytes": experts,
+            "non_expert_bytes": non_expert, "one_expert_bytes": one, "run": str(out),
+            "quant": {"format": args.quant, "group_size": args.group_size if args.quant == "int4" else None,
+                      "what": args.what, "source": str(run)}}
+
+
 def run_child(run: Path, budget: str, policy: str, args, page_cache: str = "keep", prefetch: bool = False) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.memory", "--child", "--run", str(run), "--budget", budget,
            "--policy", policy, "--page-cache", page_cache, "--threads", str(args.threads),
@@ -173,6 +206,10 @@ def main() -> None:
                     "instead of building a random model")
     ap.add_argument("--fractions", default=None, help="expert budgets as fractions of the expert bytes "
                     "(default 1,0.5,0.25,0.125)")
+    ap.add_argument("--quant", choices=("int8", "int4"), default=None,
+                    help="measure a quantised copy of the run (its experts offloaded quantised)")
+    ap.add_argument("--what", choices=("experts", "all"), default="experts", help="with --quant: what it quantises")
+    ap.add_argument("--group-size", type=int, default=128, help="with --quant int4")
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -190,6 +227,9 @@ def main() -> None:
         else:
             run = Path(tmp) / "run"
             model = build(args, run)
+        if args.quant:
+            model = quantize_run(run, Path(tmp) / f"run-{args.quant}", args)
+            run = Path(model["run"])
         log.info("model: %.0fM params, experts %.0f MiB, non-expert %.0f MiB", model["params"] / 1e6,
                  model["expert_bytes"] / 2**20, model["non_expert_bytes"] / 2**20)
         fractions = tuple(float(x) for x in args.fractions.split(",")) if args.fractions else FRACTIONS

@@ -5,7 +5,7 @@ sibling beside it in the same tier (not even inside a function; imports under
 ``if TYPE_CHECKING:`` are exempt). Tiers, lowest first:
 
     errors, io, lazy, hardware -> moe -> model -> rundir -> accounting -> data
-        -> train, infer, quant, offload -> hf, dist -> lab, serve -> playground -> cli
+        -> train, infer, quant -> offload -> hf, dist -> lab, serve -> playground -> cli
 
 `accounting` is pure arithmetic: besides itself it imports only `ACCOUNTING_MAY_IMPORT`,
 the torch-free modules (so ``moelab size`` starts instantly, without torch). `infer` sits
@@ -23,7 +23,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("rundir",),
     ("accounting",),
     ("data",),
-    ("train", "infer", "quant", "offload"),
+    ("train", "infer", "quant"),
+    ("offload",),  # above quant: it offloads quantised experts too
     ("hf", "dist"),
     ("lab", "serve"),
     ("playground",),

@@ -22,7 +22,7 @@ from moelab.cli.main import main
 from moelab.errors import ConfigError
 from moelab.model import ModelConfig, Transformer
 from moelab.moe import MoEConfig
-from moelab.offload import ExpertStore, expert_layouts
+from moelab.offload import ExpertStore, expert_layouts, load_offloaded
 from moelab.quant import QuantFormat, QuantizedExperts, quantize_model, save_quantized
 from moelab.rundir import save_model
 
@@ -93,7 +93,21 @@ def test_smallest_budget_is_the_offload_stores_own_minimum(tmp_path):
     store.close()
     with pytest.raises(ConfigError, match="smallest allowed"):
         ExpertStore(run / "model.safetensors", expert_layouts(model), expert_memory=int(smallest) - 1)
-    assert smallest_expert_budget(spec, "int8") is None  # offloading runs float experts only
+
+
+
+@pytest.mark.parametrize("fmt, group", [("int8", 128), ("int4", 32)])
+def test_smallest_quantised_budget_is_the_offload_stores_own_minimum(tmp_path, fmt, group):
+    spec, counts = _spec_counts()
+    model = _model()
+    qfmt = QuantFormat(name=fmt, group_size=group)
+    quantize_model(model, qfmt)
+    run = save_quantized(model, tmp_path / "q", fmt=qfmt)
+    smallest = smallest_expert_budget(spec, fmt, group)
+    assert smallest is not None
+    with pytest.raises(ConfigError, match=rf"smallest allowed value is {int(smallest)} bytes"):
+        load_offloaded(run, expert_memory=int(smallest) - 1)
+    load_offloaded(run, expert_memory=int(smallest)).store.close()
 
 
 def test_memory_plan_resident_offloaded_and_not_at_all():

@@ -45,3 +45,19 @@ def test_bad_expert_memory_is_one_line_naming_the_flag_or_field(run, capsys):
     assert main([*args, "--expert-memory", "1KB"]) != 0
     err = capsys.readouterr().err
     assert "expert_memory=1000 bytes" in err and "smallest allowed value is 24576 bytes" in err
+
+
+# One expert per MoE layer: int8 3264 bytes (2048 + 1024 codes, 128 + 64 of scales), int4 1920.
+@pytest.mark.parametrize("fmt, extra, budget", [("int8", [], "8KiB"),
+                                                ("int4", ["--group-size", "32", "--what", "all"], "4KiB")])
+def test_generate_offloads_a_quantised_run_and_prints_its_resident_text(run, tmp_path, capsys, fmt, extra, budget):
+    q = tmp_path / fmt
+    assert main(["quantize", str(run), str(q), "--format", fmt, *extra]) == 0
+    capsys.readouterr()
+    args = ["generate", str(q), "--prompt", "the cat sat", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    resident = capsys.readouterr().out
+    assert main([*args, "--expert-memory", budget]) == 0
+    out = capsys.readouterr()
+    assert out.out == resident
+    assert "experts offloaded (lru, per layer): 2/8 slots" in out.err and "hit rate" in out.err

@@ -34,11 +34,14 @@ def test_bad_options(run, kw, match):
         load_offloaded(run[1], **kw)
 
 
-def test_a_quantised_run_is_refused_naming_its_config(run, tmp_path):
+def test_a_bf16_quantised_run_is_refused_naming_its_config(run, tmp_path):
     model, _ = run
-    q = save_model(model, tmp_path / "q", quant={"format": "int8", "group_size": None, "what": "experts",
+    q = save_model(model, tmp_path / "q", quant={"format": "bf16", "group_size": None, "what": "experts",
                                                   "moelab_quant_version": 1})
-    with pytest.raises(CheckpointError, match=re.escape(str(q / "config.json")) + ".*quantised run.*float runs only"):
+    with pytest.raises(CheckpointError, match=re.escape(str(q / "config.json")) + ".*a bf16 run.*float, int8 and int4"):
+        load_offloaded(q, expert_memory=10**9)
+    (q / "config.json").write_text((q / "config.json").read_text().replace('"bf16"', '"int3"'))
+    with pytest.raises(CheckpointError, match=r"\"quant\"\.format='int3' is not a format"):
         load_offloaded(q, expert_memory=10**9)
 
 

@@ -256,3 +256,19 @@ def test_compiled_int8_experts_equal_the_dequantised_reference(activation, count
         qexperts._traced_int8_experts = real
     assert bool(hits) == (A <= qexperts.TRACED_INT8_MAX_ROWS)
     assert _rel(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("rows, cols", [(64, 32), (128, 96), (1024, 256), (256, 512), (48, 64), (80, 128)])
+def test_the_fast_int4_repack_is_the_kernels_own_conversion(rows, cols, monkeypatch):
+    """`kernel_pack_int4` (byte operations on the portable nibbles, for rows a multiple of 64
+    where the layout probe holds) against torch's `_convert_weight_to_int4pack_for_cpu`."""
+    g = torch.Generator().manual_seed(rows + cols)
+    q = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
+    want = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    packed = formats.pack_int4(q)
+    assert torch.equal(qexperts.kernel_pack_int4(packed), want)
+    if rows % 64 == 0 and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert qexperts._BLOCKED_IS_KERNELS == [True]  # the layout documented, measured on AVX512 builds
+        assert torch.equal(qexperts._pack_int4_blocked(packed), want)
+    monkeypatch.setattr(qexperts, "_BLOCKED_IS_KERNELS", [False])  # a build with another layout
+    assert torch.equal(qexperts.kernel_pack_int4(packed), want)

@@ -20,10 +20,11 @@ and say so in the notes.
 
 **What fits** (`memory_plan`): a format fits a memory of M bytes when weights + KV cache
 <= `USABLE_FRACTION` x M, the same rule as min GPUs. When it does not, a float format can
-still run with offloaded experts (`--expert-memory`, `moelab.offload`, float runs only):
-the budget left for experts is usable M - non-expert weights - KV cache, and the smallest
-budget the runtime accepts is one expert per MoE layer (`ExpertStore`'s rule for its
-default per-layer scope; the store counts the weight matrices, so biases are left out).
+still run with offloaded experts (`--expert-memory`, `moelab.offload`; float, int8 and
+int4 runs): the budget left for experts is usable M - non-expert weights - KV cache, and
+the smallest budget the runtime accepts is one expert per MoE layer (`ExpertStore`'s rule
+for its default per-layer scope; the store counts the weight matrices, so biases are left
+out, and lays a quantised expert's parts out on 64-byte boundaries, `SLOT_ALIGN`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from moelab.accounting.spec import ArchSpec, MLPSpec, MoESpec, Spec
 from moelab.errors import ConfigError
 
 MOELAB_FORMATS = ("fp32", "bf16", "int8", "int4")
-FLOAT_FORMATS = ("fp32", "bf16")  # the ones the offloaded-experts runtime runs
+FLOAT_FORMATS = ("fp32", "bf16")
+SLOT_ALIGN = 64  # moelab.offload.store's alignment of each part of a quantised expert in a slot
 INT4_GROUP_SIZES = (32, 64, 128)  # moelab.quant.formats.INT4_GROUP_SIZES (torch-free copy)
 SCALE_BYTES = 2  # bf16 scales and zero points
 
@@ -97,19 +99,34 @@ def format_bytes(spec: Spec, counts: ParamCount, fmt: str, *, rest: str = "bf16"
     return other * bytes_per_param(rest) + routed_expert_bytes(spec, counts, fmt, rest=rest, group_size=group_size)
 
 
-def smallest_expert_budget(spec: Spec, fmt: str) -> float | None:
-    """The smallest ``--expert-memory`` the offloaded runtime accepts for a float format:
-    one expert (its weight matrices) per MoE layer. None when offloading does not apply
-    (a quantised format, no MoE layer, or no projection shapes)."""
-    if fmt not in FLOAT_FORMATS or not isinstance(spec, ArchSpec):
+def _slot_bytes(rows: int, cols: int, fmt: str, group_size: int) -> int:
+    """One matrix of a quantised expert in an offload slot: its codes and its scales
+    (int4: with the zeros, the kernel's (scale, zero) pairs), each part aligned."""
+    def aligned(n: int) -> int:
+        return -(-n // SLOT_ALIGN) * SLOT_ALIGN
+
+    if fmt == "int8":
+        return aligned(rows * cols) + aligned(rows * SCALE_BYTES)
+    return aligned(rows * cols // 2) + aligned(rows * (cols // group_size) * 2 * SCALE_BYTES)
+
+
+def smallest_expert_budget(spec: Spec, fmt: str, group_size: int = 128) -> float | None:
+    """The smallest ``--expert-memory`` the offloaded runtime accepts: one expert (its
+    weight matrices, in `fmt`) per MoE layer. None when offloading does not apply (no MoE
+    layer, no projection shapes, or an int4 group that does not divide them)."""
+    if not isinstance(spec, ArchSpec):
         return None
-    per_layer = [
-        sum(rows * cols for rows, cols in _projections(layer.ffn.expert, spec.d_model))
-        for layer in spec.layers if isinstance(layer.ffn, MoESpec)
-    ]
-    if not per_layer:
+    experts = [layer.ffn.expert for layer in spec.layers if isinstance(layer.ffn, MoESpec)]
+    if not experts:
         return None
-    return len(per_layer) * max(per_layer) * bytes_per_param(fmt)
+    if fmt in FLOAT_FORMATS:
+        one = max(sum(rows * cols for rows, cols in _projections(e, spec.d_model)) for e in experts)
+        return len(experts) * one * bytes_per_param(fmt)
+    if fmt == "int4" and any(cols % group_size for e in experts for _, cols in _projections(e, spec.d_model)):
+        return None
+    one = max(sum(_slot_bytes(rows, cols, fmt, group_size) for rows, cols in _projections(e, spec.d_model))
+              for e in experts)
+    return float(len(experts) * one)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,13 +139,13 @@ class FormatFit:
     kv_cache_bytes: float
     fits: bool  # every weight resident, plus the KV cache
     expert_budget: float | None  # offloaded: bytes left for experts (None: resident or not offloadable)
-    smallest_budget: float | None  # the runtime's minimum --expert-memory (float formats)
+    smallest_budget: float | None  # the runtime's minimum --expert-memory
     resident_fraction: float | None  # expert_budget / expert_bytes, capped at 1
 
     @property
     def smallest_memory(self) -> float:
         """The smallest memory on which this format runs: offloaded with the smallest
-        expert budget (float formats), else all resident."""
+        expert budget, else all resident."""
         need = self.weight_bytes + self.kv_cache_bytes
         if self.smallest_budget is not None:
             need = min(need, need - self.expert_bytes + self.smallest_budget)
@@ -149,7 +166,7 @@ class FormatFit:
 
 def memory_plan(spec: Spec, counts: ParamCount, memory_bytes: float, *, kv_bytes: float, rest: str = "bf16",
                 group_size: int = 128) -> list[FormatFit]:
-    """Each moelab format on `memory_bytes`: resident, offloaded (float formats), or not at all."""
+    """Each moelab format on `memory_bytes`: resident, offloaded, or not at all."""
     if memory_bytes <= 0:
         raise ConfigError(f"memory must be > 0 bytes, got {memory_bytes}")
     usable = USABLE_FRACTION * memory_bytes
@@ -161,7 +178,7 @@ def memory_plan(spec: Spec, counts: ParamCount, memory_bytes: float, *, kv_bytes
         except ConfigError:
             continue  # e.g. an int4 group that does not divide this model's dims
         fits = weights + kv_bytes <= usable
-        smallest = smallest_expert_budget(spec, fmt)
+        smallest = smallest_expert_budget(spec, fmt, group_size)
         budget = fraction = None
         if not fits and smallest is not None:
             budget = max(0.0, usable - (weights - experts) - kv_bytes)

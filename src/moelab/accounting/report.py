@@ -324,7 +324,7 @@ def table_rows(reports: list[dict[str, Any]]) -> list[Row]:
              *[(f"weights {f}", [_format_cell(r, f) for r in reports]) for f in MOELAB_FORMATS]]
     if any(r.get("memory_plan") for r in reports):
         plan = next(r["memory_plan"] for r in reports if r.get("memory_plan"))
-        rows += [f"on {plan['memory_gb']:g} GB ({USABLE_FRACTION:.0%} usable; --expert-memory: float formats only)",
+        rows += [f"on {plan['memory_gb']:g} GB ({USABLE_FRACTION:.0%} usable)",
                  *[(f"  {f}", [_plan_cell(r, f) for r in reports]) for f in MOELAB_FORMATS]]
     if any(r.get("expert_parallel") for r in reports):
         rows += _ep_rows(reports, dt)

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1 ...")
     p.add_argument("--dtype", type=dtype_type(("fp32", "bf16", "fp16")), default=None,
                    help="the model's dtype: fp32/float32 (default), bf16/bfloat16, fp16/float16")
-    off = p.add_argument_group("offloading (moelab float runs only)")
+    off = p.add_argument_group("offloading (moelab float, int8 and int4 runs)")
     off.add_argument(
         "--expert-memory", metavar="SIZE",
         help="keep at most SIZE of routed-expert weights resident (e.g. 2GB, 500MiB, bytes) and read the "

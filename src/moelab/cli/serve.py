@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     eng.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     eng.add_argument("--drain-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds running requests get to finish (then they end 'shutdown')")
-    off = p.add_argument_group("offloading (moelab float runs only; docs/offload.md)")
+    off = p.add_argument_group("offloading (moelab float, int8 and int4 runs; docs/offload.md)")
     off.add_argument("--expert-memory", metavar="SIZE",
                      help="keep at most SIZE of routed-expert weights resident (e.g. 2GB) and read the rest "
                      "from model.safetensors on demand; /metrics shows the cache")

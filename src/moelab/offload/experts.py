@@ -33,6 +33,8 @@ from moelab.errors import ConfigError
 from moelab.moe.cpu_kernels import act_forward, per_expert_rows
 from moelab.moe.experts import ExpertsBackend
 from moelab.offload.store import ExpertStore
+from moelab.quant import formats
+from moelab.quant.experts import KERNEL_DTYPE, kernel_runs, portable_from_kernel_int4, run_rows
 
 
 def _check_inference(x: torch.Tensor, weight_A: torch.Tensor) -> None:
@@ -62,6 +64,8 @@ def _fused(experts: OffloadedExperts, x: torch.Tensor, counts_E: torch.Tensor, w
     """``x_AD -> y_AD``, or with ``token_idx_A`` (gather and combine fused) ``x_TD -> y_TD``;
     the combine weight folded into the activation (a pass over ``[R, F]``, not ``[R, D]``)."""
     _check_inference(x, weight_A)
+    if experts.quant is not None:
+        return _quantized(experts, x, counts_E, weight_A, token_idx_A)
     w_A1 = weight_A.to(x.dtype).unsqueeze(-1)
 
     def expert(e: int, x_RD: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -71,6 +75,42 @@ def _fused(experts: OffloadedExperts, x: torch.Tensor, counts_E: torch.Tensor, w
     experts.prefetch_next(x)
     with experts.store.using(experts.layer):
         return per_expert_rows(x, counts_E, weight_A.shape[0], experts.d_model, expert, token_idx_A)
+
+
+def quantized_mm(experts: OffloadedExperts, parts: tuple[torch.Tensor, ...], proj: str,
+                 x_RI: torch.Tensor) -> torch.Tensor:
+    """One projection ("in"/"out") of a quantised expert whose slot tensors are `parts`
+    (`ExpertLayout.slot_parts`): torch's CPU kernel, as `QuantizedExperts` calls it, or
+    the dequantised weight where that kernel does not run."""
+    fmt = experts.quant
+    if fmt == "int8":
+        q, scale = parts[:2] if proj == "in" else parts[2:]
+        if kernel_runs("int8"):
+            return torch._weight_int8pack_mm(x_RI, q, scale)
+        return x_RI @ formats.dequantize_int8(q, scale).to(x_RI.dtype).t()
+    if experts.kernel_form:
+        packed, sz = parts[:2] if proj == "in" else parts[2:]
+        return torch._weight_int4pack_mm_for_cpu(x_RI, packed, experts.group_size, sz)
+    q, scale, zero = parts[:3] if proj == "in" else parts[3:]
+    return x_RI @ formats.dequantize_int4(formats.unpack_int4(q), scale, zero).to(x_RI.dtype).t()
+
+
+def _quantized(experts: OffloadedExperts, x: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor,
+               token_idx_A: torch.Tensor | None = None) -> torch.Tensor:
+    """The resident `QuantizedExperts`' computation (`moelab.quant.experts.run_rows`: bf16
+    kernel inputs, float32 activation between), each expert's parts fetched once."""
+    fetched: list[tuple[torch.Tensor, ...]] = []
+
+    def mm(proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
+        if proj == "in":  # the expert's first GEMM: fetch it (the second uses the same slot)
+            fetched[:] = [experts.weights(e)]
+        return quantized_mm(experts, fetched[0], proj, x_RI)
+
+    kernel = kernel_runs("int8") if experts.quant == "int8" else experts.kernel_form
+    act_dtype = KERNEL_DTYPE if kernel else torch.promote_types(x.dtype, torch.float32)
+    experts.prefetch_next(x)
+    with experts.store.using(experts.layer):
+        return run_rows(x, counts_E, weight_A, mm, act_dtype, experts.activation, token_idx_A)
 
 
 LOOP = ExpertsBackend(
@@ -96,6 +136,8 @@ class OffloadedExperts(nn.Module):
         self.store, self.layer = store, layer
         self.num_experts, self.d_model, self.d_expert = lay.num_experts, lay.d_model, lay.d_expert
         self.activation, self.impl = lay.activation, impl
+        # a quantised run's format (else None); int4: whether the slots hold the kernel's layout
+        self.quant, self.group_size, self.kernel_form = lay.quant, lay.group_size, lay.kernel_form
         # (router of the next MoE layer, its store index), set by `load_offloaded(prefetch=
         # True)`; a tuple, so that the router is not registered as this module's child.
         self.next_router: tuple[nn.Module, int] | None = None
@@ -114,15 +156,37 @@ class OffloadedExperts(nn.Module):
         order = torch.argsort(counts_E, descending=True, stable=True)
         self.store.prefetch(layer, order[counts_E[order] > 0].tolist())
 
-    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self, e: int) -> tuple[torch.Tensor, ...]:
         """``(W_in [H, D], W_out [D, F])`` of expert e, from the store (valid until the
-        store's next `get` for this layer)."""
+        store's next `get` for this layer); a quantised run's: its slot tensors
+        (`ExpertLayout.slot_parts`)."""
         return self.store.get(self.layer, e)
 
     def expert_ffn(self, x_ND: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e applied to N rows: down(act(x W_in^T)), as `RoutedExperts.expert_ffn`."""
+        """Expert e applied to N rows: down(act(x W_in^T)), as `RoutedExperts.expert_ffn`
+        (quantised: on the dequantised weights, in float32, the readable reference)."""
+        if self.quant is not None:
+            parts = self.weights(e)
+            w_in, w_out = (self.dequantized_weight(parts, proj) for proj in ("in", "out"))
+            h = F.linear(x_ND.float(), w_in)
+            return F.linear(act_forward(h, self.activation, inplace=False), w_out).to(x_ND.dtype)
         w_in, w_out = self.weights(e)
         return F.linear(act_forward(F.linear(x_ND, w_in), self.activation, inplace=False), w_out)
+
+    def dequantized_weight(self, parts: tuple[torch.Tensor, ...], proj: str) -> torch.Tensor:
+        """The float32 weight of a quantised expert's projection from its slot tensors."""
+        if self.quant == "int8" or not self.kernel_form:
+            n = 2 if self.quant == "int8" else 3
+            t = parts[:n] if proj == "in" else parts[n:]
+            if self.quant == "int8":
+                return formats.dequantize_int8(*t)
+            return formats.dequantize_int4(formats.unpack_int4(t[0]), t[1], t[2])
+        # The kernel's packed layout is the CPU build's: the portable form is read back
+        # through the kernel itself (exactly), then dequantised in float32.
+        packed, sz = parts[:2] if proj == "in" else parts[2:]
+        d_out, d_in = (packed.shape[0], self.d_model) if proj == "in" else (self.d_model, self.d_expert)
+        p = portable_from_kernel_int4(packed, sz, self.group_size, d_in, d_out)
+        return formats.dequantize_int4(formats.unpack_int4(p["qweight"]), p["scale"], p["zero"])
 
     def backend(self, x: torch.Tensor) -> ExpertsBackend:
         if x.device.type != self.store.device.type:

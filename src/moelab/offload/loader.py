@@ -9,10 +9,14 @@ materialised: the resident weights are the non-expert ones plus the store's slot
 which never exceed ``expert_memory``.
 
 Supported: float moelab run directories (or their ``model.safetensors``), CPU, and CUDA
-(``device="cuda"``: the cache on the GPU, the rest in pinned CPU memory). Refused
-with a `CheckpointError` naming the file: quantised runs (a "quant" entry in
-config.json), Hugging Face folders (convert them first: ``moelab convert HF_DIR
---to-moelab OUT``), anything else that is not a moelab run.
+(``device="cuda"``: the cache on the GPU, the rest in pinned CPU memory); and int8 / int4
+runs of `moelab quantize` (``--what experts`` or ``all``), CPU only: the store then holds
+the quantised experts (`ExpertStore`, "Quantised experts"), the other quantised linears
+are loaded as `moelab.quant.load_quantized` loads them, and the model computes what the
+resident quantised model computes (tests/offload). Refused with a `CheckpointError`
+naming the file: bf16 runs of `moelab quantize` (offload the float run), Hugging Face
+folders (convert them first: ``moelab convert HF_DIR --to-moelab OUT``), anything else
+that is not a moelab run.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ from moelab.model import ModelConfig, Transformer
 from moelab.moe import MoE
 from moelab.offload.experts import OffloadedExperts
 from moelab.offload.store import ExpertLayout, ExpertStore, OffloadStats
+from moelab.quant import QuantFormat
+from moelab.quant.checkpoint import empty_quantized_linears, read_head, read_quant_entry
+from moelab.quant.experts import kernel_runs
+from moelab.quant.linear import QuantizedLinear
 from moelab.rundir import (
+    QUANT_METADATA_KEY,
     assign_weights,
     config_path,
     existing_run_paths,
@@ -48,7 +57,7 @@ class OffloadedModel:
     tokenizer_path: Path | None
     run_dir: Path
     store: ExpertStore
-    kind: str = "moelab-offload"
+    kind: str = "moelab-offload"  # a quantised run's: "moelab-offload-int8" / "moelab-offload-int4"
 
     def stats(self) -> OffloadStats:
         return self.store.stats()
@@ -59,14 +68,17 @@ class OffloadedModel:
             b.numel() * b.element_size() for b in self.model.buffers())
 
 
-def expert_layouts(model: Transformer) -> list[ExpertLayout]:
-    """One `ExpertLayout` per MoE layer of `model`, in layer order."""
+def expert_layouts(model: Transformer, fmt: QuantFormat | None = None) -> list[ExpertLayout]:
+    """One `ExpertLayout` per MoE layer of `model`, in layer order (`fmt`: the experts'
+    stored format, for a quantised run)."""
     layouts = []
+    quant = {} if fmt is None else {"quant": fmt.name, "group_size": fmt.group_size if fmt.name == "int4" else 0,
+                                    "kernel_form": kernel_runs(fmt.name)}
     for name, m in model.named_modules():
         if isinstance(m, MoE):
             c = m.cfg
             layouts.append(ExpertLayout(prefix=f"{name}.experts", num_experts=c.num_experts, d_model=c.d_model,
-                                        d_expert=c.d_expert, activation=c.activation))
+                                        d_expert=c.d_expert, activation=c.activation, **quant))
     return layouts
 
 
@@ -105,14 +117,24 @@ def load_offloaded(
     run_dir, weights = existing_run_paths(p)
     run_cfg = read_run_config(run_dir)
     quant = quant_of(run_cfg)
+    fmt = head = None
     if quant is not None:
-        fmt = quant.get("format") if isinstance(quant, dict) else quant
-        raise CheckpointError(f"{config_path(run_dir)}: a quantised run (\"quant\": format {fmt!r}); offloading "
-                              "reads float runs only (offload the float run, or run this one resident)")
+        cfg_path = config_path(run_dir)
+        fmt = read_quant_entry(quant, cfg_path)
+        if not isinstance(fmt, QuantFormat):
+            raise CheckpointError(f"{cfg_path}: a {fmt} run (\"quant\": format {fmt!r}); offloading reads float, "
+                                  "int8 and int4 runs (offload the float run, or run this one resident)")
+        head = read_head(quant, fmt, cfg_path)
+        if torch.device(device).type != "cpu":
+            raise ConfigError(f"offload device={device!r} with the {fmt.name} run {run_dir}: quantised experts run on "
+                              "torch's CPU kernels only; use device='cpu', or offload the float run")
     cfg = model_config_of(run_cfg, run_dir)
+    exact: frozenset[str] = frozenset()
     with torch.device("meta"):
         model = Transformer(cfg)
-    layouts = expert_layouts(model)
+        if quant is not None and quant.get("what") == "all":
+            exact = empty_quantized_linears(model, fmt, quant["moelab_quant_version"], head)
+    layouts = expert_layouts(model, fmt)
     if not layouts:
         raise ConfigError(f"{run_dir}: the model has no MoE layers; there are no experts to offload")
     moes = [m for m in model.modules() if isinstance(m, MoE)]
@@ -122,15 +144,22 @@ def load_offloaded(
     ignore = set()
     for j, (moe, layout) in enumerate(zip(moes, layouts, strict=True)):
         moe.experts = OffloadedExperts(store, j, impl=moe.cfg.impl)
-        ignore.update((layout.in_name, layout.out_name))
+        ignore.update((layout.in_name, layout.out_name) if fmt is None else (n for n, _, _ in layout.file_parts()))
     if prefetch:
         for j in range(len(moes) - 1):
             moes[j].experts.next_router = (moes[j + 1].router, j + 1)
     try:
-        assign_weights(model, weights, ignore=frozenset(ignore))
+        metadata = assign_weights(model, weights, ignore=frozenset(ignore), exact_dtype=exact)
+        if fmt is not None and metadata.get(QUANT_METADATA_KEY) != fmt.name:
+            raise CheckpointError(f"{weights}: its metadata says {QUANT_METADATA_KEY}="
+                                  f"{metadata.get(QUANT_METADATA_KEY)!r} but {config_path(run_dir)} says "
+                                  f"\"quant\".format={fmt.name!r}; the file does not match its config")
         model.to(store.device)  # the non-expert weights (the offloaded experts hold none)
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear) and m.fmt.name == "int4" and kernel_runs("int4"):
+                m.kernel_weights()  # packed now rather than on the first token, as load_quantized does
     except BaseException:
         store.close()
         raise
     return OffloadedModel(model=model.eval(), config=cfg, tokenizer_path=tokenizer_of(run_dir), run_dir=run_dir,
-                          store=store)
+                          store=store, kind="moelab-offload" + (f"-{fmt.name}" if fmt is not None else ""))

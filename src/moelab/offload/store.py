@@ -46,6 +46,17 @@ that read the slot before are queued ahead of it). The budget counts GPU bytes; 
 tier holds up to all the experts (``host_bytes`` in the stats). Not measured on a GPU yet:
 tests/offload/test_cuda_offload.py runs it where CUDA exists.
 
+**Quantised experts** (an int8 or int4 run of `moelab quantize`; ``ExpertLayout.quant``):
+an expert is its projections' stored parts (int8: ``<proj>_qweight`` and ``<proj>_scale``;
+int4: the nibbles, ``_scale`` and ``_zero``), each a byte range of the file, and a slot
+holds them in the form the CPU kernel takes (`ExpertLayout.slot_parts`): int8 as stored;
+int4 repacked on each miss into the kernel's blocked layout
+(`moelab.quant.experts.kernel_pack_int4`, which `QuantizedExperts` uses at load; the
+portable form where that kernel does not run), through one staging expert per thread.
+The budget counts the slots' bytes, so at a given budget the store holds ~4x (int8) or
+~7.5x (int4, group 128) as many experts as in float32: mixtral-offloading's design, an
+LRU cache of low-bit experts. CPU only.
+
 One forward at a time (the prefetch thread is the only other party).
 """
 
@@ -53,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import threading
@@ -77,6 +89,13 @@ PAGE_CACHE = ("keep", "drop")
 _NO_PREFETCH = contextlib.nullcontext()
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_ST_NAMES = {torch.int8: "I8", torch.uint8: "U8", torch.bfloat16: "BF16"}
+_ALIGN = 64  # bytes: each part of a quantised slot starts on a cache line (views of any dtype)
+QUANT_FORMATS = ("int8", "int4")
+
+
+# A tensor of a quantised expert: (shape, dtype); with a name, where it is in the file.
+Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,9 @@ class ExpertLayout:
     d_model: int
     d_expert: int
     activation: str = "swiglu"
+    quant: str | None = None  # "int8" / "int4": the stored format of a quantised run
+    group_size: int = 0  # int4
+    kernel_form: bool = True  # int4: slots hold the kernel's packed layout (its kernel runs here)
 
     @property
     def in_name(self) -> str:
@@ -105,6 +127,50 @@ class ExpertLayout:
     def expert_numel(self) -> int:
         return self.in_rows * self.d_model + self.d_model * self.d_expert
 
+    def _projections(self) -> tuple[tuple[str, int, int], ...]:
+        return (self.in_name, self.in_rows, self.d_model), (self.out_name, self.d_model, self.d_expert)
+
+    def file_parts(self) -> tuple[tuple[str, Shape, torch.dtype], ...]:
+        """A quantised expert's tensors as stored (``[E, *shape]`` each), the input
+        projection's first: int8 ``_qweight [O, I]``, ``_scale [O]``; int4 ``_qweight
+        [O, I/2]`` (nibbles), ``_scale``, ``_zero [O, N]``."""
+        out: list[tuple[str, Shape, torch.dtype]] = []
+        for name, O, I in self._projections():  # noqa: E741 - the legend's names
+            if self.quant == "int8":
+                out += [(f"{name}_qweight", (O, I), torch.int8), (f"{name}_scale", (O,), torch.bfloat16)]
+            else:
+                N = I // self.group_size
+                out += [(f"{name}_qweight", (O, I // 2), torch.uint8), (f"{name}_scale", (O, N), torch.bfloat16),
+                        (f"{name}_zero", (O, N), torch.bfloat16)]
+        return tuple(out)
+
+    def slot_parts(self) -> tuple[tuple[Shape, torch.dtype], ...]:
+        """The same in a slot: as stored, but int4 in the kernel's form where it runs
+        (per projection the packed ``[O, I/2]`` uint8 and the ``[N, O, 2]`` (scale, zero)
+        pairs: the same bytes, `moelab.quant.experts.int4_scales_and_zeros`)."""
+        if self.quant == "int4" and self.kernel_form:
+            return tuple(p for _, O, I in self._projections()  # noqa: E741
+                         for p in (((O, I // 2), torch.uint8), ((I // self.group_size, O, 2), torch.bfloat16)))
+        return tuple((shape, dtype) for _, shape, dtype in self.file_parts())
+
+    def slot_bytes(self) -> int:
+        """Bytes of one quantised expert in a slot: its parts, each aligned."""
+        return sum(_aligned(math.prod(shape) * dtype.itemsize) for shape, dtype in self.slot_parts())
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _part_views(buf: torch.Tensor, parts) -> tuple[torch.Tensor, ...]:
+    """Views of the uint8 buffer `buf` as the ``(shape, dtype)`` `parts`, each aligned."""
+    views, off = [], 0
+    for shape, dtype in parts:
+        n = math.prod(shape) * dtype.itemsize
+        views.append(buf[off: off + n].view(dtype).view(shape))
+        off += _aligned(n)
+    return tuple(views)
+
 
 @dataclass(frozen=True)
 class OffloadStats:
@@ -121,7 +187,7 @@ class OffloadStats:
     evictions: int
     bytes_read: int
     stall_s: float
-    expert_bytes: int  # one expert resident (the compute dtype)
+    expert_bytes: int  # one expert resident (the compute dtype; a quantised run's: its slot)
     budget_bytes: int  # expert_memory as given
     resident_bytes: int  # slots allocated now x expert_bytes
     peak_resident_bytes: int
@@ -211,8 +277,9 @@ class _TensorFile:
                 raise CheckpointError(f"{self.path}: tensor {name!r} ends at byte {self.data_start + end}, past the "
                                       f"end of the file ({size} bytes): truncated?")
 
-    def check_stacked(self, name: str, shape: tuple[int, ...]) -> torch.dtype:
-        """The stored dtype of `name`, which must have `shape` and a float dtype."""
+    def check_stacked(self, name: str, shape: tuple[int, ...], exact: torch.dtype | None = None) -> torch.dtype:
+        """The stored dtype of `name`, which must have `shape` and a float dtype (or be
+        stored exactly as `exact`)."""
         entry = self.header.get(name)
         if entry is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing (shape {shape} expected)")
@@ -220,6 +287,11 @@ class _TensorFile:
         if got != shape:
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {got}, the model expects {shape} "
                                   "(the checkpoint was saved from a different model config)")
+        if exact is not None:
+            if entry["dtype"] != _ST_NAMES[exact]:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {entry['dtype']}, expected "
+                                      f"{_ST_NAMES[exact]} (the run's \"quant\" format)")
+            return exact
         dtype = _ST_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {entry['dtype']}; offloaded experts "
@@ -300,7 +372,15 @@ class ExpertStore:
         self._host: dict[tuple[int, int], torch.Tensor] = {}  # device cuda: (layer, e) -> pinned expert
         self.layouts, self.dtype, self.policy_name, self.scope = layouts, dtype, policy, scope
         lay = layouts[0]
-        self.expert_bytes = lay.expert_numel * dtype.itemsize
+        self.quant = lay.quant
+        if len({(la.quant, la.group_size, la.kernel_form) for la in layouts}) != 1:
+            raise ConfigError("ExpertStore: every MoE layer's experts must be in the same format")
+        if self.quant is not None and self.quant not in QUANT_FORMATS:
+            raise ConfigError(f"ExpertStore: quant={self.quant!r} is not a format; allowed: {', '.join(QUANT_FORMATS)}")
+        if self.quant is not None and self.device.type != "cpu":
+            raise ConfigError(f"offload device={str(self.device)!r} with {self.quant} experts: quantised experts run "
+                              "on torch's CPU kernels only; use device='cpu', or offload the float run")
+        self.expert_bytes = lay.expert_numel * dtype.itemsize if self.quant is None else lay.slot_bytes()
         if isinstance(expert_memory, bool) or not isinstance(expert_memory, int):
             raise ConfigError(f"expert_memory must be an integer number of bytes, got {expert_memory!r}")
         n_pools = len(layouts) if scope == "layer" else 1
@@ -321,7 +401,10 @@ class ExpertStore:
             self._pool_of = [0] * len(layouts)
         self.file = _TensorFile(Path(path), drop_pages=page_cache == "drop")
         self._stored: list[torch.dtype] = []
-        for layout in layouts:
+        for layout in layouts if self.quant is not None else ():
+            for name, shape, dt in layout.file_parts():
+                self.file.check_stacked(name, (layout.num_experts, *shape), exact=dt)
+        for layout in layouts if self.quant is None else ():
             E = layout.num_experts
             a = self.file.check_stacked(layout.in_name, (E, layout.in_rows, layout.d_model))
             b = self.file.check_stacked(layout.out_name, (E, layout.d_model, layout.d_expert))
@@ -360,7 +443,8 @@ class ExpertStore:
         holding `key` as far as the pool knows; call with ``pool.lock`` held."""
         if len(pool.slots) < pool.capacity:
             slot = len(pool.slots)
-            pool.slots.append(torch.empty(self.layouts[key[0]].expert_numel, dtype=self.dtype, device=self.device))
+            pool.slots.append(torch.empty(self.layouts[key[0]].expert_numel, dtype=self.dtype, device=self.device)
+                              if self.quant is None else torch.empty(self.expert_bytes, dtype=torch.uint8))
             with self._count_lock:
                 self._resident += self.expert_bytes
                 self._peak = max(self._peak, self._resident)
@@ -423,8 +507,11 @@ class ExpertStore:
         if self._prefetcher is not None:
             self._prefetcher.submit(lambda: None).result()
 
-    def _views(self, layer: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views(self, layer: int, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A slot's tensors: float ``(W_in, W_out)``; quantised, `ExpertLayout.slot_parts`."""
         lay = self.layouts[layer]
+        if self.quant is not None:
+            return _part_views(buf, lay.slot_parts())
         n_in = lay.in_rows * lay.d_model
         return buf[:n_in].view(lay.in_rows, lay.d_model), buf[n_in:].view(lay.d_model, lay.d_expert)
 
@@ -444,6 +531,8 @@ class ExpertStore:
 
     def _read(self, layer: int, e: int, buf: torch.Tensor) -> int:
         """Read expert e of `layer` from the file into the CPU tensor `buf`; the bytes read."""
+        if self.quant is not None:
+            return self._read_quantized(layer, e, buf)
         stored = self._stored[layer]
         target = buf
         if stored != self.dtype:  # read in the stored dtype, then cast into the slot
@@ -456,6 +545,29 @@ class ExpertStore:
         n = self.file.read_row(lay.in_name, e, w_in) + self.file.read_row(lay.out_name, e, w_out)
         if target is not buf:
             buf.copy_(target)
+        return n
+
+    def _read_quantized(self, layer: int, e: int, buf: torch.Tensor) -> int:
+        """Expert e's stored parts into the slot `buf` (int4 in the kernel's form: through a
+        per-thread staging buffer, then converted)."""
+        lay = self.layouts[layer]
+        file_parts = lay.file_parts()
+        if lay.quant == "int8" or not lay.kernel_form:
+            return sum(self.file.read_row(name, e, t)
+                       for (name, _, _), t in zip(file_parts, self._views(layer, buf), strict=True))
+        from moelab.quant.experts import int4_scales_and_zeros, kernel_pack_int4
+
+        flat = getattr(self._local, "int4", None)  # one expert per thread (every layer's have one shape)
+        if flat is None:
+            flat = self._local.int4 = torch.empty(sum(_aligned(math.prod(s) * d.itemsize) for _, s, d in file_parts),
+                                                  dtype=torch.uint8)
+        stored = _part_views(flat, [(shape, dt) for _, shape, dt in file_parts])
+        n = sum(self.file.read_row(name, e, t) for (name, _, _), t in zip(file_parts, stored, strict=True))
+        slot = self._views(layer, buf)
+        for p in range(2):  # in, out: nibbles -> the kernel's packing; scale, zero -> its pairs
+            q, scale, zero = stored[3 * p: 3 * p + 3]
+            slot[2 * p].copy_(kernel_pack_int4(q))
+            slot[2 * p + 1].copy_(int4_scales_and_zeros(scale, zero))
         return n
 
     def resident(self, layer: int) -> list[int]:

@@ -246,7 +246,8 @@ def read_head(entry: dict, fmt: QuantFormat | str, cfg_path: Path) -> QuantForma
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
-def _swap_linears(model: Transformer, fmt: QuantFormat, version: int, head: QuantFormat | None) -> frozenset[str]:
+def empty_quantized_linears(model: Transformer, fmt: QuantFormat, version: int,
+                            head: QuantFormat | None) -> frozenset[str]:
     """On the meta device: the linears ``what="all"`` quantises as empty `QuantizedLinear`s
     (the same rule as `quantize_model`, or version 1's); their state-dict names, whose
     dtypes are exact."""
@@ -286,7 +287,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", veri
         model = Transformer(cfg)
         exact = _swap_experts(model, fmt, cfg_path)
         if entry.get("what") == "all":
-            exact |= _swap_linears(model, fmt, entry["moelab_quant_version"], head)
+            exact |= empty_quantized_linears(model, fmt, entry["moelab_quant_version"], head)
     metadata = assign_weights(model, weights, device=device, exact_dtype=exact)
     tag = metadata.get(QUANT_METADATA_KEY)
     if tag != name:

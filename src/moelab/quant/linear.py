@@ -43,6 +43,7 @@ from moelab.quant.experts import (
     check_inference,
     int4_scales_and_zeros,
     int8_rows_traced,
+    kernel_pack_int4,
     kernel_runs,
     portable_from_kernel_int4,
 )
@@ -163,13 +164,12 @@ class QuantizedLinear(nn.Module):
         0); made once from the portable buffers, which are then dropped (module docstring)."""
         if self._packed is None or self._buffers.get("qweight") is not None:
             pad = padded_rows(self.out_features) - self.out_features
-            q_OI = formats.unpack_int4(self.qweight).to(torch.int32)
+            q_OP = self.qweight
             scale_ON, zero_ON = self.scale, self.zero
-            if pad:
-                q_OI = torch.cat([q_OI, q_OI.new_full((pad, q_OI.shape[1]), 8)])
+            if pad:  # nibble 8 (0x88 a byte), scale and zero 0: rows that compute 0
+                q_OP = torch.cat([q_OP, q_OP.new_full((pad, q_OP.shape[1]), 0x88)])
                 scale_ON, zero_ON = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale_ON, zero_ON))
-            self._packed = (torch._convert_weight_to_int4pack_for_cpu(q_OI, 1),
-                            int4_scales_and_zeros(scale_ON, zero_ON))
+            self._packed = (kernel_pack_int4(q_OP), int4_scales_and_zeros(scale_ON, zero_ON))
             for n in ("qweight", "scale", "zero"):
                 self._buffers[n] = None
         return self._packed
