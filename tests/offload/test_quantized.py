@@ -141,3 +141,19 @@ def test_an_expert_tensor_stored_in_another_dtype_is_named(tmp_path):
     (run / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}' is stored as F32, expected BF16"):
         load_offloaded(run, expert_memory=10**9)
+
+
+def test_an_offloaded_int4_model_serves_the_resident_quantised_tokens(tmp_path):
+    from moelab.serve.engine import Engine, EngineConfig, run_to_completion
+    from moelab.serve.types import GenerationRequest
+
+    run = _quantized_run(tmp_path, "int4", "all", "int8")
+    resident = load_quantized(run).model
+    off = load_offloaded(run, expert_memory=2 * INT4_EXPERT)
+    engine = Engine(off.model, EngineConfig(max_num_seqs=3, max_len=64))  # continuous batching: mixed rows
+    reqs = [GenerationRequest(prompt_ids=tuple(p), max_tokens=8) for p in PROMPTS]
+    events = run_to_completion(engine, reqs)
+    for r, p in zip(reqs, PROMPTS, strict=True):
+        assert [t for e in events[r.request_id] for t in e.token_ids] == generate(resident, [p],
+                                                                                  max_new_tokens=8).token_ids[0]
+    assert off.stats().peak_resident_bytes <= 2 * INT4_EXPERT
