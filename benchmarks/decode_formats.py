@@ -16,7 +16,7 @@ same numbers in its own format:
   ours_int8_all ...          `--what all`: attention, dense FFNs and the LM head int8 too
   ours_int4_all_head8        int4 `--what all` with the LM head in int8 (`--head-format int8`)
   *_compiled                 `generate(compile=True)` (with --compile)
-  llama_cpp_f16, _q8_0       llama-cpp-python on our GGUF export (batch 1 only: its
+  llama_cpp_f16, _q8_0, _q4_0 llama-cpp-python on our GGUF export (batch 1 only: its
                              high-level API decodes one sequence; the batched server is
                              benchmarks/serve.py's), same thread count
 
@@ -188,7 +188,7 @@ def main() -> None:
 
             from moelab.hf.gguf import export_gguf
 
-            for t in ("f16", "q8_0"):
+            for t in ("f16", "q8_0", "q4_0"):
                 res = export_gguf(ours, Path(tmp) / f"m-{t}.gguf", tokenizer_path=folder / "tokenizer.json",
                                   file_type=t)
                 llms[f"llama_cpp_{t}"] = (llama_cpp.Llama(model_path=str(res.path), n_ctx=args.max_len,

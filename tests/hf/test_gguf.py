@@ -11,6 +11,7 @@ Three levels of evidence, cheapest first:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -81,21 +82,27 @@ def test_read_back_gives_the_tensors_written(tmp_path, tokenizer, file_type):
         if want.ndim == 1 or "ffn_gate_inp" in name or file_type == "f32":
             assert ttype == "f32" and np.array_equal(a, want), name  # norms and router stay exact
             continue
-        assert ttype == file_type, name
+        assert ttype == ("q8_0" if file_type == "q4_0" and name == "output.weight" else file_type), name
         if file_type == "f16":
             np.testing.assert_array_equal(a, want.astype(np.float16).astype(np.float32))
         elif file_type == "bf16":
             np.testing.assert_allclose(a, want, rtol=2**-8, atol=0)
-        else:  # q8_0: half a step of each 32-block (step = amax / 127), plus the fp16
-            # rounding of the stored step times the largest code, 127
+        elif ttype == "q8_0":  # half a step of each 32-block (step = amax / 127), plus the
+            # fp16 rounding of the stored step times the largest code, 127
             step = np.abs(want.reshape(-1, 32)).max(axis=1) / 127
             err = np.abs(a - want).reshape(-1, 32).max(axis=1)
             assert np.all(err <= step * (0.5 + 127 * 2**-11) + 1e-9), name
             assert err.max() > 0  # it really was quantised
+        else:  # q4_0: a whole step of each 32-block at most (step = amax / 8: the code of
+            # the largest value is 0, the other end clamps at 15), plus the fp16 rounding
+            step = np.abs(want.reshape(-1, 32)).max(axis=1) / 8
+            err = np.abs(a - want).reshape(-1, 32).max(axis=1)
+            assert np.all(err <= step * (1 + 8 * 2**-11) + 1e-9), name
+            assert err.max() > np.abs(want).max() / 127  # coarser than q8_0 could be
     assert set(res.max_abs_err) == set(res.types)
 
 
-@pytest.mark.parametrize("file_type", ["f32", "q8_0"])
+@pytest.mark.parametrize("file_type", ["f32", "q8_0", "q4_0"])
 def test_the_read_back_check_catches_a_changed_tensor(tmp_path, tokenizer, file_type):
     model = random_model(tiny_cfg())
     res = export(model, tmp_path, tokenizer, file_type)
@@ -387,6 +394,40 @@ def test_llama_cpp_logits_match_ours(tmp_path, tokenizer, llama_cpp, file_type, 
     diff = float(np.abs(theirs - ours).max())
     print(f"llama.cpp {kind} {file_type}: logits max abs diff {diff:.3g} (logit std {float(ours.std()):.3g})")
     assert diff < ATOL[file_type] * (10 if kind == "tied_mha" else 1)
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+
+def _rounded_as_in(model, file_type: str):
+    """A copy of `model` whose matrices hold what a `file_type` GGUF stores (the ``gguf``
+    package's own quantise -> dequantise, blocks along each matrix's last dim, as the
+    file's rows run; norms and routers stay float32)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if p.dim() < 2 or "norm" in name or "router" in name:
+                continue
+            ggml = gguf.GGMLQuantizationType["Q8_0" if name == "lm_head.weight" else file_type.upper()]
+            rows = p.detach().reshape(-1, p.shape[-1]).numpy()
+            p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(rows, ggml), ggml)).reshape(p.shape))
+    return out
+
+
+def test_llama_cpp_on_a_q4_0_file_computes_our_model_on_its_weights(tmp_path, tokenizer, llama_cpp):
+    """q4_0 rounds random weights too coarsely to compare with the float model (argmaxes
+    flip: logits off by 0.6 at std 0.8); against our model holding the file's own rounded
+    weights, what is left is llama.cpp's q8_0 activations, as for a q8_0 file."""
+    model = random_model(KINDS["moe"](), seed=2, std=0.1)
+    res = export(model, tmp_path, tokenizer, "q4_0")
+    assert res.types == {"f32": 7, "q4_0": 15, "q8_0": 1}  # norms and routers; every other matrix; the LM head
+    ids = torch.randint(2, 300, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = _rounded_as_in(model, "q4_0")(ids).logits[0].numpy()
+    llm = _llama(llama_cpp, res.path, logits_all=True)
+    llm.eval(ids[0].tolist())
+    theirs = np.array(llm.scores[: ids.shape[1]], dtype=np.float32)
+    diff = float(np.abs(theirs - ours).max())
+    print(f"llama.cpp moe q4_0 vs our model on the file's weights: logits max abs diff {diff:.3g}")
+    assert diff < ATOL["q8_0"]
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
 

@@ -11,7 +11,7 @@ from moelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # moelab.hf.gguf.GGUF_TYPES (not imported: --help stays light)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # moelab.hf.gguf.GGUF_TYPES (not imported: --help stays light)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(

@@ -26,9 +26,12 @@ turns one into the other: row ``2j + h`` of the new head is row ``h * Dh/2 + j``
 
 Types (``--type``): ``f32``; ``f16`` / ``bf16`` (matrices in that type); ``q8_0`` (matrices
 in blocks of 32 int8 with one fp16 scale; a matrix whose rows are not a multiple of 32
-falls back to f16, as llama.cpp's converter does). Norm weights and the router
-(``ffn_gate_inp``) stay f32 in every type, as llama.cpp keeps them: a router rounding
-error flips which experts a token goes to, a discontinuous change, for a tiny saving.
+falls back to f16, as llama.cpp's converter does); ``q4_0`` (blocks of 32 4-bit codes with
+one fp16 scale, symmetric; the output matrix in q8_0: `llama-quantize` keeps it at Q6_K
+for its Q4 types, which the ``gguf`` package cannot write, so the next finer type it can;
+the same f16 fallback). Norm weights and the router (``ffn_gate_inp``) stay f32 in every
+type, as llama.cpp keeps them: a router rounding error flips which experts a token goes
+to, a discontinuous change, for a tiny saving.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+_BLOCKED = ("q8_0", "q4_0")  # types stored in blocks of 32 along a row
 ARCH = "llama"
 # llama.cpp token types (gguf.TokenType), spelled out so the vocab needs no gguf import.
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -192,8 +196,10 @@ def tensor_type(name: str, a: np.ndarray, file_type: str) -> str:
     """The GGML type one tensor is stored in for `file_type` (see module docstring)."""
     if file_type == "f32" or a.ndim <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name:
         return "f32"
-    if file_type == "q8_0" and a.shape[-1] % _Q8_BLOCK:
-        return "f16"  # Q8_0 blocks run along rows; llama.cpp's converter falls back the same way
+    if file_type in _BLOCKED and a.shape[-1] % _Q8_BLOCK:
+        return "f16"  # the blocks run along rows; llama.cpp's converter falls back the same way
+    if file_type == "q4_0" and name == "output.weight":
+        return "q8_0"  # the LM head finer than the rest (module docstring)
     return file_type
 
 
@@ -307,13 +313,15 @@ def _quiet_gguf_writer() -> Iterator[None]:
 def _qtype(name: str) -> Any:
     g = _gguf()
     return {"f32": g.GGMLQuantizationType.F32, "f16": g.GGMLQuantizationType.F16,
-            "bf16": g.GGMLQuantizationType.BF16, "q8_0": g.GGMLQuantizationType.Q8_0}[name]
+            "bf16": g.GGMLQuantizationType.BF16, "q8_0": g.GGMLQuantizationType.Q8_0,
+            "q4_0": g.GGMLQuantizationType.Q4_0}[name]
 
 
 def _file_type(name: str) -> int:
     g = _gguf()
     return {"f32": g.LlamaFileType.ALL_F32, "f16": g.LlamaFileType.MOSTLY_F16,
-            "bf16": g.LlamaFileType.MOSTLY_BF16, "q8_0": g.LlamaFileType.MOSTLY_Q8_0}[name]
+            "bf16": g.LlamaFileType.MOSTLY_BF16, "q8_0": g.LlamaFileType.MOSTLY_Q8_0,
+            "q4_0": g.LlamaFileType.MOSTLY_Q4_0}[name]
 
 
 def _write_metadata(w: Any, cfg: ModelConfig, vocab: GGUFVocab, file_type: str, name: str) -> None:
@@ -335,7 +343,7 @@ def _write_metadata(w: Any, cfg: ModelConfig, vocab: GGUFVocab, file_type: str, 
         w.add_expert_count(m.num_experts)
         w.add_expert_used_count(m.top_k)
     w.add_file_type(_file_type(file_type))
-    if file_type == "q8_0":
+    if file_type in _BLOCKED:
         w.add_quantization_version(_gguf().GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
@@ -433,11 +441,21 @@ def q8_0_bound(a: np.ndarray) -> np.ndarray:
     return np.broadcast_to(step * (0.5 + 127 * 2.0**-11) + 1e-12, blocks.shape).reshape(a.shape)
 
 
+def q4_0_bound(a: np.ndarray) -> np.ndarray:
+    """The largest |dequant(quant(x)) - x| Q4_0 allows per element. Q4_0 maps a block's value
+    of largest magnitude to code 0 (scale d = that value / -8) and clamps codes at 15, so a
+    value of the opposite sign near that magnitude is off by up to a whole step |d|; plus
+    the fp16 rounding of d times the largest code, 8."""
+    blocks = a.reshape(-1, _Q8_BLOCK)
+    step = np.abs(blocks).max(axis=1, keepdims=True) / 8
+    return np.broadcast_to(step * (1.0 + 8 * 2.0**-11) + 1e-12, blocks.shape).reshape(a.shape)
+
+
 def check_gguf(path: str | Path, model: Transformer, file_type: str) -> dict[str, float]:
     """Read `path` back and compare every tensor with `model`'s, one tensor at a time.
 
     f32 must be bit-identical; f16 equal to our own cast; bf16 within half a bf16 ulp;
-    q8_0 within `q8_0_bound`. Returns the largest absolute error per GGML type; raises
+    q8_0 within `q8_0_bound`, q4_0 within `q4_0_bound`. Returns the largest absolute error per GGML type; raises
     `CheckpointError` naming the first tensor that is missing, extra, mis-typed,
     mis-shaped or off.
     """
@@ -459,8 +477,10 @@ def check_gguf(path: str | Path, model: Transformer, file_type: str) -> dict[str
             ok = np.array_equal(a, want.astype(np.float16).astype(np.float32))
         elif ttype == "bf16":
             ok = bool(np.all(err <= np.abs(want) * 2.0**-8))
-        else:  # q8_0
+        elif ttype == "q8_0":
             ok = bool(np.all(err <= q8_0_bound(want)))
+        else:  # q4_0
+            ok = bool(np.all(err <= q4_0_bound(want)))
         if not ok:
             raise CheckpointError(f"{path}: {name} ({ttype}) reads back off by up to {float(err.max()):.3g}")
         errs[ttype] = max(errs.get(ttype, 0.0), float(err.max()) if err.size else 0.0)
