@@ -47,7 +47,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("T", [1, 7, 64])
+@pytest.mark.parametrize("T", [1, 7, 64, 600])  # 600 tokens: ~300 rows an expert, the bf16 GEMM path
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_kernel_equals_dequantised_reference(activation, fmt, T):
@@ -272,3 +272,26 @@ def test_the_fast_int4_repack_is_the_kernels_own_conversion(rows, cols, monkeypa
         assert torch.equal(qexperts._pack_int4_blocked(packed), want)
     monkeypatch.setattr(qexperts, "_BLOCKED_IS_KERNELS", [False])  # a build with another layout
     assert torch.equal(qexperts.kernel_pack_int4(packed), want)
+
+
+def test_the_bf16_weights_of_the_many_rows_path_are_the_kernels_rounded_once():
+    """`int8_weight_bf16` / `int4_weight_bf16` (from the kernel's blocked int4 copy) are the
+    dequantised reference rounded to bf16, and the many-rows GEMM equals the kernel's
+    product within the bf16 rounding of the weights."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(128, 96, generator=g) * 0.05
+    q8, s8 = formats.quantize_int8(w)
+    assert torch.equal(qexperts.int8_weight_bf16(q8, s8), formats.dequantize_int8(q8, s8).to(torch.bfloat16))
+    q4, s4, z4 = formats.quantize_int4(w, 32)
+    packed = qexperts.kernel_pack_int4(formats.pack_int4(q4))
+    sz = qexperts.int4_scales_and_zeros(s4, z4)
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert torch.equal(qexperts._unpack_int4_blocked(packed), q4)
+        assert torch.equal(qexperts.int4_weight_bf16(packed, sz, 32),
+                           formats.dequantize_int4(q4, s4, z4).to(torch.bfloat16))
+    x = torch.randn(300, 96, generator=g).to(torch.bfloat16)
+    for dense, kernel in ((qexperts.int8_rows_mm(x, q8, s8), torch._weight_int8pack_mm(x, q8, s8)),
+                          (qexperts.int4_rows_mm(x, packed, 32, sz), torch._weight_int4pack_mm_for_cpu(x, packed, 32, sz))):
+        assert dense.dtype == torch.bfloat16 and dense.shape == (300, 128)
+        assert _rel(dense.float(), kernel.float()) < 1e-2
+    assert qexperts.int4_weight_bf16(packed[:48], sz[:, :48], 32) is None  # rows not a multiple of 64: the kernel

@@ -40,14 +40,15 @@ def _reference(q: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return y + q.bias if q.bias is not None else y
 
 
+@pytest.mark.parametrize("rows", [5, 100])  # 3 x 100 rows: the bf16 GEMM of prefill (`int8_rows_mm`)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_the_kernel_equals_the_dequantised_reference(name, bias):
+def test_the_kernel_equals_the_dequantised_reference(name, bias, rows):
     q = QuantizedLinear.from_linear(_linear(bias), FORMATS[name])
-    x = torch.randn(3, 5, 64)
+    x = torch.randn(3, rows, 64)
     with torch.inference_mode():
         y, ref = q(x), _reference(q, x)
-    assert y.shape == (3, 5, 48) and y.dtype == torch.float32
+    assert y.shape == (3, rows, 48) and y.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-2 * float(ref.abs().max()))
 
 

@@ -34,7 +34,14 @@ from moelab.moe.cpu_kernels import act_forward, per_expert_rows
 from moelab.moe.experts import ExpertsBackend
 from moelab.offload.store import ExpertStore
 from moelab.quant import formats
-from moelab.quant.experts import KERNEL_DTYPE, kernel_runs, portable_from_kernel_int4, run_rows
+from moelab.quant.experts import (
+    KERNEL_DTYPE,
+    int4_rows_mm,
+    int8_rows_mm,
+    kernel_runs,
+    portable_from_kernel_int4,
+    run_rows,
+)
 
 
 def _check_inference(x: torch.Tensor, weight_A: torch.Tensor) -> None:
@@ -86,11 +93,11 @@ def quantized_mm(experts: OffloadedExperts, parts: tuple[torch.Tensor, ...], pro
     if fmt == "int8":
         q, scale = parts[:2] if proj == "in" else parts[2:]
         if kernel_runs("int8"):
-            return torch._weight_int8pack_mm(x_RI, q, scale)
+            return int8_rows_mm(x_RI, q, scale)
         return x_RI @ formats.dequantize_int8(q, scale).to(x_RI.dtype).t()
     if experts.kernel_form:
         packed, sz = parts[:2] if proj == "in" else parts[2:]
-        return torch._weight_int4pack_mm_for_cpu(x_RI, packed, experts.group_size, sz)
+        return int4_rows_mm(x_RI, packed, experts.group_size, sz)
     q, scale, zero = parts[:3] if proj == "in" else parts[3:]
     return x_RI @ formats.dequantize_int4(formats.unpack_int4(q), scale, zero).to(x_RI.dtype).t()
 

@@ -130,17 +130,76 @@ def _reference_pack_int4(qweight_OP: torch.Tensor) -> torch.Tensor:
 _BLOCKED_IS_KERNELS: list[bool] = []
 
 
-def kernel_pack_int4(qweight_OP: torch.Tensor) -> torch.Tensor:
-    """``[O, I/2]`` portable nibbles -> the int4 CPU kernel's packed ``[O, I/2]``:
-    `_pack_int4_blocked` (~5x faster: an offloaded int4 expert converts on every miss)
-    where this build's layout was checked to be it, else `_reference_pack_int4`."""
+def _layout_is_known() -> bool:
+    """Whether this build's int4 packing is the documented blocked layout (checked once)."""
     if not _BLOCKED_IS_KERNELS:
         g = torch.Generator().manual_seed(0)
         probe = torch.randint(0, 256, (2 * _INT4_BLOCK, 48), generator=g, dtype=torch.uint8)
         _BLOCKED_IS_KERNELS.append(torch.equal(_pack_int4_blocked(probe), _reference_pack_int4(probe)))
-    if _BLOCKED_IS_KERNELS[0] and qweight_OP.shape[0] % _INT4_BLOCK == 0:
+    return _BLOCKED_IS_KERNELS[0]
+
+
+def kernel_pack_int4(qweight_OP: torch.Tensor) -> torch.Tensor:
+    """``[O, I/2]`` portable nibbles -> the int4 CPU kernel's packed ``[O, I/2]``:
+    `_pack_int4_blocked` (~5x faster: an offloaded int4 expert converts on every miss)
+    where this build's layout was checked to be it, else `_reference_pack_int4`."""
+    if _layout_is_known() and qweight_OP.shape[0] % _INT4_BLOCK == 0:
         return _pack_int4_blocked(qweight_OP.contiguous())
     return _reference_pack_int4(qweight_OP)
+
+
+def _unpack_int4_blocked(packed_OP: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_pack_int4_blocked`, to nibble values: ``[O, I]`` uint8 in [0, 15]."""
+    O, P = packed_OP.shape  # noqa: E741
+    pb = packed_OP.reshape(O // _INT4_BLOCK, P, 2, _INT4_BLOCK // 2)  # (block, c, parity, j)
+    q = torch.stack([pb & 0xF, pb >> 4], dim=1)  # (block, rows j / rows 32 + j, c, parity, j)
+    return q.permute(0, 1, 4, 2, 3).reshape(O, 2 * P)  # row 64b + 32 half + j, input 2c + parity
+
+
+def int8_weight_bf16(q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
+    """``q * scale`` as bf16 ``[O, I]``: the kernel's weight, rounded once to bf16 (q is
+    an integer bf16 holds exactly, so the bf16 product is the float32 one, rounded)."""
+    return q_OI.to(KERNEL_DTYPE) * scale_O.to(KERNEL_DTYPE).unsqueeze(-1)
+
+
+def int4_weight_bf16(packed_OP: torch.Tensor, sz_NO2: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """``(q - 8) * scale + zero`` as bf16 ``[O, I]`` from the kernel's copy (computed in
+    float32, rounded once), or None where this build's packing is not the documented one."""
+    if not (_layout_is_known() and packed_OP.shape[0] % _INT4_BLOCK == 0):
+        return None
+    O, P = packed_OP.shape  # noqa: E741
+    q_ONG = _unpack_int4_blocked(packed_OP).view(O, 2 * P // group_size, group_size)
+    scale_ON1, zero_ON1 = sz_NO2[..., 0].t().unsqueeze(-1).float(), sz_NO2[..., 1].t().unsqueeze(-1).float()
+    return (q_ONG.float() - 8).mul_(scale_ON1).add_(zero_ON1).view(O, 2 * P).to(KERNEL_DTYPE)
+
+
+# Rows of one matrix from which its weights dequantised to bf16 and a bf16 GEMM beat
+# torch's weight-only CPU kernels, whose time grows linearly with the rows (each row is a
+# pass over the weights): prefill, not decode. Measured on a [2048, 768] expert matrix, 1
+# thread, AVX512-BF16 (`python -m benchmarks.quant_prefill`; BENCHMARKS.md "Quantised
+# experts: prefill"): the int8 kernel takes 0.65 / 0.97 / 2.67 / 10.5 ms at 32 / 48 / 128 /
+# 512 rows, dequantise + GEMM 0.68 / 0.82 / 1.32 / 3.89; int4's dequantisation (from the
+# kernel's blocked copy) costs more, so it pays from more rows: 3.67 against 3.17 ms at
+# 192, 9.60 against 5.28 at 512.
+DENSE_MIN_ROWS = {"int8": 48, "int4": 192}
+
+
+def int8_rows_mm(x_RI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` for int8 W (bf16 in and out): the weight-only kernel, or at
+    ``DENSE_MIN_ROWS`` rows and more a bf16 GEMM on the dequantised weight."""
+    if x_RI.shape[0] >= DENSE_MIN_ROWS["int8"]:
+        return x_RI @ int8_weight_bf16(q_OI, scale_O).t()
+    return torch._weight_int8pack_mm(x_RI, q_OI, scale_O)
+
+
+def int4_rows_mm(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: int, sz_NO2: torch.Tensor) -> torch.Tensor:
+    """As `int8_rows_mm` for int4 W in the kernel's copy (the kernel where the copy's
+    layout is not the documented one)."""
+    if x_RI.shape[0] >= DENSE_MIN_ROWS["int4"]:
+        w = int4_weight_bf16(packed_OP, sz_NO2, group_size)
+        if w is not None:
+            return x_RI @ w.t()
+    return torch._weight_int4pack_mm_for_cpu(x_RI, packed_OP, group_size, sz_NO2)
 
 
 def portable_from_kernel_int4(packed_OP: torch.Tensor, sz_NO2: torch.Tensor, group_size: int, d_in: int,
@@ -176,12 +235,12 @@ ExpertMM = Callable[["QuantizedExperts", str, int, torch.Tensor], torch.Tensor]
 
 
 def _int8_mm(experts: QuantizedExperts, proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
-    return torch._weight_int8pack_mm(x_RI, experts.qweight(proj)[e], experts.scale(proj)[e])
+    return int8_rows_mm(x_RI, experts.qweight(proj)[e], experts.scale(proj)[e])
 
 
 def _int4_mm(experts: QuantizedExperts, proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
     packed_EOP, sz_ENO2 = experts.int4_kernel_weights(proj)
-    return torch._weight_int4pack_mm_for_cpu(x_RI, packed_EOP[e], experts.fmt.group_size, sz_ENO2[e])
+    return int4_rows_mm(x_RI, packed_EOP[e], experts.fmt.group_size, sz_ENO2[e])
 
 
 def _dequant_mm(experts: QuantizedExperts, proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
@@ -257,7 +316,7 @@ def int8_expert_ffn(x_AD: torch.Tensor, q_in_EOI: torch.Tensor, s_in_EO: torch.T
 
     def mm(proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
         q, scale = w[proj]
-        return torch._weight_int8pack_mm(x_RI, q[e], scale[e])
+        return int8_rows_mm(x_RI, q[e], scale[e])
 
     return run_rows(x_AD, tokens_per_expert_E, weight_A, mm, KERNEL_DTYPE, activation)
 
@@ -275,7 +334,7 @@ def int4_expert_ffn(x_AD: torch.Tensor, p_in: torch.Tensor, sz_in: torch.Tensor,
 
     def mm(proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
         packed, sz = w[proj]
-        return torch._weight_int4pack_mm_for_cpu(x_RI, packed[e], group_size, sz[e])
+        return int4_rows_mm(x_RI, packed[e], group_size, sz[e])
 
     return run_rows(x_AD, tokens_per_expert_E, weight_A, mm, KERNEL_DTYPE, activation)
 

@@ -41,7 +41,9 @@ from moelab.quant import formats
 from moelab.quant.experts import (
     KERNEL_DTYPE,
     check_inference,
+    int4_rows_mm,
     int4_scales_and_zeros,
+    int8_rows_mm,
     int8_rows_traced,
     kernel_pack_int4,
     kernel_runs,
@@ -223,10 +225,10 @@ class QuantizedLinear(nn.Module):
             if self.fmt.name == "int8" and torch.compiler.is_compiling() and x_RI.shape[0] == 1:
                 y = int8_rows_traced(a, self.qweight.unsqueeze(0), self.scale.unsqueeze(0))
             elif self.fmt.name == "int8":
-                y = torch._weight_int8pack_mm(a, self.qweight, self.scale)
+                y = int8_rows_mm(a, self.qweight, self.scale)
             else:
                 packed, sz = self.kernel_weights()
-                y = torch._weight_int4pack_mm_for_cpu(a, packed, self.fmt.group_size, sz)[:, : self.out_features]
+                y = int4_rows_mm(a, packed, self.fmt.group_size, sz)[:, : self.out_features]
         else:
             y = x_RI.float() @ self.weight.to(x.device).t()
         y = y.to(x.dtype)

@@ -1,0 +1,148 @@
+"""Benchmark: quantised prefill, torch's weight-only kernels against dequantise + bf16 GEMM.
+
+    python -m benchmarks.quant_prefill --threads 1 [--json OUT] [--quick]
+
+torch's CPU kernels `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` take time
+linear in the rows: each row is another pass over the weights, which suits decode (a few
+rows) and not prefill (hundreds). `moelab.quant.experts.int8_rows_mm` / `int4_rows_mm`
+switch to the weights dequantised to bf16 and one bf16 GEMM from
+``DENSE_MIN_ROWS`` rows of a matrix on. Side by side in one process, alternating, medians:
+
+  1. one matrix of the benchmark model's experts ([2F, D] = [2048, 768]) at R rows: the
+     kernel, and dequantise + GEMM, for int8 and int4 (group 128): where they cross;
+  2. prefill of a P-token prompt through the ~200M Mixtral-shaped model of
+     benchmarks/decode_formats.py, its experts (and with ``-all`` every linear) int8 or
+     int4: the model's forward over the prompt with ``DENSE_MIN_ROWS`` as shipped, and
+     with it set out of reach (the kernels at every row count), and the logits of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine_info, set_threads
+from moelab.io import atomic_write_json
+
+log = logging.getLogger("benchmarks.quant_prefill")
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def matrix_rows(rows: list[int], repeats: int, shape: tuple[int, int]) -> list[dict]:
+    from moelab.quant import experts as qe
+    from moelab.quant import formats
+
+    O, I = shape  # noqa: E741
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(O, I, generator=g) * 0.02
+    q8, s8 = formats.quantize_int8(w)
+    q4, s4, z4 = formats.quantize_int4(w, 128)
+    packed, sz = qe.kernel_pack_int4(formats.pack_int4(q4)), qe.int4_scales_and_zeros(s4, z4)
+    out = []
+    for R in rows:
+        x = torch.randn(R, I, generator=g).to(torch.bfloat16)
+        cases = {
+            "int8_kernel_ms": lambda x=x: torch._weight_int8pack_mm(x, q8, s8),
+            "int8_dense_ms": lambda x=x: x @ qe.int8_weight_bf16(q8, s8).t(),
+            "int4_kernel_ms": lambda x=x: torch._weight_int4pack_mm_for_cpu(x, packed, 128, sz),
+            "int4_dense_ms": lambda x=x: x @ qe.int4_weight_bf16(packed, sz, 128).t(),
+        }
+        row = {"rows": R, **{k: _median_ms(f, repeats) for k, f in cases.items()}}
+        out.append(row)
+        log.info("R=%4d int8 kernel %7.2f ms, dense %7.2f | int4 kernel %7.2f ms, dense %7.2f", R,
+                 row["int8_kernel_ms"], row["int8_dense_ms"], row["int4_kernel_ms"], row["int4_dense_ms"])
+    return out
+
+
+def prefill(args) -> list[dict]:
+    from benchmarks.serve import build
+    from moelab.quant import QuantFormat, quantize_model
+    from moelab.quant import experts as qe
+
+    shipped = dict(qe.DENSE_MIN_ROWS)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "hf"
+        folder.mkdir()
+        _, ours = build(folder, args)
+        for fmt in args.formats.split(","):
+            name, _, scope = fmt.partition("-")
+            m = copy.deepcopy(ours)
+            quantize_model(m, QuantFormat(name=name, group_size=128) if name == "int4" else name,
+                           what="all" if scope == "all" else "experts")
+            m.eval()
+            for P in (int(p) for p in args.prompts.split(",")):
+                ids = torch.randint(2, ours.cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(P))
+
+                def forward(ids=ids, m=m):
+                    with torch.inference_mode():
+                        return m(ids, telemetry=False).logits
+
+                times: dict[str, list[float]] = {"kernel": [], "dense": []}
+                logits = {}
+                for _ in range(args.repeats):  # alternate: a drift of the machine hits both alike
+                    for mode in ("kernel", "dense"):
+                        qe.DENSE_MIN_ROWS.update({k: 10**9 for k in shipped} if mode == "kernel" else shipped)
+                        t0 = time.perf_counter()
+                        logits[mode] = forward()
+                        times[mode].append(time.perf_counter() - t0)
+                qe.DENSE_MIN_ROWS.update(shipped)
+                k, d = (statistics.median(times[x][1:] or times[x]) * 1e3 for x in ("kernel", "dense"))
+                diff = float((logits["kernel"] - logits["dense"]).abs().max() / logits["kernel"].abs().max())
+                agree = float((logits["kernel"].argmax(-1) == logits["dense"].argmax(-1)).float().mean())
+                out.append({"format": fmt, "prompt": P, "kernel_ms": k, "dense_ms": d, "speedup": k / d,
+                            "logits_rel_diff": diff, "argmax_agreement": agree})
+                log.info("%-9s prompt %4d: kernels %8.1f ms, with the dense path %8.1f ms (%.2fx); logits rel diff "
+                         "%.2g, argmax agreement %.4f", fmt, P, k, d, k / d, diff, agree)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=Path, default=Path("runs/bench/quant_prefill.json"))
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--rows", default="1,8,16,32,48,64,96,128,192,256,384,512")
+    ap.add_argument("--prompts", default="128,512")
+    ap.add_argument("--formats", default="int8,int4,int8-all,int4-all")
+    ap.add_argument("--repeats", type=int, default=5)
+    # benchmarks/serve.py's `build` model (the decode benchmarks' ~207M Mixtral)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--tokenizer-chars", type=int, default=5_000_000)
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--d-expert", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--quick", action="store_true", help="a small model, few rows (a smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.vocab, args.tokenizer_chars, args.d_model, args.d_expert, args.layers = 2048, 300_000, 256, 512, 2
+        args.rows, args.prompts, args.repeats = "1,64,256", "64", 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    threads = set_threads(args.threads)
+    shape = (2 * args.d_expert, args.d_model)
+    result = {"machine": {**machine_info(), "threads": threads}, "args": vars(args) | {"json": str(args.json)},
+              "matrix_shape": shape,
+              "matrix": matrix_rows([int(r) for r in args.rows.split(",")], args.repeats, shape),
+              "prefill": prefill(args)}
+    atomic_write_json(args.json, result)
+    log.info("wrote %s", args.json)
+
+
+if __name__ == "__main__":
+    main()
