@@ -157,3 +157,18 @@ def test_an_offloaded_int4_model_serves_the_resident_quantised_tokens(tmp_path):
         assert [t for e in events[r.request_id] for t in e.token_ids] == generate(resident, [p],
                                                                                   max_new_tokens=8).token_ids[0]
     assert off.stats().peak_resident_bytes <= 2 * INT4_EXPERT
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_next_layer_prefetch_loads_quantised_experts_on_its_thread_and_changes_nothing(tmp_path, fmt):
+    run = _quantized_run(tmp_path, fmt)
+    resident = load_quantized(run).model
+    expert = INT8_EXPERT if fmt == "int8" else INT4_EXPERT
+    off = load_offloaded(run, expert_memory=2 * 2 * expert, prefetch=True)  # two slots per MoE layer
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        want = generate(resident, prompts, max_new_tokens=10).token_ids
+        assert generate(off.model, prompts, max_new_tokens=10).token_ids == want
+    off.store.wait_prefetch()
+    s = off.stats()
+    assert s.prefetched > 0 and s.peak_resident_bytes <= 4 * expert
+    off.store.close()

@@ -389,7 +389,7 @@ class ExpertStore:
             per = f"one expert per MoE layer ({len(layouts)} layers x {self.expert_bytes} bytes)" \
                 if scope == "layer" else f"one expert ({self.expert_bytes} bytes)"
             raise ConfigError(f"expert_memory={expert_memory} bytes is smaller than {per}; the smallest allowed "
-                              f"value is {smallest} bytes ({smallest / 2**20:.2f} MiB)")
+                              f"value is {smallest} bytes ({_size(smallest)})")
         self.budget = expert_memory
         per_pool = expert_memory // n_pools // self.expert_bytes
         if scope == "layer":
