@@ -295,3 +295,20 @@ def test_the_bf16_weights_of_the_many_rows_path_are_the_kernels_rounded_once():
         assert dense.dtype == torch.bfloat16 and dense.shape == (300, 128)
         assert _rel(dense.float(), kernel.float()) < 1e-2
     assert qexperts.int4_weight_bf16(packed[:48], sz[:, :48], 32) is None  # rows not a multiple of 64: the kernel
+
+
+def test_the_dense_path_by_blocks_of_rows_equals_one_gemm():
+    """`_dense_rows_mm` multiplies `DENSE_BLOCK_ROWS` output rows at a time (the last block
+    partial): the same product as one GEMM on the whole dequantised weight."""
+    g = torch.Generator().manual_seed(6)
+    rows = 2 * qexperts.DENSE_BLOCK_ROWS + 64
+    w = torch.randn(rows, 64, generator=g) * 0.05
+    x = torch.randn(300, 64, generator=g).to(torch.bfloat16)
+    q8, s8 = formats.quantize_int8(w)
+    whole = (x.float() @ qexperts.int8_weight_bf16(q8, s8).float().t())
+    torch.testing.assert_close(qexperts.int8_rows_mm(x, q8, s8).float(), whole, rtol=1e-2, atol=1e-3)
+    q4, s4, z4 = formats.quantize_int4(w, 32)
+    packed, sz = qexperts.kernel_pack_int4(formats.pack_int4(q4)), qexperts.int4_scales_and_zeros(s4, z4)
+    if qexperts._layout_is_known():
+        whole4 = x.float() @ formats.dequantize_int4(q4, s4, z4).to(torch.bfloat16).float().t()
+        torch.testing.assert_close(qexperts.int4_rows_mm(x, packed, 32, sz).float(), whole4, rtol=1e-2, atol=1e-3)

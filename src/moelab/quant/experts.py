@@ -175,30 +175,48 @@ def int4_weight_bf16(packed_OP: torch.Tensor, sz_NO2: torch.Tensor, group_size: 
 
 # Rows of one matrix from which its weights dequantised to bf16 and a bf16 GEMM beat
 # torch's weight-only CPU kernels, whose time grows linearly with the rows (each row is a
-# pass over the weights): prefill, not decode. Measured on a [2048, 768] expert matrix, 1
-# thread, AVX512-BF16 (`python -m benchmarks.quant_prefill`; BENCHMARKS.md "Quantised
-# experts: prefill"): the int8 kernel takes 0.65 / 0.97 / 2.67 / 10.5 ms at 32 / 48 / 128 /
-# 512 rows, dequantise + GEMM 0.68 / 0.82 / 1.32 / 3.89; int4's dequantisation (from the
-# kernel's blocked copy) costs more, so it pays from more rows: 3.67 against 3.17 ms at
-# 192, 9.60 against 5.28 at 512.
-DENSE_MIN_ROWS = {"int8": 48, "int4": 192}
+# pass over the weights): prefill and wide serving batches, not single-stream decode.
+# Measured (1 thread, AVX512-BF16; `python -m benchmarks.quant_prefill`, BENCHMARKS.md
+# "Quantised experts: prefill"), kernel against the dense path by blocks, ms: int8, a
+# [2048, 768] expert matrix 0.67 / 0.70 at 32 rows, 1.02 / 0.84 at 48, 11.1 / 4.9 at 512;
+# a [28096, 768] LM head 17.0 / 11.8 at 48. int4's dequantisation (from the kernel's
+# blocked copy, ~1 ns a weight against int8's ~0.3) pays from ~150-250 rows: experts 3.84 /
+# 3.19 at 192, the LM head 51.7 / 50.9 at 192, 155 / 120 at 512; so it starts at 256.
+DENSE_MIN_ROWS = {"int8": 48, "int4": 256}
+
+
+# The dense path dequantises and multiplies a block of output rows at a time: a whole LM
+# head (28096 x 768) dequantised at once is 43 MB of bf16 (86 MB of float32 for int4) that
+# no cache holds, and measured 50 ms (int8) / 145 ms (int4) to dequantise, against 0.5 ms
+# for a [2048, 768] expert matrix; in blocks every matrix costs what the small one does.
+DENSE_BLOCK_ROWS = 1024  # a multiple of the int4 packing's 64-row blocks
+
+
+def _dense_rows_mm(x_RI: torch.Tensor, d_out: int, weight_block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``x W^T`` with W's bf16 rows ``[o0, o1)`` from ``weight_block(o0, o1)``, a block at a
+    time: ``y^T`` by blocks of rows (contiguous), then transposed."""
+    y_OR = x_RI.new_empty(d_out, x_RI.shape[0])
+    for o0 in range(0, d_out, DENSE_BLOCK_ROWS):
+        o1 = min(d_out, o0 + DENSE_BLOCK_ROWS)
+        torch.mm(weight_block(o0, o1), x_RI.t(), out=y_OR[o0:o1])
+    return y_OR.t().contiguous()
 
 
 def int8_rows_mm(x_RI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
     """``x W^T`` for int8 W (bf16 in and out): the weight-only kernel, or at
-    ``DENSE_MIN_ROWS`` rows and more a bf16 GEMM on the dequantised weight."""
+    ``DENSE_MIN_ROWS`` rows and more a bf16 GEMM on the dequantised weight, by blocks."""
     if x_RI.shape[0] >= DENSE_MIN_ROWS["int8"]:
-        return x_RI @ int8_weight_bf16(q_OI, scale_O).t()
+        return _dense_rows_mm(x_RI, q_OI.shape[0], lambda o0, o1: int8_weight_bf16(q_OI[o0:o1], scale_O[o0:o1]))
     return torch._weight_int8pack_mm(x_RI, q_OI, scale_O)
 
 
 def int4_rows_mm(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: int, sz_NO2: torch.Tensor) -> torch.Tensor:
     """As `int8_rows_mm` for int4 W in the kernel's copy (the kernel where the copy's
     layout is not the documented one)."""
-    if x_RI.shape[0] >= DENSE_MIN_ROWS["int4"]:
-        w = int4_weight_bf16(packed_OP, sz_NO2, group_size)
-        if w is not None:
-            return x_RI @ w.t()
+    if (x_RI.shape[0] >= DENSE_MIN_ROWS["int4"] and _layout_is_known()
+            and packed_OP.shape[0] % _INT4_BLOCK == 0):
+        return _dense_rows_mm(x_RI, packed_OP.shape[0], lambda o0, o1: int4_weight_bf16(
+            packed_OP[o0:o1], sz_NO2[:, o0:o1], group_size))
     return torch._weight_int4pack_mm_for_cpu(x_RI, packed_OP, group_size, sz_NO2)
 
 
