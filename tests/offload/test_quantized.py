@@ -63,6 +63,14 @@ def test_offloaded_quantised_experts_compute_exactly_what_the_resident_ones_do(t
     s = off.stats()
     assert s.expert_bytes == expert and s.peak_resident_bytes <= 2 * expert and s.misses > 2
     assert s.bytes_read == s.misses * expert  # a miss reads the expert's stored parts (unaligned: same sum here)
+    # The resident rest is what the resident model holds besides its experts (int4 linears:
+    # their kernel copies, which are not buffers).
+    experts = {id(t) for m in resident.modules() if isinstance(m, MoE)
+               for t in [*m.experts.parameters(), *m.experts.buffers()]}
+    rest = sum(t.numel() * t.element_size() for t in [*resident.parameters(), *resident.buffers()]
+               if id(t) not in experts)
+    rest += sum(m.kernel_only_nbytes() for m in resident.modules() if hasattr(m, "kernel_only_nbytes"))
+    assert off.non_expert_bytes() == rest > 0
 
 
 def test_a_budget_holds_about_4x_as_many_int8_experts_as_float32_ones(tmp_path):

@@ -63,9 +63,11 @@ class OffloadedModel:
         return self.store.stats()
 
     def non_expert_bytes(self) -> int:
-        """Bytes of the resident (non-expert) weights, a tied tensor counted once."""
+        """Bytes of the resident (non-expert) weights, a tied tensor counted once (and the
+        int4 linears' kernel copies, which are not buffers)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
-            b.numel() * b.element_size() for b in self.model.buffers())
+            b.numel() * b.element_size() for b in self.model.buffers()) + sum(
+            m.kernel_only_nbytes() for m in self.model.modules() if isinstance(m, QuantizedLinear))
 
 
 def expert_layouts(model: Transformer, fmt: QuantFormat | None = None) -> list[ExpertLayout]:
