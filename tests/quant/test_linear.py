@@ -18,7 +18,13 @@ from moelab.errors import ConfigError
 from moelab.infer.generate import generate
 from moelab.model import ModelConfig, Transformer
 from moelab.moe import MoEConfig
-from moelab.quant import QuantFormat, load_quantized, quantize_model, save_quantized
+from moelab.quant import (
+    QuantFormat,
+    QuantizedExperts,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+)
 from moelab.quant import experts as qexperts
 from moelab.quant.linear import QuantizedLinear, quantizable_linears
 
@@ -221,8 +227,10 @@ def test_an_int8_head_is_refused_where_it_would_mean_nothing():
         quantize_model(_model(), FORMATS["int4"], head="int8")
     with pytest.raises(ConfigError, match=r"head='int4' is not a head format; allowed: int8"):
         quantize_model(_model(), FORMATS["int4"], what="all", head="int4")
+    tied = _model(tie=True)
     with pytest.raises(ConfigError, match="tied to its input embedding"):
-        quantize_model(_model(tie=True), FORMATS["int4"], what="all", head="int8")
+        quantize_model(tied, FORMATS["int4"], what="all", head="int8")
+    assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in tied.modules())  # left as it was
 
 
 def test_a_partly_quantised_model_is_refused_on_save(tmp_path):

@@ -61,6 +61,9 @@ def quantize_model(model: nn.Module, fmt: QuantFormat | str, *, what: str = "exp
     if what not in WHAT:
         raise ConfigError(f"quantize_model: what={what!r} is not supported; allowed: {', '.join(map(repr, WHAT))}")
     head = check_head(head, fmt, what, "quantize_model: head")
+    if head is not None and HEAD not in quantizable_linears(model, fmt, head=head)[0]:  # before any swap
+        raise ConfigError(f"quantize_model: head={head.name!r}, but the model's LM head is tied to its input "
+                          "embedding and stays float (moelab.quant.linear); leave head unset")
     if what == "all" and fmt == BF16:
         raise ConfigError("quantize_model: what='all' with bf16 is the whole model in bf16; cast it instead "
                           "(model.to(torch.bfloat16), or `moelab convert --to-moelab --dtype bf16`)")
@@ -114,9 +117,6 @@ def swap_linears(model: nn.Module, names: list[str], make) -> None:
 def _quantize_linears(model: nn.Module, fmt: QuantFormat, report: QuantReport,
                       head: QuantFormat | None) -> QuantReport:
     take, skip = quantizable_linears(model, fmt, head=head)
-    if head is not None and HEAD not in take:
-        raise ConfigError(f"quantize_model: head={head.name!r}, but the model's LM head is tied to its input "
-                          "embedding and stays float (moelab.quant.linear); leave head unset")
     before = sum(p.numel() * p.element_size() for n in take for p in model.get_submodule(n).parameters())
     for name in take:
         f = linear_format(name, fmt, head)
