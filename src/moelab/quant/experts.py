@@ -139,11 +139,17 @@ def _layout_is_known() -> bool:
     return _BLOCKED_IS_KERNELS[0]
 
 
+def _blocked(rows: int) -> bool:
+    """Whether a matrix of `rows` output rows is packed in the documented blocked layout
+    here (this build's packing checked once, and whole 64-row blocks)."""
+    return rows % _INT4_BLOCK == 0 and _layout_is_known()
+
+
 def kernel_pack_int4(qweight_OP: torch.Tensor) -> torch.Tensor:
     """``[O, I/2]`` portable nibbles -> the int4 CPU kernel's packed ``[O, I/2]``:
     `_pack_int4_blocked` (~5x faster: an offloaded int4 expert converts on every miss)
     where this build's layout was checked to be it, else `_reference_pack_int4`."""
-    if _layout_is_known() and qweight_OP.shape[0] % _INT4_BLOCK == 0:
+    if _blocked(qweight_OP.shape[0]):
         return _pack_int4_blocked(qweight_OP.contiguous())
     return _reference_pack_int4(qweight_OP)
 
@@ -165,7 +171,7 @@ def int8_weight_bf16(q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
 def int4_weight_bf16(packed_OP: torch.Tensor, sz_NO2: torch.Tensor, group_size: int) -> torch.Tensor | None:
     """``(q - 8) * scale + zero`` as bf16 ``[O, I]`` from the kernel's copy (computed in
     float32, rounded once), or None where this build's packing is not the documented one."""
-    if not (_layout_is_known() and packed_OP.shape[0] % _INT4_BLOCK == 0):
+    if not _blocked(packed_OP.shape[0]):
         return None
     O, P = packed_OP.shape  # noqa: E741
     q_ONG = _unpack_int4_blocked(packed_OP).view(O, 2 * P // group_size, group_size)
@@ -213,8 +219,7 @@ def int8_rows_mm(x_RI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) 
 def int4_rows_mm(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: int, sz_NO2: torch.Tensor) -> torch.Tensor:
     """As `int8_rows_mm` for int4 W in the kernel's copy (the kernel where the copy's
     layout is not the documented one)."""
-    if (x_RI.shape[0] >= DENSE_MIN_ROWS["int4"] and _layout_is_known()
-            and packed_OP.shape[0] % _INT4_BLOCK == 0):
+    if x_RI.shape[0] >= DENSE_MIN_ROWS["int4"] and _blocked(packed_OP.shape[0]):
         return _dense_rows_mm(x_RI, packed_OP.shape[0], lambda o0, o1: int4_weight_bf16(
             packed_OP[o0:o1], sz_NO2[:, o0:o1], group_size))
     return torch._weight_int4pack_mm_for_cpu(x_RI, packed_OP, group_size, sz_NO2)
