@@ -433,12 +433,18 @@ def read_gguf_tensors(path: str | Path) -> dict[str, tuple[np.ndarray, str]]:
     return {t.name: _dequantized(t) for t in _gguf().GGUFReader(str(path)).tensors}
 
 
+def _block_bound(a: np.ndarray, top_code: int, steps: float) -> np.ndarray:
+    """``steps`` quantisation steps of each 32-block (step = amax / `top_code`) plus the
+    fp16 rounding of the stored step times the largest code, per element of `a`."""
+    blocks = a.reshape(-1, _Q8_BLOCK)
+    step = np.abs(blocks).max(axis=1, keepdims=True) / top_code
+    return np.broadcast_to(step * (steps + top_code * 2.0**-11) + 1e-12, blocks.shape).reshape(a.shape)
+
+
 def q8_0_bound(a: np.ndarray) -> np.ndarray:
     """The largest |dequant(quant(x)) - x| Q8_0 allows per element: half a step of its block
     (step = amax/127) plus the fp16 rounding of the stored step times the largest code, 127."""
-    blocks = a.reshape(-1, _Q8_BLOCK)
-    step = np.abs(blocks).max(axis=1, keepdims=True) / 127
-    return np.broadcast_to(step * (0.5 + 127 * 2.0**-11) + 1e-12, blocks.shape).reshape(a.shape)
+    return _block_bound(a, 127, 0.5)
 
 
 def q4_0_bound(a: np.ndarray) -> np.ndarray:
@@ -446,9 +452,7 @@ def q4_0_bound(a: np.ndarray) -> np.ndarray:
     of largest magnitude to code 0 (scale d = that value / -8) and clamps codes at 15, so a
     value of the opposite sign near that magnitude is off by up to a whole step |d|; plus
     the fp16 rounding of d times the largest code, 8."""
-    blocks = a.reshape(-1, _Q8_BLOCK)
-    step = np.abs(blocks).max(axis=1, keepdims=True) / 8
-    return np.broadcast_to(step * (1.0 + 8 * 2.0**-11) + 1e-12, blocks.shape).reshape(a.shape)
+    return _block_bound(a, 8, 1.0)
 
 
 def check_gguf(path: str | Path, model: Transformer, file_type: str) -> dict[str, float]:
