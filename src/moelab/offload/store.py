@@ -412,6 +412,7 @@ class ExpertStore:
                 raise CheckpointError(f"{path}: {layout.in_name} is {a} but {layout.out_name} is {b}")
             self._stored.append(a)
         self._local = threading.local()  # per thread: one expert in a stored dtype != dtype
+        self._slot_views: dict[int, tuple[torch.Tensor, ...]] = {}  # quantised: a slot's data_ptr -> its parts
         self._count_lock = threading.Lock()  # resident bytes: both threads allocate slots
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="moelab-prefetch") if prefetch else None
         self.reset_stats()
@@ -511,7 +512,14 @@ class ExpertStore:
         """A slot's tensors: float ``(W_in, W_out)``; quantised, `ExpertLayout.slot_parts`."""
         lay = self.layouts[layer]
         if self.quant is not None:
-            return _part_views(buf, lay.slot_parts())
+            # Made once per slot: every layer's experts have one layout, and a get() that
+            # hits would otherwise rebuild the parts and their views (~10 us) every time.
+            views = self._slot_views.get(buf.data_ptr())
+            if views is None:
+                # Normal views even under inference_mode: a later miss outside it writes them.
+                with torch.inference_mode(False):
+                    views = self._slot_views[buf.data_ptr()] = _part_views(buf, lay.slot_parts())
+            return views
         n_in = lay.in_rows * lay.d_model
         return buf[:n_in].view(lay.in_rows, lay.d_model), buf[n_in:].view(lay.d_model, lay.d_expert)
 
@@ -612,6 +620,7 @@ class ExpertStore:
         for p in self._pools:
             p.slots.clear()
             p.where.clear()
+        self._slot_views.clear()
         self._host.clear()
         self._resident = 0
 
