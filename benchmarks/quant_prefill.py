@@ -63,7 +63,7 @@ def matrix_rows(rows: list[int], repeats: int, shape: tuple[int, int]) -> list[d
     shipped = dict(qe.DENSE_MIN_ROWS)
     out = []
     try:
-        qe.DENSE_MIN_ROWS.update(int8=1, int4=1)
+        qe.DENSE_MIN_ROWS.update(int8=1, int4=1, int4_vnni=1)
         for R in rows:
             x = torch.randn(R, I, generator=g).to(torch.bfloat16)
             cases = {

@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 from moelab.errors import ConfigError
+from moelab.hardware import cpu_flags
 from moelab.moe import traced
 from moelab.moe.cpu_kernels import act_forward, per_expert_rows
 from moelab.moe.experts import ExpertsBackend, RoutedExperts
-from moelab.quant import formats
+from moelab.quant import formats, vnni
 from moelab.quant.formats import QuantFormat
 
 log = logging.getLogger(__name__)
@@ -216,13 +217,100 @@ def int8_rows_mm(x_RI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) 
     return torch._weight_int8pack_mm(x_RI, q_OI, scale_O)
 
 
+# Where moelab's int4 x int8 kernel (`moelab.quant.vnni`) replaces torch's int4 kernel:
+# matrices of O x I weights at R rows with O * I * (R + 1) >= VNNI_MIN_WORK. Its call costs
+# a fixed ~5 us (the op, ctypes), so small matrices need rows to pay it back; measured (1
+# thread, `python -m benchmarks.int4_vnni`, BENCHMARKS.md "int4 x int8 (VNNI)"), ours /
+# torch's time: [256, 128] 0.48x at 1 row, 0.98x at 16, 1.19x at 32; [512, 256] 0.90x at
+# 1, 1.01x at 4, 1.23x at 8; [1024, 256] 1.27x at 1; [2048, 768] 1.89x at 1, ~2x from 32.
+VNNI_MIN_WORK = 1 << 19
+# ... and where it replaces the dense path: on this AVX512-BF16 CPU without AMX (bf16 GEMMs
+# at ~360 GF/s) the kernel beats dequantise + bf16 GEMM at every row count measured up to
+# 512 (1.3-1.8x: [2048, 768] 4.93 against 6.19 ms at 512 rows) and matches it at 1024-2048
+# (0.95-1.23x), so int4 turns dense from DENSE_MIN_ROWS["int4_vnni"] rows there. With AMX
+# (bf16 GEMMs ~4x faster: 1515 GF/s on a Sapphire Rapids) it keeps DENSE_MIN_ROWS["int4"]:
+# not measured with this kernel, no AMX machine since it was written.
+DENSE_MIN_ROWS["int4_vnni"] = 1024
+
+
+def _int4_dense_min_rows(vnni_here: bool) -> int:
+    # reads the probe's record only: this runs inside traced graphs too
+    if vnni_here and not _PROBED["amx"]:
+        return DENSE_MIN_ROWS["int4_vnni"]
+    return DENSE_MIN_ROWS["int4"]
+
+
+def _probe_vnni() -> None:
+    """The VNNI kernel on two blocks of random weights against `vnni.reference_w4a8_mm`:
+    the same float32 sums up to their order, so bf16 outputs one rounding apart at most."""
+    g = torch.Generator().manual_seed(0)
+    O, I, G = 2 * _INT4_BLOCK, 256, 64  # noqa: E741
+    q = torch.randint(0, 16, (O, I), generator=g, dtype=torch.uint8)
+    s = torch.rand(O, I // G, generator=g).add_(0.5).to(formats.SCALE_DTYPE)
+    z = torch.randn(O, I // G, generator=g).to(formats.SCALE_DTYPE)
+    x = torch.randn(3, I, generator=g).to(KERNEL_DTYPE)
+    y = vnni.w4a8_mm(x, kernel_pack_int4(formats.pack_int4(q)), G, int4_scales_and_zeros(s, z)).float()
+    ref = vnni.reference_w4a8_mm(x, q, s, z).float()
+    if not torch.allclose(y, ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max())):
+        raise RuntimeError(f"it ran but disagrees with its reference (max diff {float((y - ref).abs().max()):.3g})")
+
+
+def vnni_runs() -> bool:
+    """Whether int4 matrices may use moelab's int4 x int8 kernel now: it builds and loads
+    here, this torch's int4 packing is the documented blocked layout, and it matches its
+    reference on a probe, and ``MOELAB_INT4_VNNI`` is not ``0`` (checked once per process;
+    why not, said once). `vnni.disabled` is read at each call, by the op."""
+    if "vnni" not in _PROBED:
+        why = vnni.unavailable_reason()
+        if why is None and not _layout_is_known():
+            why = "this torch build packs int4 weights in a layout it does not read"
+        if why is None:
+            try:
+                _probe_vnni()
+            except (RuntimeError, ValueError, TypeError, OSError) as e:
+                why = str(e)
+        _PROBED["vnni"] = why is None
+        _PROBED["amx"] = "amx_bf16" in cpu_flags()
+        # info, not a warning: torch's kernel is the ordinary path; this one is a speed-up
+        log.info("int4 matrices: %s", "moelab's int4 x int8 VNNI kernel" if why is None
+                 else f"torch's int4 kernel, not moelab's int4 x int8 VNNI one ({why})")
+    return _PROBED["vnni"]
+
+
 def int4_rows_mm(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: int, sz_NO2: torch.Tensor) -> torch.Tensor:
-    """As `int8_rows_mm` for int4 W in the kernel's copy (the kernel where the copy's
-    layout is not the documented one)."""
-    if x_RI.shape[0] >= DENSE_MIN_ROWS["int4"] and _blocked(packed_OP.shape[0]):
-        return _dense_rows_mm(x_RI, packed_OP.shape[0], lambda o0, o1: int4_weight_bf16(
+    """As `int8_rows_mm` for int4 W in the kernel's copy, with moelab's int4 x int8 kernel
+    where it runs (`vnni_runs`) for all but the smallest work (`VNNI_MIN_WORK`), and the
+    dense path from its own threshold then; torch's kernel where the copy's layout is not
+    the documented one."""
+    R, (O, P) = x_RI.shape[0], packed_OP.shape  # noqa: E741
+    take_vnni = O * 2 * P * (R + 1) >= VNNI_MIN_WORK and vnni.fits(R, O, 2 * P, group_size) and vnni_runs()
+    if R >= _int4_dense_min_rows(take_vnni) and _blocked(O):
+        return _dense_rows_mm(x_RI, O, lambda o0, o1: int4_weight_bf16(
             packed_OP[o0:o1], sz_NO2[:, o0:o1], group_size))
+    if take_vnni:
+        return torch.ops.moelab.int4_few_rows_mm(x_RI, packed_OP, group_size, sz_NO2)
     return torch._weight_int4pack_mm_for_cpu(x_RI, packed_OP, group_size, sz_NO2)
+
+
+# One op for compiled graphs (a `QuantizedLinear` is traced, a ctypes call is not
+# traceable). It reads `vnni.enabled()` when it runs, not when it is traced, so
+# `vnni.disabled()` holds for graphs compiled before it. Defined with the low-level
+# `torch.library.Library` rather than `custom_op`: 6.4 against 10.1 us a call on a small
+# matrix (the kernel itself ~1.5), and a decode step of the 207M model makes ~70.
+_LIB = torch.library.Library("moelab", "FRAGMENT")
+_LIB.define("int4_few_rows_mm(Tensor x, Tensor packed, int group_size, Tensor sz) -> Tensor")
+
+
+def int4_few_rows_mm(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: int,
+                     sz_NO2: torch.Tensor) -> torch.Tensor:
+    """The VNNI kernel (`vnni.w4a8_mm_unchecked`), or torch's int4 kernel inside `vnni.disabled()`."""
+    if vnni.enabled():
+        return vnni.w4a8_mm_unchecked(x_RI, packed_OP, group_size, sz_NO2)
+    return torch._weight_int4pack_mm_for_cpu(x_RI, packed_OP, group_size, sz_NO2)
+
+
+_LIB.impl("int4_few_rows_mm", int4_few_rows_mm, "CPU")
+_LIB.impl("int4_few_rows_mm", lambda x, packed, group_size, sz: x.new_empty(x.shape[0], packed.shape[0]), "Meta")
 
 
 def portable_from_kernel_int4(packed_OP: torch.Tensor, sz_NO2: torch.Tensor, group_size: int, d_in: int,

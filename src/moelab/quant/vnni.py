@@ -1,0 +1,206 @@
+"""int4 weights x int8 activations on AVX512-VNNI: our own CPU kernel for few rows (W4A8).
+
+Legend: R rows, O / I a matrix's output / input dim, N = I / G groups per row, G the int4
+group size, P = I / 2 packed bytes per row.
+
+Why: torch's int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`) converts every nibble
+to float and multiplies it by a bf16 activation; at one row that costs more than reading
+the weights (~29G weights/s on one Zen 5 core, BENCHMARKS.md "Decode per weight format"),
+so int4 decoded slower than int8, and at 0.67x llama.cpp's q4_0. llama.cpp instead rounds
+the activations to int8 per block of 32 and sums integer products with VNNI. `int4_vnni.c`
+does that on torch's own blocked packing (the kernel's copy that `QuantizedExperts`,
+`QuantizedLinear` and the offload slots already hold), so the weights stay resident once
+and nothing else changes; `moelab.quant.experts.int4_rows_mm` calls it for few rows.
+
+The numbers it computes (`reference_w4a8_mm` is the slow, obviously correct reference):
+the dequantised int4 weights times the activations rounded to int8 per block of 32
+inputs (symmetric, scale max|x| / 127, round half to even), summed in float32 and rounded
+once to bf16, as torch's kernel rounds its output. The activation rounding adds a
+relative error of ~0.3% per product (torch's kernel rounds x to bf16 instead: ~0.2%),
+small beside int4's own ~10% weight error; BENCHMARKS.md measures what it does to the
+loss ("int4 x int8 (VNNI)").
+
+When it runs (else torch's kernel, as before): the CPU has AVX512 F/BW/VL/VNNI/VBMI
+(`REQUIRED_FLAGS`), a C compiler builds `int4_vnni.c` (once; cached by the source's and
+compiler's hash in ``$MOELAB_KERNEL_DIR``, else ``~/.cache/moelab/kernels``), the kernel
+matches the reference on a probe matrix, and ``MOELAB_INT4_VNNI`` is not ``0`` (read once, at
+the first int4 matrix). Why it does not run is said once in the log. `disabled()` turns it off within a block (for side-by-side
+benchmarks in one process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from moelab.hardware import cpu_flags
+from moelab.quant import formats
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int4_vnni.c")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi")
+CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+          "-mavx512vbmi")
+ACT_BLOCK = 32  # inputs per activation scale
+OUT_BLOCK = 64  # output rows per block of torch's int4 CPU packing (the kernel takes whole blocks)
+
+_state: dict[str, object] = {}
+_enabled = [True]
+
+
+def kernel_dir() -> Path:
+    """Where built kernels are cached: ``$MOELAB_KERNEL_DIR``, else ``~/.cache/moelab/kernels``."""
+    env = os.environ.get("MOELAB_KERNEL_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moelab" / "kernels"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc)
+
+
+def _build(cc: str) -> Path:
+    """The built shared library (built now unless cached); RuntimeError says why not."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((*CFLAGS, version)).encode()).hexdigest()[:16]
+    out_dir = kernel_dir()
+    out = out_dir / f"int4_vnni-{key}.so"
+    if out.exists():
+        return out
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable cache (a read-only home): build for this process only
+        out_dir = Path(tempfile.gettempdir()) / f"moelab-kernels-{os.getuid()}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / out.name
+        if out.exists():
+            return out
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    res = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        first = (res.stderr.strip().splitlines() or ["(no output)"])[0]
+        raise RuntimeError(f"{cc} could not build {SOURCE.name}: {first}")
+    os.replace(tmp, out)  # atomic: a concurrent process sees the whole file or none
+    return out
+
+
+def _function():
+    """The loaded C function, or None (the reason kept in ``_state["why"]``)."""
+    if "fn" not in _state:
+        fn, why = None, None
+        missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
+        cc = _compiler()
+        if missing:
+            why = f"the CPU lacks {', '.join(missing)}"
+        elif cc is None:
+            why = f"no C compiler ({os.environ.get('CC', 'cc')} not found; set CC)"
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build(cc)))
+                fn = lib.moelab_w4a8_mm
+                fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+                fn.restype = ctypes.c_int
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                why = str(e)
+        _state["fn"], _state["why"] = fn, why
+    return _state["fn"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be built or loaded here (None: it can). Not the probe."""
+    if os.environ.get("MOELAB_INT4_VNNI") == "0":
+        return "MOELAB_INT4_VNNI=0"
+    _function()
+    return _state["why"]  # type: ignore[return-value]
+
+
+def enabled() -> bool:
+    """Whether calls may use the kernel now: not inside `disabled()`. (``MOELAB_INT4_VNNI=0``
+    is read once, by the probe: `unavailable_reason`.)"""
+    return _enabled[0]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block, int4 matrices run on torch's kernel (a side-by-side switch)."""
+    before = _enabled[0]
+    _enabled[0] = False
+    try:
+        yield
+    finally:
+        _enabled[0] = before
+
+
+def fits(rows: int, d_out: int, d_in: int, group_size: int) -> bool:
+    """Whether the kernel takes these shapes (whole 64-row blocks, groups of whole 32-input blocks)."""
+    return rows >= 1 and d_out >= OUT_BLOCK and d_out % OUT_BLOCK == 0 and group_size % ACT_BLOCK == 0 \
+        and d_in % group_size == 0
+
+
+def w4a8_mm(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: int, sz_NO2: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` (bf16 ``[R, O]``) by the VNNI kernel: W in torch's blocked int4 packing
+    (``packed_OP``, with its ``[N, O, 2]`` bf16 scales and zeros), x bf16 rounded to int8
+    per block of 32. The inputs are checked here; `moelab.quant.experts.int4_rows_mm`,
+    which checks them before, calls `w4a8_mm_unchecked` (a decode step makes ~70 calls)."""
+    if _function() is None:
+        raise RuntimeError(f"the int4 x int8 kernel is not available: {_state['why']}")
+    R, I = x_RI.shape  # noqa: E741
+    O = packed_OP.shape[0]  # noqa: E741
+    if x_RI.dtype != torch.bfloat16 or packed_OP.dtype != torch.uint8 or sz_NO2.dtype != torch.bfloat16:
+        raise TypeError(f"w4a8_mm takes bf16 x, uint8 packed weights, bf16 scales (got {x_RI.dtype}, "
+                        f"{packed_OP.dtype}, {sz_NO2.dtype})")
+    if packed_OP.shape[1] * 2 != I or tuple(sz_NO2.shape) != (I // group_size, O, 2) or not fits(R, O, I, group_size):
+        raise ValueError(f"w4a8_mm: shapes x {tuple(x_RI.shape)}, packed {tuple(packed_OP.shape)}, scales "
+                         f"{tuple(sz_NO2.shape)}, group size {group_size} do not fit the kernel")
+    return w4a8_mm_unchecked(x_RI, packed_OP, group_size, sz_NO2)
+
+
+def w4a8_mm_unchecked(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: int,
+                      sz_NO2: torch.Tensor) -> torch.Tensor:
+    """`w4a8_mm` for inputs already checked (dtypes, `fits`) and a kernel that loaded."""
+    x, packed, sz = x_RI.contiguous(), packed_OP.contiguous(), sz_NO2.contiguous()
+    R, I = x.shape  # noqa: E741
+    O = packed.shape[0]  # noqa: E741
+    y = torch.empty(R, O, dtype=torch.bfloat16)
+    rc = _state["fn"](x.data_ptr(), packed.data_ptr(), sz.data_ptr(), y.data_ptr(), R, O, I, group_size,
+                      torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"moelab_w4a8_mm failed (code {rc}: {'shapes' if rc == 1 else 'out of memory'})")
+    return y
+
+
+# ---------------------------------------------------------------------------- the reference
+
+
+def quantize_activations(x_RI: torch.Tensor) -> torch.Tensor:
+    """The activations the kernel multiplies, dequantised: float32 ``x`` rounded to int8
+    per block of 32 inputs (``s = max|x| / 127``, ``round(x * (127 / max|x|))``, half to
+    even; an all-zero block stays zero), times ``s``."""
+    R, I = x_RI.shape  # noqa: E741
+    xb = x_RI.float().reshape(R, I // ACT_BLOCK, ACT_BLOCK)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(R, I)
+
+
+def reference_w4a8_mm(x_RI: torch.Tensor, q_OI: torch.Tensor, scale_ON: torch.Tensor,
+                      zero_ON: torch.Tensor) -> torch.Tensor:
+    """What `w4a8_mm` computes, slowly and plainly, from the portable int4 form (nibbles
+    ``q_OI`` in [0, 15], ``scale_ON``/``zero_ON``): the rounded activations times the
+    dequantised weights, summed in float64, rounded to bf16."""
+    w_OI = formats.dequantize_int4(q_OI, scale_ON, zero_ON)
+    return (quantize_activations(x_RI).double() @ w_OI.double().t()).to(torch.bfloat16)
