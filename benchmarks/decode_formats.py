@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine_info, set_threads
+from benchmarks.serve import add_build_args, quick_build_args
 from moelab.infer.generate import generate
 from moelab.io import atomic_write_json
 
@@ -138,12 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path, default=Path("runs/bench/decode_formats.json"))
     # The defaults are benchmarks/serve.py's ~207M model (and BENCHMARKS.md "Decode"'s shape).
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--tokenizer-chars", type=int, default=5_000_000)
-    ap.add_argument("--d-model", type=int, default=768)
-    ap.add_argument("--d-expert", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=512)
+    add_build_args(ap, max_len=512)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -154,7 +150,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a small model and few tokens (a smoke run)")
     args = ap.parse_args()
     if args.quick:
-        args.vocab, args.tokenizer_chars, args.d_model, args.d_expert, args.layers = 2048, 300_000, 256, 512, 2
+        quick_build_args(args)
         args.new_tokens, args.repeats = 8, 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     threads = set_threads(args.threads)

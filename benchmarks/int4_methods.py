@@ -205,6 +205,28 @@ def versus_fp32(stats: torch.Tensor, base: torch.Tensor) -> dict:
             "kl_se": float(kl.std() / n)}
 
 
+def eval_setup(run: str, tokens: int, gen: int, n_prompts: int = 4):
+    """``(fp32 model, val batches, fp32 greedy continuations, fp32 per-token loss, fp32
+    log-probabilities)`` of a trained run on `tokens` held-out tokens per domain of the
+    default corpus, with `gen`-token continuations of `n_prompts` 32-token prompts."""
+    from moelab.data.batching import val_batches
+    from moelab.data.loader import prepare_data
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.infer.generate import generate
+    from moelab.lab.specialization.analysis import held_out_tokens
+    from moelab.rundir import load_model
+
+    loaded = load_model(run)
+    model = loaded.model.eval()
+    tok = load_tokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
+    held = held_out_tokens(prepare_data(None), tok, tokens)
+    val = val_batches(held, 8, min(256, loaded.config.max_seq_len), max_batches_per_domain=None)
+    prompts = [held[d][:32].tolist() for d in list(held)[:n_prompts]]
+    seqs = [(len(pr), pr + generate(model, [pr], max_new_tokens=gen).token_ids[0]) for pr in prompts]
+    base, ref_logp = token_stats(model, val)
+    return model, val, seqs, base, ref_logp
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a trained moelab run dir (float)")
@@ -223,23 +245,9 @@ def main() -> None:
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"--methods: {unknown[0]!r} is not a method; allowed: {', '.join(METHODS)}")
 
-    from moelab.data.batching import val_batches
-    from moelab.data.loader import prepare_data
-    from moelab.data.tokenizer import load_tokenizer
-    from moelab.infer.generate import generate
-    from moelab.lab.specialization.analysis import held_out_tokens
     from moelab.quant import QuantFormat, quantize_model
-    from moelab.rundir import load_model
 
-    loaded = load_model(args.run)
-    model = loaded.model.eval()
-    data = prepare_data(None)
-    tok = load_tokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
-    held = held_out_tokens(data, tok, args.tokens)
-    val = val_batches(held, 8, min(256, loaded.config.max_seq_len), max_batches_per_domain=None)
-    prompts = [held[d][:32].tolist() for d in list(held)[: args.prompts]]
-    seqs = [(len(pr), pr + generate(model, [pr], max_new_tokens=args.gen).token_ids[0]) for pr in prompts]
-    base, ref_logp = token_stats(model, val)
+    model, val, seqs, base, ref_logp = eval_setup(args.run, args.tokens, args.gen, args.prompts)
     log.info("run %s: %.1fM parameters, fp32 val %.5f over %d tokens", args.run, model.num_params() / 1e6,
              float(base.mean()), base.numel())
     rows = []

@@ -34,25 +34,16 @@ import copy
 import logging
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import machine_info, set_threads
+from benchmarks.quant_prefill import _median_ms
+from benchmarks.serve import add_build_args, quick_build_args
 from moelab.io import atomic_write_json
 
 log = logging.getLogger("benchmarks.int4_vnni")
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def matrix_rows(shape: tuple[int, int], rows: list[int], repeats: int, group_size: int = 128) -> list[dict]:
@@ -169,25 +160,11 @@ def decode(args) -> list[dict]:
 
 def quality(args) -> list[dict]:
     """int4 with the kernel against torch's kernel, both at every row count, on a trained run."""
-    from benchmarks.int4_methods import WHAT, agreement, token_stats, versus_fp32
-    from moelab.data.batching import val_batches
-    from moelab.data.loader import prepare_data
-    from moelab.data.tokenizer import load_tokenizer
-    from moelab.infer.generate import generate
-    from moelab.lab.specialization.analysis import held_out_tokens
+    from benchmarks.int4_methods import WHAT, agreement, eval_setup, token_stats, versus_fp32
     from moelab.quant import QuantFormat, quantize_model, vnni
     from moelab.quant import experts as qe
-    from moelab.rundir import load_model
 
-    loaded = load_model(args.run)
-    model = loaded.model.eval()
-    data = prepare_data(None)
-    tok = load_tokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
-    held = held_out_tokens(data, tok, args.tokens)
-    val = val_batches(held, 8, min(256, loaded.config.max_seq_len), max_batches_per_domain=None)
-    prompts = [held[d][:32].tolist() for d in list(held)[:4]]
-    seqs = [(len(pr), pr + generate(model, [pr], max_new_tokens=args.gen).token_ids[0]) for pr in prompts]
-    base, ref_logp = token_stats(model, val)
+    model, val, seqs, base, ref_logp = eval_setup(args.run, args.tokens, args.gen)
     log.info("run %s: fp32 val %.5f over %d tokens", args.run, float(base.mean()), base.numel())
     rows = []
     shipped = (dict(qe.DENSE_MIN_ROWS), qe.VNNI_MIN_WORK)
@@ -228,16 +205,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--decode-repeats", type=int, default=5)
     # benchmarks/serve.py's `build` model (the decode benchmarks' ~207M Mixtral)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--tokenizer-chars", type=int, default=5_000_000)
-    ap.add_argument("--d-model", type=int, default=768)
-    ap.add_argument("--d-expert", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=512)
+    add_build_args(ap, max_len=512)
     ap.add_argument("--quick", action="store_true", help="a small model, few rows (a smoke run)")
     args = ap.parse_args()
     if args.quick:
-        args.vocab, args.tokenizer_chars, args.d_model, args.d_expert, args.layers = 2048, 300_000, 256, 512, 2
+        quick_build_args(args)
         args.rows, args.repeats, args.new_tokens, args.decode_repeats = "1,8,64", 2, 8, 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     threads = set_threads(args.threads)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine_info, set_threads
+from benchmarks.serve import add_build_args, quick_build_args
 from moelab.io import atomic_write_json
 
 log = logging.getLogger("benchmarks.quant_prefill")
@@ -164,16 +165,11 @@ def main() -> None:
     ap.add_argument("--skip-matrix", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
     # benchmarks/serve.py's `build` model (the decode benchmarks' ~207M Mixtral)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--tokenizer-chars", type=int, default=5_000_000)
-    ap.add_argument("--d-model", type=int, default=768)
-    ap.add_argument("--d-expert", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=1024)
+    add_build_args(ap, max_len=1024)
     ap.add_argument("--quick", action="store_true", help="a small model, few rows (a smoke run)")
     args = ap.parse_args()
     if args.quick:
-        args.vocab, args.tokenizer_chars, args.d_model, args.d_expert, args.layers = 2048, 300_000, 256, 512, 2
+        quick_build_args(args)
         args.rows, args.prompts, args.repeats = "1,64,256", "64", 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     threads = set_threads(args.threads)

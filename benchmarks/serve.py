@@ -51,6 +51,21 @@ from moelab.io import atomic_write_json
 log = logging.getLogger("benchmarks.serve")
 
 
+def add_build_args(ap, max_len: int = 512) -> None:
+    """The flags of `build`'s model, defaulting to the decode benchmarks' ~207M Mixtral."""
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--tokenizer-chars", type=int, default=5_000_000)
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--d-expert", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=max_len)
+
+
+def quick_build_args(args) -> None:
+    """`build`'s small model for ``--quick`` smoke runs."""
+    args.vocab, args.tokenizer_chars, args.d_model, args.d_expert, args.layers = 2048, 300_000, 256, 512, 2
+
+
 def build(folder: Path, args) -> tuple[object, object]:
     """A random transformers Mixtral saved with a trained tokenizer; (hf model, ours)."""
     from transformers import AutoModelForCausalLM, MixtralConfig

@@ -35,9 +35,11 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +58,7 @@ ACT_BLOCK = 32  # inputs per activation scale
 OUT_BLOCK = 64  # output rows per block of torch's int4 CPU packing (the kernel takes whole blocks)
 
 _state: dict[str, object] = {}
+_lock = threading.Lock()
 _enabled = [True]
 
 
@@ -67,15 +70,17 @@ def kernel_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moelab" / "kernels"
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC", "cc")
-    return shutil.which(cc)
+def _compiler() -> list[str] | None:
+    """``$CC`` (which may carry flags, as in ``CC="gcc -m64"``), else ``cc``, if it exists."""
+    cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    found = shutil.which(cc[0])
+    return [found, *cc[1:]] if found else None
 
 
-def _build(cc: str) -> Path:
+def _build(cc: list[str]) -> Path:
     """The built shared library (built now unless cached); RuntimeError says why not."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((*CFLAGS, version)).encode()).hexdigest()[:16]
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((*cc, *CFLAGS, version)).encode()).hexdigest()[:16]
     out_dir = kernel_dir()
     out = out_dir / f"int4_vnni-{key}.so"
     if out.exists():
@@ -89,35 +94,41 @@ def _build(cc: str) -> Path:
         if out.exists():
             return out
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    res = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([*cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = (res.stderr.strip().splitlines() or ["(no output)"])[0]
-        raise RuntimeError(f"{cc} could not build {SOURCE.name}: {first}")
+        raise RuntimeError(f"{' '.join(cc)} could not build {SOURCE.name}: {first}")
     os.replace(tmp, out)  # atomic: a concurrent process sees the whole file or none
     return out
 
 
 def _function():
     """The loaded C function, or None (the reason kept in ``_state["why"]``)."""
-    if "fn" not in _state:
-        fn, why = None, None
-        missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
-        cc = _compiler()
-        if missing:
-            why = f"the CPU lacks {', '.join(missing)}"
-        elif cc is None:
-            why = f"no C compiler ({os.environ.get('CC', 'cc')} not found; set CC)"
-        else:
-            try:
-                lib = ctypes.CDLL(str(_build(cc)))
-                fn = lib.moelab_w4a8_mm
-                fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
-                fn.restype = ctypes.c_int
-            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                why = str(e)
-        _state["fn"], _state["why"] = fn, why
+    with _lock:  # once per process, even when the serving threads ask at once
+        if "fn" not in _state:
+            _load()
     return _state["fn"]
+
+
+def _load() -> None:
+    """Check the CPU and the compiler, build (or find the cached build) and load it."""
+    fn, why = None, None
+    missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
+    cc = _compiler()
+    if missing:
+        why = f"the CPU lacks {', '.join(missing)}"
+    elif cc is None:
+        why = f"no C compiler ({os.environ.get('CC', 'cc')} not found; set CC)"
+    else:
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+            fn = lib.moelab_w4a8_mm
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+            fn.restype = ctypes.c_int
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            why = str(e)
+    _state["fn"], _state["why"] = fn, why
 
 
 def unavailable_reason() -> str | None:
