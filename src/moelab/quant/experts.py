@@ -287,8 +287,10 @@ def int4_rows_mm(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: int, s
     if R >= _int4_dense_min_rows(take_vnni) and _blocked(O):
         return _dense_rows_mm(x_RI, O, lambda o0, o1: int4_weight_bf16(
             packed_OP[o0:o1], sz_NO2[:, o0:o1], group_size))
-    if take_vnni:
-        return torch.ops.moelab.int4_few_rows_mm(x_RI, packed_OP, group_size, sz_NO2)
+    if take_vnni:  # eagerly straight to the kernel: the op's dispatch costs ~4 us a call
+        if torch.compiler.is_compiling():
+            return torch.ops.moelab.int4_few_rows_mm(x_RI, packed_OP, group_size, sz_NO2)
+        return int4_few_rows_mm(x_RI, packed_OP, group_size, sz_NO2)
     return torch._weight_int4pack_mm_for_cpu(x_RI, packed_OP, group_size, sz_NO2)
 
 
