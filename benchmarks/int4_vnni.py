@@ -1,10 +1,11 @@
-"""Benchmark: moelab's int4 x int8 VNNI kernel against torch's int4 CPU kernel (W4A8 vs W4A16).
+"""Benchmark: moelab's int4 x int8 kernel against torch's int4 CPU kernel (W4A8 vs W4A16).
 
     python -m benchmarks.int4_vnni --threads 1 [--run RUN_DIR] [--json OUT] [--quick]
 
 `moelab.quant.vnni` multiplies int4 weights (torch's own blocked packing) by activations
-rounded to int8 per block of 32, with AVX512-VNNI, where torch's kernel converts each
-nibble to float and multiplies it by a bf16 activation. `moelab.quant.experts.int4_rows_mm`
+rounded to int8 per block of 32, with AVX512-VNNI (or, on CPUs without AVX512, AVX2's
+vpmaddubsw; the JSON's ``kernel`` says which), where torch's kernel converts each nibble to
+float and multiplies it by a bf16 activation. `moelab.quant.experts.int4_rows_mm`
 uses it where ``O * I * (R + 1) >= VNNI_MIN_WORK``, below the dense path's threshold
 (``DENSE_MIN_ROWS["int4_vnni"]`` on CPUs without AMX). Side by side in one process,
 alternating, medians:
@@ -222,6 +223,7 @@ def main() -> None:
         atomic_write_json(args.json, {"machine": {**machine_info(), "threads": threads}, "skipped": why})
         return
     result = {"machine": {**machine_info(), "threads": threads}, "args": vars(args) | {"json": str(args.json)},
+              "kernel": vnni.variant().name,
               "thresholds": {"VNNI_MIN_WORK": qe.VNNI_MIN_WORK, "DENSE_MIN_ROWS": dict(qe.DENSE_MIN_ROWS)}}
     if not args.skip_matrix:
         rows = [int(r) for r in args.rows.split(",")]

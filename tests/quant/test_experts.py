@@ -264,17 +264,20 @@ def test_compiled_int8_experts_equal_the_dequantised_reference(activation, count
 
 @pytest.mark.parametrize("rows, cols", [(64, 32), (128, 96), (1024, 256), (256, 512), (48, 64), (80, 128)])
 def test_the_fast_int4_repack_is_the_kernels_own_conversion(rows, cols, monkeypatch):
-    """`kernel_pack_int4` (byte operations on the portable nibbles, for rows a multiple of 64
-    where the layout probe holds) against torch's `_convert_weight_to_int4pack_for_cpu`."""
+    """`kernel_pack_int4` (byte operations on the portable nibbles, for rows a multiple of
+    the block the layout probe found) against torch's `_convert_weight_to_int4pack_for_cpu`."""
     g = torch.Generator().manual_seed(rows + cols)
     q = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
     want = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     packed = formats.pack_int4(q)
     assert torch.equal(qexperts.kernel_pack_int4(packed), want)
-    if rows % 64 == 0 and torch.backends.cpu.get_cpu_capability() == "AVX512":
-        assert qexperts._BLOCKED_IS_KERNELS == [True]  # the layout documented, measured on AVX512 builds
-        assert torch.equal(qexperts._pack_int4_blocked(packed), want)
-    monkeypatch.setattr(qexperts, "_BLOCKED_IS_KERNELS", [False])  # a build with another layout
+    # the layouts documented, measured on AVX512 (64-row blocks) and AVX2 (32) builds
+    block = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
+    if block is not None:
+        assert qexperts.int4_pack_block() == block
+        if rows % block == 0:
+            assert torch.equal(qexperts._pack_int4_blocked(packed), want)
+    monkeypatch.setattr(qexperts, "_PACK_BLOCK", [None])  # a build with another layout
     assert torch.equal(qexperts.kernel_pack_int4(packed), want)
 
 
@@ -289,7 +292,7 @@ def test_the_bf16_weights_of_the_many_rows_path_are_the_kernels_rounded_once():
     q4, s4, z4 = formats.quantize_int4(w, 32)
     packed = qexperts.kernel_pack_int4(formats.pack_int4(q4))
     sz = qexperts.int4_scales_and_zeros(s4, z4)
-    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2"):
         assert torch.equal(qexperts._unpack_int4_blocked(packed), q4)
         assert torch.equal(qexperts.int4_weight_bf16(packed, sz, 32),
                            formats.dequantize_int4(q4, s4, z4).to(torch.bfloat16))
@@ -298,7 +301,7 @@ def test_the_bf16_weights_of_the_many_rows_path_are_the_kernels_rounded_once():
                           (qexperts.int4_rows_mm(x, packed, 32, sz), torch._weight_int4pack_mm_for_cpu(x, packed, 32, sz))):
         assert dense.dtype == torch.bfloat16 and dense.shape == (300, 128)
         assert _rel(dense.float(), kernel.float()) < 1e-2
-    assert qexperts.int4_weight_bf16(packed[:48], sz[:, :48], 32) is None  # rows not a multiple of 64: the kernel
+    assert qexperts.int4_weight_bf16(packed[:48], sz[:, :48], 32) is None  # rows not whole blocks: the kernel
 
 
 def test_the_dense_path_by_blocks_of_rows_equals_one_gemm(monkeypatch):

@@ -1,8 +1,10 @@
-"""moelab's int4 x int8 VNNI kernel (`moelab.quant.vnni`) against its reference, the
-rules for when `int4_rows_mm` takes it, and what a machine without it gets.
+"""moelab's int4 x int8 kernel (`moelab.quant.vnni`: the AVX512-VNNI or the AVX2 variant,
+whichever this CPU runs) against its reference, the rules for when `int4_rows_mm` takes
+it, and what a machine without it gets.
 
-The kernel tests skip, saying why, where the kernel cannot build or run (a CPU without
-AVX512-VNNI/VBMI, no C compiler); the reference and fallback tests run everywhere."""
+The kernel tests skip, saying why, where the kernel cannot build or run (a CPU with
+neither AVX512-VNNI/VBMI nor AVX2, no C compiler); the reference and fallback tests run
+everywhere."""
 
 from __future__ import annotations
 
@@ -199,9 +201,30 @@ def test_no_compiler_falls_back_to_torchs_kernel_and_says_why(monkeypatch, caplo
 
 def test_a_cpu_without_the_instructions_is_told_which(monkeypatch):
     _fresh_state(monkeypatch)
-    monkeypatch.setattr(vnni, "cpu_flags", lambda: frozenset({"avx512f", "avx512bw"}))
+    monkeypatch.setattr(vnni, "cpu_flags", lambda: frozenset({"avx512f", "avx512bw", "fma"}))
     why = vnni.unavailable_reason()
-    assert "avx512_vnni" in why and "avx512vbmi" in why
+    assert "avx512_vnni" in why and "avx512vbmi" in why and "int4_vnni.c" in why
+    assert "avx2 (for int4_avx2.c)" in why  # what the fallback variant needs, too
+    assert vnni.variant() is None and not vnni.fits(1, 128, 256, 64)
+
+
+def test_the_variant_follows_the_cpu_and_must_read_torchs_packing(monkeypatch, caplog):
+    """AVX512 with VNNI/VBMI builds int4_vnni.c (64-row blocks), else AVX2 + FMA builds
+    int4_avx2.c (32); a torch whose packing blocks differ from the variant's gets torch's
+    kernel, and is told why."""
+    _fresh_state(monkeypatch)
+    monkeypatch.setattr(vnni, "cpu_flags", lambda: frozenset({*vnni.REQUIRED_FLAGS, "avx2", "fma"}))
+    assert vnni.variant().source.name == "int4_vnni.c" and vnni.out_block() == 64
+    assert vnni.fits(1, 128, 256, 64) and not vnni.fits(1, 96, 256, 64)
+    _fresh_state(monkeypatch)
+    monkeypatch.setattr(vnni, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))  # Skylake-X-like
+    assert vnni.variant().source.name == "int4_avx2.c" and vnni.out_block() == 32
+    assert vnni.fits(1, 96, 256, 64)
+    monkeypatch.setattr(qe, "_PACK_BLOCK", [64])  # torch's AVX512 packing, which int4_avx2.c does not read
+    monkeypatch.setattr(vnni, "unavailable_reason", lambda: None)
+    with caplog.at_level(logging.INFO, logger="moelab.quant.experts"):
+        assert not qe.vnni_runs()
+    assert "packs int4 weights in 64-row blocks, the avx2 kernel reads 32" in caplog.text
 
 
 def test_a_failing_build_says_so_and_leaves_no_file(monkeypatch, tmp_path):
@@ -225,7 +248,7 @@ def test_the_build_is_cached_by_source_and_compiler(monkeypatch, tmp_path):
     _fresh_state(monkeypatch)
     monkeypatch.setenv("MOELAB_KERNEL_DIR", str(tmp_path))
     assert vnni.unavailable_reason() is None
-    built = list(tmp_path.glob("int4_vnni-*.so"))
+    built = list(tmp_path.glob(f"{vnni.variant().source.stem}-*.so"))
     assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))
     mtime = built[0].stat().st_mtime_ns
     _fresh_state(monkeypatch)

@@ -232,8 +232,10 @@ def _cpu_bf16(experts: RoutedExperts, x: torch.Tensor, counts_E: torch.Tensor, w
         _warned_emulated_bf16.append(True)
         log.warning("this CPU has no native bf16 (no amx_bf16/avx512_bf16 flag): bf16 expert weights "
                     "are upcast to float32 for every call (slower than storing them in float32)")
-    y = cpu_kernels.segmented_ffn(x.float(), experts.w_in.float(), experts.down_proj.float(), weight_A,
-                                  counts_E, experts.activation, token_idx_A)
+    # `_segmented_call`, not the kernel: a compiled graph takes the op or the traced rows
+    # (the kernel's host sync on the routing cannot be traced)
+    y = _segmented_call(x.float(), experts.w_in.float(), experts.down_proj.float(), weight_A, counts_E,
+                        experts.activation, token_idx_A)
     return y.to(x.dtype)
 
 

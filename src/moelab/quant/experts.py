@@ -103,20 +103,23 @@ def int4_scales_and_zeros(scale_ON: torch.Tensor, zero_ON: torch.Tensor) -> torc
     return torch.stack([scale_ON, zero_ON], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
 
 
-# torch's int4 CPU packing (measured in torch 2.13 on an AVX512 build) is blocked by 64
-# output rows: block b's bytes, in order, are [I, 32]: byte (k, j) holds input k of row
-# 64b + j in its low nibble and of row 64b + 32 + j in its high one. Other builds (or
-# output rows not a multiple of 64) may differ: `kernel_pack_int4` checks once that this
-# layout is the kernel's own conversion, and converts through the kernel otherwise.
-_INT4_BLOCK = 64
+# torch's int4 CPU packing (measured in torch 2.13) is blocked by B output rows, B = 64 on
+# an AVX512 build and 32 on an AVX2 one: block b's bytes, in order, are [I, B/2]: byte
+# (k, j) holds input k of row Bb + j in its low nibble and of row Bb + B/2 + j in its high
+# one. Other builds (or output rows not a multiple of B) may differ: `int4_pack_block`
+# finds B once by comparing this layout with the kernel's own conversion, and without a
+# match everything converts through the kernel.
+_PACK_BLOCKS = (64, 32)
 
 
-def _pack_int4_blocked(qweight_OP: torch.Tensor) -> torch.Tensor:
-    """The portable nibbles ``[O, I/2]`` (`formats.pack_int4`) in the blocked layout above,
-    by byte operations on the packed form (no [O, I] int32 copy)."""
+def _pack_int4_blocked(qweight_OP: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """The portable nibbles ``[O, I/2]`` (`formats.pack_int4`) in the blocked layout above
+    (``block`` rows, this build's by default), by byte operations on the packed form (no
+    [O, I] int32 copy)."""
+    block = block or int4_pack_block()
     O, P = qweight_OP.shape  # noqa: E741
-    half = _INT4_BLOCK // 2
-    pb = qweight_OP.view(O // _INT4_BLOCK, 2, half, P)  # (block, rows j / rows 32 + j, j, column pair)
+    half = block // 2
+    pb = qweight_OP.view(O // block, 2, half, P)  # (block, rows j / rows B/2 + j, j, column pair)
     lo, hi = pb[:, 0], pb[:, 1]
     even = (lo & 0xF) | ((hi & 0xF) << 4)  # input 2c: the low nibbles of both halves
     odd = (lo >> 4) | (hi & 0xF0)  # input 2c + 1: the high nibbles
@@ -128,22 +131,30 @@ def _reference_pack_int4(qweight_OP: torch.Tensor) -> torch.Tensor:
     return torch._convert_weight_to_int4pack_for_cpu(formats.unpack_int4(qweight_OP).to(torch.int32), 1)
 
 
-_BLOCKED_IS_KERNELS: list[bool] = []
+_PACK_BLOCK: list[int | None] = []
+
+
+def int4_pack_block() -> int | None:
+    """Rows per block of this build's int4 packing when it is the documented blocked
+    layout (64 or 32; checked once against the kernel's conversion), else None."""
+    if not _PACK_BLOCK:
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randint(0, 256, (2 * max(_PACK_BLOCKS), 48), generator=g, dtype=torch.uint8)
+        want = _reference_pack_int4(probe)
+        _PACK_BLOCK.append(next((b for b in _PACK_BLOCKS if torch.equal(_pack_int4_blocked(probe, b), want)), None))
+    return _PACK_BLOCK[0]
 
 
 def _layout_is_known() -> bool:
     """Whether this build's int4 packing is the documented blocked layout (checked once)."""
-    if not _BLOCKED_IS_KERNELS:
-        g = torch.Generator().manual_seed(0)
-        probe = torch.randint(0, 256, (2 * _INT4_BLOCK, 48), generator=g, dtype=torch.uint8)
-        _BLOCKED_IS_KERNELS.append(torch.equal(_pack_int4_blocked(probe), _reference_pack_int4(probe)))
-    return _BLOCKED_IS_KERNELS[0]
+    return int4_pack_block() is not None
 
 
 def _blocked(rows: int) -> bool:
     """Whether a matrix of `rows` output rows is packed in the documented blocked layout
-    here (this build's packing checked once, and whole 64-row blocks)."""
-    return rows % _INT4_BLOCK == 0 and _layout_is_known()
+    here (this build's packing checked once, and whole blocks)."""
+    block = int4_pack_block()
+    return block is not None and rows % block == 0
 
 
 def kernel_pack_int4(qweight_OP: torch.Tensor) -> torch.Tensor:
@@ -158,7 +169,8 @@ def kernel_pack_int4(qweight_OP: torch.Tensor) -> torch.Tensor:
 def _unpack_int4_blocked(packed_OP: torch.Tensor) -> torch.Tensor:
     """The inverse of `_pack_int4_blocked`, to nibble values: ``[O, I]`` uint8 in [0, 15]."""
     O, P = packed_OP.shape  # noqa: E741
-    pb = packed_OP.reshape(O // _INT4_BLOCK, P, 2, _INT4_BLOCK // 2)  # (block, c, parity, j)
+    block = int4_pack_block()
+    pb = packed_OP.reshape(O // block, P, 2, block // 2)  # (block, c, parity, j)
     q = torch.stack([pb & 0xF, pb >> 4], dim=1)  # (block, rows j / rows 32 + j, c, parity, j)
     return q.permute(0, 1, 4, 2, 3).reshape(O, 2 * P)  # row 64b + 32 half + j, input 2c + parity
 
@@ -196,7 +208,7 @@ DENSE_MIN_ROWS = {"int8": 48, "int4": 256}
 # head (28096 x 768) dequantised at once is 43 MB of bf16 (86 MB of float32 for int4) that
 # no cache holds, and measured 50 ms (int8) / 145 ms (int4) to dequantise, against 0.5 ms
 # for a [2048, 768] expert matrix; in blocks every matrix costs what the small one does.
-DENSE_BLOCK_ROWS = 1024  # a multiple of the int4 packing's 64-row blocks
+DENSE_BLOCK_ROWS = 1024  # a multiple of the int4 packing's 64- or 32-row blocks
 
 
 def _dense_rows_mm(x_RI: torch.Tensor, d_out: int, weight_block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
@@ -244,7 +256,7 @@ def _probe_vnni() -> None:
     """The VNNI kernel on two blocks of random weights against `vnni.reference_w4a8_mm`:
     the same float32 sums up to their order, so bf16 outputs one rounding apart at most."""
     g = torch.Generator().manual_seed(0)
-    O, I, G = 2 * _INT4_BLOCK, 256, 64  # noqa: E741
+    O, I, G = 128, 256, 64  # noqa: E741
     q = torch.randint(0, 16, (O, I), generator=g, dtype=torch.uint8)
     s = torch.rand(O, I // G, generator=g).add_(0.5).to(formats.SCALE_DTYPE)
     z = torch.randn(O, I // G, generator=g).to(formats.SCALE_DTYPE)
@@ -262,8 +274,11 @@ def vnni_runs() -> bool:
     why not, said once). `vnni.disabled` is read at each call, by the op."""
     if "vnni" not in _PROBED:
         why = vnni.unavailable_reason()
-        if why is None and not _layout_is_known():
-            why = "this torch build packs int4 weights in a layout it does not read"
+        if why is None and int4_pack_block() != vnni.out_block():
+            found = int4_pack_block()
+            why = (f"this torch build packs int4 weights in {found}-row blocks, the {vnni.variant_name()} kernel "
+                   f"reads {vnni.out_block()}" if found else
+                   "this torch build packs int4 weights in a layout it does not read")
         if why is None:
             try:
                 _probe_vnni()

@@ -1,4 +1,5 @@
-"""int4 weights x int8 activations on AVX512-VNNI: our own CPU kernel for few rows (W4A8).
+"""int4 weights x int8 activations: our own CPU kernel for few rows (W4A8), on AVX512-VNNI
+(`int4_vnni.c`) or, on CPUs without AVX512, AVX2 (`int4_avx2.c`).
 
 Legend: R rows, O / I a matrix's output / input dim, N = I / G groups per row, G the int4
 group size, P = I / 2 packed bytes per row.
@@ -21,10 +22,14 @@ small beside int4's own ~10% weight error; BENCHMARKS.md measures what it does t
 loss ("int4 x int8 (VNNI)").
 
 When it runs (else torch's kernel, as before): the CPU has AVX512 F/BW/VL/VNNI/VBMI
-(`REQUIRED_FLAGS`), a C compiler builds `int4_vnni.c` (once; cached by the source's and
-compiler's hash in ``$MOELAB_KERNEL_DIR``, else ``~/.cache/moelab/kernels``), the kernel
-matches the reference on a probe matrix, and ``MOELAB_INT4_VNNI`` is not ``0`` (read once, at
-the first int4 matrix). Why it does not run is said once in the log. `disabled()` turns it off within a block (for side-by-side
+(`REQUIRED_FLAGS`: `int4_vnni.c`, vpdpbusd) or else AVX2 and FMA (`int4_avx2.c`,
+vpmaddubsw, as llama.cpp's AVX2 q4_0; `VARIANTS`), torch packs int4 in the row blocks
+that variant reads (its AVX512 builds 64, its AVX2 builds 32), a C compiler builds it
+(once; cached by the source's and compiler's hash in ``$MOELAB_KERNEL_DIR``, else
+``~/.cache/moelab/kernels``), the kernel matches the reference on a probe matrix, and
+``MOELAB_INT4_VNNI`` is not ``0`` (read once, at the first int4 matrix). A CPU with AVX512
+but without VNNI/VBMI (Skylake-X) gets torch's kernel: torch packs 64-row blocks there,
+which the AVX2 variant does not read. Why it does not run is said once in the log. `disabled()` turns it off within a block (for side-by-side
 benchmarks in one process).
 """
 
@@ -41,6 +46,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,12 +56,30 @@ from moelab.quant import formats
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int4_vnni.c")
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi")
-CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-          "-mavx512vbmi")
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of the kernel: its source, the CPU flags it needs, its compiler flags, and
+    the rows per block of the torch int4 packing it reads (torch's AVX512 builds pack 64,
+    its AVX2 builds 32: `moelab.quant.experts.int4_pack_block`)."""
+
+    name: str
+    source: Path
+    flags: tuple[str, ...]
+    cflags: tuple[str, ...]
+    block: int
+
+
+_HERE = Path(__file__).parent
+_COMMON_CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
+# In order of preference: the first whose flags the CPU has is built.
+VARIANTS = (
+    Variant("avx512-vnni", _HERE / "int4_vnni.c", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"),
+            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"), 64),
+    Variant("avx2", _HERE / "int4_avx2.c", ("avx2", "fma"), ("-mavx2", "-mfma"), 32),
+)
+REQUIRED_FLAGS = VARIANTS[0].flags  # the AVX512 variant's
 ACT_BLOCK = 32  # inputs per activation scale
-OUT_BLOCK = 64  # output rows per block of torch's int4 CPU packing (the kernel takes whole blocks)
 
 _state: dict[str, object] = {}
 _lock = threading.Lock()
@@ -77,12 +101,32 @@ def _compiler() -> list[str] | None:
     return [found, *cc[1:]] if found else None
 
 
-def _build(cc: list[str]) -> Path:
-    """The built shared library (built now unless cached); RuntimeError says why not."""
+def variant() -> Variant | None:
+    """The kernel variant this CPU runs (the first of `VARIANTS` whose flags it has), or None."""
+    if "variant" not in _state:  # once per process (fits() asks on every int4 matrix)
+        have = cpu_flags()
+        _state["variant"] = next((v for v in VARIANTS if all(f in have for f in v.flags)), None)
+    return _state["variant"]  # type: ignore[return-value]
+
+
+def out_block() -> int | None:
+    """Output rows per packing block the kernel built here reads (None: no variant here)."""
+    v = variant()
+    return v.block if v else None
+
+
+def variant_name() -> str:
+    v = variant()
+    return v.name if v else "no"
+
+
+def _build(cc: list[str], v: Variant) -> Path:
+    """The built shared library of variant ``v`` (built now unless cached); RuntimeError says why not."""
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((*cc, *CFLAGS, version)).encode()).hexdigest()[:16]
+    flags = (*_COMMON_CFLAGS, *v.cflags)
+    key = hashlib.sha256(v.source.read_bytes() + " ".join((*cc, *flags, version)).encode()).hexdigest()[:16]
     out_dir = kernel_dir()
-    out = out_dir / f"int4_vnni-{key}.so"
+    out = out_dir / f"{v.source.stem}-{key}.so"
     if out.exists():
         return out
     try:
@@ -94,11 +138,11 @@ def _build(cc: list[str]) -> Path:
         if out.exists():
             return out
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    res = subprocess.run([*cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([*cc, *flags, "-o", str(tmp), str(v.source)], capture_output=True, text=True, timeout=300)
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = (res.stderr.strip().splitlines() or ["(no output)"])[0]
-        raise RuntimeError(f"{' '.join(cc)} could not build {SOURCE.name}: {first}")
+        raise RuntimeError(f"{' '.join(cc)} could not build {v.source.name}: {first}")
     os.replace(tmp, out)  # atomic: a concurrent process sees the whole file or none
     return out
 
@@ -112,17 +156,19 @@ def _function():
 
 
 def _load() -> None:
-    """Check the CPU and the compiler, build (or find the cached build) and load it."""
+    """Pick the variant, check the compiler, build (or find the cached build) and load it."""
     fn, why = None, None
-    missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
+    v = variant()
     cc = _compiler()
-    if missing:
-        why = f"the CPU lacks {', '.join(missing)}"
+    if v is None:
+        have = cpu_flags()
+        why = "the CPU lacks " + " and ".join(
+            f"{', '.join(f for f in w.flags if f not in have)} (for {w.source.name})" for w in VARIANTS)
     elif cc is None:
         why = f"no C compiler ({os.environ.get('CC', 'cc')} not found; set CC)"
     else:
         try:
-            lib = ctypes.CDLL(str(_build(cc)))
+            lib = ctypes.CDLL(str(_build(cc, v)))
             fn = lib.moelab_w4a8_mm
             fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
             fn.restype = ctypes.c_int
@@ -157,9 +203,11 @@ def disabled() -> Iterator[None]:
 
 
 def fits(rows: int, d_out: int, d_in: int, group_size: int) -> bool:
-    """Whether the kernel takes these shapes (whole 64-row blocks, groups of whole 32-input blocks)."""
-    return rows >= 1 and d_out >= OUT_BLOCK and d_out % OUT_BLOCK == 0 and group_size % ACT_BLOCK == 0 \
-        and d_in % group_size == 0
+    """Whether the kernel built here takes these shapes (whole packing blocks of output
+    rows, `out_block`; groups of whole 32-input blocks)."""
+    block = out_block()
+    return block is not None and rows >= 1 and d_out >= block and d_out % block == 0 \
+        and group_size % ACT_BLOCK == 0 and d_in % group_size == 0
 
 
 def w4a8_mm(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: int, sz_NO2: torch.Tensor) -> torch.Tensor:
