@@ -17,7 +17,8 @@ alternating, medians:
      small ones for the size threshold;
   2. decode tok/s of the ~207M Mixtral-shaped model of benchmarks/decode_formats.py, int4
      experts and int4 ``--what all``, eager and compiled, batch 1 and 8, with the kernel
-     and inside `vnni.disabled()`; llama.cpp's q4_0 and q8_0 on our GGUF export beside
+     (each layer's experts in one call), with it per matrix (`vnni.unfused()`) and inside
+     `vnni.disabled()`; llama.cpp's q4_0 and q8_0 on our GGUF export beside
      them at batch 1 when llama-cpp-python is installed (``make install-bench``);
   3. (``--run``) quality on a trained run: val loss against fp32 (with the SE of the paired
      per-token difference), KL(fp32 || model) and teacher-forced top-1 agreement with
@@ -92,6 +93,15 @@ def _off(timer):
     return run
 
 
+def _unfused(timer):
+    from moelab.quant import vnni
+
+    def run(n: int):
+        with vnni.unfused():
+            return timer(n)
+    return run
+
+
 def decode(args) -> list[dict]:
     """Decode tok/s of the ~207M model, int4 experts and int4 all, kernel on and off."""
     from benchmarks.decode_formats import llama_cpp_timer, ours_timer, time_contenders
@@ -134,6 +144,7 @@ def decode(args) -> list[dict]:
                     key = f"{name}{'_compiled' if compiled else ''}"
                     if name.startswith("int4"):
                         contenders[f"{key}_vnni"] = t
+                        contenders[f"{key}_permatrix"] = _unfused(t)
                         contenders[f"{key}_torch"] = _off(t)
                     else:
                         contenders[key] = t
@@ -149,10 +160,15 @@ def decode(args) -> list[dict]:
                     on, off = res[key], res[f"{base}_torch"]
                     same = [float(a == b) for ra, rb in zip(on["tokens"], off["tokens"], strict=True)
                             for a, b in zip(ra, rb, strict=False)]
+                    per = res[f"{base}_permatrix"]
                     pairs[base] = {"speedup": on["decode_tok_s"] / off["decode_tok_s"],
+                                   "speedup_per_matrix": per["decode_tok_s"] / off["decode_tok_s"],
+                                   "one_call_layer": on["decode_tok_s"] / per["decode_tok_s"],
                                    "greedy_agreement": statistics.mean(same)}
-                    log.info("batch %d %-24s vnni / torch %.2fx (greedy tokens alike %.2f)", B, base,
-                             pairs[base]["speedup"], pairs[base]["greedy_agreement"])
+                    log.info("batch %d %-24s vnni / torch %.2fx, per matrix / torch %.2fx, one-call layer / per "
+                             "matrix %.2fx (greedy tokens alike %.2f)", B, base, pairs[base]["speedup"],
+                             pairs[base]["speedup_per_matrix"], pairs[base]["one_call_layer"],
+                             pairs[base]["greedy_agreement"])
             for r in res.values():
                 del r["tokens"]
             cases.append({"batch": B, "results": res, "vnni_vs_torch": pairs})

@@ -5,8 +5,8 @@
 torch's CPU kernels `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` take time
 linear in the rows: each row is another pass over the weights, which suits decode (a few
 rows) and not prefill (hundreds). `moelab.quant.experts.int8_rows_mm` / `int4_rows_mm`
-switch to the weights dequantised to bf16 and one bf16 GEMM from
-``DENSE_MIN_ROWS`` rows of a matrix on. Side by side in one process, alternating, medians:
+switch to the weights dequantised to bf16 and one bf16 GEMM (float32 on CPUs without
+native bf16: `dense_dtype`) from ``DENSE_MIN_ROWS`` rows of a matrix on. Side by side in one process, alternating, medians:
 
   1. one matrix at R rows, an expert's ([2F, D] = [2048, 768]) and the LM head's ([28096,
      768]): the kernel, and the dense path as it ships (dequantise + GEMM by blocks of
@@ -53,7 +53,7 @@ def matrix_rows(rows: list[int], repeats: int, shape: tuple[int, int]) -> list[d
     """One matrix of `shape` at each row count: the kernels, and the dense path as it ships
     (`int8_rows_mm` / `int4_rows_mm` with the threshold at 1 row: by blocks of rows)."""
     from moelab.quant import experts as qe
-    from moelab.quant import formats
+    from moelab.quant import formats, vnni
 
     O, I = shape  # noqa: E741
     g = torch.Generator().manual_seed(0)
@@ -73,10 +73,14 @@ def matrix_rows(rows: list[int], repeats: int, shape: tuple[int, int]) -> list[d
                 "int4_kernel_ms": lambda x=x: torch._weight_int4pack_mm_for_cpu(x, packed, 128, sz),
                 "int4_dense_ms": lambda x=x: qe.int4_rows_mm(x, packed, 128, sz),
             }
-            row = {"shape": list(shape), "rows": R, **{k: _median_ms(f, repeats) for k, f in cases.items()}}
+            if qe.vnni_runs():  # moelab's own int4 x int8 kernel (`moelab.quant.vnni`)
+                cases["int4_ours_ms"] = lambda x=x: vnni.w4a8_mm(x, packed, 128, sz)
+            row = {"shape": list(shape), "rows": R, "dense_dtype": str(qe.dense_dtype()).removeprefix("torch."),
+                   **{k: _median_ms(f, repeats) for k, f in cases.items()}}
             out.append(row)
-            log.info("[%d, %d] R=%4d int8 kernel %7.2f ms, dense %7.2f | int4 kernel %7.2f ms, dense %7.2f", O, I, R,
-                     row["int8_kernel_ms"], row["int8_dense_ms"], row["int4_kernel_ms"], row["int4_dense_ms"])
+            log.info("[%d, %d] R=%4d int8 kernel %7.2f ms, dense %7.2f | int4 kernel %7.2f ms, ours %s, dense %7.2f",
+                     O, I, R, row["int8_kernel_ms"], row["int8_dense_ms"], row["int4_kernel_ms"],
+                     f"{row['int4_ours_ms']:7.2f}" if "int4_ours_ms" in row else "-", row["int4_dense_ms"])
     finally:
         qe.DENSE_MIN_ROWS.update(shipped)
     return out

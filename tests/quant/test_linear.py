@@ -255,9 +255,16 @@ def test_compiled_decode_of_a_whole_quantised_model_equals_eager(name):
 
 
 @pytest.mark.slow
-def test_compiled_one_row_decode_of_an_int8_model_equals_eager():
+@pytest.mark.parametrize("traced", [True, False], ids=["avx512", "avx2"])
+def test_compiled_one_row_decode_of_an_int8_model_equals_eager(traced, monkeypatch):
     """One prompt: every int8 linear of the compiled step sees one row, where it runs the
-    traced reduction (`int8_rows_traced`) instead of the kernel; same greedy tokens."""
+    traced reduction (`int8_rows_traced`) instead of the kernel where that pays
+    (`traced_int8_pays`, both answers forced here); same greedy tokens."""
+    import moelab.quant.experts as qexperts
+    import moelab.quant.linear as qlinear
+
+    monkeypatch.setattr(qlinear, "traced_int8_pays", lambda: traced)
+    monkeypatch.setattr(qexperts, "traced_int8_pays", lambda: traced)
     model = _model()
     quantize_model(model, FORMATS["int8"], what="all")
     for prompt in ([1, 2, 3], [9, 40, 7, 7, 100]):

@@ -173,7 +173,91 @@ def test_compiled_decode_with_the_kernel_writes_the_eager_tokens_and_disabled_ho
     finally:
         vnni.w4a8_mm_unchecked = real
     assert calls and all(o * 2 * p * (r + 1) >= qe.VNNI_MIN_WORK for r, o, p in calls)  # only work worth it
-    assert (1, 1024, 128) in calls  # decode's single row: the experts' gate_up and the LM head
+    assert (1, 1024, 128) in calls  # decode's single row: the LM head (the experts: one call a layer)
+
+
+# ---------------------------------------------------------------------------- a layer in one call
+
+
+def _layer(D: int, F: int, E: int, G: int, seed: int = 0):  # noqa: N803
+    from moelab.moe.experts import RoutedExperts
+
+    torch.manual_seed(seed)
+    fe = RoutedExperts(D, F, E, "swiglu")
+    fe.reset_parameters()
+    return qe.QuantizedExperts.from_experts(fe, QuantFormat(name="int4", group_size=G))
+
+
+def _routing(T: int, E: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    expert_A = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).flatten()
+    order_A = torch.argsort(expert_A, stable=True)
+    token_A = torch.arange(T).repeat_interleave(k)[order_A]
+    return token_A, torch.bincount(expert_A, minlength=E), torch.rand(T * k, generator=g)[order_A]
+
+
+@needs_kernel
+@pytest.mark.parametrize("D,F,G", [(128, 64, 32), (256, 96, 32), (192, 256, 64), (768, 1024, 128)])
+@pytest.mark.parametrize("T", [1, 5, 40])
+def test_the_fused_layer_equals_the_per_expert_loop(D, F, G, T, monkeypatch):  # noqa: N803
+    """`run_int4_fused` (the layer in one C call) against the per-expert loop of `w4a8_mm`
+    calls it replaces (every matrix on the kernel: `VNNI_MIN_WORK` 0): rows grouped by
+    expert and tokens with the gather and combine fused, float32 and bf16 tokens. The
+    activation's exp is the kernel's own, so an activation can land one bf16 step from
+    torch's, which moves its block's int8 rounding: close, not always equal."""
+    monkeypatch.setattr(qe, "VNNI_MIN_WORK", 0)
+    E = 8
+    experts = _layer(D, F, E, G, seed=T)
+    assert qe.fused_int4_fits(experts)
+    token_A, counts_E, weight_A = _routing(T, E, 2, seed=D + T)
+    g = torch.Generator().manual_seed(T)
+    x_TD = torch.randn(T, D, generator=g) * 3
+    for x in (x_TD, x_TD.to(torch.bfloat16)):
+        fused = qe.INT4.forward_gathered(experts, x, token_A, counts_E, weight_A)
+        loop = qe._INT4_LOOP.forward_gathered(experts, x, token_A, counts_E, weight_A)
+        assert fused.dtype == loop.dtype == x.dtype and fused.shape == (T, D)
+        torch.testing.assert_close(fused.float(), loop.float(), rtol=2 ** -6, atol=2e-3 * float(loop.abs().max()))
+        with vnni.unfused():  # the side-by-side switch: the loop itself
+            assert torch.equal(qe.INT4.forward_gathered(experts, x, token_A, counts_E, weight_A), loop)
+        fused_A = qe.INT4.forward(experts, x[token_A], counts_E, weight_A)
+        loop_A = qe._INT4_LOOP.forward(experts, x[token_A], counts_E, weight_A)
+        torch.testing.assert_close(fused_A.float(), loop_A.float(), rtol=2 ** -6, atol=2e-3 * float(loop_A.abs().max()))
+    with torch.no_grad():
+        ref = experts.dequantized()(x_TD[token_A], counts_E, weight_A)  # the float32 weights: int4's own error
+    assert float((fused_A.float() - ref).norm() / ref.norm()) < 0.05
+
+
+@needs_kernel
+def test_the_fused_activation_holds_for_large_gates(monkeypatch):
+    """Gates of hundreds (where the kernel's exp clamps its input: silu(g) is g, or -0)
+    and near zero in one row: the fused layer still equals the loop, whose silu is torch's."""
+    monkeypatch.setattr(qe, "VNNI_MIN_WORK", 0)
+    D, F, G, E = 128, 64, 32, 1  # noqa: N806
+    experts = _layer(D, F, E, G)
+    x = torch.linspace(-1, 1, D).pow(3).unsqueeze(0) * 3000
+    counts, w = torch.tensor([1]), torch.tensor([0.7])
+    fused = qe.run_int4_fused(x, counts, w, *experts.int4_kernel_weights("in"), *experts.int4_kernel_weights("out"), G)
+    loop = qe._INT4_LOOP.forward(experts, x, counts, w)
+    torch.testing.assert_close(fused, loop, rtol=2 ** -6, atol=2e-3 * float(loop.abs().max()))
+
+
+@needs_kernel
+def test_the_fused_layer_refuses_bad_counts_and_hands_many_rows_back():
+    D, F, G, E = 128, 64, 32, 4  # noqa: N806
+    experts = _layer(D, F, E, G)
+    (p_in, sz_in), (p_out, sz_out) = experts.int4_kernel_weights("in"), experts.int4_kernel_weights("out")
+    x = torch.randn(6, D).to(torch.bfloat16)
+    w = torch.rand(6)
+    call = lambda counts, idx=None, max_rows=1000, combine=False: vnni.w4a8_swiglu_experts(  # noqa: E731
+        x, idx, torch.tensor(counts), w, p_in, sz_in, p_out, sz_out, G, combine=combine, max_rows=max_rows)
+    with pytest.raises(ValueError, match="do not fit"):
+        call([2, 2, 1, 0])  # 5 rows counted, 6 given
+    with pytest.raises(ValueError, match="do not fit"):
+        call([3, 3, 0, 0], idx=torch.tensor([0, 1, 2, 3, 4, 9]), combine=True)  # token 9 of 6
+    assert call([3, 3, 0, 0], max_rows=2) is None  # an expert past max_rows: the caller's dense path
+    assert call([3, 3, 0, 0]).shape == (6, D)
+    with pytest.raises(ValueError, match="do not fit"):
+        call([4, -1, 3, 0])  # a negative count
 
 
 # ---------------------------------------------------------------------------- without it

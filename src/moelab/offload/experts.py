@@ -33,9 +33,12 @@ from moelab.errors import ConfigError
 from moelab.moe.cpu_kernels import act_forward, per_expert_rows
 from moelab.moe.experts import ExpertsBackend
 from moelab.offload.store import ExpertStore
-from moelab.quant import formats
+from moelab.quant import formats, vnni
 from moelab.quant.experts import (
     KERNEL_DTYPE,
+    fused_int4_fits,
+    fused_max_rows,
+    int4_fused_expert,
     int4_rows_mm,
     int8_rows_mm,
     kernel_runs,
@@ -116,8 +119,30 @@ def _quantized(experts: OffloadedExperts, x: torch.Tensor, counts_E: torch.Tenso
     kernel = kernel_runs("int8") if experts.quant == "int8" else experts.kernel_form
     act_dtype = KERNEL_DTYPE if kernel else torch.promote_types(x.dtype, torch.float32)
     experts.prefetch_next(x)
+    if experts.quant == "int4" and kernel and _fused_as_resident(experts, counts_E):
+        return _int4_fused_per_expert(experts, x, counts_E, weight_A, token_idx_A)
     with experts.store.using(experts.layer):
         return run_rows(x, counts_E, weight_A, mm, act_dtype, experts.activation, token_idx_A)
+
+
+def _fused_as_resident(experts: OffloadedExperts, counts_E: torch.Tensor) -> bool:
+    """Whether the resident layer would run in one C call (`moelab.quant.experts.run_int4_fused`)."""
+    return (vnni.enabled() and vnni.fused_enabled() and fused_int4_fits(experts)
+            and int(counts_E.max()) <= fused_max_rows())
+
+
+def _int4_fused_per_expert(experts: OffloadedExperts, x: torch.Tensor, counts_E: torch.Tensor,
+                           weight_A: torch.Tensor, token_idx_A: torch.Tensor | None) -> torch.Tensor:
+    """The resident one-call layer's numbers, expert by expert from the slots
+    (`int4_fused_expert`: its C code on one expert), summed in the order it sums."""
+
+    def expert(e: int, x_RD: torch.Tensor, rows: slice) -> torch.Tensor:
+        p_in, sz_in, p_out, sz_out = experts.weights(e)
+        return int4_fused_expert(x_RD, weight_A[rows], p_in, sz_in, p_out, sz_out, experts.group_size).to(x.dtype)
+
+    with experts.store.using(experts.layer):
+        return per_expert_rows(x.to(KERNEL_DTYPE), counts_E, weight_A.shape[0], experts.d_model, expert,
+                               token_idx_A, out_dtype=x.dtype)
 
 
 LOOP = ExpertsBackend(

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from moelab.errors import ConfigError
-from moelab.hardware import cpu_flags
+from moelab.hardware import cpu_flags, cpu_native_bf16
 from moelab.moe import traced
 from moelab.moe.cpu_kernels import act_forward, per_expert_rows
 from moelab.moe.experts import ExpertsBackend, RoutedExperts
@@ -175,21 +175,38 @@ def _unpack_int4_blocked(packed_OP: torch.Tensor) -> torch.Tensor:
     return q.permute(0, 1, 4, 2, 3).reshape(O, 2 * P)  # row 64b + 32 half + j, input 2c + parity
 
 
-def int8_weight_bf16(q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
+def int8_weight_bf16(q_OI: torch.Tensor, scale_O: torch.Tensor, dtype: torch.dtype = KERNEL_DTYPE) -> torch.Tensor:
     """``q * scale`` as bf16 ``[O, I]``: the kernel's weight, rounded once to bf16 (q is
-    an integer bf16 holds exactly, so the bf16 product is the float32 one, rounded)."""
-    return q_OI.to(KERNEL_DTYPE) * scale_O.to(KERNEL_DTYPE).unsqueeze(-1)
+    an integer bf16 holds exactly, so the bf16 product is the float32 one, rounded); or,
+    with ``dtype`` float32, the float32 product."""
+    return q_OI.to(dtype) * scale_O.to(dtype).unsqueeze(-1)
 
 
-def int4_weight_bf16(packed_OP: torch.Tensor, sz_NO2: torch.Tensor, group_size: int) -> torch.Tensor | None:
+def int4_weight_bf16(packed_OP: torch.Tensor, sz_NO2: torch.Tensor, group_size: int,
+                     dtype: torch.dtype = KERNEL_DTYPE) -> torch.Tensor | None:
     """``(q - 8) * scale + zero`` as bf16 ``[O, I]`` from the kernel's copy (computed in
-    float32, rounded once), or None where this build's packing is not the documented one."""
+    float32, rounded once; ``dtype`` float32: not rounded), or None where this build's
+    packing is not the documented one."""
     if not _blocked(packed_OP.shape[0]):
         return None
     O, P = packed_OP.shape  # noqa: E741
     q_ONG = _unpack_int4_blocked(packed_OP).view(O, 2 * P // group_size, group_size)
     scale_ON1, zero_ON1 = sz_NO2[..., 0].t().unsqueeze(-1).float(), sz_NO2[..., 1].t().unsqueeze(-1).float()
-    return (q_ONG.float() - 8).mul_(scale_ON1).add_(zero_ON1).view(O, 2 * P).to(KERNEL_DTYPE)
+    return (q_ONG.float() - 8).mul_(scale_ON1).add_(zero_ON1).view(O, 2 * P).to(dtype)
+
+
+@torch.compiler.assume_constant_result
+def _native_bf16() -> bool:
+    """`hardware.cpu_native_bf16`, a constant to compiled graphs (dynamo cannot trace its read)."""
+    return cpu_native_bf16()
+
+
+def dense_dtype() -> torch.dtype:
+    """The dense path's GEMM dtype: bf16 where the CPU has native bf16 (AMX or AVX512-BF16),
+    else float32. Without it a bf16 GEMM is emulated: on a Zen 3 (AVX2) the bf16 dense path
+    measured 6-9x slower than the kernels it was meant to beat (BENCHMARKS.md "int4 x int8
+    on AVX2")."""
+    return KERNEL_DTYPE if _native_bf16() else torch.float32
 
 
 # Rows of one matrix from which its weights dequantised to bf16 and a bf16 GEMM beat
@@ -201,6 +218,10 @@ def int4_weight_bf16(packed_OP: torch.Tensor, sz_NO2: torch.Tensor, group_size: 
 # a [28096, 768] LM head 17.0 / 11.8 at 48. int4's dequantisation (from the kernel's
 # blocked copy, ~1 ns a weight against int8's ~0.3) pays from ~150-250 rows: experts 3.84 /
 # 3.19 at 192, the LM head 51.7 / 50.9 at 192, 155 / 120 at 512; so it starts at 256.
+# Without native bf16 the dense path is float32 (`dense_dtype`) and the same thresholds
+# hold (Zen 3, AVX2, 1 thread, BENCHMARKS.md "int4 x int8 on AVX2"): int8 [2048, 768] 7.70
+# / 6.35 at 64 rows, the LM head 79.9 / 41.7 at 32; int4 (torch's kernel) 15.3 / 12.1 at 128,
+# 25.3 / 24.3 at 256.
 DENSE_MIN_ROWS = {"int8": 48, "int4": 256}
 
 
@@ -211,21 +232,25 @@ DENSE_MIN_ROWS = {"int8": 48, "int4": 256}
 DENSE_BLOCK_ROWS = 1024  # a multiple of the int4 packing's 64- or 32-row blocks
 
 
-def _dense_rows_mm(x_RI: torch.Tensor, d_out: int, weight_block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """``x W^T`` with W's bf16 rows ``[o0, o1)`` from ``weight_block(o0, o1)``, a block at a
-    time: ``y^T`` by blocks of rows (contiguous), then transposed."""
-    y_OR = x_RI.new_empty(d_out, x_RI.shape[0])
+def _dense_rows_mm(x_RI: torch.Tensor, d_out: int,
+                   weight_block: Callable[[int, int, torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """``x W^T`` with W's rows ``[o0, o1)`` from ``weight_block(o0, o1, dtype)`` in
+    `dense_dtype`, a block at a time: ``y^T`` by blocks of rows (contiguous), then
+    transposed; out in ``x``'s dtype (bf16)."""
+    dtype = dense_dtype()
+    x = x_RI.to(dtype)
+    y_OR = x.new_empty(d_out, x.shape[0])
     for o0 in range(0, d_out, DENSE_BLOCK_ROWS):
         o1 = min(d_out, o0 + DENSE_BLOCK_ROWS)
-        torch.mm(weight_block(o0, o1), x_RI.t(), out=y_OR[o0:o1])
-    return y_OR.t().contiguous()
+        torch.mm(weight_block(o0, o1, dtype), x.t(), out=y_OR[o0:o1])
+    return y_OR.t().to(x_RI.dtype).contiguous()
 
 
 def int8_rows_mm(x_RI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
     """``x W^T`` for int8 W (bf16 in and out): the weight-only kernel, or at
     ``DENSE_MIN_ROWS`` rows and more a bf16 GEMM on the dequantised weight, by blocks."""
     if x_RI.shape[0] >= DENSE_MIN_ROWS["int8"]:
-        return _dense_rows_mm(x_RI, q_OI.shape[0], lambda o0, o1: int8_weight_bf16(q_OI[o0:o1], scale_O[o0:o1]))
+        return _dense_rows_mm(x_RI, q_OI.shape[0], lambda o0, o1, dt: int8_weight_bf16(q_OI[o0:o1], scale_O[o0:o1], dt))
     return torch._weight_int8pack_mm(x_RI, q_OI, scale_O)
 
 
@@ -241,7 +266,8 @@ VNNI_MIN_WORK = 1 << 19
 # 512 (1.3-1.8x: [2048, 768] 4.93 against 6.19 ms at 512 rows) and matches it at 1024-2048
 # (0.95-1.23x), so int4 turns dense from DENSE_MIN_ROWS["int4_vnni"] rows there. With AMX
 # (bf16 GEMMs ~4x faster: 1515 GF/s on a Sapphire Rapids) it keeps DENSE_MIN_ROWS["int4"]:
-# not measured with this kernel, no AMX machine since it was written.
+# not measured with this kernel, no AMX machine since it was written. On a Zen 3 (the AVX2
+# kernel, float32 dense path) it also wins up to 1024 rows: 72.2 / 74.6 ms at 1024.
 DENSE_MIN_ROWS["int4_vnni"] = 1024
 
 
@@ -300,8 +326,8 @@ def int4_rows_mm(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: int, s
     R, (O, P) = x_RI.shape[0], packed_OP.shape  # noqa: E741
     take_vnni = O * 2 * P * (R + 1) >= VNNI_MIN_WORK and vnni.fits(R, O, 2 * P, group_size) and vnni_runs()
     if R >= _int4_dense_min_rows(take_vnni) and _blocked(O):
-        return _dense_rows_mm(x_RI, O, lambda o0, o1: int4_weight_bf16(
-            packed_OP[o0:o1], sz_NO2[:, o0:o1], group_size))
+        return _dense_rows_mm(x_RI, O, lambda o0, o1, dt: int4_weight_bf16(
+            packed_OP[o0:o1], sz_NO2[:, o0:o1], group_size, dt))
     if take_vnni:  # eagerly straight to the kernel: the op's dispatch costs ~4 us a call
         if torch.compiler.is_compiling():
             return torch.ops.moelab.int4_few_rows_mm(x_RI, packed_OP, group_size, sz_NO2)
@@ -427,6 +453,56 @@ def run_quantized(
                      experts.activation, token_idx_A)
 
 
+def fused_int4_fits(experts) -> bool:
+    """Whether `run_int4_fused` can run these int4 experts (`QuantizedExperts`, or offloaded
+    ones in the kernel's layout: ``d_model``, ``d_expert``, ``activation``, ``group_size``):
+    swiglu, shapes the kernel takes (`vnni.experts_fit`), the kernel running here."""
+    group_size = experts.fmt.group_size if hasattr(experts, "fmt") else experts.group_size
+    return (experts.activation == "swiglu" and vnni.experts_fit(experts.d_model, experts.d_expert, group_size)
+            and vnni_runs())
+
+
+def fused_max_rows() -> int:
+    """The most rows of one expert `run_int4_fused` takes (from `int4_rows_mm`'s dense
+    threshold on, the dense path is faster: the caller runs the per-expert loop then)."""
+    return _int4_dense_min_rows(True) - 1
+
+
+def int4_fused_expert(x_RD: torch.Tensor, weight_R: torch.Tensor, p_in: torch.Tensor, sz_in: torch.Tensor,
+                      p_out: torch.Tensor, sz_out: torch.Tensor, group_size: int) -> torch.Tensor:
+    """One expert's ``w_r * down(silu(gate) * up)`` (bf16 ``x_RD``, its ``[2F, D/2]`` and
+    ``[D, F/2]`` packed projections) by the same C code as `run_int4_fused`, so that an
+    offloaded expert computes what the resident layer does, bit for bit: float32 ``[R, D]``
+    holding the bf16 outputs."""
+    y = vnni.w4a8_swiglu_experts(x_RD, None, torch.tensor([x_RD.shape[0]]), weight_R, p_in.unsqueeze(0),
+                                 sz_in.unsqueeze(0), p_out.unsqueeze(0), sz_out.unsqueeze(0), group_size,
+                                 combine=False, max_rows=x_RD.shape[0])
+    assert y is not None  # max_rows is the rows given
+    return y
+
+
+def run_int4_fused(x: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor, p_in: torch.Tensor,
+                   sz_in: torch.Tensor, p_out: torch.Tensor, sz_out: torch.Tensor, group_size: int,
+                   token_idx_A: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`run_rows` with `int4_rows_mm` on the VNNI kernel, the whole layer in one C call
+    (`vnni.w4a8_swiglu_experts`): the per-expert Python loop cost ~40 us a layer at decode,
+    as much as the kernel's own work at one row. None where an expert has so many rows
+    that `int4_rows_mm` would take the dense path (the caller runs the loop then).
+    Same contract as `run_rows` (``x_AD -> y_AD``, or with ``token_idx_A`` ``x_TD ->
+    y_TD``); the tokens' sums are in float32 for float32 ``x`` and in ``x``'s dtype
+    otherwise, as the loop's."""
+    check_inference(x, weight_A)
+    max_rows = fused_max_rows()
+    combine = token_idx_A is not None and x.dtype == torch.float32
+    y = vnni.w4a8_swiglu_experts(x.to(KERNEL_DTYPE), token_idx_A, counts_E, weight_A, p_in, sz_in, p_out, sz_out,
+                                 group_size, combine=combine, max_rows=max_rows)
+    if y is None or combine:
+        return y
+    if token_idx_A is None:
+        return y.to(x.dtype)
+    return x.new_zeros(x.shape[0], y.shape[1]).index_add_(0, token_idx_A, y.to(x.dtype))
+
+
 # ---------------------------------------------------------------------------- compiled graphs
 
 # Inside a `torch.compile`d decode step (``generate(compile=True)``) the quantised experts'
@@ -458,6 +534,10 @@ def _(x_AD, q_in_EOI, s_in_EO, q_out_EOI, s_out_EO, weight_A, tokens_per_expert_
 def int4_expert_ffn(x_AD: torch.Tensor, p_in: torch.Tensor, sz_in: torch.Tensor, p_out: torch.Tensor,
                     sz_out: torch.Tensor, weight_A: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                     group_size: int, d_model: int, activation: str) -> torch.Tensor:
+    return _int4_loop(x_AD, p_in, sz_in, p_out, sz_out, weight_A, tokens_per_expert_E, group_size, activation)
+
+
+def _int4_loop(x_AD, p_in, sz_in, p_out, sz_out, weight_A, tokens_per_expert_E, group_size, activation):
     w = {"in": (p_in, sz_in), "out": (p_out, sz_out)}
 
     def mm(proj: str, e: int, x_RI: torch.Tensor) -> torch.Tensor:
@@ -472,6 +552,27 @@ def _(x_AD, p_in, sz_in, p_out, sz_out, weight_A, tokens_per_expert_E, group_siz
     return x_AD.new_empty(x_AD.shape[0], d_model)
 
 
+# The fused layer (`run_int4_fused`) as one op of the low-level library, as
+# `int4_few_rows_mm` (its dispatch is cheaper than `custom_op`'s). When it runs it reads
+# `vnni.enabled()`, `vnni.fused_enabled()` and the rows per expert, and falls back to the
+# per-expert loop.
+_LIB.define("int4_swiglu_experts(Tensor x, Tensor counts, Tensor weight, Tensor p_in, Tensor sz_in, "
+            "Tensor p_out, Tensor sz_out, int group_size) -> Tensor")
+
+
+def _int4_swiglu_experts(x_AD, counts_E, weight_A, p_in, sz_in, p_out, sz_out, group_size):
+    fused = vnni.enabled() and vnni.fused_enabled()
+    y = run_int4_fused(x_AD, counts_E, weight_A, p_in, sz_in, p_out, sz_out, group_size) if fused else None
+    if y is None:
+        return _int4_loop(x_AD, p_in, sz_in, p_out, sz_out, weight_A, counts_E, group_size, "swiglu")
+    return y
+
+
+_LIB.impl("int4_swiglu_experts", _int4_swiglu_experts, "CPU")
+_LIB.impl("int4_swiglu_experts", lambda x, counts, weight, p_in, sz_in, p_out, sz_out, group_size:
+          x.new_empty(x.shape[0], p_out.shape[1]), "Meta")
+
+
 def int8_rows_traced(x_RI: torch.Tensor, q_ROI: torch.Tensor, s_RO: torch.Tensor) -> torch.Tensor:
     """``y_RO = (x_R . q_R^T) * s_R`` with row r's own int8 matrix ``q_ROI[r]``: what
     `torch._weight_int8pack_mm` computes (bf16 in, float32 sums, bf16 out), as
@@ -479,6 +580,18 @@ def int8_rows_traced(x_RI: torch.Tensor, q_ROI: torch.Tensor, s_RO: torch.Tensor
     dequantisation inside its loop. At one row it streams the int8 weights ~1.7x as fast
     as the kernel (BENCHMARKS.md "Decode per weight format"). For compiled graphs."""
     return traced.rows_matvec(x_RI.to(KERNEL_DTYPE), q_ROI, s_RO).to(KERNEL_DTYPE)
+
+
+@torch.compiler.assume_constant_result
+def traced_int8_pays() -> bool:
+    """Whether a compiled step runs its few-row int8 matmuls as traced reductions
+    (`int8_rows_traced`), on an AVX512 build of torch, or keeps torch's int8 kernel. The
+    reduction is fast where inductor vectorises its int8 loads: on AVX512 (Zen 5) it
+    streamed the LM head at 1.7x the kernel's rate. On an AVX2 build (Zen 3) it measured
+    4.8x (the [28096, 768] LM head, 33.6 against 7.0 ms at one row) to 12x ([2048, 768])
+    *slower* than the kernel, and compiled int8 decode ran at 0.31x eager (BENCHMARKS.md
+    "int4 x int8 on AVX2")."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _traced_int8_experts(experts: QuantizedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
@@ -497,12 +610,15 @@ TRACED_INT8_MAX_ROWS = 8
 
 def _compiled_forward(experts: QuantizedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
                       weight_A: torch.Tensor) -> torch.Tensor:
-    if experts.fmt.name == "int8" and x_AD.shape[0] <= TRACED_INT8_MAX_ROWS:
+    if experts.fmt.name == "int8" and x_AD.shape[0] <= TRACED_INT8_MAX_ROWS and traced_int8_pays():
         return _traced_int8_experts(experts, x_AD, counts_E, weight_A)
     if experts.fmt.name == "int8":
         return int8_expert_ffn(x_AD, experts.qweight("in"), experts.scale("in"), experts.qweight("out"),
                                experts.scale("out"), weight_A, counts_E, experts.activation)
     (p_in, sz_in), (p_out, sz_out) = experts.int4_kernel_weights("in"), experts.int4_kernel_weights("out")
+    if fused_int4_fits(experts):  # the op reads `vnni.enabled()` when it runs
+        return torch.ops.moelab.int4_swiglu_experts(x_AD, counts_E, weight_A, p_in, sz_in, p_out, sz_out,
+                                                    experts.fmt.group_size)
     return int4_expert_ffn(x_AD, p_in, sz_in, p_out, sz_out, weight_A, counts_E, experts.fmt.group_size,
                            experts.d_model, experts.activation)
 
@@ -525,8 +641,27 @@ def _backend(name: str, mm: ExpertMM, act_dtype: torch.dtype | None, summary: st
 
 INT8 = _backend("int8", _int8_mm, KERNEL_DTYPE,
                 "int8 experts on CPU: torch._weight_int8pack_mm per expert, bf16 activations")
-INT4 = _backend("int4", _int4_mm, KERNEL_DTYPE,
-                "int4 experts on CPU: torch._weight_int4pack_mm_for_cpu per expert, bf16 activations")
+_INT4_LOOP = _backend("int4", _int4_mm, KERNEL_DTYPE, "")
+
+
+def _int4_forward(experts, x, counts_E, weight_A, token_idx_A=None):
+    """The fused layer (`run_int4_fused`) where it applies, else the per-expert loop."""
+    if vnni.enabled() and vnni.fused_enabled() and fused_int4_fits(experts):
+        (p_in, sz_in), (p_out, sz_out) = experts.int4_kernel_weights("in"), experts.int4_kernel_weights("out")
+        y = run_int4_fused(x, counts_E, weight_A, p_in, sz_in, p_out, sz_out, experts.fmt.group_size, token_idx_A)
+        if y is not None:
+            return y
+    if token_idx_A is None:
+        return _INT4_LOOP.forward(experts, x, counts_E, weight_A)
+    return _INT4_LOOP.forward_gathered(experts, x, token_idx_A, counts_E, weight_A)
+
+
+INT4 = ExpertsBackend(
+    "int4", _int4_forward, lambda experts, x: True,
+    "int4 experts on CPU: the layer in one call of moelab's int4 x int8 VNNI kernel where it runs (swiglu), "
+    "else torch._weight_int4pack_mm_for_cpu per expert, bf16 activations",
+    forward_gathered=lambda experts, x_TD, token_idx_A, counts_E, weight_A: _int4_forward(
+        experts, x_TD, counts_E, weight_A, token_idx_A))
 DEQUANT = _backend("dequant", _dequant_mm, None,
                    "quantised experts without a kernel: each used expert dequantised to float32 per call")
 KERNEL_BACKENDS = {"int8": INT8, "int4": INT4}

@@ -155,16 +155,9 @@ static inline void block_rows(const uint8_t *wb, const uint16_t *sz, int O, int 
     for (int q = 0; q < 4; q++) ps_to_bf16x8(y + (size_t)(r0 + i) * O + o0 + 8 * q, _mm256_loadu_ps(acc[i] + 8 * q));
 }
 
-// 0: done; 1: shapes the kernel does not take; 2: out of memory.
-int moelab_w4a8_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int R, int O, int I, int G,
-                   int threads) {
-  if (R < 1 || O < BLOCK || O % BLOCK || G < XB || G % XB || I < G || I % G) return 1;
-  int nb = I / XB, ng = I / G;
-  int8_t *xq = malloc((size_t)R * I + 64 + sizeof(float) * (size_t)R * (nb + ng));
-  if (!xq) return 2;
-  float *xs = (float *)(((uintptr_t)(xq + (size_t)R * I) + 63) & ~(uintptr_t)63);
-  float *xsum = xs + (size_t)R * nb;
-  quantize_rows(x, R, I, G, xq, xs, xsum);
+// y [R, O] bf16 = the rows already rounded to int8 (xq, xs, xsum) times W.
+static void mm_quantized(const int8_t *xq, const float *xs, const float *xsum, int R, const uint8_t *w,
+                         const uint16_t *sz, int O, int I, int G, uint16_t *y, int threads) {
   int nblk = O / BLOCK;
   // The OpenMP runtime is torch's own (libgomp.so.1, already loaded: one thread pool).
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && nblk >= 2 * threads)
@@ -172,6 +165,21 @@ int moelab_w4a8_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint
     for (int r0 = 0; r0 < R; r0 += RB)
       block_rows(w + (size_t)b * BLOCK * (I / 2), sz, O, BLOCK * b, I, G, xq, xs, xsum, r0,
                  R - r0 < RB ? R - r0 : RB, y);
+}
+
+#include "int4_experts.h"
+
+// 0: done; 1: shapes the kernel does not take; 2: out of memory.
+int moelab_w4a8_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int R, int O, int I, int G,
+                   int threads) {
+  if (R < 1 || !shapes_fit(O, I, G)) return 1;
+  int nb = I / XB, ng = I / G;
+  int8_t *xq = malloc((size_t)R * I + 64 + sizeof(float) * (size_t)R * (nb + ng));
+  if (!xq) return 2;
+  float *xs = (float *)(((uintptr_t)(xq + (size_t)R * I) + 63) & ~(uintptr_t)63);
+  float *xsum = xs + (size_t)R * nb;
+  quantize_rows(x, R, I, G, xq, xs, xsum);
+  mm_quantized(xq, xs, xsum, R, w, sz, O, I, G, y, threads);
   free(xq);
   return 0;
 }

@@ -48,6 +48,7 @@ from moelab.quant.experts import (
     kernel_pack_int4,
     kernel_runs,
     portable_from_kernel_int4,
+    traced_int8_pays,
 )
 from moelab.quant.formats import QuantFormat
 
@@ -222,7 +223,7 @@ class QuantizedLinear(nn.Module):
         x_RI = x.reshape(-1, self.in_features)
         if self._kernel_runs_here(x):
             a = x_RI.to(KERNEL_DTYPE)
-            if self.fmt.name == "int8" and torch.compiler.is_compiling() and x_RI.shape[0] == 1:
+            if self.fmt.name == "int8" and torch.compiler.is_compiling() and x_RI.shape[0] == 1 and traced_int8_pays():
                 y = int8_rows_traced(a, self.qweight.unsqueeze(0), self.scale.unsqueeze(0))
             elif self.fmt.name == "int8":
                 y = int8_rows_mm(a, self.qweight, self.scale)

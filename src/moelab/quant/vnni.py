@@ -71,7 +71,10 @@ class Variant:
 
 
 _HERE = Path(__file__).parent
-_COMMON_CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
+# -fno-trapping-math: lets the compiler vectorise int4_experts.h's portable activation loop
+# (no FP exception flags are read here)
+_COMMON_CFLAGS = ("-O3", "-fno-trapping-math", "-shared", "-fPIC", "-fopenmp")
+HEADER = _HERE / "int4_experts.h"  # the layer's experts in one call, included by both sources
 # In order of preference: the first whose flags the CPU has is built.
 VARIANTS = (
     Variant("avx512-vnni", _HERE / "int4_vnni.c", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"),
@@ -84,6 +87,7 @@ ACT_BLOCK = 32  # inputs per activation scale
 _state: dict[str, object] = {}
 _lock = threading.Lock()
 _enabled = [True]
+_fused = [True]
 
 
 def kernel_dir() -> Path:
@@ -124,7 +128,8 @@ def _build(cc: list[str], v: Variant) -> Path:
     """The built shared library of variant ``v`` (built now unless cached); RuntimeError says why not."""
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
     flags = (*_COMMON_CFLAGS, *v.cflags)
-    key = hashlib.sha256(v.source.read_bytes() + " ".join((*cc, *flags, version)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(v.source.read_bytes() + HEADER.read_bytes() + " ".join((*cc, *flags, version)).encode())
+    key = key.hexdigest()[:16]
     out_dir = kernel_dir()
     out = out_dir / f"{v.source.stem}-{key}.so"
     if out.exists():
@@ -172,6 +177,10 @@ def _load() -> None:
             fn = lib.moelab_w4a8_mm
             fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
             fn.restype = ctypes.c_int
+            ffn = lib.moelab_w4a8_swiglu_experts
+            ffn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 9
+            ffn.restype = ctypes.c_int
+            _state["experts"] = ffn
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             why = str(e)
     _state["fn"], _state["why"] = fn, why
@@ -200,6 +209,24 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _enabled[0] = before
+
+
+def fused_enabled() -> bool:
+    """Whether an MoE layer's int4 experts may run in one call (`w4a8_swiglu_experts`) now:
+    not inside `unfused()`."""
+    return _fused[0]
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Within the block, int4 experts run one `w4a8_mm` per matrix from Python, as before
+    the one-call layer (a side-by-side switch; read when the call runs, compiled or not)."""
+    before = _fused[0]
+    _fused[0] = False
+    try:
+        yield
+    finally:
+        _fused[0] = before
 
 
 def fits(rows: int, d_out: int, d_in: int, group_size: int) -> bool:
@@ -240,6 +267,48 @@ def w4a8_mm_unchecked(x_RI: torch.Tensor, packed_OP: torch.Tensor, group_size: i
     if rc != 0:
         raise RuntimeError(f"moelab_w4a8_mm failed (code {rc}: {'shapes' if rc == 1 else 'out of memory'})")
     return y
+
+
+def w4a8_swiglu_experts(x_XD: torch.Tensor, token_idx_A: torch.Tensor | None, counts_E: torch.Tensor,
+                        weight_A: torch.Tensor, p_in: torch.Tensor, sz_in: torch.Tensor, p_out: torch.Tensor,
+                        sz_out: torch.Tensor, group_size: int, *, combine: bool, max_rows: int) -> torch.Tensor | None:
+    """One MoE layer's swiglu experts on the kernel in one call: for rows grouped by expert
+    (``counts_E``; assignment a reads ``x_XD[token_idx_A[a]]``, or row a without an index),
+    ``y_a = w_a * down(silu(gate) * up)`` with both projections `w4a8_mm` (``p_in [E, 2F,
+    D/2]``, ``p_out [E, D, F/2]`` in torch's blocked int4 packing, ``sz_*`` their ``[E, N,
+    O, 2]`` bf16 scales and zeros) and the activation in float32 rounded to bf16, as
+    `moelab.quant.experts.run_rows` computes with `w4a8_mm` per expert (the reference).
+    ``exp`` is the kernel's own polynomial, so an activation can differ from torch's by a
+    bf16 rounding.
+
+    Returns float32 ``[A, D]`` (``combine`` False) or ``[X, D]`` with each token's rows
+    summed in assignment order (True), or None when an expert has more than ``max_rows``
+    rows (where the dense path is faster). Shapes and dtypes are the caller's to check
+    (`experts_fit`); bad counts or indices are refused by the kernel (ValueError)."""
+    x = x_XD.contiguous()
+    X, D = x.shape
+    A, F = weight_A.shape[0], p_out.shape[2] * 2
+    idx = None if token_idx_A is None else token_idx_A.to(torch.int64).contiguous()
+    counts = counts_E.to(torch.int64).contiguous()
+    w = weight_A.float().contiguous()
+    weights = [t.contiguous() for t in (p_in, sz_in, p_out, sz_out)]
+    out = torch.empty(X if combine else A, D, dtype=torch.float32)
+    rc = _state["experts"](x.data_ptr(), 0 if idx is None else idx.data_ptr(), counts.data_ptr(), w.data_ptr(),
+                           *(t.data_ptr() for t in weights), out.data_ptr(), X, A, counts.shape[0], D, F,
+                           group_size, int(combine), max_rows, torch.get_num_threads())
+    if rc == 4:
+        return None
+    if rc == 3:
+        raise ValueError(f"w4a8_swiglu_experts: counts {counts.tolist()} (sum != {A} rows, or negative) or a "
+                         f"token index outside [0, {X}) do not fit")
+    if rc != 0:
+        raise RuntimeError(f"moelab_w4a8_swiglu_experts failed (code {rc}: {'shapes' if rc == 1 else 'out of memory'})")
+    return out
+
+
+def experts_fit(d_model: int, d_expert: int, group_size: int) -> bool:
+    """Whether `w4a8_swiglu_experts` takes experts of these shapes (both projections `fits`)."""
+    return fits(1, 2 * d_expert, d_model, group_size) and fits(1, d_model, d_expert, group_size)
 
 
 # ---------------------------------------------------------------------------- the reference
