@@ -16,7 +16,9 @@ Backends, picked per call:
       (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`) on **bf16**
       activations: with float32 activations the int8 kernel measured 2.4x slower than a
       plain float32 GEMM. The activation between the two GEMMs is computed in float32;
-      the output is cast back to the input dtype.
+      the output is cast back to the input dtype. int4 takes moelab's own int4 x int8
+      kernel where it runs (`moelab.quant.vnni`), for swiglu experts the whole layer in
+      one C call (`run_int4_fused`, whose reference is the per-expert loop).
   ``dequant``: where a kernel is missing or does not run (torch versions differ; probed
       once per process on a tiny input, said once in the log) or the shapes do not fit
       it, each used expert's weights are dequantised to float32 for the call and run as
@@ -313,8 +315,8 @@ def vnni_runs() -> bool:
         _PROBED["vnni"] = why is None
         _PROBED["amx"] = "amx_bf16" in cpu_flags()
         # info, not a warning: torch's kernel is the ordinary path; this one is a speed-up
-        log.info("int4 matrices: %s", "moelab's int4 x int8 VNNI kernel" if why is None
-                 else f"torch's int4 kernel, not moelab's int4 x int8 VNNI one ({why})")
+        log.info("int4 matrices: %s", f"moelab's int4 x int8 kernel ({vnni.variant_name()})" if why is None
+                 else f"torch's int4 kernel, not moelab's int4 x int8 one ({why})")
     return _PROBED["vnni"]
 
 
@@ -658,7 +660,7 @@ def _int4_forward(experts, x, counts_E, weight_A, token_idx_A=None):
 
 INT4 = ExpertsBackend(
     "int4", _int4_forward, lambda experts, x: True,
-    "int4 experts on CPU: the layer in one call of moelab's int4 x int8 VNNI kernel where it runs (swiglu), "
+    "int4 experts on CPU: the layer in one call of moelab's int4 x int8 kernel where it runs (swiglu), "
     "else torch._weight_int4pack_mm_for_cpu per expert, bf16 activations",
     forward_gathered=lambda experts, x_TD, token_idx_A, counts_E, weight_A: _int4_forward(
         experts, x_TD, counts_E, weight_A, token_idx_A))
