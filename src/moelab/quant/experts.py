@@ -293,6 +293,23 @@ def _probe_vnni() -> None:
     ref = vnni.reference_w4a8_mm(x, q, s, z).float()
     if not torch.allclose(y, ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max())):
         raise RuntimeError(f"it ran but disagrees with its reference (max diff {float((y - ref).abs().max()):.3g})")
+    # The one-call layer (`vnni.w4a8_swiglu_experts`) against its loop of `w4a8_mm` calls:
+    # two experts of D 128, F 64 on three rows.
+    E, D, F = 2, 128, 64  # noqa: N806
+    mats = {}
+    for proj, (O, I) in (("in", (2 * F, D)), ("out", (D, F))):  # noqa: E741
+        w = torch.randn(E, O, I, generator=g) * 0.1
+        qs = [formats.quantize_int4(w[e], 32) for e in range(E)]
+        mats[proj] = (torch.stack([kernel_pack_int4(formats.pack_int4(q)) for q, _, _ in qs]),
+                      torch.stack([int4_scales_and_zeros(s_, z_) for _, s_, z_ in qs]))
+    x, counts, w_A = torch.randn(3, D, generator=g).to(KERNEL_DTYPE), torch.tensor([2, 1]), torch.rand(3, generator=g)
+    y = vnni.w4a8_swiglu_experts(x, None, counts, w_A, *mats["in"], *mats["out"], 32, combine=False, max_rows=3)
+    ref = torch.cat([vnni.w4a8_mm((act_forward(vnni.w4a8_mm(x[rows], mats["in"][0][e], 32, mats["in"][1][e]).float(),
+                                               "swiglu") * w_A[rows, None]).to(KERNEL_DTYPE),
+                                  mats["out"][0][e], 32, mats["out"][1][e]).float()
+                     for e, rows in ((0, slice(0, 2)), (1, slice(2, 3)))])
+    if y is None or not torch.allclose(y, ref, rtol=2 ** -6, atol=2e-3 * float(ref.abs().max())):
+        raise RuntimeError("its one-call layer disagrees with its loop of matmuls")
 
 
 def vnni_runs() -> bool:

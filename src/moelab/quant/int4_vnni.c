@@ -149,19 +149,4 @@ static void mm_quantized(const int8_t *xq, const float *xs, const float *xsum, i
                  R - r0 < RB ? R - r0 : RB, y, idx0, idx1);
 }
 
-#include "int4_experts.h"
-
-// 0: done; 1: shapes the kernel does not take; 2: out of memory.
-int moelab_w4a8_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int R, int O, int I, int G,
-                   int threads) {
-  if (R < 1 || !shapes_fit(O, I, G)) return 1;
-  int nb = I / XB, ng = I / G;
-  int8_t *xq = malloc((size_t)R * I + 64 + sizeof(float) * (size_t)R * (nb + ng));
-  if (!xq) return 2;
-  float *xs = (float *)(((uintptr_t)(xq + (size_t)R * I) + 63) & ~(uintptr_t)63);
-  float *xsum = xs + (size_t)R * nb;
-  quantize_rows(x, R, I, G, xq, xs, xsum);
-  mm_quantized(xq, xs, xsum, R, w, sz, O, I, G, y, threads);
-  free(xq);
-  return 0;
-}
+#include "int4_shared.h"  // moelab_w4a8_mm and the one-call layer, on the functions above

@@ -71,10 +71,10 @@ class Variant:
 
 
 _HERE = Path(__file__).parent
-# -fno-trapping-math: lets the compiler vectorise int4_experts.h's portable activation loop
+# -fno-trapping-math: lets the compiler vectorise int4_shared.h's portable activation loop
 # (no FP exception flags are read here)
 _COMMON_CFLAGS = ("-O3", "-fno-trapping-math", "-shared", "-fPIC", "-fopenmp")
-HEADER = _HERE / "int4_experts.h"  # the layer's experts in one call, included by both sources
+HEADER = _HERE / "int4_shared.h"  # the layer's experts in one call, included by both sources
 # In order of preference: the first whose flags the CPU has is built.
 VARIANTS = (
     Variant("avx512-vnni", _HERE / "int4_vnni.c", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"),

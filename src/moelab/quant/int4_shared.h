@@ -1,9 +1,12 @@
-// One MoE layer's routed experts (swiglu) on the int4 x int8 kernel in one call: the whole
-// per-expert loop of `moelab.quant.experts.run_rows` (which is its reference: two
-// `w4a8_mm` per expert, the activation between them in float32 rounded to bf16), without
-// Python between the GEMMs (~40 us a layer at decode, as much as the kernel's own work
-// at one row). Included by int4_vnni.c and int4_avx2.c after they define BLOCK, XB,
-// quantize_rows and mm_quantized; what is here is portable C (the compiler vectorises it).
+// The entry points both kernel variants export, on the functions each defines (BLOCK, XB,
+// quantize_rows, mm_quantized; included by int4_vnni.c and int4_avx2.c after them). What is
+// here is portable C (the compiler vectorises it):
+//   moelab_w4a8_mm              one matrix (`moelab.quant.vnni.w4a8_mm`);
+//   moelab_w4a8_swiglu_experts  one MoE layer's routed experts (swiglu) in one call: the
+//     whole per-expert loop of `moelab.quant.experts.run_rows` (its reference: two
+//     `w4a8_mm` per expert, the activation between them in float32 rounded to bf16),
+//     without Python between the GEMMs (~40 us a layer at decode on Zen 5, as much as the
+//     kernel's own work at one row).
 
 // bf16 <-> float32 as torch converts (round to nearest even; NaN stays NaN).
 static inline float bf16_to_f32(uint16_t h) {
@@ -127,5 +130,20 @@ int moelab_w4a8_swiglu_experts(const uint16_t *x, const int64_t *idx, const int6
     a0 += n;
   }
   free(buf);
+  return 0;
+}
+
+// 0: done; 1: shapes the kernel does not take; 2: out of memory.
+int moelab_w4a8_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int R, int O, int I, int G,
+                   int threads) {
+  if (R < 1 || !shapes_fit(O, I, G)) return 1;
+  int nb = I / XB, ng = I / G;
+  int8_t *xq = malloc((size_t)R * I + 64 + sizeof(float) * (size_t)R * (nb + ng));
+  if (!xq) return 2;
+  float *xs = (float *)(((uintptr_t)(xq + (size_t)R * I) + 63) & ~(uintptr_t)63);
+  float *xsum = xs + (size_t)R * nb;
+  quantize_rows(x, R, I, G, xq, xs, xsum);
+  mm_quantized(xq, xs, xsum, R, w, sz, O, I, G, y, threads);
+  free(xq);
   return 0;
 }
