@@ -206,8 +206,8 @@ def _native_bf16() -> bool:
 def dense_dtype() -> torch.dtype:
     """The dense path's GEMM dtype: bf16 where the CPU has native bf16 (AMX or AVX512-BF16),
     else float32. Without it a bf16 GEMM is emulated: on a Zen 3 (AVX2) the bf16 dense path
-    measured 6-9x slower than the kernels it was meant to beat (BENCHMARKS.md "int4 x int8
-    on AVX2")."""
+    measured 4-9x slower than the kernels it was meant to beat at 32-128 rows (BENCHMARKS.md
+    "int4 x int8 on AVX2")."""
     return KERNEL_DTYPE if _native_bf16() else torch.float32
 
 
