@@ -128,8 +128,6 @@ def test_bad_value_shows_the_cli_line_next_to_the_control(page):
 
 
 def test_route_colours_tokens(page, model_dir):
-    from selenium.webdriver.support.ui import Select
-
     page.find_element("css selector", "#tabs button[data-panel='route']").click()
     options = "return Array.from(document.querySelectorAll('#route-model option')).map(o => o.value);"
     wait_for(lambda: str(model_dir) in page.execute_script(options), 10, "the model list")
@@ -148,10 +146,13 @@ def test_route_colours_tokens(page, model_dir):
     colours = {t[1] for t in toks}
     assert len(colours) > 1 and "rgba(0, 0, 0, 0)" not in colours
     assert "layer 0: e" in toks[0][2] and "layer 1: e" in toks[0][2]
-    # "all layers": one coloured line per MoE layer.
-    Select(by_id(page, "route-layer")).select_by_value("all")
-    assert len(page.execute_script(read)) == 2 * len(toks)
-    assert [e.text for e in page.find_elements("css selector", "#route-tokens .toklabel")] == ["layer 0", "layer 1"]
+    # "all layers": one coloured line per MoE layer. Chosen in one script: the debounced
+    # route of the typing may still answer and rebuild the options under a Select.
+    page.execute_script("const s = document.getElementById('route-layer'); s.value = 'all';"
+                        "s.dispatchEvent(new Event('change'));")
+    wait_for(lambda: len(page.execute_script(read)) == 2 * len(toks), 10, "one line per layer")
+    labels = "return Array.from(document.querySelectorAll('#route-tokens .toklabel')).map(e => e.textContent);"
+    assert page.execute_script(labels) == ["layer 0", "layer 1"]
 
 
 def test_break_streams_points_then_a_verdict(page):

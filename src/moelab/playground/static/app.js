@@ -260,11 +260,16 @@ function drawTokens() {
   }
 }
 
+// Typing routes too (debounced), so requests can overlap: only the latest one's answer is
+// drawn, or an earlier, slower answer would redraw the tokens of text no longer there.
+let routeSeq = 0;
 async function routeGo() {
-  const panel = $("#panel-route");
+  const panel = $("#panel-route"), seq = ++routeSeq;
   $("#route-tokens").dataset.state = "busy";
   try {
-    routed = await api("POST", "/api/route", {model: $("#route-model").value, text: $("#route-text").value});
+    const answer = await api("POST", "/api/route", {model: $("#route-model").value, text: $("#route-text").value});
+    if (seq !== routeSeq) return;
+    routed = answer;
     clearErrors(panel, "#route-error");
     const sel = $("#route-layer"), keep = sel.value;
     sel.innerHTML = "";
@@ -277,6 +282,7 @@ async function routeGo() {
     drawTokens();
     $("#route-tokens").dataset.state = "ok";
   } catch (err) {
+    if (seq !== routeSeq) return;
     showError(panel, "#route-error", err);
     $("#route-tokens").dataset.state = "error";
   }
