@@ -208,7 +208,7 @@ def test_the_fused_layer_equals_the_per_expert_loop(D, F, G, T, monkeypatch):  #
     monkeypatch.setattr(qe, "VNNI_MIN_WORK", 0)
     E = 8
     experts = _layer(D, F, E, G, seed=T)
-    assert qe.fused_int4_fits(experts)
+    assert qe.fused_int4_fits(D, F, G, "swiglu")
     token_A, counts_E, weight_A = _routing(T, E, 2, seed=D + T)
     g = torch.Generator().manual_seed(T)
     x_TD = torch.randn(T, D, generator=g) * 3
@@ -258,6 +258,9 @@ def test_the_fused_layer_refuses_bad_counts_and_hands_many_rows_back():
     assert call([3, 3, 0, 0]).shape == (6, D)
     with pytest.raises(ValueError, match="do not fit"):
         call([4, -1, 3, 0])  # a negative count
+    with pytest.raises(TypeError, match="bf16 x"):
+        vnni.w4a8_swiglu_experts(x.float(), None, torch.tensor([3, 3, 0, 0]), w, p_in, sz_in, p_out, sz_out, G,
+                                 combine=False, max_rows=1000)
 
 
 # ---------------------------------------------------------------------------- without it

@@ -226,7 +226,7 @@ def _cpu_bf16(experts: RoutedExperts, x: torch.Tensor, counts_E: torch.Tensor, w
     """Rows ``x_AD`` (or, with ``token_idx_A``, tokens ``x_TD``: the fused local path)."""
     if token_idx_A is not None and token_idx_A.numel() == 0:
         return torch.zeros_like(x) + 0.0 * experts.down_proj.sum()
-    if _native_bf16():
+    if native_bf16():
         return _segmented(experts, x.to(torch.bfloat16), counts_E, weight_A, token_idx_A).to(x.dtype)
     if not _warned_emulated_bf16:
         _warned_emulated_bf16.append(True)
@@ -254,10 +254,10 @@ _warned_emulated_bf16: list[bool] = []
 
 
 @torch.compiler.assume_constant_result
-def _native_bf16() -> bool:
+def native_bf16() -> bool:
     """`hardware.cpu_native_bf16`, which a compiled graph takes as a constant (it reads
     /proc/cpuinfo, which dynamo cannot trace: a bf16 model's ``generate(compile=True)``
-    failed on it)."""
+    failed on it). `moelab.quant.experts.dense_dtype` asks it too."""
     return hardware.cpu_native_bf16()
 
 register_backend(ExpertsBackend(

@@ -127,7 +127,8 @@ def _quantized(experts: OffloadedExperts, x: torch.Tensor, counts_E: torch.Tenso
 
 def _fused_as_resident(experts: OffloadedExperts, counts_E: torch.Tensor) -> bool:
     """Whether the resident layer would run in one C call (`moelab.quant.experts.run_int4_fused`)."""
-    return (vnni.enabled() and vnni.fused_enabled() and fused_int4_fits(experts)
+    return (vnni.enabled() and vnni.fused_enabled()
+            and fused_int4_fits(experts.d_model, experts.d_expert, experts.group_size, experts.activation)
             and int(counts_E.max()) <= fused_max_rows())
 
 

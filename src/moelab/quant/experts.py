@@ -38,10 +38,10 @@ import torch
 from torch import nn
 
 from moelab.errors import ConfigError
-from moelab.hardware import cpu_flags, cpu_native_bf16
+from moelab.hardware import cpu_flags
 from moelab.moe import traced
 from moelab.moe.cpu_kernels import act_forward, per_expert_rows
-from moelab.moe.experts import ExpertsBackend, RoutedExperts
+from moelab.moe.experts import ExpertsBackend, RoutedExperts, native_bf16
 from moelab.quant import formats, vnni
 from moelab.quant.formats import QuantFormat
 
@@ -197,18 +197,12 @@ def int4_weight_bf16(packed_OP: torch.Tensor, sz_NO2: torch.Tensor, group_size: 
     return (q_ONG.float() - 8).mul_(scale_ON1).add_(zero_ON1).view(O, 2 * P).to(dtype)
 
 
-@torch.compiler.assume_constant_result
-def _native_bf16() -> bool:
-    """`hardware.cpu_native_bf16`, a constant to compiled graphs (dynamo cannot trace its read)."""
-    return cpu_native_bf16()
-
-
 def dense_dtype() -> torch.dtype:
     """The dense path's GEMM dtype: bf16 where the CPU has native bf16 (AMX or AVX512-BF16),
     else float32. Without it a bf16 GEMM is emulated: on a Zen 3 (AVX2) the bf16 dense path
     measured 4-9x slower than the kernels it was meant to beat at 32-128 rows (BENCHMARKS.md
     "int4 x int8 on AVX2")."""
-    return KERNEL_DTYPE if _native_bf16() else torch.float32
+    return KERNEL_DTYPE if native_bf16() else torch.float32
 
 
 # Rows of one matrix from which its weights dequantised to bf16 and a bf16 GEMM beat
@@ -472,13 +466,11 @@ def run_quantized(
                      experts.activation, token_idx_A)
 
 
-def fused_int4_fits(experts) -> bool:
-    """Whether `run_int4_fused` can run these int4 experts (`QuantizedExperts`, or offloaded
-    ones in the kernel's layout: ``d_model``, ``d_expert``, ``activation``, ``group_size``):
-    swiglu, shapes the kernel takes (`vnni.experts_fit`), the kernel running here."""
-    group_size = experts.fmt.group_size if hasattr(experts, "fmt") else experts.group_size
-    return (experts.activation == "swiglu" and vnni.experts_fit(experts.d_model, experts.d_expert, group_size)
-            and vnni_runs())
+def fused_int4_fits(d_model: int, d_expert: int, group_size: int, activation: str) -> bool:
+    """Whether `run_int4_fused` can run int4 experts of these shapes (resident, or offloaded
+    in the kernel's layout): swiglu, shapes the kernel takes (`vnni.experts_fit`), the
+    kernel running here."""
+    return activation == "swiglu" and vnni.experts_fit(d_model, d_expert, group_size) and vnni_runs()
 
 
 def fused_max_rows() -> int:
@@ -635,7 +627,8 @@ def _compiled_forward(experts: QuantizedExperts, x_AD: torch.Tensor, counts_E: t
         return int8_expert_ffn(x_AD, experts.qweight("in"), experts.scale("in"), experts.qweight("out"),
                                experts.scale("out"), weight_A, counts_E, experts.activation)
     (p_in, sz_in), (p_out, sz_out) = experts.int4_kernel_weights("in"), experts.int4_kernel_weights("out")
-    if fused_int4_fits(experts):  # the op reads `vnni.enabled()` when it runs
+    fits = fused_int4_fits(experts.d_model, experts.d_expert, experts.fmt.group_size, experts.activation)
+    if fits:  # the op reads `vnni.enabled()` when it runs
         return torch.ops.moelab.int4_swiglu_experts(x_AD, counts_E, weight_A, p_in, sz_in, p_out, sz_out,
                                                     experts.fmt.group_size)
     return int4_expert_ffn(x_AD, p_in, sz_in, p_out, sz_out, weight_A, counts_E, experts.fmt.group_size,
@@ -665,7 +658,8 @@ _INT4_LOOP = _backend("int4", _int4_mm, KERNEL_DTYPE, "")
 
 def _int4_forward(experts, x, counts_E, weight_A, token_idx_A=None):
     """The fused layer (`run_int4_fused`) where it applies, else the per-expert loop."""
-    if vnni.enabled() and vnni.fused_enabled() and fused_int4_fits(experts):
+    if vnni.enabled() and vnni.fused_enabled() and fused_int4_fits(
+            experts.d_model, experts.d_expert, experts.fmt.group_size, experts.activation):
         (p_in, sz_in), (p_out, sz_out) = experts.int4_kernel_weights("in"), experts.int4_kernel_weights("out")
         y = run_int4_fused(x, counts_E, weight_A, p_in, sz_in, p_out, sz_out, experts.fmt.group_size, token_idx_A)
         if y is not None:

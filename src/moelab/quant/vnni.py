@@ -283,8 +283,15 @@ def w4a8_swiglu_experts(x_XD: torch.Tensor, token_idx_A: torch.Tensor | None, co
 
     Returns float32 ``[A, D]`` (``combine`` False) or ``[X, D]`` with each token's rows
     summed in assignment order (True), or None when an expert has more than ``max_rows``
-    rows (where the dense path is faster). Shapes and dtypes are the caller's to check
-    (`experts_fit`); bad counts or indices are refused by the kernel (ValueError)."""
+    rows (where the dense path is faster). Dtypes are checked here (TypeError), shapes by
+    the kernel (`experts_fit` says which fit; RuntimeError), bad counts or indices too
+    (ValueError)."""
+    if _function() is None:
+        raise RuntimeError(f"the int4 x int8 kernel is not available: {_state['why']}")
+    if x_XD.dtype != torch.bfloat16 or p_in.dtype != torch.uint8 or p_out.dtype != torch.uint8 \
+            or sz_in.dtype != torch.bfloat16 or sz_out.dtype != torch.bfloat16:
+        raise TypeError(f"w4a8_swiglu_experts takes bf16 x, uint8 packed weights, bf16 scales (got {x_XD.dtype}, "
+                        f"{p_in.dtype}/{p_out.dtype}, {sz_in.dtype}/{sz_out.dtype})")
     x = x_XD.contiguous()
     X, D = x.shape
     A, F = weight_A.shape[0], p_out.shape[2] * 2
